@@ -1,0 +1,243 @@
+"""Reading the authors' TSV files and preprocessing them exactly as METHOD.md §1 says.
+
+Items file: ``item_id \\t title`` (no header). Users file: ``user_id \\t item item ...``
+(oldest first). Users with fewer than `min_interactions` interactions are dropped, each kept
+user keeps the last `window` items, items are re-indexed 1..N in items-file order keeping only
+those that occur in a kept window (0 is padding).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ..io import write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the file and line."""
+
+
+@dataclass
+class Counters:
+    skipped_lines: list[str] = field(default_factory=list)
+    repaired_lines: list[str] = field(default_factory=list)
+
+
+def _bad(policy: str, where: str, what: str, counters: Counters) -> None:
+    if policy == "skip":
+        log.warning("skipping %s: %s", where, what)
+        counters.skipped_lines.append(f"{where}: {what}")
+    else:
+        raise DataError(
+            f"{where}: {what} (set bad_lines: skip in the config to skip and count such lines)"
+        )
+
+
+def _lines(path: Path):
+    with open(path, encoding="utf-8", newline="") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            line = raw.rstrip("\n")
+            yield lineno, raw, line
+
+
+def read_items(path: Path, policy: str = "error", counters: Counters | None = None) -> dict[str, str]:
+    """item_id -> title, in file order."""
+    counters = counters or Counters()
+    items: dict[str, str] = {}
+    for lineno, raw, line in _lines(path):
+        where = f"{path}:{lineno}"
+        if line.endswith("\r"):
+            line = line[:-1]
+            counters.repaired_lines.append(f"{where}: CRLF line ending")
+        if not line.strip():
+            _bad(policy, where, "empty line", counters)
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            _bad(policy, where, f"expected 2 tab-separated fields (item_id, title), found {len(parts)}", counters)
+            continue
+        item_id, title = parts[0].strip(), parts[1]
+        if not item_id:
+            _bad(policy, where, "empty item id", counters)
+            continue
+        if not title.strip():
+            _bad(policy, where, f"empty title for item {item_id!r}", counters)
+            continue
+        if item_id in items:
+            _bad(policy, where, f"duplicate item id {item_id!r}", counters)
+            continue
+        items[item_id] = title
+    if not items:
+        raise DataError(f"{path}: no items")
+    return items
+
+
+def read_users(
+    path: Path, known_items: dict[str, str], policy: str = "error", counters: Counters | None = None
+) -> list[tuple[str, list[str]]]:
+    counters = counters or Counters()
+    users: list[tuple[str, list[str]]] = []
+    seen: set[str] = set()
+    for lineno, raw, line in _lines(path):
+        where = f"{path}:{lineno}"
+        if line.endswith("\r"):
+            line = line[:-1]
+            counters.repaired_lines.append(f"{where}: CRLF line ending")
+        if not line.strip():
+            _bad(policy, where, "empty line", counters)
+            continue
+        parts = line.split("\t")
+        if len(parts) != 2:
+            _bad(policy, where, f"expected 2 tab-separated fields (user_id, items), found {len(parts)}", counters)
+            continue
+        user_id, seq_text = parts[0].strip(), parts[1]
+        seq = seq_text.split()
+        if seq != seq_text.split(" "):
+            counters.repaired_lines.append(f"{where}: irregular whitespace in the item list")
+        if not user_id or not seq:
+            _bad(policy, where, "empty user id or empty item list", counters)
+            continue
+        unknown = [i for i in seq if i not in known_items]
+        if unknown:
+            _bad(policy, where, f"unknown item id {unknown[0]!r} in the sequence of user {user_id!r}", counters)
+            continue
+        if user_id in seen:
+            _bad(policy, where, f"duplicate user id {user_id!r}", counters)
+            continue
+        seen.add(user_id)
+        users.append((user_id, seq))
+    return users
+
+
+def item_order_hash(item_ids: list[str]) -> str:
+    """Hash of the item order (row i of every cache is item i)."""
+    h = hashlib.sha256()
+    for i in item_ids:
+        h.update(i.encode())
+        h.update(b"\n")
+    return h.hexdigest()[:16]
+
+
+def _image_index(archive: Path) -> dict[str, str]:
+    """item_id -> member name of a zip archive of <item_id>.jpg files."""
+    with zipfile.ZipFile(archive) as zf:
+        out = {}
+        for name in zf.namelist():
+            stem, dot, ext = Path(name).name.rpartition(".")
+            if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS:
+                out[stem] = name
+    return out
+
+
+def preprocess(
+    items_tsv: Path,
+    users_tsv: Path,
+    out_dir: Path,
+    *,
+    min_interactions: int = 5,
+    window: int = 13,
+    bad_lines: str = "error",
+    images: Path | None = None,
+    missing_images: str = "error",
+) -> dict:
+    """Preprocess one dataset into `out_dir` (items.parquet, sequences.parquet,
+    popularity.parquet, stats.json). Returns the stats."""
+    items_tsv, users_tsv, out_dir = Path(items_tsv), Path(users_tsv), Path(out_dir)
+    counters = Counters()
+    titles = read_items(items_tsv, bad_lines, counters)
+    users = read_users(users_tsv, titles, bad_lines, counters)
+
+    kept = [(u, seq[-window:]) for u, seq in users if len(seq) >= min_interactions]
+    if not kept:
+        raise DataError(f"{users_tsv}: no user has at least {min_interactions} interactions")
+    used = {i for _, seq in kept for i in seq}
+    order = [i for i in titles if i in used]  # items-file order
+    index = {item: n for n, item in enumerate(order, start=1)}
+
+    image_names: list[str | None] = [None] * len(order)
+    blanks: list[str] = []
+    if images is not None:
+        available = _image_index(Path(images))
+        for n, item in enumerate(order):
+            if item in available:
+                image_names[n] = available[item]
+            elif missing_images == "blank":
+                blanks.append(item)
+            else:
+                raise DataError(
+                    f"{images}: no image for item {item!r} (set missing_images: blank to use a blank image)"
+                )
+        if blanks:
+            log.warning("%d items have no image in %s; using a blank image", len(blanks), images)
+
+    items_df = pl.DataFrame(
+        {
+            "item": pl.Series(range(1, len(order) + 1), dtype=pl.Int32),
+            "item_id": pl.Series(order, dtype=pl.String),
+            "title": pl.Series([titles[i] for i in order], dtype=pl.String),
+            "image": pl.Series(image_names, dtype=pl.String),
+        }
+    )
+
+    seqs = [[index[i] for i in seq] for _, seq in kept]
+    seq_df = pl.DataFrame(
+        {
+            "user": pl.Series(range(1, len(kept) + 1), dtype=pl.Int32),
+            "user_id": pl.Series([u for u, _ in kept], dtype=pl.String),
+            "sequence": pl.Series(seqs, dtype=pl.List(pl.Int32)),
+            "train": pl.Series([s[:-2] for s in seqs], dtype=pl.List(pl.Int32)),
+            "valid_input": pl.Series([s[-12:-2] for s in seqs], dtype=pl.List(pl.Int32)),
+            "valid_target": pl.Series([s[-2] for s in seqs], dtype=pl.Int32),
+            "test_input": pl.Series([s[-11:-1] for s in seqs], dtype=pl.List(pl.Int32)),
+            "test_target": pl.Series([s[-1] for s in seqs], dtype=pl.Int32),
+        }
+    )
+
+    counts = [0] * (len(order) + 1)
+    for s in seqs:
+        for i in s[:-2]:
+            counts[i] += 1
+    total = sum(counts)
+    prob = [1.0] + [c / total for c in counts[1:]]
+    pop_df = pl.DataFrame(
+        {
+            "item": pl.Series(range(len(counts)), dtype=pl.Int32),
+            "count": pl.Series(counts, dtype=pl.Int64),
+            "p": pl.Series(prob, dtype=pl.Float64),
+        }
+    )
+
+    stats = {
+        "users": len(kept),
+        "items": len(order),
+        "interactions": sum(len(s) for s in seqs),
+        "raw_users": len(users),
+        "raw_items": len(titles),
+        "skipped_lines": len(counters.skipped_lines),
+        "repaired_lines": len(counters.repaired_lines),
+        "skipped": counters.skipped_lines[:100],
+        "repaired": counters.repaired_lines[:100],
+        "blank_images": len(blanks),
+        "blank_image_items": blanks[:100],
+        "item_order_hash": item_order_hash(order),
+        "min_interactions": min_interactions,
+        "window": window,
+    }
+    # Write everything to temporaries first (each write is atomic); stats.json goes last so
+    # its presence means the dataset is complete.
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_parquet(items_df, out_dir / "items.parquet")
+    write_parquet(seq_df, out_dir / "sequences.parquet")
+    write_parquet(pop_df, out_dir / "popularity.parquet")
+    write_json(out_dir / "stats.json", stats)
+    return stats

@@ -1,0 +1,54 @@
+"""Fetching the authors' published TSV files (or copying them from a local mirror)."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import urllib.request
+from pathlib import Path
+
+from .io import atomic_path
+
+log = logging.getLogger(__name__)
+
+
+class ChecksumError(ValueError):
+    pass
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fetch(relpath: str, dest: Path, *, base_url: str, mirror: str | None = None, expected_sha256: str | None = None) -> str:
+    """Copy `mirror/relpath` (when a mirror is given) or download `base_url/relpath` to `dest`,
+    verifying the sha256 when one is known. Returns the file's sha256."""
+    dest = Path(dest)
+    with atomic_path(dest, ".part") as tmp:
+        if mirror:
+            src = Path(mirror) / relpath
+            if not src.is_file():
+                raise FileNotFoundError(f"mirror {mirror}: no file {relpath} (expected {src})")
+            shutil.copyfile(src, tmp)
+            origin = str(src)
+        else:
+            url = f"{base_url.rstrip('/')}/{relpath}"
+            log.info("downloading %s", url)
+            with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as out:
+                shutil.copyfileobj(resp, out)
+            origin = url
+        digest = sha256(tmp)
+        if expected_sha256:
+            if digest != expected_sha256:
+                raise ChecksumError(
+                    f"{origin}: sha256 is {digest}, the config expects {expected_sha256}; "
+                    "the file is corrupt or a different version"
+                )
+        else:
+            log.warning("%s: no sha256 in the config to verify against (got %s)", origin, digest)
+    return digest

@@ -1,0 +1,40 @@
+"""In-batch debiased cross-entropy (paper eqs. 6-7, METHOD.md §6)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+MASK_VALUE = -1e4
+
+
+def inbatch_debiased_ce(
+    user: torch.Tensor,  # (B, T, D) user-encoder outputs for the T = S-1 input slots
+    items: torch.Tensor,  # (B, S, D) item embeddings of all S slots
+    ids: torch.Tensor,  # (B, S) item ids, 0 = padding
+    log_pop: torch.Tensor,  # (N+1,) log popularity, log_pop[0] = 0
+    row_weight: torch.Tensor | None = None,  # (B,) optional 0/1 weight per user (padded batches)
+) -> torch.Tensor:
+    """logits = U E^T - log p[ids]; padding columns and every column whose item occurs in the
+    row's user window (except the positive, slot j+1 of the same user) are set to -1e4; mean
+    cross-entropy over rows whose input slot is a real item."""
+    B, S, D = items.shape
+    T = S - 1
+    U = user.reshape(B * T, D)
+    E = items.reshape(B * S, D)
+    col_ids = ids.reshape(B * S)  # (B*S,)
+    logits = U @ E.T - log_pop[col_ids].to(U.dtype)  # (B*T, B*S)
+    logits = logits.float()
+    # column c is in user i's window if its item occurs among user i's S ids
+    in_window = (ids.unsqueeze(2) == col_ids.view(1, 1, -1)).any(dim=1)  # (B, B*S)
+    masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (B*T, B*S)
+    # positive column of row (i, j) is slot j+1 of user i
+    pos = (torch.arange(B, device=ids.device).unsqueeze(1) * S + torch.arange(1, S, device=ids.device)).reshape(-1)
+    rows = torch.arange(B * T, device=ids.device)
+    masked[rows, pos] = False
+    logits = logits.masked_fill(masked, MASK_VALUE)
+    valid = (ids[:, :-1] != 0).reshape(-1).float()  # real input => real target (left padding)
+    if row_weight is not None:
+        valid = valid * row_weight.repeat_interleave(T).float()
+    ce = F.cross_entropy(logits, pos, reduction="none")
+    return (ce * valid).sum() / valid.sum().clamp_min(1.0)

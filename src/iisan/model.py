@@ -1,0 +1,250 @@
+"""The IISAN side network, its ablations and the SASRec user encoder (METHOD.md §4-5).
+
+Names follow the paper: `SANB` (side adapted network block), `Gate`, `IntraSAN` (one modality's
+tower), `InterSAN` (the cross-modal tower), `DimensionTransform` (DTL, IISAN-VA), `UserEncoder`.
+Towers are generic over item *fields*: field 0 plays the paper's "text" role and field 1 the
+"image" role; with one field the model is that field's intra tower alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+METHODS_WITH_SAN = {"iisan", "no-gate", "no-inter", "no-intra"}
+METHODS = METHODS_WITH_SAN | {"frozen"}
+
+
+@dataclass
+class ModelConfig:
+    method: str = "iisan"  # iisan | no-gate | no-inter | no-intra | frozen
+    heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
+    bottleneck: int = 64
+    embed_dim: int = 64  # D
+    gate_temperature: float = 0.1
+    max_len: int = 10  # T
+    n_blocks: int = 2
+    n_heads: int = 2
+    dropout: float = 0.1
+
+
+class SANB(nn.Module):
+    """x + W_up ReLU(W_down x + b_down) + b_up; weights N(0, 0.01^2), biases 0."""
+
+    def __init__(self, d: int, r: int = 64):
+        super().__init__()
+        self.down = nn.Linear(d, r)
+        self.up = nn.Linear(r, d)
+        for lin in (self.down, self.up):
+            nn.init.normal_(lin.weight, std=0.01)
+            nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, d)
+        return x + self.up(F.relu(self.down(x)))
+
+
+class Gate(nn.Module):
+    """g = sigmoid(w / temperature), w = 0 at start (g = 0.5)."""
+
+    def __init__(self, temperature: float = 0.1):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(()))
+        self.temperature = temperature
+
+    def forward(self) -> torch.Tensor:
+        return torch.sigmoid(self.w / self.temperature)
+
+
+class IntraSAN(nn.Module):
+    """s = 0; for t: s = SANB_t(g_t h[l_t] + (1 - g_t) s)   (without gates: SANB_t(h[l_t] + s))."""
+
+    def __init__(self, d: int, n_blocks: int, r: int, gated: bool = True, temperature: float = 0.1):
+        super().__init__()
+        self.blocks = nn.ModuleList(SANB(d, r) for _ in range(n_blocks))
+        self.gates = nn.ModuleList(Gate(temperature) for _ in range(n_blocks)) if gated else None
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:  # (M, K, d) -> (M, d)
+        s = torch.zeros_like(h[:, 0])
+        for t, block in enumerate(self.blocks):
+            if self.gates is None:
+                s = block(h[:, t] + s)
+            else:
+                g = self.gates[t]()
+                s = block(g * h[:, t] + (1 - g) * s)
+        return s
+
+
+class DimensionTransform(nn.Module):
+    """DTL: Linear(d_in -> d_out) with bias, one per inter block (IISAN-VA)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.proj = nn.Linear(d_in, d_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(x)
+
+
+class InterSAN(nn.Module):
+    """z = 0; for t: z = SANB_t(z + g_t x_b[t] + (1 - g_t) X_a[t]) over raw backbone states,
+    X_a = DTL_t(x_a) when the widths differ (the wider side is mapped to the narrower one)."""
+
+    def __init__(self, d_a: int, d_b: int, n_blocks: int, r: int, gated: bool = True, temperature: float = 0.1):
+        super().__init__()
+        self.d = min(d_a, d_b)
+        self.map_a = nn.ModuleList(DimensionTransform(d_a, self.d) for _ in range(n_blocks)) if d_a != self.d else None
+        self.map_b = nn.ModuleList(DimensionTransform(d_b, self.d) for _ in range(n_blocks)) if d_b != self.d else None
+        self.blocks = nn.ModuleList(SANB(self.d, r) for _ in range(n_blocks))
+        self.gates = nn.ModuleList(Gate(temperature) for _ in range(n_blocks)) if gated else None
+
+    def forward(self, h_a: torch.Tensor, h_b: torch.Tensor) -> torch.Tensor:  # (M, K, d_a), (M, K, d_b) -> (M, d)
+        z = torch.zeros(h_a.shape[0], self.d, dtype=h_a.dtype, device=h_a.device)
+        for t, block in enumerate(self.blocks):
+            xa = self.map_a[t](h_a[:, t]) if self.map_a is not None else h_a[:, t]
+            xb = self.map_b[t](h_b[:, t]) if self.map_b is not None else h_b[:, t]
+            if self.gates is None:
+                z = block(z + xb + xa)
+            else:
+                g = self.gates[t]()
+                z = block(z + g * xb + (1 - g) * xa)
+        return z
+
+
+class Head(nn.Module):
+    """P(F x): VS F = Linear(d, d), P = Linear(d, D); VA F = Linear(d, D), P = Linear(D, D)."""
+
+    def __init__(self, d: int, out: int, kind: str = "vs"):
+        super().__init__()
+        mid = d if kind == "vs" else out
+        self.F = nn.Linear(d, mid)
+        self.P = nn.Linear(mid, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.P(self.F(x))
+
+
+class ItemEncoder(nn.Module):
+    """Cached backbone states of 1 or 2 fields -> one D-dimensional item embedding."""
+
+    def __init__(self, cfg: ModelConfig, dims: list[int], n_layers: list[int]):
+        super().__init__()
+        if not 1 <= len(dims) <= 2:
+            raise ValueError(f"1 or 2 item fields are supported, got {len(dims)}")
+        self.cfg = cfg
+        m = cfg.method
+        gated = m != "no-gate"
+        D, r, tau = cfg.embed_dim, cfg.bottleneck, cfg.gate_temperature
+        self.intra = nn.ModuleList()
+        self.heads = nn.ModuleList()
+        self.inter = None
+        self.inter_head = None
+        if m == "frozen":
+            # no side network: linear heads on the last hidden state of each field
+            self.heads.extend(Head(d, D, cfg.heads) for d in dims)
+        else:
+            use_intra = m != "no-intra" or len(dims) == 1
+            if use_intra:
+                self.intra.extend(IntraSAN(d, k, r, gated, tau) for d, k in zip(dims, n_layers))
+                self.heads.extend(Head(d, D, cfg.heads) for d in dims)
+            if len(dims) == 2 and m != "no-inter":
+                if n_layers[0] < n_layers[1]:
+                    raise ValueError("the first field needs at least as many blocks as the second for the inter tower")
+                k = n_layers[1]
+                self.inter = InterSAN(dims[0], dims[1], k, r, gated, tau)
+                self.inter_head = Head(self.inter.d, D, cfg.heads)
+        n_parts = len(self.heads) + (self.inter is not None)
+        self.fusion = nn.Linear(n_parts * D, D)
+
+    def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # [(M, K_f, d_f)] -> (M, D)
+        parts = []
+        if self.cfg.method == "frozen":
+            parts = [head(h[:, -1]) for head, h in zip(self.heads, feats)]
+        else:
+            parts = [head(tower(h)) for tower, head, h in zip(self.intra, self.heads, feats)]
+        if self.inter is not None:
+            k = self.inter.blocks.__len__()
+            # the top blocks of the first field are aligned with the second field's blocks
+            parts.append(self.inter_head(self.inter(feats[0][:, -k:], feats[1][:, -k:])))
+        # paper order: [e_image ; e_text ; e_inter]
+        if len(parts) >= 2 and len(self.heads) == 2:
+            parts[0], parts[1] = parts[1], parts[0]
+        return self.fusion(torch.cat(parts, dim=-1))
+
+
+class TransformerBlock(nn.Module):
+    """Post-LN block: bias-free Q/K/V/O, FFN D -> 4D -> D with ReLU."""
+
+    def __init__(self, d: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads = n_heads
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.out = nn.Linear(d, d, bias=False)
+        self.ln1 = nn.LayerNorm(d, eps=1e-6)
+        self.ff1 = nn.Linear(d, 4 * d)
+        self.ff2 = nn.Linear(4 * d, d)
+        self.ln2 = nn.LayerNorm(d, eps=1e-6)
+        self.drop = nn.Dropout(dropout)
+        self.dropout = dropout
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, 1, T, T)
+        B, T, D = x.shape
+        q, k, v = self.qkv(x).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
+        a = a.transpose(1, 2).reshape(B, T, D)
+        x = self.ln1(x + self.drop(self.out(a)))
+        return self.ln2(x + self.drop(self.ff2(self.drop(F.relu(self.ff1(x))))))
+
+
+class UserEncoder(nn.Module):
+    """SASRec: x = Dropout(LayerNorm(e + P[pos])), 2 post-LN blocks, causal + key-padding mask."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.pos = nn.Embedding(cfg.max_len, D)
+        self.ln = nn.LayerNorm(D, eps=1e-6)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(D, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
+        for mod in self.modules():
+            if isinstance(mod, (nn.Linear, nn.Embedding)):
+                nn.init.xavier_normal_(mod.weight)
+                if getattr(mod, "bias", None) is not None:
+                    nn.init.zeros_(mod.bias)
+        causal = torch.tril(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool))
+        self.register_buffer("causal", causal, persistent=False)
+
+    def forward(self, e: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, T) bool
+        B, T, _ = e.shape
+        x = self.drop(self.ln(e + self.pos.weight[:T]))
+        allowed = self.causal[:T, :T].unsqueeze(0) & valid.unsqueeze(1)  # (B, T, T)
+        mask = torch.where(allowed, 0.0, -1e4).unsqueeze(1)  # (B, 1, T, T)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+
+class Recommender(nn.Module):
+    """Item encoder (side network over cached states) + SASRec user encoder."""
+
+    def __init__(self, cfg: ModelConfig, dims: list[int], n_layers: list[int]):
+        super().__init__()
+        if cfg.method not in METHODS:
+            raise ValueError(f"unknown method {cfg.method!r} (known: {sorted(METHODS)})")
+        self.cfg = cfg
+        self.items = ItemEncoder(cfg, dims, n_layers)
+        self.user = UserEncoder(cfg)
+
+    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float) -> list[dict]:
+        """User encoder, fusion and heads: lr_main; SANBs, gates, DTLs: lr_san; the text (field 0)
+        head's F: lr_text_f (METHOD.md §8)."""
+        text_f = {id(p) for p in self.items.heads[0].F.parameters()} if len(self.items.heads) else set()
+        san = {id(p) for mod in (*self.items.intra, self.items.inter) if mod is not None for p in mod.parameters()}
+        groups = {"main": [], "san": [], "text_f": []}
+        for p in self.parameters():
+            key = "text_f" if id(p) in text_f else "san" if id(p) in san else "main"
+            groups[key].append(p)
+        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f}
+        return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]

@@ -1,0 +1,209 @@
+"""Training and evaluation of a cached side-network recommender (METHOD.md §5-8)."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import math
+import platform
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from .data.sequences import SequenceData
+from .loss import inbatch_debiased_ce
+from .metrics import hr_ndcg, rank_of_target
+from .model import ModelConfig, Recommender
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    max_epochs: int = 100
+    patience: int = 11
+    lr_main: float = 2e-4
+    lr_san: float = 1e-4
+    lr_text_f: float = 5e-5
+    seed: int = 12345
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    eval_batch: int = 1024
+    k: int = 10
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def config_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Holds the caches in accelerator (or host) memory; a step is an index gather plus the model."""
+
+    def __init__(
+        self,
+        data: SequenceData,
+        caches: list[np.ndarray],  # per field: (N+1, K_f, d_f)
+        model_cfg: ModelConfig,
+        train_cfg: TrainConfig,
+        device: str | None = None,
+    ):
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.cfg = train_cfg
+        set_seed(train_cfg.seed)
+        self.data = data.to(self.device)
+        store = torch.float16 if self.device.type == "cuda" else torch.float32
+        self.caches = [torch.from_numpy(np.asarray(c)).to(self.device, store) for c in caches]
+        for c in self.caches:
+            if c.shape[0] != data.n_items + 1:
+                raise ValueError(f"a cache has {c.shape[0]} rows, the dataset {data.n_items} items + padding")
+        dims = [c.shape[2] for c in self.caches]
+        layers = [c.shape[1] for c in self.caches]
+        self.model = Recommender(model_cfg, dims, layers).to(self.device)
+        fused = self.device.type == "cuda"
+        self.opt = torch.optim.Adam(
+            self.model.param_groups(train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f), fused=fused
+        )
+        self.amp = train_cfg.amp and self.device.type == "cuda"
+        self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+
+    def _features(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        flat = ids.reshape(-1)
+        return [c[flat].float() for c in self.caches]  # [(M, K, d)]
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        train = self.data.train
+        B = self.cfg.batch_size
+        perm = torch.randperm(train.shape[0], generator=self.gen).to(self.device)
+        total, steps = torch.zeros((), device=self.device), 0
+        for start in range(0, perm.shape[0], B):
+            ids = train[perm[start : start + B]]  # (B, S)
+            with self._autocast():
+                E = self.model.items(self._features(ids)).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
+                U = self.model.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
+                loss = inbatch_debiased_ce(U, E, ids, self.data.log_pop)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            self.opt.step()
+            total += loss.detach()
+            steps += 1
+        return float(total) / max(steps, 1)
+
+    @torch.no_grad()
+    def item_table(self) -> torch.Tensor:
+        """Embeddings of every item (row 0 = padding), (N+1, D)."""
+        self.model.eval()
+        n = self.caches[0].shape[0]
+        out = []
+        with self._autocast():
+            for s in range(0, n, 8192):
+                out.append(self.model.items([c[s : s + 8192].float() for c in self.caches]).float())
+        return torch.cat(out)
+
+    @torch.no_grad()
+    def evaluate(self, split: str = "valid") -> dict[str, float]:
+        self.model.eval()
+        inp = getattr(self.data, f"{split}_input")
+        tgt = getattr(self.data, f"{split}_target")
+        hist = getattr(self.data, f"{split}_history")
+        table = self.item_table()
+        hits, ndcgs = [], []
+        for s in range(0, inp.shape[0], self.cfg.eval_batch):
+            x = inp[s : s + self.cfg.eval_batch]
+            with self._autocast():
+                u = self.model.user(table[x], x != 0)[:, -1].float()  # (b, D)
+            scores = u @ table.T  # (b, N+1)
+            rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
+            h, n = hr_ndcg(rank, self.cfg.k)
+            hits.append(h)
+            ndcgs.append(n)
+        k = self.cfg.k
+        return {f"hr@{k}": float(torch.cat(hits).mean()), f"ndcg@{k}": float(torch.cat(ndcgs).mean())}
+
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    def fit(self, progress: bool | None = None) -> dict:
+        cfg, k = self.cfg, self.cfg.k
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        history = []
+        best, best_epoch, best_state, waited = -1.0, -1, None, 0
+        bar = tqdm(range(1, cfg.max_epochs + 1), desc="epochs", disable=None if progress is None else not progress)
+        for epoch in bar:
+            t0 = time.perf_counter()
+            loss = self.train_epoch()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t1 = time.perf_counter()
+            val = self.evaluate("valid")
+            t2 = time.perf_counter()
+            if not math.isfinite(loss):
+                raise FloatingPointError(f"training loss became {loss} at epoch {epoch}")
+            history.append(
+                {"epoch": epoch, "loss": loss, f"valid_hr@{k}": val[f"hr@{k}"], f"valid_ndcg@{k}": val[f"ndcg@{k}"],
+                 "train_seconds": t1 - t0, "epoch_seconds": t2 - t0}
+            )
+            bar.set_postfix(loss=f"{loss:.3f}", hr=f"{val[f'hr@{k}']:.4f}")
+            log.info("epoch %d loss %.4f valid HR@%d %.4f", epoch, loss, k, val[f"hr@{k}"])
+            if val[f"hr@{k}"] > best:
+                best, best_epoch, waited = val[f"hr@{k}"], epoch, 0
+                best_state = copy.deepcopy(self.model.state_dict())
+            else:
+                waited += 1
+                if waited >= cfg.patience:
+                    break
+        self.model.load_state_dict(best_state)
+        valid = self.evaluate("valid")
+        test = self.evaluate("test")
+        if self.device.type == "cuda":
+            peak, peak_kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
+            device_name = torch.cuda.get_device_name(self.device)
+        else:
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+            peak_kind, device_name = "cpu_peak_rss", platform.processor() or platform.machine()
+        return {
+            "valid": valid,
+            "test": test,
+            "best_epoch": best_epoch,
+            "epochs_run": len(history),
+            "history": history,
+            "trainable_params": self.trainable_parameters(),
+            "time_per_epoch_train_s": float(np.mean([h["train_seconds"] for h in history])),
+            "time_per_epoch_with_eval_s": float(np.mean([h["epoch_seconds"] for h in history])),
+            "peak_memory_mb": peak,
+            "peak_memory_kind": peak_kind,
+            "device": device_name,
+            "device_type": self.device.type,
+            "seed": cfg.seed,
+        }
+
+
+@torch.no_grad()
+def popularity_baseline(data: SequenceData, split: str = "test", k: int = 10) -> dict[str, float]:
+    """Rank every item by its training count (history masked as for the models)."""
+    inp_t = getattr(data, f"{split}_target")
+    hist = getattr(data, f"{split}_history")
+    scores = data.pop_count.float().unsqueeze(0).expand(inp_t.shape[0], -1)
+    # break ties by item id so the ranking is deterministic
+    scores = scores + torch.linspace(0, 0.5, scores.shape[1]).unsqueeze(0)
+    h, n = hr_ndcg(rank_of_target(scores, inp_t, hist), k)
+    return {f"hr@{k}": float(h.mean()), f"ndcg@{k}": float(n.mean())}
