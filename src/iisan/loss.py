@@ -24,7 +24,8 @@ def inbatch_debiased_ce(
     E = items.reshape(B * S, D)
     col_ids = ids.reshape(B * S)  # (B*S,)
     logits = U @ E.T - log_pop[col_ids].to(U.dtype)  # (B*T, B*S)
-    logits = logits.float()
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()  # -1e4 masking and the softmax in fp32 under autocast
     # column c is in user i's window if its item occurs among user i's S ids
     in_window = (ids.unsqueeze(2) == col_ids.view(1, 1, -1)).any(dim=1)  # (B, B*S)
     masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (B*T, B*S)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+MISS = 2**31 - 1  # rank given to a target that is masked (in the history)
+
 
 def rank_of_target(scores: torch.Tensor, target: torch.Tensor, history: torch.Tensor) -> torch.Tensor:
     """1-based rank of `target` among all items.
@@ -18,8 +20,8 @@ def rank_of_target(scores: torch.Tensor, target: torch.Tensor, history: torch.Te
     t = scores.gather(1, target.long().unsqueeze(1))  # (B, 1)
     greater = (scores > t).sum(dim=1)
     rank = greater + 1
-    # a masked (-inf) target is a miss: put it after every item
-    return torch.where(torch.isinf(t.squeeze(1)), torch.full_like(rank, scores.shape[1]), rank)
+    # a masked (-inf) target is a miss whatever k is
+    return torch.where(torch.isinf(t.squeeze(1)), torch.full_like(rank, MISS), rank)
 
 
 def hr_ndcg(rank: torch.Tensor, k: int = 10) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,126 @@
+import json
+import zipfile
+
+import polars as pl
+import pytest
+
+from iisan.data.amazon import DataError, preprocess
+from iisan.data.demo import DemoSpec, generate
+from iisan.data.sequences import load_sequences
+
+from conftest import write
+
+SCI = "Scientific/Industrial_and_Scientific_items.tsv", "Scientific/am_Industrial_and_Scientific_users.tsv"
+
+
+def test_table_one_counts_scientific(mirror, tmp_path):
+    stats = preprocess(mirror / SCI[0], mirror / SCI[1], tmp_path)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (12076, 20314, 81711)
+    assert json.loads((tmp_path / "stats.json").read_text())["interactions"] == 81711
+    items = pl.read_parquet(tmp_path / "items.parquet")
+    assert items["item"].to_list() == list(range(1, 20315))
+    # titles keep HTML entities as they are
+    assert items.filter(pl.col("title").str.contains("&amp;")).height > 0
+    seqs = pl.read_parquet(tmp_path / "sequences.parquet")
+    assert seqs["sequence"].list.len().max() == 13
+    assert seqs["sequence"].list.len().min() == 5
+
+
+def _tiny(tmp_path, items_text=None, users_text=None):
+    items = write(tmp_path / "raw" / "items.tsv", items_text or "".join(f"I{i}\ttitle {i}\n" for i in range(1, 21)))
+    users = write(
+        tmp_path / "raw" / "users.tsv",
+        users_text
+        or (
+            "u1\tI1 I2 I3 I4 I5 I6 I7 I8 I9 I10 I11 I12 I13 I14 I15\n"  # 15 -> last 13 kept
+            "u2\tI3 I3 I4\n"  # fewer than 5 -> dropped
+            "u3\tI20 I19 I18 I17 I16\n"
+        ),
+    )
+    return items, users
+
+
+def test_preprocess_windows_and_splits(tmp_path):
+    items, users = _tiny(tmp_path)
+    stats = preprocess(items, users, tmp_path / "out")
+    assert (stats["users"], stats["items"], stats["interactions"]) == (2, 18, 18)
+    it = pl.read_parquet(tmp_path / "out" / "items.parquet")
+    # items-file order, only items in kept windows (I1, I2 fall out of u1's last 13)
+    assert it["item_id"].to_list() == [f"I{i}" for i in range(3, 21)]
+    seq = pl.read_parquet(tmp_path / "out" / "sequences.parquet").row(0, named=True)
+    s = list(range(1, 14))  # I3..I15 -> 1..13
+    assert seq["sequence"] == s
+    assert seq["train"] == s[:-2]
+    assert seq["valid_input"] == s[-12:-2] and seq["valid_target"] == s[-2]
+    assert seq["test_input"] == s[-11:-1] and seq["test_target"] == s[-1]
+    data = load_sequences(tmp_path / "out")
+    assert data.train.shape == (2, 11)
+    assert data.train[1].tolist() == [0] * 8 + [18, 17, 16]  # left-padded
+    pop = pl.read_parquet(tmp_path / "out" / "popularity.parquet")
+    assert pop["p"][0] == 1.0 and abs(pop["p"][1:].sum() - 1) < 1e-12
+    assert pop["count"][1] == 1 and pop["count"][13] == 0  # item 13 only in u1's test target
+
+
+@pytest.mark.parametrize(
+    "items_text,users_text,message",
+    [
+        ("I1\ttitle\textra\n", None, "items.tsv:1: expected 2 tab-separated fields"),
+        ("I1\tok\nI2\t   \n", None, "items.tsv:2: empty title for item 'I2'"),
+        (None, "u1\tI1 I2 I3 I4 I5\nu2\tI1 I99 I3 I4 I5\n", "users.tsv:2: unknown item id 'I99'"),
+        (None, "u1\tI1 I2 I3 I4 I5\nu2 I1 I2\n", "users.tsv:2: expected 2 tab-separated fields"),
+    ],
+)
+def test_bad_lines_are_errors_naming_file_and_line(tmp_path, items_text, users_text, message):
+    items, users = _tiny(tmp_path, items_text, users_text)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "items.parquet").write_bytes(b"previous result")
+    with pytest.raises(DataError) as err:
+        preprocess(items, users, out)
+    assert message in str(err.value)
+    # nothing already written is lost or half-written
+    assert (out / "items.parquet").read_bytes() == b"previous result"
+    assert sorted(p.name for p in out.iterdir()) == ["items.parquet"]
+
+
+def test_bad_lines_skipped_and_counted(tmp_path):
+    items, users = _tiny(
+        tmp_path,
+        "I1\tone\nI2\t\nI3\tthree\nI4\tfour\nI5\tfive\nI6\tsix\n",
+        "u1\tI1 I3 I4 I5 I6\nu2\tI1 I2 I3 I4 I5\nbroken line\n",
+    )
+    stats = preprocess(items, users, tmp_path / "out", bad_lines="skip")
+    assert stats["skipped_lines"] == 3  # empty title, unknown item I2 (its line was skipped), field count
+    assert stats["users"] == 1 and stats["items"] == 5
+    assert any("users.tsv:3" in s for s in stats["skipped"])
+
+
+def _zip(path, names):
+    with zipfile.ZipFile(path, "w") as zf:
+        for n in names:
+            zf.writestr(n, b"not needed here")
+    return path
+
+
+def test_missing_image_is_an_error_or_a_counted_blank(tmp_path):
+    items, users = _tiny(tmp_path)
+    archive = _zip(tmp_path / "covers.zip", [f"I{i}.jpg" for i in range(3, 20)])  # I20 missing
+    with pytest.raises(DataError, match="no image for item 'I20'"):
+        preprocess(items, users, tmp_path / "out", images=archive)
+    stats = preprocess(items, users, tmp_path / "out", images=archive, missing_images="blank")
+    assert stats["blank_images"] == 1 and stats["blank_image_items"] == ["I20"]
+    it = pl.read_parquet(tmp_path / "out" / "items.parquet")
+    assert it.filter(pl.col("item_id") == "I20")["image"][0] is None
+    assert it.filter(pl.col("item_id") == "I3")["image"][0] == "I3.jpg"
+
+
+def test_demo_is_deterministic_and_small(tmp_path):
+    spec = DemoSpec(n_items=100, n_users=150)
+    a = generate(tmp_path / "a", spec)
+    b = generate(tmp_path / "b", spec)
+    assert a["users"].read_text() == b["users"].read_text()
+    assert a["items"].read_text() == b["items"].read_text()
+    with zipfile.ZipFile(a["images"]) as zf:
+        assert len(zf.namelist()) == 100
+    stats = preprocess(a["items"], a["users"], tmp_path / "p", images=a["images"])
+    assert stats["users"] > 100 and stats["blank_images"] == 0

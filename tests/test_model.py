@@ -1,0 +1,101 @@
+import pytest
+import torch
+
+from iisan.model import SANB, Gate, IntraSAN, InterSAN, ItemEncoder, ModelConfig, Recommender
+
+
+def test_sanb_initialisation():
+    torch.manual_seed(0)
+    block = SANB(768, 64)
+    for lin in (block.down, block.up):
+        assert torch.all(lin.bias == 0)
+        assert abs(lin.weight.std().item() - 0.01) < 5e-4
+        assert abs(lin.weight.mean().item()) < 5e-4
+    x = torch.randn(3, 768)
+    expected = x + torch.relu(x @ block.down.weight.T) @ block.up.weight.T
+    assert torch.allclose(block(x), expected, atol=1e-6)
+
+
+def test_gate_starts_at_one_half_with_temperature():
+    gate = Gate(0.1)
+    assert gate.w.item() == 0.0 and gate().item() == 0.5
+    with torch.no_grad():
+        gate.w.fill_(0.2)
+    assert torch.isclose(gate(), torch.sigmoid(torch.tensor(2.0)))
+
+
+def test_intra_tower_recursion():
+    torch.manual_seed(0)
+    tower = IntraSAN(8, 3, 4)
+    with torch.no_grad():
+        tower.gates[1].w.fill_(0.1)
+    h = torch.randn(5, 3, 8)
+    s = torch.zeros(5, 8)
+    for t in range(3):
+        g = torch.sigmoid(tower.gates[t].w / 0.1)
+        s = tower.blocks[t](g * h[:, t] + (1 - g) * s)
+    assert torch.allclose(tower(h), s)
+    plain = IntraSAN(8, 3, 4, gated=False)
+    s = torch.zeros(5, 8)
+    for t in range(3):
+        s = plain.blocks[t](h[:, t] + s)
+    assert torch.allclose(plain(h), s)
+
+
+def test_inter_tower_maps_the_wider_side():
+    tower = InterSAN(16, 8, 4, 4)
+    assert tower.map_a is not None and tower.map_b is None
+    assert tower.map_a[0].proj.in_features == 16 and tower.map_a[0].proj.out_features == 8
+    assert tower(torch.randn(3, 4, 16), torch.randn(3, 4, 8)).shape == (3, 8)
+    assert InterSAN(8, 8, 2, 4).map_a is None
+
+
+@pytest.mark.parametrize(
+    "method,dims,fusion_in",
+    [
+        ("iisan", [32, 32], 192),
+        ("no-gate", [32, 32], 192),
+        ("no-inter", [32, 32], 128),
+        ("no-intra", [32, 32], 64),
+        ("frozen", [32, 32], 128),
+        ("iisan", [32], 64),
+    ],
+)
+def test_item_encoder_variants(method, dims, fusion_in):
+    enc = ItemEncoder(ModelConfig(method=method), dims, [7] * len(dims))
+    assert enc.fusion.in_features == fusion_in
+    out = enc([torch.randn(10, 7, d) for d in dims])
+    assert out.shape == (10, 64)
+    gates = [m for m in enc.modules() if isinstance(m, Gate)]
+    assert (len(gates) == 0) == (method in ("no-gate", "frozen"))
+
+
+def test_vs_heads_and_learning_rate_groups():
+    model = Recommender(ModelConfig(), [32, 32], [7, 7])
+    head = model.items.heads[0]
+    assert (head.F.in_features, head.F.out_features, head.P.out_features) == (32, 32, 64)
+    groups = {g["name"]: g for g in model.param_groups(2e-4, 1e-4, 5e-5)}
+    assert groups["text_f"]["lr"] == 5e-5
+    assert {id(p) for p in groups["text_f"]["params"]} == {id(p) for p in head.F.parameters()}
+    san_ids = {id(p) for p in groups["san"]["params"]}
+    assert all(id(p) in san_ids for p in model.items.intra.parameters())
+    assert all(id(p) in san_ids for p in model.items.inter.parameters())
+    main_ids = {id(p) for p in groups["main"]["params"]}
+    assert all(id(p) in main_ids for p in model.user.parameters())
+    assert all(id(p) in main_ids for p in model.items.fusion.parameters())
+    n = sum(len(g["params"]) for g in groups.values())
+    assert n == len(list(model.parameters()))
+
+
+def test_user_encoder_is_causal_and_ignores_padding():
+    torch.manual_seed(0)
+    model = Recommender(ModelConfig(), [16], [3]).eval()
+    e = torch.randn(2, 10, 64)
+    valid = torch.ones(2, 10, dtype=torch.bool)
+    valid[1, :4] = False
+    out = model.user(e, valid)
+    e2 = e.clone()
+    e2[:, 7:] += 1.0  # the future does not change the past
+    e2[1, :4] = 5.0  # padding content does not matter
+    out2 = model.user(e2, valid)
+    assert torch.allclose(out[:, :7][valid[:, :7]], out2[:, :7][valid[:, :7]], atol=1e-5)
