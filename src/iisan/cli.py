@@ -80,7 +80,8 @@ def cmd_prune(a):
 def cmd_train(a):
     from .experiment import run_experiment
 
-    run_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out), device=a.device)
+    run_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out), device=a.device,
+                   speed=json.loads(a.speed))
 
 
 def cmd_table(a):
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--caches", nargs="+", required=True, help="one cache folder per tower, in tower order")
     s.add_argument("--out", required=True, help="metrics.json to write")
     s.add_argument("--device", default=None)
+    s.add_argument("--speed", default="{}", help="JSON of speed-only TrainConfig fields (cuda_graphs, eval_batch)")
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_train)
 

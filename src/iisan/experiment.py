@@ -20,10 +20,14 @@ def tower_layers(experiment: dict, num_layers: int) -> list[int]:
     return scheme_layers(scheme, num_layers, include_h0=experiment.get("include_h0", True))
 
 
-def run_experiment(experiment: dict, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None) -> dict:
+def run_experiment(
+    experiment: dict, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None, speed: dict | None = None
+) -> dict:
     """Train, evaluate and write `out` (metrics.json). `experiment` keys: towers (list of
     {field, backbone, pooling}), method, scheme, include_h0, model (ModelConfig fields),
-    train (TrainConfig fields)."""
+    train (TrainConfig fields). `speed` holds TrainConfig fields that change speed, not results
+    (cuda_graphs, eval_batch); they are kept out of the experiment so that changing them reruns
+    nothing."""
     towers = experiment["towers"]
     if len(cache_dirs) != len(towers):
         raise ValueError(f"{len(towers)} towers but {len(cache_dirs)} caches")
@@ -40,7 +44,7 @@ def run_experiment(experiment: dict, dataset_dir: Path, cache_dirs: list[Path], 
         manifests.append(m)
         layers.append(want)
     model_cfg = ModelConfig(method=experiment["method"], **experiment.get("model", {}))
-    train_cfg = TrainConfig(**experiment.get("train", {}))
+    train_cfg = TrainConfig(**experiment.get("train", {}), **(speed or {}))
     log.info("experiment %s: layers %s", experiment, layers)
     trainer = Trainer(data, caches, model_cfg, train_cfg, device=device)
     result = trainer.fit()

@@ -31,8 +31,8 @@ def inbatch_debiased_ce(
     masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (B*T, B*S)
     # positive column of row (i, j) is slot j+1 of user i
     pos = (torch.arange(B, device=ids.device).unsqueeze(1) * S + torch.arange(1, S, device=ids.device)).reshape(-1)
-    rows = torch.arange(B * T, device=ids.device)
-    masked[rows, pos] = False
+    is_pos = torch.arange(B * S, device=ids.device).unsqueeze(0) == pos.unsqueeze(1)  # (B*T, B*S)
+    masked = masked & ~is_pos
     logits = logits.masked_fill(masked, MASK_VALUE)
     valid = (ids[:, :-1] != 0).reshape(-1).float()  # real input => real target (left padding)
     if row_weight is not None:

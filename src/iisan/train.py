@@ -37,6 +37,7 @@ class TrainConfig:
     seed: int = 12345
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_batch: int = 1024
+    cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
     k: int = 10
 
 
@@ -74,36 +75,74 @@ class Trainer:
         dims = [c.shape[2] for c in self.caches]
         layers = [c.shape[1] for c in self.caches]
         self.model = Recommender(model_cfg, dims, layers).to(self.device)
-        fused = self.device.type == "cuda"
+        on_cuda = self.device.type == "cuda"
+        self.graphs = on_cuda and train_cfg.cuda_graphs
         self.opt = torch.optim.Adam(
-            self.model.param_groups(train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f), fused=fused
+            self.model.param_groups(train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f),
+            fused=on_cuda,
+            capturable=self.graphs,
         )
+        self._graph, self._warm = None, 0
         self.amp = train_cfg.amp and self.device.type == "cuda"
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
 
     def _features(self, ids: torch.Tensor) -> list[torch.Tensor]:
         flat = ids.reshape(-1)
         return [c[flat].float() for c in self.caches]  # [(M, K, d)]
 
-    def train_epoch(self) -> float:
-        self.model.train()
+    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
+        """Training loss of one batch of left-padded windows `ids` (B, S)."""
+        with self._autocast():
+            E = self.model.items(self._features(ids)).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
+            U = self.model.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
+            return inbatch_debiased_ce(U, E, ids, self.data.log_pop)
+
+    def _step(self, ids: torch.Tensor) -> torch.Tensor:
+        loss = self._loss(ids)
+        self.opt.zero_grad(set_to_none=False)
+        loss.backward()
+        self.opt.step()
+        return loss.detach()
+
+    def _batches(self):
+        """Shuffled batches; with CUDA graphs the last batch is padded with all-padding users,
+        which add no loss rows and only masked columns, so the step is unchanged."""
         train = self.data.train
         B = self.cfg.batch_size
         perm = torch.randperm(train.shape[0], generator=self.gen).to(self.device)
-        total, steps = torch.zeros((), device=self.device), 0
         for start in range(0, perm.shape[0], B):
-            ids = train[perm[start : start + B]]  # (B, S)
-            with self._autocast():
-                E = self.model.items(self._features(ids)).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
-                U = self.model.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
-                loss = inbatch_debiased_ce(U, E, ids, self.data.log_pop)
-            self.opt.zero_grad(set_to_none=True)
-            loss.backward()
-            self.opt.step()
-            total += loss.detach()
+            ids = train[perm[start : start + B]]
+            if self.graphs and ids.shape[0] < B:
+                ids = torch.cat([ids, ids.new_zeros(B - ids.shape[0], ids.shape[1])])
+            yield ids
+
+    def _graph_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Replay the whole training step (forward, backward, Adam) as one CUDA graph."""
+        if self._graph is None:
+            if self._warm < 3:  # eager warm-up steps on a side stream before capture
+                self._warm += 1
+                s = torch.cuda.Stream(self.device)
+                s.wait_stream(torch.cuda.current_stream(self.device))
+                with torch.cuda.stream(s):
+                    loss = self._step(ids)
+                torch.cuda.current_stream(self.device).wait_stream(s)
+                return loss
+            self._static_ids = ids.clone()
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._static_loss = self._step(self._static_ids)
+        self._static_ids.copy_(ids)
+        self._graph.replay()
+        return self._static_loss.clone()
+
+    def train_epoch(self) -> float:
+        self.model.train()
+        total, steps = torch.zeros((), device=self.device), 0
+        for ids in self._batches():
+            total += self._graph_step(ids) if self.graphs else self._step(ids)
             steps += 1
         return float(total) / max(steps, 1)
 

@@ -18,6 +18,10 @@ wildcard_constraints:
     seed="[0-9]+",
 
 
+# Speed knobs change how fast, not what is computed: passed to the rules outside `params`.
+SPEED_JSON = shlex.quote(json.dumps(config.get("speed", {})))
+
+
 def dataset_source(dataset):
     try:
         return config["dataset_sources"][dataset]

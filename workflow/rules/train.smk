@@ -23,4 +23,4 @@ rule train:
         gpu=1,
     shell:
         "iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
-        " --caches {params.cache_dirs} --threads {threads} --out {output:q} > {log} 2>&1"
+        " --caches {params.cache_dirs} --speed {SPEED_JSON} --threads {threads} --out {output:q} > {log} 2>&1"

@@ -6,7 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 
 from ..io import read_json
@@ -51,6 +50,8 @@ class SequenceData:
 
 
 def load_sequences(dataset_dir: Path, max_len: int = 10) -> SequenceData:
+    import polars as pl
+
     dataset_dir = Path(dataset_dir)
     stats = read_json(dataset_dir / "stats.json")
     seq = pl.read_parquet(dataset_dir / "sequences.parquet")
