@@ -121,6 +121,7 @@ def build_cache(
         "backbone": spec.name,
         "source": spec.source,
         "resolved_path": str(model_path),
+        "revision": getattr(model.config, "_commit_hash", None),
         "family": spec.family,
         "modality": spec.modality,
         "field": field,
