@@ -2,13 +2,17 @@
 
 A registry entry (config key ``backbones``) maps a short name to:
 ``source`` (a Hugging Face id, a local folder, ``package:<module>`` for a model folder shipped in
-a Python package, or ``demo`` for a generated stand-in), ``family`` (bert | vit), ``modality``
-(text | image), ``layers``, ``hidden``, ``dtype`` (the compute dtype), ``pooling`` (cls).
+a Python package, or ``demo`` for a generated stand-in), ``family`` (bert | vit | llama | mistral
+| gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
+dtype), ``pooling`` (cls | mean | masked_mean | last), ``quantization`` (none | bnb-4bit |
+bnb-8bit | gptq).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
 import logging
 import shutil
 from dataclasses import dataclass, field
@@ -17,11 +21,27 @@ from typing import Any
 
 import torch
 
-from .io import atomic_path
-
 log = logging.getLogger(__name__)
 
-FAMILIES = {"bert": "text", "vit": "image"}
+FAMILIES = {
+    "bert": "text",
+    "vit": "image",
+    "llama": "text",
+    "mistral": "text",
+    "gemma": "text",
+    "mixtral": "text",
+}
+DECODERS = {"llama", "mistral", "gemma", "mixtral"}
+QUANTIZATIONS = {None, "none", "bnb-4bit", "bnb-8bit", "gptq"}
+GPTQ_HINT = (
+    "GPTQ checkpoints need the optional extra: pip install -e '.[gptq]' "
+    "(or the conda environment envs/gptq.yaml); its pins clash with the SLURM plugin, so it "
+    "lives in its own environment"
+)
+
+
+class MissingExtra(RuntimeError):
+    pass
 
 
 @dataclass
@@ -34,9 +54,11 @@ class BackboneSpec:
     hidden: int
     dtype: str = "float32"
     pooling: str = "cls"
+    quantization: str | None = None
     max_tokens: int = 30
     image_size: int = 224
     heads: int = 2
+    params_b: float | None = None  # parameters in billions (for plots and resource requests)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
@@ -46,7 +68,15 @@ class BackboneSpec:
         spec = cls(name=name, **known, extra=extra)
         if spec.family not in FAMILIES:
             raise ValueError(f"backbones.{name}.family: unknown family {spec.family!r} (known: {sorted(FAMILIES)})")
+        if spec.quantization not in QUANTIZATIONS:
+            raise ValueError(f"backbones.{name}.quantization: unknown {spec.quantization!r} (none, bnb-4bit, bnb-8bit, gptq)")
+        if spec.quantization == "none":
+            spec.quantization = None
         return spec
+
+    @property
+    def is_decoder(self) -> bool:
+        return self.family in DECODERS
 
 
 def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
@@ -69,16 +99,49 @@ def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
     return src
 
 
+def _decoder_config(spec: BackboneSpec, vocab_size: int):
+    from transformers import GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig
+
+    h, heads = spec.hidden, spec.heads
+    common = dict(
+        hidden_size=h,
+        intermediate_size=int(spec.extra.get("intermediate", 2 * h)),
+        num_hidden_layers=spec.layers,
+        num_attention_heads=heads,
+        num_key_value_heads=int(spec.extra.get("kv_heads", heads)),
+        vocab_size=vocab_size,
+        max_position_embeddings=max(64, spec.max_tokens),
+        initializer_range=float(spec.extra.get("initializer_range", 0.02)),
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
+    if spec.family == "llama":
+        return LlamaConfig(**common)
+    if spec.family == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    if spec.family == "gemma":
+        return GemmaConfig(**common, head_dim=h // heads)
+    if spec.family == "mixtral":
+        return MixtralConfig(
+            **common, num_local_experts=int(spec.extra.get("experts", 8)), num_experts_per_tok=int(spec.extra.get("experts_per_token", 2))
+        )
+    raise ValueError(spec.family)
+
+
 def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = None, seed: int = 0) -> None:
     """Build a randomly initialised stand-in with the real layer count and a tiny width and save
-    it with `save_pretrained` (plus tokenizer or image-processor config)."""
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    it with `save_pretrained` (plus tokenizer or image-processor config). A stand-in with
+    ``quantization: bnb-4bit`` (or 8-bit) is saved quantised, so caching loads it exactly as a
+    pre-quantised checkpoint."""
+    from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
     out_dir = Path(out_dir)
     torch.manual_seed(seed)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
+    init = float(spec.extra.get("initializer_range", 0.02))
     if spec.family == "bert":
         tokenizer = train_wordpiece_tokenizer(titles or [], vocab_size=int(spec.extra.get("vocab_size", 2000)))
         cfg = BertConfig(
@@ -88,7 +151,7 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
             num_attention_heads=spec.heads,
             intermediate_size=4 * spec.hidden,
             max_position_embeddings=max(64, spec.max_tokens),
-            initializer_range=float(spec.extra.get("initializer_range", 0.02)),
+            initializer_range=init,
         )
         model = BertModel(cfg, add_pooling_layer=False)
         tokenizer.save_pretrained(tmp)
@@ -102,7 +165,7 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
             intermediate_size=4 * spec.hidden,
             image_size=spec.image_size,
             patch_size=int(spec.extra.get("patch_size", 8)),
-            initializer_range=float(spec.extra.get("initializer_range", 0.02)),
+            initializer_range=init,
         )
         model = ViTModel(cfg, add_pooling_layer=False)
         ViTImageProcessor(
@@ -110,11 +173,50 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
             image_mean=[0.5, 0.5, 0.5],
             image_std=[0.5, 0.5, 0.5],
         ).save_pretrained(tmp)
+    elif spec.is_decoder:
+        tokenizer = train_bpe_tokenizer(titles or [], vocab_size=int(spec.extra.get("vocab_size", 2000)))
+        model = AutoModel.from_config(_decoder_config(spec, len(tokenizer)))
+        tokenizer.save_pretrained(tmp)
     else:  # pragma: no cover - guarded by BackboneSpec
         raise ValueError(spec.family)
     model.save_pretrained(tmp)
+    if spec.quantization in ("bnb-4bit", "bnb-8bit"):
+        quantized = AutoModel.from_pretrained(tmp, quantization_config=_bnb_config(spec))
+        qdir = tmp.with_name(tmp.name + ".q")
+        shutil.rmtree(qdir, ignore_errors=True)
+        quantized.save_pretrained(qdir)
+        for f in tmp.iterdir():  # keep tokenizer / processor files
+            if not (qdir / f.name).exists():
+                shutil.copy(f, qdir / f.name)
+        shutil.rmtree(tmp)
+        qdir.rename(tmp)
+    elif spec.quantization == "gptq":
+        _require_gptq(spec.name)
+        _gptq_quantize(tmp, titles or [])
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
+
+
+def _require_gptq(name: str) -> None:
+    if importlib.util.find_spec("gptqmodel") is None:
+        raise MissingExtra(f"backbone {name} is a GPTQ checkpoint but gptqmodel is not installed. {GPTQ_HINT}")
+
+
+def _gptq_quantize(folder: Path, titles: list[str]) -> None:  # pragma: no cover - needs the gptq extra
+    from gptqmodel import GPTQModel, QuantizeConfig
+
+    model = GPTQModel.load(str(folder), QuantizeConfig(bits=4, group_size=32))
+    model.quantize(titles[:256])
+    model.save(str(folder))
+
+
+def _bnb_config(spec: BackboneSpec):
+    from transformers import BitsAndBytesConfig
+
+    compute = getattr(torch, spec.dtype) if torch.cuda.is_available() else torch.float32
+    if spec.quantization == "bnb-8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
 
 
 def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
@@ -137,17 +239,57 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
     )
 
 
+def train_bpe_tokenizer(texts: list[str], vocab_size: int = 2000):
+    """A byte-level BPE tokenizer for decoder stand-ins: <pad> = 0, <s> = 1 (prepended), </s> = 2."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    special = ["<pad>", "<s>", "</s>", "<unk>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        texts,
+        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def checkpoint_quantization(path: str) -> str | None:
+    """quant_method recorded in a local checkpoint's config.json (None when unquantised or remote)."""
+    cfg = Path(path) / "config.json"
+    if not cfg.is_file():
+        return None
+    q = json.loads(cfg.read_text()).get("quantization_config")
+    return q.get("quant_method") if q else None
+
+
 def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
-    """Load (model, preprocessor) in eval mode on `device`."""
+    """Load (model, preprocessor) in eval mode. On CUDA the model is spread over the job's GPUs
+    (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
+    checkpoint is stored quantised already; GPTQ checkpoints need the gptq extra."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     dtype = getattr(torch, spec.dtype)
     if device.type == "cpu" and dtype in (torch.float16,):
         dtype = torch.float32  # fp16 matmuls are slow or missing on CPUs
-    model = AutoModel.from_pretrained(path, dtype=dtype)
-    model.eval().to(device)
+    stored = checkpoint_quantization(path)
+    if spec.quantization == "gptq" or stored == "gptq":
+        _require_gptq(spec.name)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if spec.quantization in ("bnb-4bit", "bnb-8bit") and stored != "bitsandbytes":
+        kwargs["quantization_config"] = _bnb_config(spec)
+    if device.type == "cuda":
+        kwargs["device_map"] = "auto"
+    model = AutoModel.from_pretrained(path, **kwargs)
+    model.eval()
+    if "device_map" not in kwargs and not (spec.quantization or stored):
+        model.to(device)
     if spec.modality == "text":
         pre = AutoTokenizer.from_pretrained(path)
+        if spec.is_decoder and pre.pad_token_id is None:
+            pre.pad_token_id = 0  # the authors pad decoder inputs with id 0
     else:
         try:
             from transformers import ViTImageProcessorPil

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import zipfile
 from dataclasses import asdict
 from pathlib import Path
@@ -18,7 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .backbones import BackboneSpec, load_backbone
+from .backbones import BackboneSpec, checkpoint_quantization, load_backbone
 from .io import atomic_path, read_json, write_json
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,31 @@ def _load_images(archive: Path, names: list[str | None], size: int) -> list:
     return out
 
 
+def _token_lengths(tok, texts: list[str], max_tokens: int) -> np.ndarray:
+    enc = tok(texts, max_length=max_tokens, truncation=True, padding=False)
+    return np.array([len(x) for x in enc["input_ids"]])
+
+
+def _encode(spec: BackboneSpec, tok, texts: list[str], dev: torch.device) -> dict:
+    """Tokenise a batch. BERT: [CLS] title [SEP] padded to max_tokens with a mask. Decoders:
+    BOS + title cut at max_tokens; the authors' unmasked mean pads to max_tokens with id 0 and
+    passes no attention mask; masked mean and last token pad to the batch's longest (right)."""
+    tok.padding_side = "right"
+    if spec.is_decoder and spec.pooling == "mean":
+        enc = tok(texts, max_length=spec.max_tokens, truncation=True, padding="max_length", return_tensors="pt")
+        return {"input_ids": enc["input_ids"].to(dev)}
+    padding = "longest" if spec.is_decoder else "max_length"
+    enc = tok(texts, max_length=spec.max_tokens, truncation=True, padding=padding, return_tensors="pt")
+    out = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
+    if "token_type_ids" in enc:
+        out["token_type_ids"] = enc["token_type_ids"].to(dev)
+    return out
+
+
+def _input_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def build_cache(
     spec: BackboneSpec,
     model_path: str,
@@ -71,11 +97,18 @@ def build_cache(
     store_dtype: str = "float16",
     device: str | None = None,
     progress: bool | None = None,
+    checkpoint_every: int = 20,
 ) -> dict:
-    """Run `spec` over `field` of every item and store all pooled hidden states."""
+    """Run `spec` over `field` of every item and store all pooled hidden states.
+
+    Text is batched by token length. Rows are written into ``cache.npy.partial`` with a record
+    of finished items (``cache.done.npy``) every `checkpoint_every` batches, so an interrupted
+    run resumes where it stopped; the array is renamed into place when complete."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     items = pl.read_parquet(items_parquet)
+    stats = read_json(Path(items_parquet).with_name("stats.json"))
     model, pre = load_backbone(spec, model_path, dev)
+    in_dev = _input_device(model)
     n = items.height
     num_layers = model.config.num_hidden_layers
     hidden = model.config.hidden_size
@@ -91,32 +124,52 @@ def build_cache(
         if field not in items.columns:
             raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns})")
         values = items[field].to_list()
+        order = np.argsort(_token_lengths(pre, values, spec.max_tokens), kind="stable")
     else:
         if images_archive is None:
             raise ValueError(f"field {field!r}: an image backbone needs the dataset's image archive")
         values = items["image"].to_list()
+        order = np.arange(n)
 
-    with atomic_path(out_dir / ARRAY, ".npy") as tmp:
-        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np_dtype, shape=(n + 1, num_layers + 1, hidden))
+    shape = (n + 1, num_layers + 1, hidden)
+    partial, done_path, key_path = out_dir / (ARRAY + ".partial"), out_dir / "cache.done.npy", out_dir / "cache.partial.json"
+    key = {"backbone": spec.name, "field": field, "pooling": spec.pooling, "shape": list(shape), "dtype": store_dtype,
+           "item_order_hash": stats["item_order_hash"], "quantization": spec.quantization}
+    if partial.exists() and done_path.exists() and key_path.exists() and read_json(key_path) == key:
+        arr = np.lib.format.open_memmap(partial, mode="r+")
+        done = np.load(done_path)
+        log.info("resuming %s: %d of %d items already cached", partial, int(done.sum()), n)
+    else:
+        arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr[0] = 0
-        starts = range(0, n, batch_size)
-        for start in tqdm(starts, desc=f"cache {spec.name}/{field}", disable=None if progress is None else not progress):
-            chunk = values[start : start + batch_size]
-            with torch.no_grad():
-                if spec.modality == "text":
-                    enc = pre(chunk, max_length=spec.max_tokens, padding="max_length", truncation=True, return_tensors="pt").to(dev)
-                    out = model(**enc, output_hidden_states=True)
-                    pooled = _pool(out.hidden_states, spec.pooling, enc.get("attention_mask"))
-                else:
-                    imgs = _load_images(images_archive, chunk, spec.image_size)
-                    px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(dev, model.dtype)
-                    out = model(pixel_values=px, output_hidden_states=True)
-                    pooled = _pool(out.hidden_states, spec.pooling, None)
-            arr[1 + start : 1 + start + len(chunk)] = pooled.float().cpu().numpy().astype(np_dtype)
-        arr.flush()
-        del arr
+        done = np.zeros(n, dtype=bool)
+        write_json(key_path, key)
+    todo = order[~done[order]]
+    batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
+    for b, idx in enumerate(tqdm(batches, desc=f"cache {spec.name}/{field}", disable=None if progress is None else not progress)):
+        chunk = [values[i] for i in idx]
+        with torch.no_grad():
+            if spec.modality == "text":
+                enc = _encode(spec, pre, chunk, in_dev)
+                out = model(**enc, output_hidden_states=True)
+                pooled = _pool(out.hidden_states, spec.pooling, enc.get("attention_mask"))
+            else:
+                imgs = _load_images(images_archive, chunk, spec.image_size)
+                px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
+                out = model(pixel_values=px, output_hidden_states=True)
+                pooled = _pool(out.hidden_states, spec.pooling, None)
+        arr[1 + idx] = pooled.float().cpu().numpy().astype(np_dtype)
+        done[idx] = True
+        if (b + 1) % checkpoint_every == 0:
+            arr.flush()
+            with atomic_path(done_path, ".npy") as tmp:
+                np.save(tmp, done)
+    arr.flush()
+    del arr
+    os.replace(partial, out_dir / ARRAY)
+    done_path.unlink(missing_ok=True)
+    key_path.unlink(missing_ok=True)
 
-    stats = read_json(Path(items_parquet).with_name("stats.json"))
     manifest = {
         "backbone": spec.name,
         "source": spec.source,
@@ -128,13 +181,14 @@ def build_cache(
         "pooling": spec.pooling,
         "compute_dtype": str(model.dtype).replace("torch.", ""),
         "dtype": store_dtype,
-        "quantisation": None,
-        "tokenisation": {"max_tokens": spec.max_tokens} if spec.modality == "text" else {"image_size": spec.image_size},
+        "quantization": spec.quantization or checkpoint_quantization(model_path),
+        "tokenisation": {"max_tokens": spec.max_tokens, "bos": spec.is_decoder} if spec.modality == "text" else {"image_size": spec.image_size},
         "num_layers": num_layers,
         "stored_layers": list(range(num_layers + 1)),
         "hidden": hidden,
         "items": n,
         "item_order_hash": stats["item_order_hash"],
+        "bytes": int((out_dir / ARRAY).stat().st_size),
         "device": str(dev),
         "library_version": __version__,
     }
@@ -155,7 +209,7 @@ def prune_cache(src_dir: Path, out_dir: Path, layers: list[int]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / ARRAY, ".npy") as tmp:
         np.save(tmp, np.ascontiguousarray(arr[:, cols]))
-    manifest = dict(manifest, stored_layers=list(layers), pruned_from=str(src_dir))
+    manifest = dict(manifest, stored_layers=list(layers), pruned_from=str(src_dir), bytes=int((out_dir / ARRAY).stat().st_size))
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 

@@ -8,16 +8,29 @@ from pathlib import Path
 from .cache import load_cache
 from .data.sequences import load_sequences
 from .io import read_json, write_json
-from .layerdrop import scheme_layers
+from .layerdrop import scheme_layers, tower_schemes
 from .model import ModelConfig
 from .train import Trainer, TrainConfig, config_hash
 
 log = logging.getLogger(__name__)
 
 
-def tower_layers(experiment: dict, num_layers: int) -> list[int]:
-    scheme = "last" if experiment["method"] == "frozen" else experiment["scheme"]
-    return scheme_layers(scheme, num_layers, include_h0=experiment.get("include_h0", True))
+# method name -> (ModelConfig.method, heads)
+METHODS = {
+    "iisan": ("iisan", "vs"),
+    "iisan-va": ("iisan", "va"),
+    "no-gate": ("no-gate", None),
+    "no-inter": ("no-inter", None),
+    "no-intra": ("no-intra", None),
+    "frozen": ("frozen", None),
+}
+
+
+def tower_layers(experiment: dict, tower: int, num_layers: int) -> list[int]:
+    if experiment["method"] == "frozen":
+        return scheme_layers("last", num_layers)
+    schemes = tower_schemes(experiment["scheme"], len(experiment["towers"]))
+    return scheme_layers(schemes[tower], num_layers, include_h0=experiment.get("include_h0", True))
 
 
 def run_experiment(
@@ -32,27 +45,44 @@ def run_experiment(
     if len(cache_dirs) != len(towers):
         raise ValueError(f"{len(towers)} towers but {len(cache_dirs)} caches")
     data = load_sequences(dataset_dir)
-    caches, manifests, layers = [], [], []
-    for tower, cdir in zip(towers, cache_dirs):
+    full = experiment.get("cache", "dropped") == "full"
+    caches, manifests, layers, index = [], [], [], []
+    for t, (tower, cdir) in enumerate(zip(towers, cache_dirs)):
         m = read_json(Path(cdir) / "manifest.json")
-        want = tower_layers(experiment, m["num_layers"])
+        want = tower_layers(experiment, t, m["num_layers"])
+        # full cache: keep every stored state in memory and select per step; dropped: only `want`
+        load = m["stored_layers"] if full else want
+        if full and any(l not in load for l in want):
+            raise ValueError(f"{cdir}: the full cache lacks layers {want}")
         arr, m = load_cache(
-            cdir, backbone=tower["backbone"], layers=want, item_order_hash=data.item_order_hash,
+            cdir, backbone=tower["backbone"], layers=load, item_order_hash=data.item_order_hash,
             pooling=tower.get("pooling"), field=tower["field"],
         )
         caches.append(arr)
         manifests.append(m)
         layers.append(want)
-    model_cfg = ModelConfig(method=experiment["method"], **experiment.get("model", {}))
+        index.append([load.index(l) for l in want] if full else None)
+    if experiment["method"] not in METHODS:
+        raise ValueError(f"unknown method {experiment['method']!r} (known: {sorted(METHODS)})")
+    method, heads = METHODS[experiment["method"]]
+    model_kw = dict(experiment.get("model", {}))
+    if heads:
+        model_kw["heads"] = heads
+    model_cfg = ModelConfig(method=method, **model_kw)
     train_cfg = TrainConfig(**experiment.get("train", {}), **(speed or {}))
     log.info("experiment %s: layers %s", experiment, layers)
-    trainer = Trainer(data, caches, model_cfg, train_cfg, device=device)
+    trainer = Trainer(data, caches, model_cfg, train_cfg, device=device, layer_index=index)
     result = trainer.fit()
     result.update(
         {
             "experiment": experiment,
             "layers": layers,
-            "caches": [{"path": str(c), "backbone": m["backbone"], "stored_layers": m["stored_layers"]} for c, m in zip(cache_dirs, manifests)],
+            "caches": [
+                {"path": str(c), "backbone": m["backbone"], "stored_layers": m["stored_layers"], "bytes": m.get("bytes"),
+                 "hidden": m["hidden"], "num_layers": m["num_layers"]}
+                for c, m in zip(cache_dirs, manifests)
+            ],
+            "cache": "full" if full else "dropped",
             "config_hash": config_hash(experiment),
             "dataset": str(dataset_dir),
         }

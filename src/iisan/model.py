@@ -150,9 +150,8 @@ class ItemEncoder(nn.Module):
                 self.intra.extend(IntraSAN(d, k, r, gated, tau) for d, k in zip(dims, n_layers))
                 self.heads.extend(Head(d, D, cfg.heads) for d in dims)
             if len(dims) == 2 and m != "no-inter":
-                if n_layers[0] < n_layers[1]:
-                    raise ValueError("the first field needs at least as many blocks as the second for the inter tower")
-                k = n_layers[1]
+                # towers with different block counts: the top blocks are aligned (METHOD.md §3)
+                k = min(n_layers)
                 self.inter = InterSAN(dims[0], dims[1], k, r, gated, tau)
                 self.inter_head = Head(self.inter.d, D, cfg.heads)
         n_parts = len(self.heads) + (self.inter is not None)
@@ -165,8 +164,8 @@ class ItemEncoder(nn.Module):
         else:
             parts = [head(tower(h)) for tower, head, h in zip(self.intra, self.heads, feats)]
         if self.inter is not None:
-            k = self.inter.blocks.__len__()
-            # the top blocks of the first field are aligned with the second field's blocks
+            k = len(self.inter.blocks)
+            # the top k blocks of each field are aligned; the rest run in their intra tower only
             parts.append(self.inter_head(self.inter(feats[0][:, -k:], feats[1][:, -k:])))
         # paper order: [e_image ; e_text ; e_inter]
         if len(parts) >= 2 and len(self.heads) == 2:

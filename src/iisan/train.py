@@ -62,7 +62,11 @@ class Trainer:
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         device: str | None = None,
+        layer_index: list[list[int] | None] | None = None,
     ):
+        """`layer_index[f]`, when given, selects the states of field f that feed the side network
+        from a full cache at every step (the "full cache" setting of Fig. 7); without it the
+        cache holds exactly those states (a dropped cache)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = train_cfg
         set_seed(train_cfg.seed)
@@ -72,8 +76,11 @@ class Trainer:
         for c in self.caches:
             if c.shape[0] != data.n_items + 1:
                 raise ValueError(f"a cache has {c.shape[0]} rows, the dataset {data.n_items} items + padding")
+        self.layer_index = [
+            None if idx is None else torch.tensor(idx, device=self.device) for idx in (layer_index or [None] * len(caches))
+        ]
         dims = [c.shape[2] for c in self.caches]
-        layers = [c.shape[1] for c in self.caches]
+        layers = [c.shape[1] if idx is None else len(idx) for c, idx in zip(self.caches, self.layer_index)]
         self.model = Recommender(model_cfg, dims, layers).to(self.device)
         on_cuda = self.device.type == "cuda"
         self.graphs = on_cuda and train_cfg.cuda_graphs
@@ -91,7 +98,11 @@ class Trainer:
 
     def _features(self, ids: torch.Tensor) -> list[torch.Tensor]:
         flat = ids.reshape(-1)
-        return [c[flat].float() for c in self.caches]  # [(M, K, d)]
+        return [self._select(c[flat], idx) for c, idx in zip(self.caches, self.layer_index)]  # [(M, K, d)]
+
+    @staticmethod
+    def _select(rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return (rows if idx is None else rows[:, idx]).float()
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Training loss of one batch of left-padded windows `ids` (B, S)."""
@@ -154,7 +165,8 @@ class Trainer:
         out = []
         with self._autocast():
             for s in range(0, n, 8192):
-                out.append(self.model.items([c[s : s + 8192].float() for c in self.caches]).float())
+                feats = [self._select(c[s : s + 8192], idx) for c, idx in zip(self.caches, self.layer_index)]
+                out.append(self.model.items(feats).float())
         return torch.cat(out)
 
     @torch.no_grad()
