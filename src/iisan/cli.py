@@ -90,6 +90,21 @@ def cmd_table(a):
     build_table(a.kind, json.loads(a.rows), [Path(m) for m in a.metrics], Path(a.out))
 
 
+def cmd_figure(a):
+    from . import figures
+
+    out = Path(a.out)
+    metrics = [Path(m) for m in a.metrics]
+    if a.kind == "fig4":
+        figures.fig4(json.loads(a.rows), metrics, out)
+    elif a.kind == "fig6":
+        figures.fig6(json.loads(a.backbones), metrics, a.items, out, out.with_suffix(".csv"), demo=a.demo)
+    elif a.kind == "fig7":
+        figures.fig7(json.loads(a.rows), metrics, out, out.with_suffix(".csv"))
+    else:
+        raise SystemExit(f"unknown figure {a.kind!r}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="iisan", description=__doc__)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -161,6 +176,16 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--metrics", nargs="+", required=True)
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_table)
+
+    s = sub.add_parser("figure", help="draw a paper figure (fig4, fig6, fig7)")
+    s.add_argument("--kind", required=True)
+    s.add_argument("--rows", default="[]")
+    s.add_argument("--metrics", nargs="*", default=[], help="metrics.json files (fig6: cache manifests)")
+    s.add_argument("--backbones", default="{}", help="fig6: JSON backbone registry")
+    s.add_argument("--items", type=int, default=20825, help="fig6: items for the computed sizes")
+    s.add_argument("--demo", action="store_true", help="fig6: draw the demo stand-ins instead of the real backbones")
+    s.add_argument("--out", required=True)
+    s.set_defaults(fn=cmd_figure)
 
     args = p.parse_args(argv)
     _setup(args)

@@ -39,7 +39,7 @@ rule cache:
     resources:
         mem_mb=8000,
         runtime=120,
-        gpu=1,
+        gpu=GPUS,
     shell:
         "iisan cache --name {wildcards.backbone} --spec {params.spec} {params.standin}"
         " --items {input.item_table:q} --field {wildcards.field} {params.images}"
@@ -51,17 +51,17 @@ rule prune:
     input:
         "resources/cache/{dataset}/{field}/{backbone}/manifest.json",
     output:
-        array="resources/cache/{dataset}/{field}/{backbone}/pruned-{scheme}/cache.npy",
-        manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{scheme}/manifest.json",
+        array="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/cache.npy",
+        manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/manifest.json",
     params:
         layers=scheme_indices,
     log:
-        "logs/cache/{dataset}/{field}/{backbone}/prune-{scheme}.log",
+        "logs/cache/{dataset}/{field}/{backbone}/prune-{tscheme}.log",
     threads: 1
     resources:
         mem_mb=8000,
         runtime=20,
     shell:
         "iisan prune --src resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}"
-        " --layers {params.layers} --out resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}/pruned-{wildcards.scheme}"
+        " --layers {params.layers} --out resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}/pruned-{wildcards.tscheme}"
         " > {log} 2>&1"

@@ -5,7 +5,8 @@ import re
 import shlex
 
 from iisan.layerdrop import scheme_layers
-from iisan.tables import table_rows
+from iisan.layerdrop import tower_schemes
+from iisan.tables import table_plan
 
 
 wildcard_constraints:
@@ -14,9 +15,23 @@ wildcard_constraints:
     backbone="[A-Za-z0-9_.-]+",
     towers="[^/]+",
     method="[a-z-]+",
-    scheme="(all|last|blocks[0-9]+)",
+    scheme="[A-Za-z0-9_+-]+",
+    tscheme="[A-Za-z0-9_-]+",
+    cache="full|dropped",
     seed="[0-9]+",
 
+
+def _gpus_per_job():
+    value = config.get("gpus_per_job", "auto")
+    if value == "auto":
+        import torch
+
+        return 1 if torch.cuda.is_available() else 0
+    return int(value)
+
+
+# GPUs each GPU rule asks for (0 on a machine without CUDA, so CPU runs are not serialised).
+GPUS = _gpus_per_job()
 
 # Speed knobs change how fast, not what is computed: passed to the rules outside `params`.
 SPEED_JSON = shlex.quote(json.dumps(config.get("speed", {})))
@@ -120,48 +135,51 @@ def standin_arg(wildcards, input):
 
 
 def scheme_indices(wildcards):
+    """Hidden-state indices that one tower's scheme keeps (for the prune rule)."""
     layers = backbone_spec(wildcards.backbone)["layers"]
-    return ",".join(map(str, scheme_layers(wildcards.scheme, layers, config.get("include_h0", True))))
-
-
-def run_scheme(method, scheme):
-    return "last" if method == "frozen" else scheme
+    return ",".join(map(str, scheme_layers(wildcards.tscheme, layers, config.get("include_h0", True))))
 
 
 def train_caches(wildcards):
-    """The pruned ("dropped") cache of every tower for this experiment's scheme."""
-    return [
-        f"resources/cache/{wildcards.dataset}/{t['field']}/{t['backbone']}/pruned-{wildcards.scheme}/manifest.json"
-        for t in parse_towers(wildcards.towers)
-    ]
+    """Per tower: the pruned ("dropped") cache of its scheme, or the full cache."""
+    towers = parse_towers(wildcards.towers)
+    scheme = "last" if wildcards.method == "frozen" else wildcards.scheme
+    schemes = tower_schemes(scheme, len(towers))
+    out = []
+    for t, s in zip(towers, schemes):
+        base = f"resources/cache/{wildcards.dataset}/{t['field']}/{t['backbone']}"
+        out.append(f"{base}/manifest.json" if wildcards.cache == "full" else f"{base}/pruned-{s}/manifest.json")
+    return out
 
 
 def experiment_json(wildcards):
-    exp = {
+    return {
         "towers": parse_towers(wildcards.towers),
         "method": wildcards.method,
         "scheme": wildcards.scheme,
+        "cache": wildcards.cache,
         "include_h0": config.get("include_h0", True),
         "model": config.get("model", {}),
         "train": dict(config.get("train", {}), seed=int(wildcards.seed)),
     }
-    return exp
 
 
-def run_path(dataset, method, scheme, seed, towers=None):
+def run_path(dataset, row, seed):
+    scheme = "last" if row["method"] == "frozen" else row["scheme"]
     return (
-        f"results/runs/{dataset}/{towers or towers_id()}/{method}/{run_scheme(method, scheme)}"
+        f"results/runs/{dataset}/{towers_id(row['towers'])}/{row['method']}/{scheme}/{row.get('cache', 'dropped')}"
         f"/seed{seed}/metrics.json"
     )
 
 
-def table_runs(kind):
-    """[(row description, metrics path)] for every dataset, row and seed of a table."""
+def plan_runs(kind):
+    """[(row description, metrics path)] for every dataset, row and seed of a table or figure."""
     out = []
     for dataset in config["datasets"]:
-        for label, method, scheme in table_rows(kind, config["default_scheme"], config.get("methods")):
+        for row in table_plan(kind, config):
             for seed in config["seeds"]:
-                out.append(({"dataset": dataset, "label": label, "seed": seed}, run_path(dataset, method, scheme, seed)))
+                desc = {k: v for k, v in row.items() if k != "towers"}
+                out.append((dict(desc, dataset=dataset, seed=seed), run_path(dataset, row, seed)))
     return out
 
 
@@ -172,15 +190,23 @@ def table_kind(wildcards):
 
 
 def table_metrics(wildcards):
-    return [p for _, p in table_runs(table_kind(wildcards))]
+    return [p for _, p in plan_runs(table_kind(wildcards))]
 
 
 def table_rows_json(wildcards):
-    return shlex.quote(json.dumps([r for r, _ in table_runs(table_kind(wildcards))]))
+    return shlex.quote(json.dumps([r for r, _ in plan_runs(table_kind(wildcards))]))
+
+
+def plan_metrics(kind):
+    return [p for _, p in plan_runs(kind)]
+
+
+def plan_rows_json(kind):
+    return shlex.quote(json.dumps([r for r, _ in plan_runs(kind)]))
 
 
 def table_names():
-    return "|".join(["table6", "table7", re.escape(config.get("methods_table", "methods"))])
+    return "|".join(["table4", "table6", "table7", "table8", re.escape(config.get("methods_table", "methods"))])
 
 
 def table_file(kind):
@@ -188,5 +214,23 @@ def table_file(kind):
     return f"results/{name}.csv"
 
 
+def fig6_caches(wildcards):
+    """Every cache (full and dropped) of the Table IV runs, for measured sizes."""
+    out = set()
+    for dataset in config["datasets"]:
+        for row in table_plan("table4", config):
+            schemes = tower_schemes(row["scheme"], len(row["towers"]))
+            for t, s in zip(row["towers"], schemes):
+                base = f"resources/cache/{dataset}/{t['field']}/{t['backbone']}"
+                out.update({f"{base}/manifest.json", f"{base}/pruned-{s}/manifest.json"})
+    return sorted(out)
+
+
+def fig6_backbones_json():
+    return shlex.quote(json.dumps(config["backbones"]))
+
+
 def all_targets():
-    return [table_file(kind) for kind in config["tables"]]
+    targets = [table_file(kind) for kind in config["tables"]]
+    targets += [f"results/{fig}.png" for fig in config.get("figures", [])]
+    return targets

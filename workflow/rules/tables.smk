@@ -23,3 +23,59 @@ rule table:
         runtime=5,
     shell:
         "iisan table --kind {params.kind} --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
+
+
+rule fig4:
+    input:
+        plan_metrics("table4"),
+    output:
+        report("results/fig4.png", caption="../report/fig4.rst", category="Figures"),
+    params:
+        rows=plan_rows_json("table4"),
+    log:
+        "logs/figures/fig4.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "iisan figure --kind fig4 --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
+
+
+rule fig6:
+    input:
+        fig6_caches,
+    output:
+        png=report("results/fig6.png", caption="../report/fig6.rst", category="Figures"),
+        csv="results/fig6.csv",
+    params:
+        backbones=fig6_backbones_json(),
+        n_items=config.get("fig6_items", 20825),
+        demo="--demo" if config.get("fig6_demo", True) else "",
+    log:
+        "logs/figures/fig6.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "iisan figure --kind fig6 --backbones {params.backbones} --items {params.n_items} {params.demo}"
+        " --metrics {input} --out {output.png:q} > {log} 2>&1"
+
+
+rule fig7:
+    input:
+        plan_metrics("fig7"),
+    output:
+        png=report("results/fig7.png", caption="../report/fig7.rst", category="Figures"),
+        csv="results/fig7.csv",
+    params:
+        rows=plan_rows_json("fig7"),
+    log:
+        "logs/figures/fig7.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    shell:
+        "iisan figure --kind fig7 --rows {params.rows} --metrics {input} --out {output.png:q} > {log} 2>&1"

@@ -1,0 +1,120 @@
+"""The paper's figures 4, 6 and 7 (PNG, with the numbers beside them as CSV)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import polars as pl  # noqa: E402
+
+from .io import atomic_path, read_json  # noqa: E402
+from .layerdrop import authors_stride  # noqa: E402
+from .tables import GROUP_ORDER, aggregate  # noqa: E402
+
+
+def _save(fig, out: Path) -> None:
+    with atomic_path(out, ".png") as tmp:
+        fig.savefig(tmp, dpi=120, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _save_csv(df: pl.DataFrame, out: Path) -> None:
+    with atomic_path(out, ".csv") as tmp:
+        df.write_csv(tmp)
+
+
+def fig4(rows: list[dict], metrics: list[Path], out: Path) -> pl.DataFrame:
+    """Scaling: test HR@10 per text encoder, grouped PLM / base LLM / MoE LLM / 70B, group means."""
+    df = aggregate(rows, metrics, "text encoder")
+    datasets = df["dataset"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, len(datasets), figsize=(6 * len(datasets), 4), squeeze=False)
+    colours = dict(zip(GROUP_ORDER, ["tab:blue", "tab:orange", "tab:green", "tab:red"]))
+    for ax, ds in zip(axes[0], datasets):
+        part = df.filter(pl.col("dataset") == ds)
+        x, pos, labels = 0, [], []
+        for group in GROUP_ORDER:
+            g = part.filter(pl.col("group") == group)
+            if g.is_empty():
+                continue
+            xs = list(range(x, x + g.height))
+            ax.bar(xs, g["hr@10"].to_list(), color=colours[group], label=group)
+            mean = g["hr@10"].mean()
+            ax.hlines(mean, xs[0] - 0.4, xs[-1] + 0.4, colors="black", linestyles="dashed")
+            ax.text(xs[-1] + 0.45, mean, f"{mean:.2f}", va="center", fontsize=7)
+            pos += xs
+            labels += g["text encoder"].to_list()
+            x += g.height + 1
+        ax.set_xticks(pos, labels, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel("HR@10 (%)")
+        ax.set_title(f"IISAN-VA text encoder scaling, {ds} (dashed: group mean)")
+        ax.legend(fontsize=8)
+    _save(fig, out)
+    return df
+
+
+def cache_sizes(backbones: dict, measured: list[Path], items: int, image_blocks: int = 6) -> pl.DataFrame:
+    """Full vs dropped cache size per backbone: measured from manifests where a cache exists,
+    and computed from the registry (items x stored states x width x 2 bytes, fp16) for all."""
+    sizes = {}
+    for name, b in backbones.items():
+        L, d = b["layers"], b["hidden"]
+        kept = 1 + len(authors_stride(L, image_blocks)) if L >= image_blocks else L + 1
+        sizes[name] = {
+            "backbone": name,
+            "layers": L,
+            "hidden": d,
+            "computed_full_bytes": (items + 1) * (L + 1) * d * 2,
+            "computed_dropped_bytes": (items + 1) * kept * d * 2,
+            "measured_full_bytes": None,
+            "measured_dropped_bytes": None,
+        }
+    for path in measured:
+        m = read_json(path)
+        entry = sizes.get(m["backbone"])
+        if entry is None:
+            continue
+        key = "measured_dropped_bytes" if "pruned_from" in m else "measured_full_bytes"
+        entry[key] = max(entry[key] or 0, m.get("bytes") or 0)
+    return pl.DataFrame(list(sizes.values()))
+
+
+def fig6(backbones: dict, measured: list[Path], items: int, out_png: Path, out_csv: Path, demo: bool) -> pl.DataFrame:
+    df = cache_sizes(backbones, measured, items)
+    df = df.filter(pl.col("backbone").is_in([n for n, b in backbones.items() if (b["source"] == "demo") == demo]))
+    _save_csv(df, out_csv)
+    fig, ax = plt.subplots(figsize=(max(6, 0.7 * df.height), 4))
+    xs = range(df.height)
+    full = df["computed_full_bytes"] / 2**30
+    dropped = df["computed_dropped_bytes"] / 2**30
+    ax.bar([x - 0.2 for x in xs], full.to_list(), 0.4, label="full cache (all L+1 states)")
+    ax.bar([x + 0.2 for x in xs], dropped.to_list(), 0.4, label="dropped cache (LayerDrop states)")
+    ax.set_yscale("log")
+    ax.set_xticks(list(xs), df["backbone"].to_list(), rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("GiB (fp16, log scale)")
+    ax.set_title(f"Cache size per backbone, {items:,} items (computed from the registry)")
+    ax.legend(fontsize=8)
+    _save(fig, out_png)
+    return df
+
+
+def fig7(rows: list[dict], metrics: list[Path], out_png: Path, out_csv: Path) -> pl.DataFrame:
+    """Peak memory and training time per epoch with the full and the dropped cache."""
+    df = aggregate(rows, metrics, "text encoder").select(
+        "dataset", "text encoder", "cache", "seconds_per_epoch", "peak_memory_mb", "peak_memory_kind", "hr@10", "ndcg@10"
+    )
+    _save_csv(df, out_csv)
+    names = df["text encoder"].unique(maintain_order=True).to_list()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for ax, col, label in ((axes[0], "peak_memory_mb", f"peak memory (MiB, {df['peak_memory_kind'][0]})"), (axes[1], "seconds_per_epoch", "s per training epoch")):
+        for off, cache in ((-0.2, "full"), (0.2, "dropped")):
+            part = {r["text encoder"]: r[col] for r in df.filter(pl.col("cache") == cache).iter_rows(named=True)}
+            ax.bar([i + off for i in range(len(names))], [part.get(n, 0) for n in names], 0.4, label=f"{cache} cache")
+        ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.suptitle("Full vs dropped cache per text encoder")
+    _save(fig, out_png)
+    return df
