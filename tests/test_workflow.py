@@ -43,9 +43,7 @@ def test_config_typo_stops_with_the_key_name(root, tmp_path):
 
 def test_demo_workflow_end_to_end(root, tmp_path):
     wd = copy_workflow(root, tmp_path)
-    res = run(
-        SNAKEMAKE + ["results/table7.csv", "results/table6.csv", "--cores", "2", "--configfile", "tests/configs/tiny.yaml"], wd
-    )
+    res = run(SNAKEMAKE + ["--cores", "2", "--configfile", "tests/configs/tiny.yaml"], wd)
     assert res.returncode == 0, res.stderr[-4000:]
     with open(wd / "results/table7.csv") as fh:
         rows = list(csv.DictReader(fh))
@@ -56,13 +54,36 @@ def test_demo_workflow_end_to_end(root, tmp_path):
     assert list(t6) == ["IISAN-VS", "w/o LayerDrop", "w/o gate", "frozen backbone", "w/o inter", "w/o intra"]
     # the same experiment feeds both tables
     assert t6["IISAN-VS"]["hr@10"] == rows[3]["hr@10"]
-    m = json.loads(next((wd / "results/runs/demo").glob("*/iisan/blocks6/seed12345/metrics.json")).read_text())
+    m = json.loads(next((wd / "results/runs/demo").glob("*/iisan/blocks6/dropped/seed12345/metrics.json")).read_text())
     for key in ("valid", "test", "best_epoch", "history", "trainable_params", "time_per_epoch_train_s",
                 "time_per_epoch_with_eval_s", "peak_memory_mb", "device", "seed", "config_hash"):
         assert key in m
     assert m["layers"] == [[0, 2, 4, 6, 8, 10, 12]] * 2
+    # Table IV: one row per text encoder, then the group means
+    with open(wd / "results/table4.csv") as fh:
+        t4 = list(csv.DictReader(fh))
+    assert [r["text encoder"] for r in t4] == ["bert-demo", "bert-large-tiny", "llama-tiny", "llama70b-tiny",
+                                               "mean (PLM)", "mean (base LLM)", "mean (70B)"]
+    assert float(t4[4]["demo hr@10"]) == pytest.approx((float(t4[0]["demo hr@10"]) + float(t4[1]["demo hr@10"])) / 2, abs=0.011)
+    va = json.loads(next((wd / "results/runs/demo").glob("title@llama70b-tiny+image@vit-demo/iisan-va/stride6+blocks6/dropped/seed12345/metrics.json")).read_text())
+    assert va["layers"] == [[0, 5, 20, 35, 50, 65, 80], [0, 2, 4, 6, 8, 10, 12]]
+    manifest = json.loads((wd / "resources/cache/demo/title/llama70b-tiny/manifest.json").read_text())
+    assert manifest["quantization"] == "bnb-4bit" and manifest["pooling"] == "mean"
+    with open(wd / "results/table8.csv") as fh:
+        t8 = [r["selection"] for r in csv.DictReader(fh)]
+    assert t8[:2] == ["text even_top12 / image even_all", "text even_all / image top"]
+    with open(wd / "results/fig7.csv") as fh:
+        f7 = {r["cache"]: r for r in csv.DictReader(fh)}
+    assert set(f7) == {"full", "dropped"}
+    assert f7["full"]["hr@10"] == f7["dropped"]["hr@10"]  # same seed, same states: same result
+    for fig in ("fig4", "fig6", "fig7"):
+        assert (wd / f"results/{fig}.png").read_bytes()[:4] == b"\x89PNG"
+    with open(wd / "results/fig6.csv") as fh:
+        f6 = {r["backbone"]: r for r in csv.DictReader(fh)}
+    assert int(f6["llama70b-tiny"]["computed_full_bytes"]) == 151 * 81 * 32 * 2
+    assert int(f6["llama70b-tiny"]["measured_full_bytes"]) > int(f6["llama70b-tiny"]["measured_dropped_bytes"])
     # nothing to do on a second run
-    res = run(SNAKEMAKE + ["results/table7.csv", "-n", "--configfile", "tests/configs/tiny.yaml"], wd)
+    res = run(SNAKEMAKE + ["-n", "--configfile", "tests/configs/tiny.yaml"], wd)
     assert "Nothing to be done" in res.stdout + res.stderr
 
 
