@@ -14,7 +14,6 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import torch
 from tqdm.auto import tqdm
 
@@ -85,6 +84,48 @@ def _input_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
+def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[np.ndarray], write, np_dtype,
+                   *, images_archive: Path | None = None, desc: str = "cache", progress: bool | None = None) -> None:
+    """Run the backbone over `batches` of item positions and call `write(b, idx, rows)` with
+    the pooled states (len(idx), L+1, d) in `np_dtype`. On CUDA the device-to-host copy of batch
+    b overlaps the forward pass of batch b+1 (pinned buffer, one batch in flight)."""
+    in_dev = _input_device(model)
+    cuda = in_dev.type == "cuda"
+    torch_dtype = getattr(torch, np.dtype(np_dtype).name)
+    pending = None
+
+    def flush(p):
+        b, idx, host, event = p
+        if event is not None:
+            event.synchronize()
+        write(b, idx, host.numpy())
+
+    for b, idx in enumerate(tqdm(batches, desc=desc, disable=None if progress is None else not progress)):
+        chunk = [values[i] for i in idx]
+        with torch.no_grad():
+            if spec.modality == "text":
+                enc = _encode(spec, pre, chunk, in_dev)
+                out = model(**enc, output_hidden_states=True)
+                pooled = _pool(out.hidden_states, spec.pooling, enc.get("attention_mask"))
+            else:
+                imgs = _load_images(images_archive, chunk, spec.image_size)
+                px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
+                out = model(pixel_values=px, output_hidden_states=True)
+                pooled = _pool(out.hidden_states, spec.pooling, None)
+            pooled = pooled.to(torch_dtype)
+            host = torch.empty(pooled.shape, dtype=torch_dtype, pin_memory=cuda)
+            host.copy_(pooled, non_blocking=cuda)
+            event = None
+            if cuda:
+                event = torch.cuda.Event()
+                event.record()
+        if pending is not None:
+            flush(pending)
+        pending = (b, idx, host, event)
+    if pending is not None:
+        flush(pending)
+
+
 def build_cache(
     spec: BackboneSpec,
     model_path: str,
@@ -104,11 +145,12 @@ def build_cache(
     Text is batched by token length. Rows are written into ``cache.npy.partial`` with a record
     of finished items (``cache.done.npy``) every `checkpoint_every` batches, so an interrupted
     run resumes where it stopped; the array is renamed into place when complete."""
+    import polars as pl
+
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     items = pl.read_parquet(items_parquet)
     stats = read_json(Path(items_parquet).with_name("stats.json"))
     model, pre = load_backbone(spec, model_path, dev)
-    in_dev = _input_device(model)
     n = items.height
     num_layers = model.config.num_hidden_layers
     hidden = model.config.hidden_size
@@ -146,24 +188,17 @@ def build_cache(
         write_json(key_path, key)
     todo = order[~done[order]]
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
-    for b, idx in enumerate(tqdm(batches, desc=f"cache {spec.name}/{field}", disable=None if progress is None else not progress)):
-        chunk = [values[i] for i in idx]
-        with torch.no_grad():
-            if spec.modality == "text":
-                enc = _encode(spec, pre, chunk, in_dev)
-                out = model(**enc, output_hidden_states=True)
-                pooled = _pool(out.hidden_states, spec.pooling, enc.get("attention_mask"))
-            else:
-                imgs = _load_images(images_archive, chunk, spec.image_size)
-                px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
-                out = model(pixel_values=px, output_hidden_states=True)
-                pooled = _pool(out.hidden_states, spec.pooling, None)
-        arr[1 + idx] = pooled.float().cpu().numpy().astype(np_dtype)
+
+    def write(b: int, idx: np.ndarray, rows: np.ndarray) -> None:
+        arr[1 + idx] = rows
         done[idx] = True
         if (b + 1) % checkpoint_every == 0:
             arr.flush()
             with atomic_path(done_path, ".npy") as tmp:
                 np.save(tmp, done)
+
+    encode_batches(spec, model, pre, values, batches, write, np_dtype, images_archive=images_archive,
+                   desc=f"cache {spec.name}/{field}", progress=progress)
     arr.flush()
     del arr
     os.replace(partial, out_dir / ARRAY)

@@ -55,10 +55,12 @@ def config_hash(obj: dict) -> str:
 class Trainer:
     """Holds the caches in accelerator (or host) memory; a step is an index gather plus the model."""
 
+    ITEM_CHUNK = 2048  # items per forward pass when embedding every item for evaluation
+
     def __init__(
         self,
         data: SequenceData,
-        caches: list[np.ndarray],  # per field: (N+1, K_f, d_f)
+        caches: list[np.ndarray | torch.Tensor],  # per field: (N+1, K_f, d_f)
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         device: str | None = None,
@@ -72,7 +74,7 @@ class Trainer:
         set_seed(train_cfg.seed)
         self.data = data.to(self.device)
         store = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.caches = [torch.from_numpy(np.asarray(c)).to(self.device, store) for c in caches]
+        self.caches = [(c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c))).to(self.device, store) for c in caches]
         for c in self.caches:
             if c.shape[0] != data.n_items + 1:
                 raise ValueError(f"a cache has {c.shape[0]} rows, the dataset {data.n_items} items + padding")
@@ -164,8 +166,8 @@ class Trainer:
         n = self.caches[0].shape[0]
         out = []
         with self._autocast():
-            for s in range(0, n, 8192):
-                feats = [self._select(c[s : s + 8192], idx) for c, idx in zip(self.caches, self.layer_index)]
+            for s in range(0, n, self.ITEM_CHUNK):
+                feats = [self._select(c[s : s + self.ITEM_CHUNK], idx) for c, idx in zip(self.caches, self.layer_index)]
                 out.append(self.model.items(feats).float())
         return torch.cat(out)
 
