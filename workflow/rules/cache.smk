@@ -37,9 +37,9 @@ rule cache:
         "benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
     threads: 2
     resources:
-        mem_mb=8000,
-        runtime=120,
-        gpu=GPUS,
+        mem_mb=cache_mem_mb,
+        runtime=cache_runtime,
+        gpu=cache_gpus,
     shell:
         "iisan cache --name {wildcards.backbone} --spec {params.spec} {params.standin}"
         " --items {input.item_table:q} --field {wildcards.field} {params.images}"

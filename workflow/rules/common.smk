@@ -234,3 +234,43 @@ def all_targets():
     targets = [table_file(kind) for kind in config["tables"]]
     targets += [f"results/{fig}.png" for fig in config.get("figures", [])]
     return targets
+
+
+# Resource requests derived from the backbone registry (scaled by `attempt` on retries).
+def backbone_weight_gb(name):
+    b = backbone_spec(name)
+    params_b = b.get("params_b") or 0.5
+    bytes_per_param = {"bnb-4bit": 0.55, "gptq": 0.55, "bnb-8bit": 1.1}.get(b.get("quantization"), 2.0)
+    if b.get("dtype", "float32") == "float32" and not b.get("quantization"):
+        bytes_per_param = 4.0
+    return params_b * bytes_per_param
+
+
+def cache_mem_mb(wildcards, attempt):
+    """Host memory to load a backbone: its weights plus 8 GB, more on each retry."""
+    return int((8 + 1.2 * backbone_weight_gb(wildcards.backbone)) * 1024 * attempt)
+
+
+def cache_gpus(wildcards):
+    """GPUs for one backbone: enough 80 GB cards for its weights (device_map='auto' spreads it)."""
+    if GPUS == 0:
+        return 0
+    import math
+
+    return max(GPUS, math.ceil(backbone_weight_gb(wildcards.backbone) * 1.15 / 75))
+
+
+def cache_runtime(wildcards, attempt):
+    return int((30 + 2 * backbone_weight_gb(wildcards.backbone)) * attempt)
+
+
+def train_mem_mb(wildcards, attempt):
+    """Host memory for one training run: the caches it loads (items x states x width x 2 bytes
+    for every tower, full caches when asked) plus 4 GB."""
+    items = config.get("fig6_items", 20825) if config["datasets"] == ["demo"] else 25000
+    total = 0
+    for t in parse_towers(wildcards.towers):
+        b = backbone_spec(t["backbone"])
+        states = b["layers"] + 1 if wildcards.cache == "full" else min(b["layers"] + 1, 25)
+        total += items * states * b["hidden"] * 2
+    return int((4096 + 2 * total / 2**20) * attempt)

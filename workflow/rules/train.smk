@@ -18,7 +18,7 @@ rule train:
         "benchmarks/train/{dataset}/{towers}/{method}/{scheme}/{cache}/seed{seed}.tsv"
     threads: 1
     resources:
-        mem_mb=8000,
+        mem_mb=train_mem_mb,
         runtime=240,
         gpu=GPUS,
     shell:
