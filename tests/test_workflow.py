@@ -22,7 +22,7 @@ SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
 
 def copy_workflow(root: Path, dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "profiles", "tests"):
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "tests"):
         src = root / name
         (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
     return dest

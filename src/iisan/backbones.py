@@ -5,7 +5,8 @@ A registry entry (config key ``backbones``) maps a short name to:
 a Python package, or ``demo`` for a generated stand-in), ``family`` (bert | vit | llama | mistral
 | gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
 dtype), ``pooling`` (cls | mean | masked_mean | last), ``quantization`` (none | bnb-4bit |
-bnb-8bit | gptq).
+bnb-8bit | gptq | 4bit, which means gptq where the gptq extra is installed and bnb-4bit
+otherwise).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ FAMILIES = {
     "mixtral": "text",
 }
 DECODERS = {"llama", "mistral", "gemma", "mixtral"}
-QUANTIZATIONS = {None, "none", "bnb-4bit", "bnb-8bit", "gptq"}
+QUANTIZATIONS = {None, "none", "bnb-4bit", "bnb-8bit", "gptq", "4bit"}
 GPTQ_HINT = (
     "GPTQ checkpoints need the optional extra: pip install -e '.[gptq]' "
     "(or the conda environment envs/gptq.yaml); its pins clash with the SLURM plugin, so it "
@@ -72,6 +73,8 @@ class BackboneSpec:
             raise ValueError(f"backbones.{name}.quantization: unknown {spec.quantization!r} (none, bnb-4bit, bnb-8bit, gptq)")
         if spec.quantization == "none":
             spec.quantization = None
+        elif spec.quantization == "4bit":  # GPTQ where the gptq extra is installed, bitsandbytes otherwise
+            spec.quantization = "gptq" if importlib.util.find_spec("gptqmodel") else "bnb-4bit"
         return spec
 
     @property

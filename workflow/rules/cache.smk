@@ -8,6 +8,8 @@ rule build_standin:
         "resources/backbones/{backbone}/config.json",
     params:
         spec=lambda wildcards: spec_json(wildcards.backbone),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/backbones/{backbone}.log",
     threads: 1
@@ -31,6 +33,8 @@ rule cache:
         images=images_arg,
         store_dtype=config["cache"]["dtype"],
         batch_size=config["cache"]["batch_size"],
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/cache/{dataset}/{field}/{backbone}.log",
     benchmark:
@@ -55,6 +59,8 @@ rule prune:
         manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/manifest.json",
     params:
         layers=scheme_indices,
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/cache/{dataset}/{field}/{backbone}/prune-{tscheme}.log",
     threads: 1

@@ -166,10 +166,8 @@ def experiment_json(wildcards):
 
 def run_path(dataset, row, seed):
     scheme = "last" if row["method"] == "frozen" else row["scheme"]
-    return (
-        f"results/runs/{dataset}/{towers_id(row['towers'])}/{row['method']}/{scheme}/{row.get('cache', 'dropped')}"
-        f"/seed{seed}/metrics.json"
-    )
+    parts = [dataset, towers_id(row["towers"]), row["method"], scheme, row.get("cache", "dropped"), f"seed{seed}"]
+    return "/".join(["results/runs", *parts, "metrics.json"])
 
 
 def plan_runs(kind):
@@ -240,7 +238,7 @@ def all_targets():
 def backbone_weight_gb(name):
     b = backbone_spec(name)
     params_b = b.get("params_b") or 0.5
-    bytes_per_param = {"bnb-4bit": 0.55, "gptq": 0.55, "bnb-8bit": 1.1}.get(b.get("quantization"), 2.0)
+    bytes_per_param = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}.get(b.get("quantization"), 2.0)
     if b.get("dtype", "float32") == "float32" and not b.get("quantization"):
         bytes_per_param = 4.0
     return params_b * bytes_per_param

@@ -10,6 +10,8 @@ rule generate_demo:
         dataset=datasets_of_kind("demo"),
     params:
         spec=lambda wildcards: shlex.quote(json.dumps(dataset_source(wildcards.dataset).get("demo", {}))),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/data/{dataset}/generate.log",
     threads: 1
@@ -31,6 +33,8 @@ rule fetch_amazon:
         sha256=fetch_sha256,
         mirror=config.get("mirror") or "",
         base_url=config["download_url"],
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/data/{dataset}/fetch_{kind}.log",
     threads: 1
@@ -56,6 +60,8 @@ rule preprocess:
         bad_lines=config["bad_lines"],
         min_interactions=config["preprocess"]["min_interactions"],
         window=config["preprocess"]["window"],
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/data/{dataset}/preprocess.log",
     threads: 1

@@ -15,6 +15,8 @@ rule table:
     params:
         kind=table_kind,
         rows=table_rows_json,
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/tables/{table}.log",
     threads: 1
@@ -32,6 +34,8 @@ rule fig4:
         report("results/fig4.png", caption="../report/fig4.rst", category="Figures"),
     params:
         rows=plan_rows_json("table4"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig4.log",
     threads: 1
@@ -52,6 +56,8 @@ rule fig6:
         backbones=fig6_backbones_json(),
         n_items=config.get("fig6_items", 20825),
         demo="--demo" if config.get("fig6_demo", True) else "",
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig6.log",
     threads: 1
@@ -71,6 +77,8 @@ rule fig7:
         csv="results/fig7.csv",
     params:
         rows=plan_rows_json("fig7"),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig7.log",
     threads: 1

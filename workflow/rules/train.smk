@@ -12,6 +12,8 @@ rule train:
         experiment=experiment_json,
         experiment_arg=lambda wildcards: shlex.quote(json.dumps(experiment_json(wildcards))),
         cache_dirs=lambda wildcards, input: " ".join(shlex.quote(os.path.dirname(c)) for c in input.caches),
+    conda:
+        "../../envs/iisan.yaml"
     log:
         "logs/train/{dataset}/{towers}/{method}/{scheme}/{cache}/seed{seed}.log",
     benchmark:
