@@ -237,7 +237,10 @@ def all_targets():
 # Resource requests derived from the backbone registry (scaled by `attempt` on retries).
 def backbone_weight_gb(name):
     b = backbone_spec(name)
-    params_b = b.get("params_b") or 0.5
+    if b["source"] == "demo":  # a stand-in: about 12 L d^2 parameters (its params_b is the real model's)
+        params_b = 12 * b["layers"] * b["hidden"] ** 2 * (b.get("experts", 1)) / 1e9
+    else:
+        params_b = b.get("params_b") or 0.5
     bytes_per_param = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}.get(b.get("quantization"), 2.0)
     if b.get("dtype", "float32") == "float32" and not b.get("quantization"):
         bytes_per_param = 4.0

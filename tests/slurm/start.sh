@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Start a single-node SLURM (slurmctld + slurmd + munge) on this machine for the tests.
+# Usage: tests/slurm/start.sh STATE_DIR   (prints `export SLURM_CONF=...` on success)
+# Needs root and the Debian packages slurm-wlm and munge (installed when missing).
+# A fake GPU (gres.conf with File=/dev/null) lets rules that declare `gpu` be scheduled.
+set -euo pipefail
+STATE=${1:?usage: start.sh STATE_DIR}
+mkdir -p "$STATE"
+STATE=$(cd "$STATE" && pwd)
+if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
+  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >"$STATE/apt.log" 2>&1
+fi
+HOST=$(hostname -s)
+CPUS=$(nproc)
+MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+
+# munge: its own key and socket under STATE
+mkdir -p "$STATE/munge" && chmod 700 "$STATE/munge"
+[ -f "$STATE/munge/munge.key" ] || dd if=/dev/urandom of="$STATE/munge/munge.key" bs=1024 count=1 status=none
+chmod 400 "$STATE/munge/munge.key"
+munged --force --key-file="$STATE/munge/munge.key" --socket="$STATE/munge/munge.socket" \
+  --pid-file="$STATE/munge/munged.pid" --log-file="$STATE/munge/munged.log" --seed-file="$STATE/munge/seed"
+
+mkdir -p "$STATE/spool/ctld" "$STATE/spool/d" "$STATE/log"
+cat >"$STATE/slurm.conf" <<CONF
+ClusterName=iisan-test
+SlurmctldHost=$HOST
+SlurmUser=root
+AuthType=auth/munge
+AuthInfo=socket=$STATE/munge/munge.socket
+CredType=cred/munge
+StateSaveLocation=$STATE/spool/ctld
+SlurmdSpoolDir=$STATE/spool/d
+SlurmctldPidFile=$STATE/slurmctld.pid
+SlurmdPidFile=$STATE/slurmd.pid
+SlurmctldLogFile=$STATE/log/slurmctld.log
+SlurmdLogFile=$STATE/log/slurmd.log
+SlurmctldPort=16817
+SlurmdPort=16818
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+MpiDefault=none
+SwitchType=switch/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core_Memory
+GresTypes=gpu
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+ReturnToService=2
+MinJobAge=600
+SchedulerType=sched/backfill
+NodeName=$HOST CPUs=$CPUS RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
+PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+CONF
+cat >"$STATE/gres.conf" <<CONF
+NodeName=$HOST Name=gpu File=/dev/null
+CONF
+export SLURM_CONF="$STATE/slurm.conf"
+slurmctld -c -f "$SLURM_CONF"
+slurmd -f "$SLURM_CONF"
+for _ in $(seq 1 30); do
+  if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed"; then
+    echo "export SLURM_CONF=$SLURM_CONF"
+    exit 0
+  fi
+  sleep 1
+done
+echo "SLURM did not come up; logs in $STATE/log" >&2
+sinfo >&2 || true
+exit 1
