@@ -6,16 +6,16 @@ rule build_standin:
         titles=f"resources/{config['standin_corpus']}/items.parquet",
     output:
         "resources/backbones/{backbone}/config.json",
-    params:
-        spec=lambda wildcards: spec_json(wildcards.backbone),
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/backbones/{backbone}.log",
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=2000,
         runtime=10,
+    params:
+        spec=lambda wildcards: spec_json(wildcards.backbone),
     shell:
         "iisan standin --name {wildcards.backbone} --spec {params.spec} --titles {input.titles:q}"
         " --out resources/backbones/{wildcards.backbone} > {log} 2>&1"
@@ -27,23 +27,23 @@ rule cache:
     output:
         array="resources/cache/{dataset}/{field}/{backbone}/cache.npy",
         manifest="resources/cache/{dataset}/{field}/{backbone}/manifest.json",
+    log:
+        "logs/cache/{dataset}/{field}/{backbone}.log",
+    benchmark:
+        "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 2
+    resources:
+        mem_mb=cache_mem_mb,
+        runtime=cache_runtime,
+        gpu=cache_gpus,
     params:
         spec=lambda wildcards: spec_json(wildcards.backbone),
         standin=standin_arg,
         images=images_arg,
         store_dtype=config["cache"]["dtype"],
         batch_size=config["cache"]["batch_size"],
-    conda:
-        "../../envs/iisan.yaml"
-    log:
-        "logs/cache/{dataset}/{field}/{backbone}.log",
-    benchmark:
-        "benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
-    threads: 2
-    resources:
-        mem_mb=cache_mem_mb,
-        runtime=cache_runtime,
-        gpu=cache_gpus,
     shell:
         "iisan cache --name {wildcards.backbone} --spec {params.spec} {params.standin}"
         " --items {input.item_table:q} --field {wildcards.field} {params.images}"
@@ -57,16 +57,16 @@ rule prune:
     output:
         array="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/cache.npy",
         manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/manifest.json",
-    params:
-        layers=scheme_indices,
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/cache/{dataset}/{field}/{backbone}/prune-{tscheme}.log",
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=8000,
         runtime=20,
+    params:
+        layers=scheme_indices,
     shell:
         "iisan prune --src resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}"
         " --layers {params.layers} --out resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}/pruned-{wildcards.tscheme}"

@@ -77,7 +77,9 @@ def parse_towers(towers):
     for part in towers.split("+"):
         field, sep, backbone = part.partition("@")
         if not sep:
-            raise ValueError(f"towers {towers!r}: expected field@backbone parts joined by '+'")
+            raise ValueError(
+                f"towers {towers!r}: expected field@backbone parts joined by '+'"
+            )
         out.append({"field": field, "backbone": backbone})
     return out
 
@@ -126,18 +128,29 @@ def cache_inputs(wildcards):
     if spec["source"] == "demo":
         inputs["standin"] = f"{standin_folder(wildcards.backbone)}/config.json"
     if spec["modality"] == "image":
-        inputs.update({k: v for k, v in preprocess_inputs(wildcards).items() if k == "images"})
+        inputs.update(
+            {k: v for k, v in preprocess_inputs(wildcards).items() if k == "images"}
+        )
     return inputs
 
 
 def standin_arg(wildcards, input):
-    return f"--standin {shlex.quote(os.path.dirname(input.standin))}" if "standin" in input.keys() else ""
+    return (
+        f"--standin {shlex.quote(os.path.dirname(input.standin))}"
+        if "standin" in input.keys()
+        else ""
+    )
 
 
 def scheme_indices(wildcards):
     """Hidden-state indices that one tower's scheme keeps (for the prune rule)."""
     layers = backbone_spec(wildcards.backbone)["layers"]
-    return ",".join(map(str, scheme_layers(wildcards.tscheme, layers, config.get("include_h0", True))))
+    return ",".join(
+        map(
+            str,
+            scheme_layers(wildcards.tscheme, layers, config.get("include_h0", True)),
+        )
+    )
 
 
 def train_caches(wildcards):
@@ -148,7 +161,11 @@ def train_caches(wildcards):
     out = []
     for t, s in zip(towers, schemes):
         base = f"resources/cache/{wildcards.dataset}/{t['field']}/{t['backbone']}"
-        out.append(f"{base}/manifest.json" if wildcards.cache == "full" else f"{base}/pruned-{s}/manifest.json")
+        out.append(
+            f"{base}/manifest.json"
+            if wildcards.cache == "full"
+            else f"{base}/pruned-{s}/manifest.json"
+        )
     return out
 
 
@@ -166,7 +183,14 @@ def experiment_json(wildcards):
 
 def run_path(dataset, row, seed):
     scheme = "last" if row["method"] == "frozen" else row["scheme"]
-    parts = [dataset, towers_id(row["towers"]), row["method"], scheme, row.get("cache", "dropped"), f"seed{seed}"]
+    parts = [
+        dataset,
+        towers_id(row["towers"]),
+        row["method"],
+        scheme,
+        row.get("cache", "dropped"),
+        f"seed{seed}",
+    ]
     return "/".join(["results/runs", *parts, "metrics.json"])
 
 
@@ -177,7 +201,12 @@ def plan_runs(kind):
         for row in table_plan(kind, config):
             for seed in config["seeds"]:
                 desc = {k: v for k, v in row.items() if k != "towers"}
-                out.append((dict(desc, dataset=dataset, seed=seed), run_path(dataset, row, seed)))
+                out.append(
+                    (
+                        dict(desc, dataset=dataset, seed=seed),
+                        run_path(dataset, row, seed),
+                    )
+                )
     return out
 
 
@@ -204,7 +233,15 @@ def plan_rows_json(kind):
 
 
 def table_names():
-    return "|".join(["table4", "table6", "table7", "table8", re.escape(config.get("methods_table", "methods"))])
+    return "|".join(
+        [
+            "table4",
+            "table6",
+            "table7",
+            "table8",
+            re.escape(config.get("methods_table", "methods")),
+        ]
+    )
 
 
 def table_file(kind):
@@ -220,7 +257,9 @@ def fig6_caches(wildcards):
             schemes = tower_schemes(row["scheme"], len(row["towers"]))
             for t, s in zip(row["towers"], schemes):
                 base = f"resources/cache/{dataset}/{t['field']}/{t['backbone']}"
-                out.update({f"{base}/manifest.json", f"{base}/pruned-{s}/manifest.json"})
+                out.update(
+                    {f"{base}/manifest.json", f"{base}/pruned-{s}/manifest.json"}
+                )
     return sorted(out)
 
 
@@ -237,11 +276,18 @@ def all_targets():
 # Resource requests derived from the backbone registry (scaled by `attempt` on retries).
 def backbone_weight_gb(name):
     b = backbone_spec(name)
-    if b["source"] == "demo":  # a stand-in: about 12 L d^2 parameters (its params_b is the real model's)
+    if (
+        b["source"] == "demo"
+    ):  # a stand-in: about 12 L d^2 parameters (its params_b is the real model's)
         params_b = 12 * b["layers"] * b["hidden"] ** 2 * (b.get("experts", 1)) / 1e9
     else:
         params_b = b.get("params_b") or 0.5
-    bytes_per_param = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}.get(b.get("quantization"), 2.0)
+    bytes_per_param = {
+        "bnb-4bit": 0.55,
+        "gptq": 0.55,
+        "4bit": 0.55,
+        "bnb-8bit": 1.1,
+    }.get(b.get("quantization"), 2.0)
     if b.get("dtype", "float32") == "float32" and not b.get("quantization"):
         bytes_per_param = 4.0
     return params_b * bytes_per_param
@@ -272,6 +318,8 @@ def train_mem_mb(wildcards, attempt):
     total = 0
     for t in parse_towers(wildcards.towers):
         b = backbone_spec(t["backbone"])
-        states = b["layers"] + 1 if wildcards.cache == "full" else min(b["layers"] + 1, 25)
+        states = (
+            b["layers"] + 1 if wildcards.cache == "full" else min(b["layers"] + 1, 25)
+        )
         total += items * states * b["hidden"] * 2
     return int((4096 + 2 * total / 2**20) * attempt)

@@ -10,19 +10,19 @@ rule table:
             caption="../report/table.rst",
             category="Tables",
         ),
-    wildcard_constraints:
-        table=table_names(),
-    params:
-        kind=table_kind,
-        rows=table_rows_json,
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/tables/{table}.log",
+    wildcard_constraints:
+        table=table_names(),
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        kind=table_kind,
+        rows=table_rows_json,
     shell:
         "iisan table --kind {params.kind} --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
 
@@ -32,16 +32,16 @@ rule fig4:
         plan_metrics("table4"),
     output:
         report("results/fig4.png", caption="../report/fig4.rst", category="Figures"),
-    params:
-        rows=plan_rows_json("table4"),
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig4.log",
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        rows=plan_rows_json("table4"),
     shell:
         "iisan figure --kind fig4 --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
 
@@ -52,18 +52,18 @@ rule fig6:
     output:
         png=report("results/fig6.png", caption="../report/fig6.rst", category="Figures"),
         csv="results/fig6.csv",
-    params:
-        backbones=fig6_backbones_json(),
-        n_items=config.get("fig6_items", 20825),
-        demo="--demo" if config.get("fig6_demo", True) else "",
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig6.log",
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        backbones=fig6_backbones_json(),
+        n_items=config.get("fig6_items", 20825),
+        demo="--demo" if config.get("fig6_demo", True) else "",
     shell:
         "iisan figure --kind fig6 --backbones {params.backbones} --items {params.n_items} {params.demo}"
         " --metrics {input} --out {output.png:q} > {log} 2>&1"
@@ -75,15 +75,15 @@ rule fig7:
     output:
         png=report("results/fig7.png", caption="../report/fig7.rst", category="Figures"),
         csv="results/fig7.csv",
-    params:
-        rows=plan_rows_json("fig7"),
-    conda:
-        "../../envs/iisan.yaml"
     log:
         "logs/figures/fig7.log",
+    conda:
+        "../../envs/iisan.yaml"
     threads: 1
     resources:
         mem_mb=1000,
         runtime=5,
+    params:
+        rows=plan_rows_json("fig7"),
     shell:
         "iisan figure --kind fig7 --rows {params.rows} --metrics {input} --out {output.png:q} > {log} 2>&1"
