@@ -33,7 +33,7 @@ rule cache:
         "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
     conda:
         "../../envs/iisan.yaml"
-    threads: 2
+    threads: cache_threads
     resources:
         mem_mb=cache_mem_mb,
         runtime=cache_runtime,

@@ -307,6 +307,11 @@ def cache_gpus(wildcards):
     return max(GPUS, math.ceil(backbone_weight_gb(wildcards.backbone) * 1.15 / 75))
 
 
+def cache_threads(wildcards):
+    """Stand-ins are tiny: one thread each lets two run side by side on a small CPU."""
+    return 1 if backbone_spec(wildcards.backbone)["source"] == "demo" else 4
+
+
 def cache_runtime(wildcards, attempt):
     return int((30 + 2 * backbone_weight_gb(wildcards.backbone)) * attempt)
 
