@@ -222,20 +222,37 @@ def _bnb_config(spec: BackboneSpec):
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_compute_dtype=compute, bnb_4bit_quant_type="nf4")
 
 
+def _word_counts(texts: list[str], pre_tokenizer, lowercase: bool) -> list[str]:
+    """Distinct words of `texts`, most frequent first, ties by the word itself (deterministic:
+    the `tokenizers` trainers are multi-threaded and break ties differently run to run)."""
+    from collections import Counter
+
+    counts: Counter = Counter()
+    for t in texts:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(t.lower() if lowercase else t))
+    return [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+
+
 def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A BERT WordPiece tokenizer trained offline on `texts` (for demo stand-ins)."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+    """A BERT WordPiece tokenizer for demo stand-ins, built offline and deterministically from
+    `texts`: special tokens, every character (alone and as a ##continuation), then whole words
+    by frequency."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import BertTokenizerFast
 
     special = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    pre = pre_tokenizers.BertPreTokenizer()
+    words = _word_counts(texts, pre, lowercase=True)
+    chars = sorted({c for w in words for c in w})
+    vocab = special + chars + [f"##{c}" for c in chars]
+    vocab += [w for w in words if w not in set(vocab)][: max(0, vocab_size - len(vocab))]
+    tok = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
     tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=special))
+    tok.pre_tokenizer = pre
     tok.post_processor = processors.TemplateProcessing(
         single="[CLS] $A [SEP]",
         pair="[CLS] $A [SEP] $B [SEP]",
-        special_tokens=[("[CLS]", tok.token_to_id("[CLS]")), ("[SEP]", tok.token_to_id("[SEP]"))],
+        special_tokens=[("[CLS]", 2), ("[SEP]", 3)],
     )
     return BertTokenizerFast(
         tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
@@ -243,18 +260,17 @@ def train_wordpiece_tokenizer(texts: list[str], vocab_size: int = 2000):
 
 
 def train_bpe_tokenizer(texts: list[str], vocab_size: int = 2000):
-    """A byte-level BPE tokenizer for decoder stand-ins: <pad> = 0, <s> = 1 (prepended), </s> = 2."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    """A word-level tokenizer for decoder stand-ins, built deterministically from `texts`:
+    <pad> = 0, <s> = 1 (prepended to every title), </s> = 2, <unk> = 3, then words by frequency."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
     special = ["<pad>", "<s>", "</s>", "<unk>"]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        texts,
-        trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=special, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()),
-    )
+    pre = pre_tokenizers.Whitespace()
+    words = _word_counts(texts, pre, lowercase=False)
+    vocab = special + words[: max(0, vocab_size - len(special))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 

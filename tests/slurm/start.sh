@@ -56,6 +56,14 @@ cat >"$STATE/gres.conf" <<CONF
 NodeName=$HOST Name=gpu File=/dev/null
 CONF
 export SLURM_CONF="$STATE/slurm.conf"
+# Job steps (srun inside a batch job) read the default location, not SLURM_CONF: install the
+# files there, keeping any existing ones (tests/slurm/stop.sh puts them back).
+mkdir -p /etc/slurm
+for f in slurm.conf gres.conf; do
+  if [ -e "/etc/slurm/$f" ] && [ ! -e "$STATE/orig.$f" ]; then cp -p "/etc/slurm/$f" "$STATE/orig.$f"; fi
+  cp "$STATE/$f" "/etc/slurm/$f"
+done
+echo "$STATE" >/etc/slurm/.iisan-test-state
 slurmctld -c -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 1 30); do
