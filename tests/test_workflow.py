@@ -82,6 +82,12 @@ def test_demo_workflow_end_to_end(root, tmp_path):
         f6 = {r["backbone"]: r for r in csv.DictReader(fh)}
     assert int(f6["llama70b-tiny"]["computed_full_bytes"]) == 151 * 81 * 32 * 2
     assert int(f6["llama70b-tiny"]["measured_full_bytes"]) > int(f6["llama70b-tiny"]["measured_dropped_bytes"])
+    # the HTML report lists every table and figure
+    res = run(SNAKEMAKE + ["--configfile", "tests/configs/tiny.yaml", "--report", "report.html"], wd)
+    assert res.returncode == 0, res.stderr[-2000:]
+    html = (wd / "report.html").read_text(errors="replace")
+    for name in ("table4.csv", "table6.csv", "table7.csv", "table8.csv", "fig4.png", "fig6.png", "fig7.png"):
+        assert name in html
     # nothing to do on a second run
     res = run(SNAKEMAKE + ["-n", "--configfile", "tests/configs/tiny.yaml"], wd)
     assert "Nothing to be done" in res.stdout + res.stderr
