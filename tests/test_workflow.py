@@ -1,6 +1,7 @@
 """The Snakemake workflow end to end on a tiny config, in a temporary copy of the repository."""
 
 import csv
+import re
 import json
 import shutil
 import subprocess
@@ -88,9 +89,18 @@ def test_demo_workflow_end_to_end(root, tmp_path):
     html = (wd / "report.html").read_text(errors="replace")
     for name in ("table4.csv", "table6.csv", "table7.csv", "table8.csv", "fig4.png", "fig6.png", "fig7.png"):
         assert name in html
-    # nothing to do on a second run
+    # nothing to do on a second run, nor when only a speed knob changes
     res = run(SNAKEMAKE + ["-n", "--configfile", "tests/configs/tiny.yaml"], wd)
     assert "Nothing to be done" in res.stdout + res.stderr
+    (wd / "speed.yaml").write_text("speed: {eval_batch: 7, cuda_graphs: false}\n")
+    res = run(SNAKEMAKE + ["-n", "--configfile", "tests/configs/tiny.yaml", "speed.yaml"], wd)
+    assert "Nothing to be done" in res.stdout + res.stderr
+    # a hyper-parameter change reruns exactly the experiments it touches: Table VII's five runs
+    (wd / "no_h0.yaml").write_text("include_h0: false\n")
+    res = run(SNAKEMAKE + ["results/table7.csv", "-n", "--configfile", "tests/configs/tiny.yaml", "no_h0.yaml"], wd)
+    out = res.stdout + res.stderr
+    stats = out[out.index("Job stats"):]
+    assert re.search(r"^train\s+5$", stats, re.M) and re.search(r"^table\s+1$", stats, re.M), stats
 
 
 def test_demo_structure_is_learnable(root, tmp_path):
