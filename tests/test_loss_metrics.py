@@ -1,7 +1,6 @@
 import math
 
 import torch
-import torch.nn.functional as F
 
 from iisan.loss import inbatch_debiased_ce
 from iisan.metrics import hr_ndcg, rank_of_target

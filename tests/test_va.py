@@ -9,10 +9,9 @@ import torch
 import yaml
 
 from iisan.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
-from iisan.cache import build_cache, load_cache, prune_cache
+from iisan.cache import build_cache, prune_cache
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
-from iisan.data.sequences import load_sequences
 from iisan.experiment import run_experiment
 from iisan.layerdrop import SchemeError, scheme_layers, tower_schemes
 from iisan.model import ItemEncoder, ModelConfig

@@ -10,7 +10,6 @@ import io
 import logging
 import os
 import zipfile
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -200,7 +199,6 @@ def build_cache(
     encode_batches(spec, model, pre, values, batches, write, np_dtype, images_archive=images_archive,
                    desc=f"cache {spec.name}/{field}", progress=progress)
     arr.flush()
-    del arr
     os.replace(partial, out_dir / ARRAY)
     done_path.unlink(missing_ok=True)
     key_path.unlink(missing_ok=True)

@@ -11,8 +11,7 @@ import platform
 import random
 import resource
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass
 
 import numpy as np
 import torch
