@@ -124,3 +124,11 @@ def test_demo_is_deterministic_and_small(tmp_path):
         assert len(zf.namelist()) == 100
     stats = preprocess(a["items"], a["users"], tmp_path / "p", images=a["images"])
     assert stats["users"] > 100 and stats["blank_images"] == 0
+
+
+def test_crlf_lines_are_repaired_and_counted(tmp_path):
+    items, users = _tiny(tmp_path, "".join(f"I{i}\ttitle {i}\r\n" for i in range(1, 21)))
+    stats = preprocess(items, users, tmp_path / "out")
+    assert stats["repaired_lines"] == 20 and stats["skipped_lines"] == 0
+    titles = pl.read_parquet(tmp_path / "out/items.parquet")["title"].to_list()
+    assert not any(t.endswith("\r") for t in titles)

@@ -43,30 +43,31 @@ def _bad(policy: str, where: str, what: str, counters: Counters) -> None:
         )
 
 
-def _lines(path: Path):
+def _records(path: Path, policy: str, counters: Counters, names: str):
+    """(where, key, value) for each line of a two-column TSV; CRLF endings are repaired and
+    counted, empty lines and wrong field counts are errors (or skipped and counted)."""
     with open(path, encoding="utf-8", newline="") as fh:
         for lineno, raw in enumerate(fh, start=1):
+            where = f"{path}:{lineno}"
             line = raw.rstrip("\n")
-            yield lineno, raw, line
+            if line.endswith("\r"):
+                line = line[:-1]
+                counters.repaired_lines.append(f"{where}: CRLF line ending")
+            if not line.strip():
+                _bad(policy, where, "empty line", counters)
+                continue
+            parts = line.split("\t")
+            if len(parts) != 2:
+                _bad(policy, where, f"expected 2 tab-separated fields ({names}), found {len(parts)}", counters)
+                continue
+            yield where, parts[0].strip(), parts[1]
 
 
 def read_items(path: Path, policy: str = "error", counters: Counters | None = None) -> dict[str, str]:
     """item_id -> title, in file order."""
     counters = counters or Counters()
     items: dict[str, str] = {}
-    for lineno, raw, line in _lines(path):
-        where = f"{path}:{lineno}"
-        if line.endswith("\r"):
-            line = line[:-1]
-            counters.repaired_lines.append(f"{where}: CRLF line ending")
-        if not line.strip():
-            _bad(policy, where, "empty line", counters)
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            _bad(policy, where, f"expected 2 tab-separated fields (item_id, title), found {len(parts)}", counters)
-            continue
-        item_id, title = parts[0].strip(), parts[1]
+    for where, item_id, title in _records(path, policy, counters, "item_id, title"):
         if not item_id:
             _bad(policy, where, "empty item id", counters)
             continue
@@ -88,19 +89,7 @@ def read_users(
     counters = counters or Counters()
     users: list[tuple[str, list[str]]] = []
     seen: set[str] = set()
-    for lineno, raw, line in _lines(path):
-        where = f"{path}:{lineno}"
-        if line.endswith("\r"):
-            line = line[:-1]
-            counters.repaired_lines.append(f"{where}: CRLF line ending")
-        if not line.strip():
-            _bad(policy, where, "empty line", counters)
-            continue
-        parts = line.split("\t")
-        if len(parts) != 2:
-            _bad(policy, where, f"expected 2 tab-separated fields (user_id, items), found {len(parts)}", counters)
-            continue
-        user_id, seq_text = parts[0].strip(), parts[1]
+    for where, user_id, seq_text in _records(path, policy, counters, "user_id, items"):
         seq = seq_text.split()
         if seq != seq_text.split(" "):
             counters.repaired_lines.append(f"{where}: irregular whitespace in the item list")
