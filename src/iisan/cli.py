@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import zlib
 from pathlib import Path
 
 log = logging.getLogger("iisan")
@@ -57,7 +58,10 @@ def cmd_standin(a):
 
     spec = BackboneSpec.from_config(a.name, json.loads(a.spec))
     titles = pl.read_parquet(a.titles)["title"].to_list() if a.titles else None
-    build_standin(spec, Path(a.out), titles, seed=a.seed)
+    # each stand-in gets its own weights (two registry entries with the same shape, e.g. the
+    # Llama-2 and Llama-3 stand-ins, must not be the same model)
+    seed = a.seed if a.seed is not None else zlib.crc32(a.name.encode()) % 2**31
+    build_standin(spec, Path(a.out), titles, seed=seed)
 
 
 def cmd_cache(a):
@@ -136,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--spec", required=True, help="JSON registry entry")
     s.add_argument("--titles", default="", help="items.parquet whose titles train the tokenizer")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--seed", type=int, default=None, help="default: derived from the name")
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_standin)
 
