@@ -12,3 +12,10 @@ def test_rule_files_are_snakefmt_formatted(root):
         pytest.fail("snakefmt is not installed (pip install -e '.[test]')")
     res = subprocess.run([exe, "--check", "Snakefile", "workflow/"], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr + res.stdout
+
+
+def test_snakemake_lint_is_clean(root):
+    res = subprocess.run([shutil.which("snakemake") or "snakemake", "--lint"], cwd=root, capture_output=True, text=True)
+    out = res.stdout + res.stderr
+    assert "Lints for" not in out, out[-3000:]
+    assert "good condition" in out

@@ -84,7 +84,7 @@ def cmd_train(a):
     from .experiment import run_experiment
 
     run_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out), device=a.device,
-                   speed=json.loads(a.speed))
+                   speed={**json.loads(a.speed), **{k: v for k, v in (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch)) if v is not None}})
 
 
 def cmd_table(a):
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True, help="metrics.json to write")
     s.add_argument("--device", default=None)
     s.add_argument("--speed", default="{}", help="JSON of speed-only TrainConfig fields (cuda_graphs, eval_batch)")
+    s.add_argument("--cuda-graphs", type=lambda v: bool(int(v)), default=None, help="1/0: capture the training step as a CUDA graph")
+    s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
     s.add_argument("--threads", type=int, default=0)
     s.set_defaults(fn=cmd_train)
 

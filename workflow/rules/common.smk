@@ -33,8 +33,9 @@ def _gpus_per_job():
 # GPUs each GPU rule asks for (0 on a machine without CUDA, so CPU runs are not serialised).
 GPUS = _gpus_per_job()
 
-# Speed knobs change how fast, not what is computed: passed to the rules outside `params`.
-SPEED_JSON = shlex.quote(json.dumps(config.get("speed", {})))
+# Speed knobs change how fast, not what is computed: they reach the train rule as integer
+# `resources` (which never trigger a rerun), not as `params`.
+SPEED = {"cuda_graphs": True, "eval_batch": 1024, **config.get("speed", {})}
 
 
 def dataset_source(dataset):
@@ -191,7 +192,7 @@ def run_path(dataset, row, seed):
         row.get("cache", "dropped"),
         f"seed{seed}",
     ]
-    return "/".join(["results/runs", *parts, "metrics.json"])
+    return os.path.join("results", "runs", *parts, "metrics.json")
 
 
 def plan_runs(kind):

@@ -17,6 +17,8 @@ rule train:
     resources:
         mem_mb=train_mem_mb,
         runtime=240,
+        speed_cuda_graphs=int(SPEED["cuda_graphs"]),
+        speed_eval_batch=SPEED["eval_batch"],
         gpu=GPUS,
     params:
         # result-affecting hyper-parameters: a change reruns exactly the experiments it touches
@@ -29,4 +31,4 @@ rule train:
         ),
     shell:
         "iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
-        " --caches {params.cache_dirs} --speed {SPEED_JSON} --threads {threads} --out {output:q} > {log} 2>&1"
+        " --caches {params.cache_dirs} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"
