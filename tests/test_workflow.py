@@ -126,3 +126,13 @@ def test_demo_structure_is_learnable(root, tmp_path):
     result = Trainer(data, caches, ModelConfig(), TrainConfig(**train)).fit(progress=False)
     pop = popularity_baseline(data, "test")
     assert result["test"]["hr@10"] > 1.25 * pop["hr@10"], (result["test"], pop)
+
+
+def test_amazon_minilm_config_plans_only_its_own_jobs(root, tmp_path, mirror):
+    wd = copy_workflow(root, tmp_path)
+    res = run(SNAKEMAKE + ["-n", "--configfile", "config/amazon-minilm.yaml", "--config", f"mirror={mirror}"], wd)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    stats = out[out.index("Job stats"):]
+    assert re.search(r"^train\s+2$", stats, re.M) and re.search(r"^cache\s+1$", stats, re.M), stats
+    assert "build_standin" not in stats and "results/amazon-minilm.csv" in out
