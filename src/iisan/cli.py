@@ -80,11 +80,29 @@ def cmd_prune(a):
     prune_cache(Path(a.src), Path(a.out), [int(x) for x in a.layers.split(",")])
 
 
+def _speed(a) -> dict:
+    return {**json.loads(a.speed), **{k: v for k, v in (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch)) if v is not None}}
+
+
 def cmd_train(a):
     from .experiment import run_experiment
 
     run_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out), device=a.device,
-                   speed={**json.loads(a.speed), **{k: v for k, v in (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch)) if v is not None}})
+                   speed=_speed(a), backbones=json.loads(a.backbones) if a.backbones else None, images=a.images or None)
+
+
+def cmd_profile(a):
+    from .experiment import profile_experiment
+
+    profile_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out),
+                       batch_size=a.batch_size, steps=a.steps, device=a.device, speed=_speed(a),
+                       backbones=json.loads(a.backbones) if a.backbones else None, images=a.images or None)
+
+
+def cmd_efficiency(a):
+    from .tables import build_efficiency
+
+    build_efficiency(json.loads(a.rows), [Path(m) for m in a.profiles], Path(a.out), Path(a.figure) if a.figure else None)
 
 
 def cmd_table(a):
@@ -163,17 +181,31 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--out", required=True)
     s.set_defaults(fn=cmd_prune)
 
-    s = sub.add_parser("train", help="train and evaluate one experiment")
-    s.add_argument("--experiment", required=True, help="JSON experiment description")
-    s.add_argument("--dataset", required=True, help="preprocessed dataset folder")
-    s.add_argument("--caches", nargs="+", required=True, help="one cache folder per tower, in tower order")
-    s.add_argument("--out", required=True, help="metrics.json to write")
-    s.add_argument("--device", default=None)
-    s.add_argument("--speed", default="{}", help="JSON of speed-only TrainConfig fields (cuda_graphs, eval_batch)")
-    s.add_argument("--cuda-graphs", type=lambda v: bool(int(v)), default=None, help="1/0: capture the training step as a CUDA graph")
-    s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
-    s.add_argument("--threads", type=int, default=0)
-    s.set_defaults(fn=cmd_train)
+    for name, helptext in (("train", "train and evaluate one experiment"),
+                           ("profile", "time a few training steps at one batch size and read the peak memory")):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--experiment", required=True, help="JSON experiment description")
+        s.add_argument("--dataset", required=True, help="preprocessed dataset folder")
+        s.add_argument("--caches", nargs="*", default=[], help="one cache folder per tower, in tower order (none for uncached runs)")
+        s.add_argument("--backbones", default="", help="uncached runs: JSON list of {spec, path}, one per tower")
+        s.add_argument("--images", default="", help="uncached runs: the dataset's image archive")
+        s.add_argument("--out", required=True, help="JSON file to write")
+        s.add_argument("--device", default=None)
+        s.add_argument("--speed", default="{}", help="JSON of speed-only TrainConfig fields (cuda_graphs, eval_batch)")
+        s.add_argument("--cuda-graphs", type=lambda v: bool(int(v)), default=None, help="1/0: capture the training step as a CUDA graph")
+        s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
+        s.add_argument("--threads", type=int, default=0)
+        if name == "profile":
+            s.add_argument("--batch-size", type=int, required=True)
+            s.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
+        s.set_defaults(fn=cmd_train if name == "train" else cmd_profile)
+
+    s = sub.add_parser("efficiency", help="profiles -> results/efficiency.csv (+ Fig. 5)")
+    s.add_argument("--rows", required=True, help="JSON list of row descriptions, aligned with --profiles")
+    s.add_argument("--profiles", nargs="+", required=True)
+    s.add_argument("--out", required=True)
+    s.add_argument("--figure", default="", help="fig5.png to draw")
+    s.set_defaults(fn=cmd_efficiency)
 
     s = sub.add_parser("table", help="aggregate metrics into a paper table")
     s.add_argument("--kind", required=True)

@@ -118,3 +118,25 @@ def fig7(rows: list[dict], metrics: list[Path], out_png: Path, out_csv: Path) ->
     fig.suptitle("Full vs dropped cache per text encoder")
     _save(fig, out_png)
     return df
+
+
+def fig5(df: pl.DataFrame, out: Path, time_batch: int | None = None) -> None:
+    """Fig. 5: left, training time per epoch per method (at the largest profiled batch size, or
+    `time_batch`); right, peak memory against batch size per method. `df` is efficiency.csv."""
+    b = time_batch or int(df["batch_size"].max())
+    at_b = df.filter(pl.col("batch_size") == b)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4))
+    left.bar(range(at_b.height), at_b["time_per_epoch_s"].to_list(), color="tab:blue")
+    left.set_xticks(range(at_b.height), at_b["method"].to_list(), rotation=30, ha="right")
+    left.set_ylabel("training time per epoch (s)")
+    left.set_title(f"time per epoch, batch {b} ({at_b['device'][0]})")
+    kind = df["peak_memory_kind"][0]
+    for method in df["method"].unique(maintain_order=True).to_list():
+        part = df.filter(pl.col("method") == method).sort("batch_size")
+        right.plot(part["batch_size"].to_list(), (part["peak_memory_mb"] / 1024).to_list(), marker="o", label=method)
+    right.set_xscale("log", base=2)
+    right.set_xlabel("batch size")
+    right.set_ylabel(f"peak memory (GiB, {kind})")
+    right.set_title("memory against batch size")
+    right.legend(fontsize=8)
+    _save(fig, out)

@@ -15,12 +15,13 @@ import torch.nn.functional as F
 from torch import nn
 
 METHODS_WITH_SAN = {"iisan", "no-gate", "no-inter", "no-intra"}
-METHODS = METHODS_WITH_SAN | {"frozen"}
+ID_METHODS = {"sasrec-id", "gru4rec"}  # item = learned ID embedding, no content
+METHODS = METHODS_WITH_SAN | {"frozen"} | ID_METHODS
 
 
 @dataclass
 class ModelConfig:
-    method: str = "iisan"  # iisan | no-gate | no-inter | no-intra | frozen
+    method: str = "iisan"  # iisan | no-gate | no-inter | no-intra | frozen | sasrec-id | gru4rec
     heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
     bottleneck: int = 64
     embed_dim: int = 64  # D
@@ -225,25 +226,82 @@ class UserEncoder(nn.Module):
         return x
 
 
-class Recommender(nn.Module):
-    """Item encoder (side network over cached states) + SASRec user encoder."""
+class IdItemEncoder(nn.Module):
+    """ID-based models: a learned embedding per item (row 0 = padding, kept at zero)."""
 
-    def __init__(self, cfg: ModelConfig, dims: list[int], n_layers: list[int]):
+    def __init__(self, n_rows: int, D: int):
+        super().__init__()
+        self.table = nn.Embedding(n_rows, D, padding_idx=0)
+        nn.init.xavier_normal_(self.table.weight)
+        with torch.no_grad():
+            self.table.weight[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, D)
+        return self.table(ids)
+
+
+class GRU4RecEncoder(nn.Module):
+    """GRU4Rec user encoder: embedding dropout, one GRU layer (hidden D), a linear output layer;
+    one output per position, like the SASRec encoder, so the loss and evaluation are shared."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        D = cfg.embed_dim
+        self.drop = nn.Dropout(cfg.dropout)
+        self.gru = nn.GRU(D, D, num_layers=1, batch_first=True)
+        self.out = nn.Linear(D, D)
+        nn.init.xavier_normal_(self.out.weight)
+        nn.init.zeros_(self.out.bias)
+
+    def forward(self, e: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, T) bool
+        x = self.drop(e) * valid.unsqueeze(-1).to(e.dtype)
+        h, _ = self.gru(x)
+        return self.out(h)
+
+
+class Recommender(nn.Module):
+    """Item encoder (side network over backbone states, or ID embeddings) + user encoder.
+    `backbones` (uncached runs) is the module that computes the states; its trainable tensors
+    (FFT, Adapter, LoRA, BitFit) are optimised with the rest."""
+
+    def __init__(self, cfg: ModelConfig, dims: list[int], n_layers: list[int], n_items: int | None = None,
+                 backbones: nn.Module | None = None):
         super().__init__()
         if cfg.method not in METHODS:
             raise ValueError(f"unknown method {cfg.method!r} (known: {sorted(METHODS)})")
         self.cfg = cfg
-        self.items = ItemEncoder(cfg, dims, n_layers)
-        self.user = UserEncoder(cfg)
+        if cfg.method in ID_METHODS:
+            if n_items is None:
+                raise ValueError(f"{cfg.method} needs the number of items")
+            self.items = IdItemEncoder(n_items + 1, cfg.embed_dim)
+        else:
+            self.items = ItemEncoder(cfg, dims, n_layers)
+        self.user = GRU4RecEncoder(cfg) if cfg.method == "gru4rec" else UserEncoder(cfg)
+        self.backbones = backbones
 
-    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float) -> list[dict]:
+    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_backbone: tuple[float, float] = (5e-5, 1e-4),
+                     lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
         """User encoder, fusion and heads: lr_main; SANBs, gates, DTLs: lr_san; the text (field 0)
-        head's F: lr_text_f (METHOD.md §8)."""
-        text_f = {id(p) for p in self.items.heads[0].F.parameters()} if len(self.items.heads) else set()
-        san = {id(p) for mod in (*self.items.intra, self.items.inter) if mod is not None for p in mod.parameters()}
-        groups = {"main": [], "san": [], "text_f": []}
+        head's F: lr_text_f (METHOD.md §8). Backbone tensors (uncached baselines): pretrained
+        weights and biases (FFT, BitFit) lr_backbone, inserted adapter/LoRA matrices lr_peft, each
+        (text, image) by the backbone's modality (the authors' scripts). Frozen tensors are left out."""
+        heads = getattr(self.items, "heads", [])
+        text_f = {id(p) for p in heads[0].F.parameters()} if len(heads) else set()
+        intra, inter = getattr(self.items, "intra", []), getattr(self.items, "inter", None)
+        san = {id(p) for mod in (*intra, inter) if mod is not None for p in mod.parameters()}
+        backbone = {}
+        if self.backbones is not None:
+            for tower in self.backbones.towers:
+                side = "text" if tower.spec.modality == "text" else "image"
+                for n, p in tower.backbone.named_parameters():
+                    inserted = "lora_" in n or ".adapter_" in n
+                    backbone[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
+        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1],
+               "peft_text": lr_peft[0], "peft_image": lr_peft[1]}
+        groups = {k: [] for k in lrs}
         for p in self.parameters():
-            key = "text_f" if id(p) in text_f else "san" if id(p) in san else "main"
+            if not p.requires_grad:
+                continue
+            key = backbone.get(id(p)) or ("text_f" if id(p) in text_f else "san" if id(p) in san else "main")
             groups[key].append(p)
-        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f}
         return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]

@@ -31,9 +31,30 @@ METHOD_LABELS = {
     "no-inter": "w/o inter",
     "no-intra": "w/o intra",
     "frozen": "frozen backbone",
+    "fft": "FFT",
+    "adapter": "Adapter",
+    "lora": "LoRA",
+    "bitfit": "BitFit",
+    "sasrec-id": "SASRec (ID)",
+    "gru4rec": "GRU4Rec (ID)",
 }
-ROW_HEADERS = {"table4": "text encoder", "table6": "variant", "table7": "blocks", "table8": "selection", "methods": "method"}
-KINDS = ("table4", "table6", "table7", "table8", "methods")
+# Table III / Fig. 5 row tokens -> (label, method, cache); "none" = backbones in the training loop
+COMPARED = {
+    "fft": ("FFT", "fft", "none"),
+    "adapter": ("Adapter", "adapter", "none"),
+    "lora": ("LoRA", "lora", "none"),
+    "bitfit": ("BitFit", "bitfit", "none"),
+    "frozen": ("frozen backbone", "frozen", "dropped"),
+    "sasrec-id": ("SASRec (ID)", "sasrec-id", "none"),
+    "gru4rec": ("GRU4Rec (ID)", "gru4rec", "none"),
+    "iisan": ("IISAN-VS", "iisan", "dropped"),
+    "iisan-uncached": ("IISAN-VS (uncached)", "iisan", "none"),
+    "iisan-va": ("IISAN-VA", "iisan-va", "dropped"),
+}
+ID_ROWS = {"sasrec-id", "gru4rec"}
+ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table6": "variant", "table7": "blocks", "table8": "selection",
+               "methods": "method"}
+KINDS = ("table3", "table4", "table6", "table7", "table8", "methods", "efficiency")
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 
 
@@ -51,16 +72,51 @@ def va_scheme(config: dict, text: str, image: str) -> str:
     return f"{text_scheme}+{config['default_scheme']}"
 
 
+def compared_row(token: str, config: dict, seeds: list[int] | None = None) -> dict:
+    """One Table III / Fig. 5 row: the baselines and IISAN-VS on the configured towers
+    (BERT-base + ViT-base in the paper), IISAN-VA with `table3.va_text_encoder` as text tower."""
+    if token not in COMPARED:
+        raise KeyError(f"unknown method {token!r} in table3/efficiency (known: {', '.join(COMPARED)})")
+    label, method, cache = COMPARED[token]
+    towers = config["towers"]
+    if token in ID_ROWS:
+        scheme = "none"
+    elif method in ("fft", "adapter", "lora", "bitfit", "frozen"):
+        scheme = "last"
+    else:
+        scheme = config["default_scheme"]
+    if token == "iisan-va":
+        text = config.get("table3", {}).get("va_text_encoder", towers[0]["backbone"])
+        image = towers[-1]["backbone"]
+        towers = [dict(towers[0], backbone=text), towers[-1]]
+        scheme = va_scheme(config, text, image)
+    row = _row(label, towers, method, scheme, cache, token=token)
+    if seeds:
+        row["seeds"] = list(seeds)
+    return row
+
+
 def table_plan(kind: str, config: dict) -> list[dict]:
-    """Rows of table `kind`: label, towers, method, scheme, cache (+ group, params_b)."""
+    """Rows of table `kind`: label, towers, method, scheme, cache (+ group, params_b, seeds)."""
     towers = config["towers"]
     default = config["default_scheme"]
+    if kind == "table3":
+        t3 = config.get("table3", {})
+        sig = t3.get("significance_seeds")
+        return [compared_row(t, config, sig if t in ("iisan", "iisan-va") else None) for t in t3.get("methods", [])]
+    if kind == "efficiency":
+        eff = config.get("efficiency", {})
+        return [dict(compared_row(t, config), batch_size=b) for t in eff.get("methods", []) for b in eff.get("batch_sizes", [])]
     if kind == "table6":
         return [_row(l, towers, m, default if s == "{default}" else s) for l, m, s in TABLE6]
     if kind == "table7":
         return [_row(l, towers, m, s) for l, m, s in TABLE7]
     if kind == "methods":
-        return [_row(METHOD_LABELS[m], towers, m, "last" if m == "frozen" else default) for m in config.get("methods", [])]
+        return [
+            dict(compared_row(m, config), label=METHOD_LABELS[m]) if m in ("fft", "adapter", "lora", "bitfit", *ID_ROWS)
+            else _row(METHOD_LABELS[m], towers, m, "last" if m == "frozen" else default)
+            for m in config.get("methods", [])
+        ]
     if kind == "table4":
         t4 = config["table4"]
         image = t4["image_encoder"]
@@ -102,9 +158,11 @@ def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame
                 "cache": row.get("cache", "dropped"),
                 "hr@10": 100 * m["test"]["hr@10"],
                 "ndcg@10": 100 * m["test"]["ndcg@10"],
+                "seed": row.get("seed", m.get("seed")),
                 "trainable_params": m["trainable_params"],
                 "best_epoch": m["best_epoch"],
                 "seconds_per_epoch": m["time_per_epoch_train_s"],
+                "seconds_per_epoch_with_eval": m.get("time_per_epoch_with_eval_s"),
                 "peak_memory_mb": m["peak_memory_mb"],
                 "peak_memory_kind": m["peak_memory_kind"],
                 "cache_bytes": sum(c.get("bytes") or 0 for c in m.get("caches", [])),
@@ -125,6 +183,7 @@ def aggregate(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFram
             pl.col("trainable_params").first(),
             pl.col("best_epoch").mean(),
             pl.col("seconds_per_epoch").mean().round(3),
+            pl.col("seconds_per_epoch_with_eval").mean().round(3),
             pl.col("peak_memory_mb").mean().round(1),
             pl.col("peak_memory_kind").first(),
             pl.col("cache_bytes").first(),
@@ -141,6 +200,10 @@ def _write_csv(df: pl.DataFrame, out: Path) -> None:
 def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> pl.DataFrame:
     """rows[i] = {dataset, label, ...} describes metrics[i]; values are test-set percentages."""
     header = ROW_HEADERS.get(kind, "row")
+    if kind == "table3":
+        df = build_table3(rows, metrics)
+        _write_csv(df, out)
+        return df
     df = aggregate(rows, metrics, header)
     if kind == "methods":
         df = df.select("dataset", header, "hr@10", "ndcg@10")
@@ -177,4 +240,132 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
     else:
         df = df.select("dataset", header, "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seconds_per_epoch", "seeds")
     _write_csv(df, out)
+    return df
+
+
+# --- Table III and Fig. 5: baselines and efficiency (METHOD.md §8-9) ---------------------------
+
+
+def tpme(time_s: list[float], params: list[float], memory: list[float]) -> list[float]:
+    """TPME = 0.45 t_norm + 0.1 p_norm + 0.45 m_norm, min-max normalised over the compared
+    methods (METHOD.md §9); lower is better. A column with one distinct value normalises to 0."""
+
+    def norm(xs):
+        lo, hi = min(xs), max(xs)
+        return [0.0 if hi == lo else (x - lo) / (hi - lo) for x in xs]
+
+    return [0.45 * t + 0.1 * p + 0.45 * m for t, p, m in zip(norm(time_s), norm(params), norm(memory))]
+
+
+def paired_ttest(a: list[float], b: list[float]) -> float:
+    """Two-sided paired t-test p-value of a vs b (scipy); nan with fewer than 2 pairs."""
+    from scipy import stats
+
+    if len(a) != len(b):
+        raise ValueError(f"paired t-test needs the same seeds on both sides ({len(a)} vs {len(b)} runs)")
+    if len(a) < 2:
+        return float("nan")
+    return float(stats.ttest_rel(a, b).pvalue)
+
+
+def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> pl.DataFrame:
+    """Methods x datasets: test HR@10 / NDCG@10 (%, mean over seeds), relative improvement over
+    FFT, the paired t-test of IISAN-VA against IISAN-VS over the shared seeds ("*" where VA is
+    better at p < alpha), and the efficiency columns with TPME over the non-ID methods."""
+    header = "method"
+    rec = _records(rows, metrics, header).with_columns(pl.Series("token", [r.get("token", r["label"]) for r in rows]))
+    df = (
+        rec.group_by("dataset", header, maintain_order=True)
+        .agg(
+            pl.col("token").first(),
+            pl.col("hr@10").mean().round(2),
+            pl.col("ndcg@10").mean().round(2),
+            pl.col("seconds_per_epoch").mean().round(3),
+            pl.col("seconds_per_epoch_with_eval").mean().round(3),
+            pl.col("peak_memory_mb").mean().round(1),
+            pl.col("peak_memory_kind").first(),
+            pl.col("trainable_params").first(),
+            pl.col("cache_bytes").first(),
+            pl.len().alias("seeds"),
+        )
+    )
+    parts = []
+    for ds in df["dataset"].unique(maintain_order=True):
+        part = df.filter(pl.col("dataset") == ds)
+        fft = part.filter(pl.col("token") == "fft")
+        for m in ("hr@10", "ndcg@10"):
+            base = fft[m][0] if fft.height else None
+            part = part.with_columns(
+                (((pl.col(m) - base) / base * 100).round(2) if base else pl.lit(None, dtype=pl.Float64)).alias(f"{m} vs FFT (%)")
+            )
+            # IISAN-VA vs IISAN-VS, paired by seed
+            runs = rec.filter(pl.col("dataset") == ds)
+            va = runs.filter(pl.col("token") == "iisan-va").sort("seed")
+            vs = runs.filter(pl.col("token") == "iisan").sort("seed")
+            shared = sorted(set(va["seed"].to_list()) & set(vs["seed"].to_list()))
+            p = float("nan")
+            if shared:
+                a = va.filter(pl.col("seed").is_in(shared))[m].to_list()
+                b = vs.filter(pl.col("seed").is_in(shared))[m].to_list()
+                p = paired_ttest(a, b)
+                better = sum(a) > sum(b)
+            mark = "*" if (p == p and p < alpha and better) else ""
+            is_va = pl.col("token") == "iisan-va"
+            part = part.with_columns(
+                pl.when(is_va).then(pl.lit(p)).otherwise(None).round(4).alias(f"{m} p (VA vs VS)"),
+                pl.when(is_va).then(pl.lit(mark)).otherwise(pl.lit("")).alias(f"{m} sig"),
+            )
+        content = part.filter(~pl.col("token").is_in(list(ID_ROWS)))
+        if content.height:
+            scores = tpme(content["seconds_per_epoch"].to_list(), content["trainable_params"].to_list(),
+                          content["peak_memory_mb"].to_list())
+            tp = dict(zip(content[header].to_list(), scores))
+            part = part.with_columns(pl.col(header).replace_strict(tp, default=None, return_dtype=pl.Float64).round(4).alias("TPME"))
+        else:
+            part = part.with_columns(pl.lit(None, dtype=pl.Float64).alias("TPME"))
+        parts.append(part)
+    out = pl.concat(parts, how="diagonal_relaxed")
+    return out.select(
+        "dataset", header, "hr@10", "hr@10 sig", "ndcg@10", "ndcg@10 sig", "hr@10 vs FFT (%)", "ndcg@10 vs FFT (%)",
+        "hr@10 p (VA vs VS)", "ndcg@10 p (VA vs VS)", "seconds_per_epoch", "seconds_per_epoch_with_eval", "peak_memory_mb",
+        "peak_memory_kind", "trainable_params", "TPME", "cache_bytes", "seeds",
+    )
+
+
+def build_efficiency(rows: list[dict], profiles: list[Path], out: Path, figure: Path | None = None) -> pl.DataFrame:
+    """Profiles (one per method and batch size) -> efficiency.csv with TPME per batch size over
+    the methods, and Fig. 5 (time per epoch per method; peak memory against batch size)."""
+    if len(rows) != len(profiles):
+        raise ValueError(f"{len(rows)} rows but {len(profiles)} profiles")
+    recs = []
+    for row, path in zip(rows, profiles):
+        m = read_json(path)
+        recs.append(
+            {
+                "dataset": row.get("dataset"),
+                "method": row["label"],
+                "batch_size": m["batch_size"],
+                "time_per_epoch_s": m["time_per_epoch_train_s"],
+                "time_source": m["time_source"],
+                "peak_memory_mb": m["peak_memory_mb"],
+                "peak_memory_kind": m["peak_memory_kind"],
+                "trainable_params": m["trainable_params"],
+                "total_params": m["total_params"],
+                "cache_bytes": m.get("cache_bytes", 0),
+                "device": m["device"],
+            }
+        )
+    df = pl.DataFrame(recs)
+    parts = []
+    for (ds, b), part in df.group_by("dataset", "batch_size", maintain_order=True):
+        scores = tpme(part["time_per_epoch_s"].to_list(), part["trainable_params"].to_list(), part["peak_memory_mb"].to_list())
+        parts.append(part.with_columns(pl.Series("TPME", scores).round(4)))
+    df = pl.concat(parts).with_columns(pl.col("time_per_epoch_s").round(3), pl.col("peak_memory_mb").round(1))
+    df = df.select("dataset", "method", "batch_size", "time_per_epoch_s", "peak_memory_mb", "trainable_params", "TPME",
+                   "device", "peak_memory_kind", "total_params", "cache_bytes", "time_source")
+    _write_csv(df, out)
+    if figure is not None:
+        from .figures import fig5
+
+        fig5(df, figure)
     return df

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -18,6 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data.sequences import SequenceData
+from .features import CachedFeatures
 from .loss import inbatch_debiased_ce
 from .metrics import hr_ndcg, rank_of_target
 from .model import ModelConfig, Recommender
@@ -38,6 +38,12 @@ class TrainConfig:
     eval_batch: int = 1024
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
     k: int = 10
+    # uncached baselines (the authors' scripts): pretrained backbone weights (FFT, BitFit) and
+    # inserted adapter/LoRA matrices, text and image backbone
+    lr_backbone_text: float = 5e-5
+    lr_backbone_image: float = 1e-4
+    lr_peft_text: float = 1e-4
+    lr_peft_image: float = 4e-4
 
 
 def set_seed(seed: int) -> None:
@@ -59,34 +65,37 @@ class Trainer:
     def __init__(
         self,
         data: SequenceData,
-        caches: list[np.ndarray | torch.Tensor],  # per field: (N+1, K_f, d_f)
+        caches,  # per field (N+1, K_f, d_f) arrays, or a feature source (iisan.features)
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         device: str | None = None,
         layer_index: list[list[int] | None] | None = None,
     ):
-        """`layer_index[f]`, when given, selects the states of field f that feed the side network
+        """`caches` is either the cached states of every field or a feature source
+        (`BackboneFeatures` for uncached runs, `IdFeatures` for ID-based models).
+        `layer_index[f]`, when given, selects the states of field f that feed the side network
         from a full cache at every step (the "full cache" setting of Fig. 7); without it the
         cache holds exactly those states (a dropped cache)."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = train_cfg
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        source = caches if hasattr(caches, "gather") else CachedFeatures(caches, layer_index)
+        self.source = source.to(self.device)
         set_seed(train_cfg.seed)
         self.data = data.to(self.device)
-        store = torch.float16 if self.device.type == "cuda" else torch.float32
-        self.caches = [(c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c))).to(self.device, store) for c in caches]
-        for c in self.caches:
-            if c.shape[0] != data.n_items + 1:
-                raise ValueError(f"a cache has {c.shape[0]} rows, the dataset {data.n_items} items + padding")
-        self.layer_index = [
-            None if idx is None else torch.tensor(idx, device=self.device) for idx in (layer_index or [None] * len(caches))
-        ]
-        dims = [c.shape[2] for c in self.caches]
-        layers = [c.shape[1] if idx is None else len(idx) for c, idx in zip(self.caches, self.layer_index)]
-        self.model = Recommender(model_cfg, dims, layers).to(self.device)
+        if self.source.n_rows != data.n_items + 1:
+            raise ValueError(f"the item features have {self.source.n_rows} rows, the dataset {data.n_items} items + padding")
+        self.model = Recommender(model_cfg, self.source.dims, self.source.layers, n_items=data.n_items,
+                                 backbones=self.source.module).to(self.device)
         on_cuda = self.device.type == "cuda"
-        self.graphs = on_cuda and train_cfg.cuda_graphs
+        self.graphs = on_cuda and train_cfg.cuda_graphs and self.source.static
         self.opt = torch.optim.Adam(
-            self.model.param_groups(train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f),
+            self.model.param_groups(
+                train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f,
+                lr_backbone=(train_cfg.lr_backbone_text, train_cfg.lr_backbone_image),
+                lr_peft=(train_cfg.lr_peft_text, train_cfg.lr_peft_image),
+            ),
             fused=on_cuda,
             capturable=self.graphs,
         )
@@ -97,13 +106,8 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
 
-    def _features(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        flat = ids.reshape(-1)
-        return [self._select(c[flat], idx) for c, idx in zip(self.caches, self.layer_index)]  # [(M, K, d)]
-
-    @staticmethod
-    def _select(rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
-        return (rows if idx is None else rows[:, idx]).float()
+    def _features(self, ids: torch.Tensor):
+        return self.source.gather(ids.reshape(-1))  # [(M, K, d)] (ids for ID-based models)
 
     def _loss(self, ids: torch.Tensor) -> torch.Tensor:
         """Training loss of one batch of left-padded windows `ids` (B, S)."""
@@ -162,12 +166,11 @@ class Trainer:
     def item_table(self) -> torch.Tensor:
         """Embeddings of every item (row 0 = padding), (N+1, D)."""
         self.model.eval()
-        n = self.caches[0].shape[0]
+        n, chunk = self.source.n_rows, min(self.ITEM_CHUNK, self.source.chunk_size)
         out = []
         with self._autocast():
-            for s in range(0, n, self.ITEM_CHUNK):
-                feats = [self._select(c[s : s + self.ITEM_CHUNK], idx) for c, idx in zip(self.caches, self.layer_index)]
-                out.append(self.model.items(feats).float())
+            for s in range(0, n, chunk):
+                out.append(self.model.items(self.source.rows(s, min(s + chunk, n))).float())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -193,18 +196,70 @@ class Trainer:
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
+    def total_parameters(self) -> int:
+        """Every parameter of the modules this run holds (cached runs hold no backbone)."""
+        return sum(p.numel() for p in self.model.parameters())
+
+    def _peak_memory(self) -> tuple[float, str, str]:
+        if self.device.type == "cuda":
+            return (torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated",
+                    torch.cuda.get_device_name(self.device))
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+        return peak, "cpu_peak_rss", platform.processor() or platform.machine()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def profile(self, steps: int = 10, warmup: int = 3) -> dict:
+        """Time `steps` training steps after `warmup` ones and read the peak memory: the memory
+        sweep and time estimate of Fig. 5 without a full epoch."""
+        self.model.train()
+        batches = self._batches()
+        done = 0
+        for _ in range(warmup):
+            ids = next(batches, None)
+            if ids is None:
+                batches = self._batches()
+                ids = next(batches)
+            self._graph_step(ids) if self.graphs else self._step(ids)
+        self._sync()
+        t0 = time.perf_counter()
+        while done < steps:
+            ids = next(batches, None)
+            if ids is None:
+                batches = self._batches()
+                continue
+            self._graph_step(ids) if self.graphs else self._step(ids)
+            done += 1
+        self._sync()
+        per_step = (time.perf_counter() - t0) / steps
+        steps_per_epoch = math.ceil(self.data.train.shape[0] / self.cfg.batch_size)
+        peak, kind, name = self._peak_memory()
+        return {
+            "batch_size": self.cfg.batch_size,
+            "steps_timed": steps,
+            "seconds_per_step": per_step,
+            "steps_per_epoch": steps_per_epoch,
+            "time_per_epoch_train_s": per_step * steps_per_epoch,
+            "time_source": f"{steps} steps x {steps_per_epoch} steps per epoch",
+            "peak_memory_mb": peak,
+            "peak_memory_kind": kind,
+            "device": name,
+            "device_type": self.device.type,
+            "trainable_params": self.trainable_parameters(),
+            "total_params": self.total_parameters(),
+        }
+
     def fit(self, progress: bool | None = None) -> dict:
         cfg, k = self.cfg, self.cfg.k
-        if self.device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(self.device)
         history = []
         best, best_epoch, best_state, waited = -1.0, -1, None, 0
         bar = tqdm(range(1, cfg.max_epochs + 1), desc="epochs", disable=None if progress is None else not progress)
         for epoch in bar:
             t0 = time.perf_counter()
             loss = self.train_epoch()
-            if self.device.type == "cuda":
-                torch.cuda.synchronize(self.device)
+            self._sync()
             t1 = time.perf_counter()
             val = self.evaluate("valid")
             t2 = time.perf_counter()
@@ -218,7 +273,7 @@ class Trainer:
             log.info("epoch %d loss %.4f valid HR@%d %.4f", epoch, loss, k, val[f"hr@{k}"])
             if val[f"hr@{k}"] > best:
                 best, best_epoch, waited = val[f"hr@{k}"], epoch, 0
-                best_state = copy.deepcopy(self.model.state_dict())
+                best_state = {n: v.detach().to("cpu", copy=True) for n, v in self.model.state_dict().items()}
             else:
                 waited += 1
                 if waited >= cfg.patience:
@@ -226,12 +281,7 @@ class Trainer:
         self.model.load_state_dict(best_state)
         valid = self.evaluate("valid")
         test = self.evaluate("test")
-        if self.device.type == "cuda":
-            peak, peak_kind = torch.cuda.max_memory_allocated(self.device) / 2**20, "cuda_max_memory_allocated"
-            device_name = torch.cuda.get_device_name(self.device)
-        else:
-            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-            peak_kind, device_name = "cpu_peak_rss", platform.processor() or platform.machine()
+        peak, peak_kind, device_name = self._peak_memory()
         return {
             "valid": valid,
             "test": test,
@@ -239,6 +289,7 @@ class Trainer:
             "epochs_run": len(history),
             "history": history,
             "trainable_params": self.trainable_parameters(),
+            "total_params": self.total_parameters(),
             "time_per_epoch_train_s": float(np.mean([h["train_seconds"] for h in history])),
             "time_per_epoch_with_eval_s": float(np.mean([h["epoch_seconds"] for h in history])),
             "peak_memory_mb": peak,

@@ -6,6 +6,8 @@ import shlex
 
 from iisan.layerdrop import scheme_layers
 from iisan.layerdrop import tower_schemes
+from iisan.experiment import ID_METHODS
+from iisan.experiment import LAST_STATE
 from iisan.tables import table_plan
 
 
@@ -14,11 +16,12 @@ wildcard_constraints:
     field="[A-Za-z0-9_]+",
     backbone="[A-Za-z0-9_.-]+",
     towers="[^/]+",
-    method="[a-z-]+",
+    method="[a-z0-9-]+",
     scheme="[A-Za-z0-9_+-]+",
     tscheme="[A-Za-z0-9_-]+",
-    cache="full|dropped",
+    cache="full|dropped|none",
     seed="[0-9]+",
+    batch="[0-9]+",
 
 
 def _gpus_per_job():
@@ -74,6 +77,8 @@ def towers_id(towers=None):
 
 
 def parse_towers(towers):
+    if towers == "id":  # ID-based recommenders read no item content
+        return []
     out = []
     for part in towers.split("+"):
         field, sep, backbone = part.partition("@")
@@ -155,9 +160,12 @@ def scheme_indices(wildcards):
 
 
 def train_caches(wildcards):
-    """Per tower: the pruned ("dropped") cache of its scheme, or the full cache."""
+    """Per tower: the pruned ("dropped") cache of its scheme, or the full cache; none for
+    uncached runs (backbones in the loop) and ID-based models."""
+    if wildcards.cache == "none":
+        return []
     towers = parse_towers(wildcards.towers)
-    scheme = "last" if wildcards.method == "frozen" else wildcards.scheme
+    scheme = "last" if wildcards.method in LAST_STATE else wildcards.scheme
     schemes = tower_schemes(scheme, len(towers))
     out = []
     for t, s in zip(towers, schemes):
@@ -170,29 +178,65 @@ def train_caches(wildcards):
     return out
 
 
+def uncached_inputs(wildcards):
+    """Uncached runs read the items, the image archive and the backbones themselves."""
+    if wildcards.cache != "none":
+        return {}
+    inputs = {"item_table": f"resources/{wildcards.dataset}/items.parquet"}
+    for t in parse_towers(wildcards.towers):
+        spec = backbone_spec(t["backbone"])
+        if spec["source"] == "demo":
+            inputs[f"standin{len(inputs)}"] = (
+                f"{standin_folder(t['backbone'])}/config.json"
+            )
+        if spec["modality"] == "image":
+            inputs.update(
+                {k: v for k, v in preprocess_inputs(wildcards).items() if k == "images"}
+            )
+    return inputs
+
+
+def uncached_args(wildcards, input):
+    """--backbones (registry entry and load path per tower) and --images of an uncached run."""
+    if wildcards.cache != "none" or wildcards.towers == "id":
+        return ""
+    backbones = []
+    for t in parse_towers(wildcards.towers):
+        spec = backbone_spec(t["backbone"])
+        path = (
+            standin_folder(t["backbone"]) if spec["source"] == "demo" else spec["source"]
+        )
+        backbones.append({"spec": spec, "path": path})
+    args = f"--backbones {shlex.quote(json.dumps(backbones))}"
+    return args + (f" --images {shlex.quote(input.images)}" if "images" in input.keys() else "")
+
+
 def experiment_json(wildcards):
-    return {
+    train = dict(config.get("train", {}))
+    train.update(config.get("method_train", {}).get(wildcards.method, {}))
+    out = {
         "towers": parse_towers(wildcards.towers),
         "method": wildcards.method,
         "scheme": wildcards.scheme,
         "cache": wildcards.cache,
         "include_h0": config.get("include_h0", True),
         "model": config.get("model", {}),
-        "train": dict(config.get("train", {}), seed=int(wildcards.seed)),
+        "train": dict(train, seed=int(wildcards.seed)),
     }
+    if wildcards.cache == "none":  # frozen backbones' states are rounded like the cache's
+        out["cache_dtype"] = config["cache"]["dtype"]
+    return out
+
+
+def run_dir(dataset, row):
+    scheme = "last" if row["method"] in LAST_STATE else row["scheme"]
+    towers = "id" if row["method"] in ID_METHODS else towers_id(row["towers"])
+    cache = "none" if row["method"] in ID_METHODS else row.get("cache", "dropped")
+    return os.path.join("results", "runs", dataset, towers, row["method"], scheme, cache)
 
 
 def run_path(dataset, row, seed):
-    scheme = "last" if row["method"] == "frozen" else row["scheme"]
-    parts = [
-        dataset,
-        towers_id(row["towers"]),
-        row["method"],
-        scheme,
-        row.get("cache", "dropped"),
-        f"seed{seed}",
-    ]
-    return os.path.join("results", "runs", *parts, "metrics.json")
+    return os.path.join(run_dir(dataset, row), f"seed{seed}", "metrics.json")
 
 
 def plan_runs(kind):
@@ -200,8 +244,8 @@ def plan_runs(kind):
     out = []
     for dataset in config["datasets"]:
         for row in table_plan(kind, config):
-            for seed in config["seeds"]:
-                desc = {k: v for k, v in row.items() if k != "towers"}
+            for seed in row.get("seeds") or config["seeds"]:
+                desc = {k: v for k, v in row.items() if k not in ("towers", "seeds")}
                 out.append(
                     (
                         dict(desc, dataset=dataset, seed=seed),
@@ -236,6 +280,7 @@ def plan_rows_json(kind):
 def table_names():
     return "|".join(
         [
+            "table3",
             "table4",
             "table6",
             "table7",
@@ -329,3 +374,28 @@ def train_mem_mb(wildcards, attempt):
         )
         total += items * states * b["hidden"] * 2
     return int((4096 + 2 * total / 2**20) * attempt)
+
+
+def profile_path(dataset, row):
+    """results/efficiency/... mirrors the run's folder; one JSON per batch size."""
+    run = run_dir(dataset, row)
+    return os.path.join(
+        "results", "efficiency", os.path.relpath(run, "results/runs"), f"batch{row['batch_size']}.json"
+    )
+
+
+def efficiency_plan():
+    """[(row, profile path)]: every efficiency method x batch size on the first dataset."""
+    dataset = config["datasets"][0]
+    return [
+        (dict(row, dataset=dataset), profile_path(dataset, row))
+        for row in table_plan("efficiency", config)
+    ]
+
+
+def profile_experiment_arg(wildcards):
+    """The experiment of a profile: the run's, with the first configured seed."""
+    from types import SimpleNamespace
+
+    w = SimpleNamespace(**dict(wildcards.items()), seed=config["seeds"][0])
+    return shlex.quote(json.dumps(experiment_json(w)))

@@ -87,3 +87,23 @@ rule fig7:
         rows=plan_rows_json("fig7"),
     shell:
         "iisan figure --kind fig7 --rows {params.rows} --metrics {input} --out {output.png:q} > {log} 2>&1"
+
+
+rule efficiency:
+    input:
+        [p for _, p in efficiency_plan()],
+    output:
+        csv="results/efficiency.csv",
+        png=report("results/fig5.png", caption="../report/fig5.rst", category="Figures"),
+    log:
+        "logs/figures/fig5.log",
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        rows=shlex.quote(json.dumps([r for r, _ in efficiency_plan()])),
+    shell:
+        "iisan efficiency --rows {params.rows} --profiles {input} --out {output.csv:q} --figure {output.png:q} > {log} 2>&1"

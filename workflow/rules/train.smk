@@ -3,6 +3,7 @@
 
 rule train:
     input:
+        unpack(uncached_inputs),
         dataset="resources/{dataset}/sequences.parquet",
         caches=train_caches,
     output:
@@ -29,6 +30,38 @@ rule train:
         cache_dirs=lambda wildcards, input: " ".join(
             shlex.quote(os.path.dirname(c)) for c in input.caches
         ),
+        uncached=uncached_args,
     shell:
         "iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
-        " --caches {params.cache_dirs} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"
+        " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"
+
+
+rule profile:
+    input:
+        unpack(uncached_inputs),
+        dataset="resources/{dataset}/sequences.parquet",
+        caches=train_caches,
+    output:
+        "results/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.json",
+    log:
+        "logs/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.log",
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=train_mem_mb,
+        runtime=60,
+        speed_cuda_graphs=int(SPEED["cuda_graphs"]),
+        speed_eval_batch=SPEED["eval_batch"],
+        gpu=GPUS,
+    params:
+        experiment_arg=profile_experiment_arg,
+        cache_dirs=lambda wildcards, input: " ".join(
+            shlex.quote(os.path.dirname(c)) for c in input.caches
+        ),
+        uncached=uncached_args,
+        steps=config.get("efficiency", {}).get("steps", 10),
+    shell:
+        "iisan profile --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
+        " --caches {params.cache_dirs} {params.uncached} --batch-size {wildcards.batch} --steps {params.steps}"
+        " --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"

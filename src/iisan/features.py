@@ -1,0 +1,245 @@
+"""Where item features come from during training: the cache, the backbones themselves, or IDs.
+
+A *feature source* turns flat item ids (M,) into what the item encoder reads:
+
+* `CachedFeatures`: rows of the cached hidden states (the IISAN way, METHOD.md §2).
+* `BackboneFeatures`: the backbones run on the items' tokenised titles and images at every step
+  (FFT, Adapter, LoRA, BitFit, and IISAN uncached). Frozen backbones run in eval mode under
+  no_grad and their states are rounded to the cache's storage dtype, so IISAN uncached computes
+  exactly what IISAN cached computes.
+* `IdFeatures`: the ids themselves (ID-based SASRec and GRU4Rec).
+
+Row/id 0 is padding: its features are zeros, as in the cache.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .backbones import BackboneSpec, load_backbone
+from .cache import _encode, _load_images, _pool
+from .finetune import prepare_backbone
+
+log = logging.getLogger(__name__)
+
+
+class CachedFeatures:
+    """Per field an (N+1, K, d) cache held on the training device; `layer_index[f]` selects the
+    states that feed the side network from a full cache (Fig. 7's "full cache" setting)."""
+
+    static = True  # fixed shapes: the training step can be captured as a CUDA graph
+    module = None
+    chunk_size = 2048
+
+    def __init__(self, caches: list, layer_index: list[list[int] | None] | None = None):
+        self.caches = [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c)) for c in caches]
+        self.layer_index = layer_index or [None] * len(caches)
+
+    def to(self, device: torch.device) -> "CachedFeatures":
+        store = torch.float16 if device.type == "cuda" else torch.float32
+        self.caches = [c.to(device, store) for c in self.caches]
+        self.layer_index = [None if i is None else torch.as_tensor(i, device=device) for i in self.layer_index]
+        return self
+
+    @property
+    def n_rows(self) -> int:
+        return self.caches[0].shape[0]
+
+    @property
+    def dims(self) -> list[int]:
+        return [c.shape[2] for c in self.caches]
+
+    @property
+    def layers(self) -> list[int]:
+        return [c.shape[1] if i is None else len(i) for c, i in zip(self.caches, self.layer_index)]
+
+    @staticmethod
+    def _select(rows: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        return (rows if idx is None else rows[:, idx]).float()
+
+    def gather(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        return [self._select(c[ids], i) for c, i in zip(self.caches, self.layer_index)]
+
+    def rows(self, start: int, end: int) -> list[torch.Tensor]:
+        return [self._select(c[start:end], i) for c, i in zip(self.caches, self.layer_index)]
+
+
+class IdFeatures:
+    """ID-based models: the item encoder is an embedding table, so the features are the ids."""
+
+    static = True
+    module = None
+    chunk_size = 1 << 20
+    dims: list[int] = []
+    layers: list[int] = []
+
+    def __init__(self, n_items: int):
+        self.n_rows = n_items + 1
+
+    def to(self, device):
+        self.device = device
+        return self
+
+    def gather(self, ids: torch.Tensor) -> torch.Tensor:
+        return ids
+
+    def rows(self, start: int, end: int) -> torch.Tensor:
+        return torch.arange(start, end, device=self.device)
+
+
+@dataclass
+class Tower:
+    """One item field and the backbone that reads it."""
+
+    spec: BackboneSpec
+    path: str  # what from_pretrained loads
+    field: str
+    layers: list[int]  # indices into h[0..L] that the item encoder reads
+
+
+class BackboneTower(nn.Module):
+    def __init__(self, tower: Tower, model: nn.Module, inputs: dict[str, torch.Tensor], image_mean=None, image_std=None):
+        super().__init__()
+        self.spec = tower.spec
+        self.layers = list(tower.layers)
+        self.backbone = model
+        self.inputs = inputs  # plain tensors, (N+1, ...) each; moved by `to_device`
+        if image_mean is not None:
+            self.register_buffer("mean", torch.tensor(image_mean).view(1, -1, 1, 1), persistent=False)
+            self.register_buffer("std", torch.tensor(image_std).view(1, -1, 1, 1), persistent=False)
+
+    def to_device(self, device: torch.device) -> None:
+        self.to(device)
+        self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (u,) item ids >= 1 -> (u, K, d)
+        if self.spec.modality == "text":
+            enc = {k: v[ids] for k, v in self.inputs.items()}
+            out = self.backbone(**enc, output_hidden_states=True)
+            mask = enc.get("attention_mask")
+        else:
+            dtype = next(self.backbone.parameters()).dtype
+            px = (self.inputs["pixels"][ids].to(dtype) / 255 - self.mean.to(dtype)) / self.std.to(dtype)
+            out = self.backbone(pixel_values=px, output_hidden_states=True)
+            mask = None
+        hs = out.hidden_states
+        return _pool(tuple(hs[l] for l in self.layers), self.spec.pooling, mask)
+
+
+class BackboneFeatures(nn.Module):
+    """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
+    frozen backbones the states are computed under no_grad in eval mode and rounded to
+    `round_to` (the cache's storage dtype)."""
+
+    static = False
+    chunk_size = 256
+
+    def __init__(self, towers: list[BackboneTower], finetune: str, round_to: str | None = "float16"):
+        super().__init__()
+        self.towers = nn.ModuleList(towers)
+        self.finetune = finetune
+        self.round_to = getattr(torch, round_to) if (round_to and finetune == "frozen") else None
+        self.n_rows = next(iter(towers[0].inputs.values())).shape[0]
+
+    @property
+    def module(self) -> nn.Module:
+        return self
+
+    @property
+    def dims(self) -> list[int]:
+        return [t.spec.hidden for t in self.towers]
+
+    @property
+    def layers(self) -> list[int]:
+        return [len(t.layers) for t in self.towers]
+
+    def to(self, *args, **kwargs):  # noqa: D401 - nn.Module.to plus the inputs
+        if args and isinstance(args[0], (torch.device, str)) and not kwargs:
+            dev = torch.device(args[0])
+            for t in self.towers:
+                t.to_device(dev)
+            return self
+        return super().to(*args, **kwargs)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.finetune == "frozen":
+            super().train(False)  # frozen backbones always run in eval mode
+        return self
+
+    def _states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Features of item ids (>= 1 each), one (u, K, d) tensor per tower."""
+        if self.finetune == "frozen":
+            with torch.no_grad():
+                out = [t(ids) for t in self.towers]
+            if self.round_to is not None:
+                out = [o.to(self.round_to).float() for o in out]
+            return out
+        return [t(ids).float() for t in self.towers]
+
+    def gather(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Each distinct item of the batch runs once; padding gets zeros."""
+        uniq, inv = torch.unique(ids, return_inverse=True)
+        real = uniq[uniq != 0]
+        feats = self._states(real) if real.numel() else None
+        out = []
+        for f, t in enumerate(self.towers):
+            full = torch.zeros(uniq.shape[0], len(t.layers), t.spec.hidden, device=ids.device)
+            if feats is not None:
+                full = full.index_put((torch.nonzero(uniq != 0).squeeze(1),), feats[f].to(full.dtype))
+            out.append(full[inv])
+        return out
+
+    def rows(self, start: int, end: int) -> list[torch.Tensor]:
+        return self.gather(torch.arange(start, end, device=next(iter(self.towers[0].inputs.values())).device))
+
+
+def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None) -> tuple[dict, tuple]:
+    """Tokenised titles (text) or resized uint8 images (image) of every item, row 0 = padding.
+    Text uses the cache's tokenisation (METHOD.md §1); images the backbone's processor with the
+    rescale/normalise done on the device, which gives the processor's values exactly."""
+    import polars as pl
+
+    items = pl.read_parquet(items_parquet)
+    if spec.modality == "text":
+        if field not in items.columns:
+            raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns})")
+        texts = [""] + items[field].to_list()
+        enc = _encode(spec, pre, texts, torch.device("cpu"))
+        return enc, (None, None)
+    if images_archive is None:
+        raise ValueError(f"field {field!r}: an image backbone needs the dataset's image archive")
+    names = items["image"].to_list()
+    size = spec.image_size
+    chunks = [torch.zeros(1, 3, size, size, dtype=torch.uint8)]
+    for s in range(0, len(names), 512):
+        imgs = _load_images(Path(images_archive), names[s : s + 512], size)
+        px = pre(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
+        chunks.append(torch.as_tensor(px).to(torch.uint8))
+    pixels = torch.cat(chunks)
+    if pixels.shape[-1] != size:
+        chunks[0] = torch.zeros(1, *pixels.shape[1:], dtype=torch.uint8)
+        pixels = torch.cat(chunks)
+    return {"pixels": pixels}, (list(pre.image_mean), list(pre.image_std))
+
+
+def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,
+                            round_to: str | None = "float16", device: torch.device | None = None,
+                            adapter_bottleneck: int = 64, lora_rank: int = 8, lora_alpha: int = 8) -> BackboneFeatures:
+    device = device or torch.device("cpu")
+    mods = []
+    for t in towers:
+        model, pre = load_backbone(t.spec, t.path, torch.device("cpu"))
+        if finetune != "frozen" and getattr(model, "is_quantized", False):
+            raise ValueError(f"backbone {t.spec.name}: {finetune} needs trainable weights, not a quantised checkpoint")
+        model = prepare_backbone(model, t.spec.family, finetune, adapter_bottleneck=adapter_bottleneck,
+                                 lora_rank=lora_rank, lora_alpha=lora_alpha)
+        inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive)
+        mods.append(BackboneTower(t, model, inputs, mean, std))
+    return BackboneFeatures(mods, finetune, round_to).to(device)
