@@ -77,7 +77,27 @@ def test_demo_workflow_end_to_end(root, tmp_path):
         f7 = {r["cache"]: r for r in csv.DictReader(fh)}
     assert set(f7) == {"full", "dropped"}
     assert f7["full"]["hr@10"] == f7["dropped"]["hr@10"]  # same seed, same states: same result
-    for fig in ("fig4", "fig6", "fig7"):
+    # Table III: every method, one epoch for the baselines, three seeds and a t-test for VS vs VA
+    with open(wd / "results/table3.csv") as fh:
+        t3 = {r["method"]: r for r in csv.DictReader(fh)}
+    assert list(t3) == ["FFT", "Adapter", "LoRA", "BitFit", "SASRec (ID)", "GRU4Rec (ID)", "IISAN-VS", "IISAN-VA"]
+    assert t3["IISAN-VS"]["seeds"] == t3["IISAN-VA"]["seeds"] == "3" and t3["FFT"]["seeds"] == "1"
+    assert 0 <= float(t3["IISAN-VA"]["hr@10 p (VA vs VS)"]) <= 1 and t3["IISAN-VA"]["hr@10 sig"] in ("", "*")
+    assert float(t3["FFT"]["hr@10 vs FFT (%)"]) == 0 and t3["SASRec (ID)"]["TPME"] == ""
+    assert int(t3["FFT"]["trainable_params"]) > int(t3["LoRA"]["trainable_params"])
+    for method in ("fft", "adapter", "lora", "bitfit"):
+        run_dir = wd / f"results/runs/demo/title@bert-demo+image@vit-demo/{method}/last/none/seed12345"
+        assert json.loads((run_dir / "metrics.json").read_text())["epochs_run"] == 1
+    assert (wd / "results/runs/demo/id/gru4rec/none/none/seed12345/metrics.json").exists()
+    # Fig. 5 / efficiency.csv: every method at every batch size, TPME per batch size
+    with open(wd / "results/efficiency.csv") as fh:
+        eff = list(csv.DictReader(fh))
+    assert [(r["method"], r["batch_size"]) for r in eff] == [
+        (m, b) for b in ("2", "8") for m in ("FFT", "Adapter", "LoRA", "BitFit", "IISAN-VS (uncached)", "IISAN-VS")
+    ]
+    assert all(r["peak_memory_kind"] == "cpu_peak_rss" and float(r["time_per_epoch_s"]) > 0 for r in eff)
+    assert max(float(r["TPME"]) for r in eff if r["batch_size"] == "8") <= 1.0
+    for fig in ("fig4", "fig5", "fig6", "fig7"):
         assert (wd / f"results/{fig}.png").read_bytes()[:4] == b"\x89PNG"
     with open(wd / "results/fig6.csv") as fh:
         f6 = {r["backbone"]: r for r in csv.DictReader(fh)}
@@ -87,7 +107,7 @@ def test_demo_workflow_end_to_end(root, tmp_path):
     res = run(SNAKEMAKE + ["--configfile", "tests/configs/tiny.yaml", "--report", "report.html"], wd)
     assert res.returncode == 0, res.stderr[-2000:]
     html = (wd / "report.html").read_text(errors="replace")
-    for name in ("table4.csv", "table6.csv", "table7.csv", "table8.csv", "fig4.png", "fig6.png", "fig7.png"):
+    for name in ("table3.csv", "table4.csv", "table6.csv", "table7.csv", "table8.csv", "fig4.png", "fig5.png", "fig6.png", "fig7.png"):
         assert name in html
     # nothing to do on a second run, nor when only a speed knob changes
     res = run(SNAKEMAKE + ["-n", "--configfile", "tests/configs/tiny.yaml"], wd)

@@ -81,7 +81,8 @@ def cmd_prune(a):
 
 
 def _speed(a) -> dict:
-    return {**json.loads(a.speed), **{k: v for k, v in (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch)) if v is not None}}
+    knobs = (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch), ("compile", a.compile))
+    return {**json.loads(a.speed), **{k: v for k, v in knobs if v is not None}}
 
 
 def cmd_train(a):
@@ -194,6 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--speed", default="{}", help="JSON of speed-only TrainConfig fields (cuda_graphs, eval_batch)")
         s.add_argument("--cuda-graphs", type=lambda v: bool(int(v)), default=None, help="1/0: capture the training step as a CUDA graph")
         s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
+        s.add_argument("--compile", type=lambda v: bool(int(v)), default=None, help="1/0: torch.compile the item and user encoders (CUDA)")
         s.add_argument("--threads", type=int, default=0)
         if name == "profile":
             s.add_argument("--batch-size", type=int, required=True)

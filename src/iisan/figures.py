@@ -135,6 +135,8 @@ def fig5(df: pl.DataFrame, out: Path, time_batch: int | None = None) -> None:
         part = df.filter(pl.col("method") == method).sort("batch_size")
         right.plot(part["batch_size"].to_list(), (part["peak_memory_mb"] / 1024).to_list(), marker="o", label=method)
     right.set_xscale("log", base=2)
+    sizes = sorted(set(df["batch_size"].to_list()))
+    right.set_xticks(sizes, [str(b) for b in sizes])
     right.set_xlabel("batch size")
     right.set_ylabel(f"peak memory (GiB, {kind})")
     right.set_title("memory against batch size")

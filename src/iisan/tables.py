@@ -168,7 +168,7 @@ def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame
                 "cache_bytes": sum(c.get("bytes") or 0 for c in m.get("caches", [])),
             }
         )
-    return pl.DataFrame(records)
+    return pl.DataFrame(records, schema_overrides={"seconds_per_epoch_with_eval": pl.Float64, "seed": pl.Int64})
 
 
 def aggregate(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:

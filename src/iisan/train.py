@@ -37,6 +37,7 @@ class TrainConfig:
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_batch: int = 1024
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
+    compile: bool = False  # torch.compile the item and user encoders on CUDA (speed only)
     k: int = 10
     # uncached baselines (the authors' scripts): pretrained backbone weights (FFT, BitFit) and
     # inserted adapter/LoRA matrices, text and image backbone
@@ -51,6 +52,12 @@ def set_seed(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
+
+
+def _can_compile() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("triton") is not None
 
 
 def config_hash(obj: dict) -> str:
@@ -89,7 +96,10 @@ class Trainer:
         self.model = Recommender(model_cfg, self.source.dims, self.source.layers, n_items=data.n_items,
                                  backbones=self.source.module).to(self.device)
         on_cuda = self.device.type == "cuda"
-        self.graphs = on_cuda and train_cfg.cuda_graphs and self.source.static
+        # frozen backbones in the loop (IISAN uncached): they run eagerly under no_grad and the
+        # rest of the step (side network, user encoder, loss, backward, Adam) is one CUDA graph
+        self.split = not self.source.static and getattr(self.source, "finetune", None) == "frozen"
+        self.graphs = on_cuda and train_cfg.cuda_graphs and (self.source.static or self.split)
         self.opt = torch.optim.Adam(
             self.model.param_groups(
                 train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f,
@@ -100,7 +110,14 @@ class Trainer:
             capturable=self.graphs,
         )
         self._graph, self._warm = None, 0
+        # evaluation runs the plain modules (varying shapes would recompile)
+        self._eval_items, self._eval_user = self.model.items, self.model.user
+        if on_cuda and train_cfg.compile and _can_compile():  # fuse the side network's small kernels (speed only)
+            self.model.items = torch.compile(self.model.items)
+            self.model.user = torch.compile(self.model.user)
         self.amp = train_cfg.amp and self.device.type == "cuda"
+        if self.amp and hasattr(self.source, "lower_precision"):
+            self.source.lower_precision(torch.bfloat16)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
 
     def _autocast(self):
@@ -109,15 +126,17 @@ class Trainer:
     def _features(self, ids: torch.Tensor):
         return self.source.gather(ids.reshape(-1))  # [(M, K, d)] (ids for ID-based models)
 
-    def _loss(self, ids: torch.Tensor) -> torch.Tensor:
-        """Training loss of one batch of left-padded windows `ids` (B, S)."""
+    def _loss(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
+        """Training loss of one batch of left-padded windows `ids` (B, S); `feats`: their
+        features when computed outside the step."""
         with self._autocast():
-            E = self.model.items(self._features(ids)).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
+            feats = self._features(ids) if feats is None else feats
+            E = self.model.items(feats).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
             U = self.model.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
             return inbatch_debiased_ce(U, E, ids, self.data.log_pop)
 
-    def _step(self, ids: torch.Tensor) -> torch.Tensor:
-        loss = self._loss(ids)
+    def _step(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
+        loss = self._loss(ids, feats)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.opt.step()
@@ -136,21 +155,30 @@ class Trainer:
             yield ids
 
     def _graph_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Replay the whole training step (forward, backward, Adam) as one CUDA graph."""
+        """Replay the whole training step (forward, backward, Adam) as one CUDA graph; with frozen
+        backbones in the loop, their features are computed first and copied into the graph."""
+        feats = None
+        if self.split:
+            with self._autocast():
+                feats = self._features(ids)
         if self._graph is None:
             if self._warm < 3:  # eager warm-up steps on a side stream before capture
                 self._warm += 1
                 s = torch.cuda.Stream(self.device)
                 s.wait_stream(torch.cuda.current_stream(self.device))
                 with torch.cuda.stream(s):
-                    loss = self._step(ids)
+                    loss = self._step(ids, feats)
                 torch.cuda.current_stream(self.device).wait_stream(s)
                 return loss
             self._static_ids = ids.clone()
+            self._static_feats = None if feats is None else [f.clone() for f in feats]
             self._graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(self._graph):
-                self._static_loss = self._step(self._static_ids)
+                self._static_loss = self._step(self._static_ids, self._static_feats)
         self._static_ids.copy_(ids)
+        if feats is not None:
+            for buf, f in zip(self._static_feats, feats):
+                buf.copy_(f)
         self._graph.replay()
         return self._static_loss.clone()
 
@@ -170,7 +198,7 @@ class Trainer:
         out = []
         with self._autocast():
             for s in range(0, n, chunk):
-                out.append(self.model.items(self.source.rows(s, min(s + chunk, n))).float())
+                out.append(self._eval_items(self.source.rows(s, min(s + chunk, n))).float())
         return torch.cat(out)
 
     @torch.no_grad()
@@ -184,7 +212,7 @@ class Trainer:
         for s in range(0, inp.shape[0], self.cfg.eval_batch):
             x = inp[s : s + self.cfg.eval_batch]
             with self._autocast():
-                u = self.model.user(table[x], x != 0)[:, -1].float()  # (b, D)
+                u = self._eval_user(table[x], x != 0)[:, -1].float()  # (b, D)
             scores = u @ table.T  # (b, N+1)
             rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
             h, n = hr_ndcg(rank, self.cfg.k)

@@ -38,7 +38,12 @@ GPUS = _gpus_per_job()
 
 # Speed knobs change how fast, not what is computed: they reach the train rule as integer
 # `resources` (which never trigger a rerun), not as `params`.
-SPEED = {"cuda_graphs": True, "eval_batch": 1024, **config.get("speed", {})}
+SPEED = {
+    "cuda_graphs": True,
+    "eval_batch": 1024,
+    "compile": True,
+    **config.get("speed", {}),
+}
 
 
 def dataset_source(dataset):
@@ -204,11 +209,15 @@ def uncached_args(wildcards, input):
     for t in parse_towers(wildcards.towers):
         spec = backbone_spec(t["backbone"])
         path = (
-            standin_folder(t["backbone"]) if spec["source"] == "demo" else spec["source"]
+            standin_folder(t["backbone"])
+            if spec["source"] == "demo"
+            else spec["source"]
         )
         backbones.append({"spec": spec, "path": path})
     args = f"--backbones {shlex.quote(json.dumps(backbones))}"
-    return args + (f" --images {shlex.quote(input.images)}" if "images" in input.keys() else "")
+    return args + (
+        f" --images {shlex.quote(input.images)}" if "images" in input.keys() else ""
+    )
 
 
 def experiment_json(wildcards):
@@ -223,7 +232,9 @@ def experiment_json(wildcards):
         "model": config.get("model", {}),
         "train": dict(train, seed=int(wildcards.seed)),
     }
-    if wildcards.cache == "none":  # frozen backbones' states are rounded like the cache's
+    if (
+        wildcards.cache == "none"
+    ):  # frozen backbones' states are rounded like the cache's
         out["cache_dtype"] = config["cache"]["dtype"]
     return out
 
@@ -232,7 +243,9 @@ def run_dir(dataset, row):
     scheme = "last" if row["method"] in LAST_STATE else row["scheme"]
     towers = "id" if row["method"] in ID_METHODS else towers_id(row["towers"])
     cache = "none" if row["method"] in ID_METHODS else row.get("cache", "dropped")
-    return os.path.join("results", "runs", dataset, towers, row["method"], scheme, cache)
+    return os.path.join(
+        "results", "runs", dataset, towers, row["method"], scheme, cache
+    )
 
 
 def run_path(dataset, row, seed):
@@ -380,7 +393,10 @@ def profile_path(dataset, row):
     """results/efficiency/... mirrors the run's folder; one JSON per batch size."""
     run = run_dir(dataset, row)
     return os.path.join(
-        "results", "efficiency", os.path.relpath(run, "results/runs"), f"batch{row['batch_size']}.json"
+        "results",
+        "efficiency",
+        os.path.relpath(run, "results/runs"),
+        f"batch{row['batch_size']}.json",
     )
 
 

@@ -20,6 +20,7 @@ rule train:
         runtime=240,
         speed_cuda_graphs=int(SPEED["cuda_graphs"]),
         speed_eval_batch=SPEED["eval_batch"],
+        speed_compile=int(SPEED["compile"]),
         gpu=GPUS,
     params:
         # result-affecting hyper-parameters: a change reruns exactly the experiments it touches
@@ -33,7 +34,7 @@ rule train:
         uncached=uncached_args,
     shell:
         "iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
-        " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"
+        " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --compile {resources.speed_compile} --threads {threads} --out {output:q} > {log} 2>&1"
 
 
 rule profile:
@@ -53,6 +54,7 @@ rule profile:
         runtime=60,
         speed_cuda_graphs=int(SPEED["cuda_graphs"]),
         speed_eval_batch=SPEED["eval_batch"],
+        speed_compile=int(SPEED["compile"]),
         gpu=GPUS,
     params:
         experiment_arg=profile_experiment_arg,
@@ -64,4 +66,4 @@ rule profile:
     shell:
         "iisan profile --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
         " --caches {params.cache_dirs} {params.uncached} --batch-size {wildcards.batch} --steps {params.steps}"
-        " --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --threads {threads} --out {output:q} > {log} 2>&1"
+        " --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --compile {resources.speed_compile} --threads {threads} --out {output:q} > {log} 2>&1"

@@ -1,0 +1,145 @@
+"""Table III / Fig. 5 efficiency on a GPU: FFT, Adapter, LoRA, BitFit, IISAN uncached and IISAN
+cached with BERT-base and ViT-base architectures at Scientific size (issue: baselines).
+
+Random weights and synthetic data with the real shapes (speed and memory do not depend on the
+values): 12,076 users, 20,314 items, 30-token titles, 224x224 images, batch 32, bf16 autocast,
+the library's training step (`Trainer.profile`). Each method runs in its own process so peak
+memory (`torch.cuda.max_memory_allocated`) is its own. Time per epoch = mean step time over
+`--steps` timed steps (after 3 warm-up steps) x 378 steps; IISAN cached is timed over a whole
+epoch. One validation pass (every item through the backbones for the uncached methods) is timed
+too, for the "including validation" column.
+
+    PYTHONPATH=src:benchmarks python benchmarks/baselines_speed.py --all [--steps 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import subprocess
+import sys
+import time
+
+import numpy as np
+import torch
+
+METHODS = ["fft", "adapter", "lora", "bitfit", "iisan-uncached", "iisan"]
+
+
+SMOKE = False  # --smoke: tiny widths on the CPU, to check the script before spending GPU time
+
+
+def build(method: str, data, device):
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    from iisan.backbones import BackboneSpec
+    from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, Tower
+    from iisan.finetune import prepare_backbone
+    from iisan.layerdrop import scheme_layers
+
+    n = data.n_items + 1
+    layers = scheme_layers("blocks6", 12)
+    if method == "iisan":
+        rng = np.random.default_rng(1)
+        d = 32 if SMOKE else 768
+        caches = [rng.standard_normal((n, len(layers), d), dtype=np.float32).astype(np.float16) for _ in range(2)]
+        return CachedFeatures(caches), "iisan"
+    finetune = "frozen" if method == "iisan-uncached" else method
+    g = torch.Generator().manual_seed(0)
+    text_spec = BackboneSpec.from_config("bert-base", {"source": "random", "family": "bert", "modality": "text", "layers": 12, "hidden": 768})
+    image_spec = BackboneSpec.from_config("vit-base", {"source": "random", "family": "vit", "modality": "image", "layers": 12, "hidden": 768})
+    want = layers if finetune == "frozen" else [12]
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if SMOKE else {}
+    size = 32 if SMOKE else 224
+    d = 32 if SMOKE else 768
+    text_spec.hidden = image_spec.hidden = d
+    bert = prepare_backbone(BertModel(BertConfig(**small), add_pooling_layer=False), "bert", finetune)
+    vit = prepare_backbone(ViTModel(ViTConfig(image_size=size, **small), add_pooling_layer=False), "vit", finetune)
+    lengths = torch.randint(8, 31, (n,), generator=g)
+    ids = torch.randint(1000, 30000, (n, 30), generator=g)
+    mask = (torch.arange(30).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    text_inputs = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    towers = [
+        BackboneTower(Tower(text_spec, "", "title", want), bert, text_inputs),
+        BackboneTower(Tower(image_spec, "", "image", want), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),
+    ]
+    model_method = "iisan" if finetune == "frozen" else "frozen"
+    return BackboneFeatures(towers, finetune, "float16"), model_method
+
+
+def run_one(method: str, steps: int, compile_: bool = False) -> dict:
+    from train_speed import synthetic
+
+    from iisan.model import ModelConfig
+    from iisan.train import Trainer, TrainConfig
+
+    device = torch.device("cpu" if SMOKE else "cuda")
+    data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
+    source, model_method = build(method, data, device)
+    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, amp=True, cuda_graphs=True, compile=compile_)
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
+    steps_per_epoch = -(-data.n_users // cfg.batch_size)
+    timed = steps_per_epoch if method == "iisan" else steps
+    prof = trainer.profile(steps=timed)
+    trainer._sync()
+    t0 = time.perf_counter()
+    trainer.evaluate("valid")
+    trainer._sync()
+    eval_s = time.perf_counter() - t0
+    return {
+        "method": method,
+        "compile": compile_,
+        "device": prof["device"],
+        "torch": torch.__version__,
+        "batch": cfg.batch_size,
+        "steps_timed": timed,
+        "steps_per_epoch": steps_per_epoch,
+        "seconds_per_step": round(prof["seconds_per_step"], 5),
+        "epoch_train_s": round(prof["time_per_epoch_train_s"], 2),
+        "validation_s": round(eval_s, 2),
+        "epoch_with_validation_s": round(prof["time_per_epoch_train_s"] + eval_s, 2),
+        "peak_memory_gib": round(prof["peak_memory_mb"] / 1024, 2),
+        "peak_memory_kind": prof["peak_memory_kind"],
+        "trainable_params": prof["trainable_params"],
+        "total_params": prof["total_params"],
+    }
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--method", choices=METHODS)
+    ap.add_argument("--all", action="store_true", help="every method, each in its own process")
+    ap.add_argument("--steps", type=int, default=40)
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the item and user encoders")
+    ap.add_argument("--methods", default=",".join(METHODS), help="with --all: which methods")
+    args = ap.parse_args()
+    global SMOKE
+    SMOKE = args.smoke
+    if args.all:
+        rows = []
+        for m in args.methods.split(","):
+            flags = (["--smoke"] if SMOKE else []) + (["--compile"] if args.compile else [])
+            out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
+            if out.returncode != 0:
+                print(json.dumps({"method": m, "error": out.stderr[-1500:]}), flush=True)
+                continue
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            print(json.dumps(rows[-1]), flush=True)
+        by = {r["method"]: r for r in rows}
+        if "fft" in by and "iisan" in by:
+            fft, cached = by["fft"], by["iisan"]
+            summary = {"cached_speedup_vs_fft": round(fft["epoch_train_s"] / cached["epoch_train_s"], 1),
+                       "cached_memory_reduction_vs_fft": round(fft["peak_memory_gib"] / cached["peak_memory_gib"], 1)}
+            if "iisan-uncached" in by:
+                summary["uncached_speedup_vs_fft"] = round(fft["epoch_train_s"] / by["iisan-uncached"]["epoch_train_s"], 2)
+            print(json.dumps(summary), flush=True)
+        return
+    print(json.dumps(run_one(args.method, args.steps, args.compile)), flush=True)
+    gc.collect()
+
+
+if __name__ == "__main__":
+    main()

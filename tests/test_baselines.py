@@ -1,0 +1,212 @@
+"""Table III baselines: which tensors train per method, LoRA keeps the pretrained weights, IISAN
+uncached equals IISAN cached, every method trains, TPME and the paired t-test."""
+
+import json
+import math
+
+import polars as pl
+import pytest
+import torch
+from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+from iisan.backbones import BackboneSpec, build_standin
+from iisan.cache import build_cache, prune_cache
+from iisan.data.amazon import preprocess
+from iisan.data.demo import DemoSpec, generate
+from iisan.experiment import check_method, make_trainer, run_experiment
+from iisan.finetune import HoulsbyAdapter, prepare_backbone
+from iisan.layerdrop import scheme_layers
+from iisan.tables import build_table3, paired_ttest, tpme
+
+TEXT = {"source": "demo", "family": "bert", "modality": "text", "layers": 12, "hidden": 16, "heads": 2,
+        "vocab_size": 300, "initializer_range": 0.2}
+IMAGE = {"source": "demo", "family": "vit", "modality": "image", "layers": 12, "hidden": 16, "heads": 2,
+         "image_size": 16, "patch_size": 8, "initializer_range": 0.2}
+TOWERS = [{"field": "title", "backbone": "bert-t"}, {"field": "image", "backbone": "vit-t"}]
+
+
+def bert(layers=2):
+    torch.manual_seed(0)
+    return BertModel(BertConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                                vocab_size=100), add_pooling_layer=False).eval()
+
+
+def vit(layers=2):
+    torch.manual_seed(0)
+    return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                              image_size=16, patch_size=8), add_pooling_layer=False).eval()
+
+
+def trainable(model):
+    return {n for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+def test_trainable_tensors_per_method(make, family):
+    names = {n for n, _ in make().named_parameters()}
+    # FFT: every weight the item encoder's h[L] depends on (ViT's final LayerNorm is not)
+    fft = trainable(prepare_backbone(make(), family, "fft"))
+    assert fft == {n for n in names if not n.startswith("layernorm.")}
+    # BitFit: exactly the bias terms
+    assert trainable(prepare_backbone(make(), family, "bitfit")) == {n for n in fft if n.endswith("bias")}
+    # Adapter: two Houlsby adapters per layer (after attention output and FFN output), nothing else
+    m = prepare_backbone(make(), family, "adapter")
+    adapters = [mod for mod in m.modules() if isinstance(mod, HoulsbyAdapter)]
+    assert len(adapters) == 2 * 2 and all(a.adapter_down.out_features == 64 for a in adapters)
+    assert trainable(m) == {n for n, _ in m.named_parameters() if ".adapter_down." in n or ".adapter_up." in n}
+    assert len(trainable(m)) == 2 * 2 * 4
+    # LoRA: rank-8 A and B on query and value of every layer, nothing else
+    m = prepare_backbone(make(), family, "lora")
+    lora = trainable(m)
+    assert len(lora) == 2 * 2 * 2 and all("lora_A" in n or "lora_B" in n for n in lora)
+    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} <= {"query", "value", "q_proj", "v_proj"}
+    assert all(p.shape[0] == 8 for n, p in m.named_parameters() if "lora_A" in n)
+    # frozen: nothing
+    assert trainable(prepare_backbone(make(), family, "frozen")) == set()
+
+
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+def test_lora_and_adapters_keep_the_pretrained_model(make, family):
+    base = make()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    x = {"input_ids": torch.randint(1, 100, (3, 7))} if family == "bert" else {"pixel_values": torch.randn(3, 3, 16, 16)}
+    with torch.no_grad():
+        ref = base(**x).last_hidden_state
+    for method in ("lora", "adapter"):
+        m = prepare_backbone(make(), family, method).eval()
+        # every pretrained tensor (Q/V included) is still there, bit for bit
+        after = {n.replace(".base_layer", "").replace(".base.", "."): p for n, p in m.named_parameters()}
+        for n, p in before.items():
+            assert torch.equal(after[n], p), (method, n)
+        with torch.no_grad():  # B = 0 (LoRA) and W_up = 0 (adapter): the model is unchanged at start
+            assert torch.equal(m(**x).last_hidden_state, ref), method
+
+
+def test_lora_without_a_target_module_fails_loudly():
+    from iisan.finetune import add_adapters
+
+    with pytest.raises(ValueError, match="adapters are not defined"):
+        add_adapters(bert(), "mixtral")
+
+
+def test_method_and_cache_must_agree():
+    check_method("iisan", "none")
+    with pytest.raises(ValueError, match="fft.*uncached"):
+        check_method("fft", "dropped")
+    with pytest.raises(ValueError, match="ID-based"):
+        check_method("gru4rec", "full")
+    with pytest.raises(ValueError, match="unknown method"):
+        check_method("fft2", "none")
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("baselines")
+    raw = generate(tmp / "raw", DemoSpec(n_items=150, n_users=200, n_groups=4, n_subgroups=2, seed=3, image_size=16))
+    preprocess(raw["items"], raw["users"], tmp / "ds", images=raw["images"])
+    titles = pl.read_parquet(tmp / "ds/items.parquet")["title"].to_list()
+    backbones, caches = [], []
+    for tower, entry in zip(TOWERS, (TEXT, IMAGE)):
+        spec = BackboneSpec.from_config(tower["backbone"], entry)
+        build_standin(spec, tmp / spec.name, titles)
+        full = tmp / "cache" / spec.name
+        build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", tower["field"], full,
+                    images_archive=raw["images"], progress=False)
+        prune_cache(full, full / "pruned-blocks6", scheme_layers("blocks6", 12))
+        backbones.append({"spec": entry, "path": str(tmp / spec.name)})
+        caches.append(full / "pruned-blocks6")
+    return tmp, raw, backbones, caches
+
+
+def experiment(method, cache, **train):
+    return {"towers": TOWERS, "method": method, "scheme": "last" if method in ("fft", "adapter", "lora", "bitfit") else "blocks6",
+            "cache": cache, "include_h0": True, "cache_dtype": "float16",
+            "train": {"batch_size": 32, "max_epochs": 2, "patience": 2, "lr_main": 1e-3, "lr_san": 5e-4, "lr_text_f": 2.5e-4, **train}}
+
+
+def test_iisan_uncached_equals_cached(demo):
+    tmp, raw, backbones, caches = demo
+    cached = run_experiment(experiment("iisan", "dropped"), tmp / "ds", caches, tmp / "cached.json", device="cpu")
+    uncached = run_experiment(experiment("iisan", "none"), tmp / "ds", [], tmp / "uncached.json", device="cpu",
+                              backbones=backbones, images=str(raw["images"]))
+    assert uncached["test"] == cached["test"] and uncached["valid"] == cached["valid"]
+    assert [h["loss"] for h in uncached["history"]] == [h["loss"] for h in cached["history"]]
+    assert uncached["trainable_params"] == cached["trainable_params"]
+    assert uncached["total_params"] > cached["total_params"]  # the backbones are held, frozen
+
+
+def _backbone_params(trainer):
+    return {f"{t}.{n}": p.detach().clone() for t, tower in enumerate(trainer.model.backbones.towers)
+            for n, p in tower.backbone.named_parameters()}
+
+
+@pytest.mark.parametrize("method", ["fft", "adapter", "lora", "bitfit", "iisan-va", "sasrec-id", "gru4rec"])
+def test_every_method_trains_one_epoch_and_only_its_tensors_change(demo, method):
+    tmp, raw, backbones, caches = demo
+    cache = "dropped" if method == "iisan-va" else "none"
+    exp = experiment(method, cache, max_epochs=1)
+    trainer, _, _ = make_trainer(exp, tmp / "ds", caches if cache == "dropped" else [], device="cpu",
+                                 backbones=backbones, images=str(raw["images"]))
+    before = _backbone_params(trainer) if trainer.model.backbones is not None else {}
+    result = trainer.fit(progress=False)
+    assert result["epochs_run"] == 1 and math.isfinite(result["history"][0]["loss"])
+    assert 0 <= result["test"]["hr@10"] <= 1 and result["trainable_params"] > 0
+    if not before:
+        return
+    after = _backbone_params(trainer)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    expected = {
+        "fft": lambda n: True,
+        "adapter": lambda n: ".adapter_" in n,
+        "lora": lambda n: "lora_" in n,
+        "bitfit": lambda n: n.endswith("bias"),
+    }[method]
+    assert changed and all(expected(n) for n in changed), sorted(changed)[:5]
+    if method == "lora":  # the pretrained Q/V weights are never touched
+        assert not any("base_layer" in n for n in changed)
+
+
+def test_tpme_matches_a_hand_computation():
+    t, p, m = [443.0, 350.0, 22.0], [200e6, 2e6, 4e6], [47.0, 37.0, 3.0]
+    got = tpme(t, p, m)
+    # FFT: every quantity is the maximum -> 0.45 + 0.1 + 0.45
+    assert got[0] == pytest.approx(1.0)
+    # Adapter: t (350-22)/(443-22), p 0 (the minimum), m (37-3)/(47-3)
+    assert got[1] == pytest.approx(0.45 * 328 / 421 + 0.1 * 0 + 0.45 * 34 / 44)
+    # IISAN: fastest and smallest, p (4e6-2e6)/(198e6)
+    assert got[2] == pytest.approx(0.1 * 2e6 / 198e6)
+    assert tpme([1.0], [2.0], [3.0]) == [0.0]
+
+
+def test_paired_ttest_matches_the_formula():
+    a, b = [7.1, 7.4, 7.3], [6.8, 6.9, 7.0]
+    d = [x - y for x, y in zip(a, b)]
+    mean = sum(d) / 3
+    sd = math.sqrt(sum((x - mean) ** 2 for x in d) / 2)
+    t = mean / (sd / math.sqrt(3))
+    # two-sided p of Student's t with 2 degrees of freedom: 1 - t / sqrt(t^2 + 2)
+    assert paired_ttest(a, b) == pytest.approx(1 - t / math.sqrt(t * t + 2), rel=1e-9)
+    assert math.isnan(paired_ttest([1.0], [2.0]))
+
+
+def _fake_metrics(tmp, name, hr, seed, **extra):
+    path = tmp / f"{name}-{seed}.json"
+    path.write_text(json.dumps({"test": {"hr@10": hr, "ndcg@10": hr / 2}, "trainable_params": extra.get("params", 100),
+                                "best_epoch": 1, "time_per_epoch_train_s": extra.get("t", 1.0), "peak_memory_mb": extra.get("m", 10.0),
+                                "peak_memory_kind": "cpu_peak_rss", "caches": []}))
+    return path
+
+
+@pytest.mark.parametrize("va_hr,star", [([0.072, 0.074, 0.073], "*"), ([0.070, 0.066, 0.071], "")])
+def test_table3_stars_a_significant_va_improvement(tmp_path, va_hr, star):
+    rows, paths = [], []
+    for token, label, hrs in (("fft", "FFT", [0.066]), ("iisan", "IISAN-VS", [0.068, 0.069, 0.070]), ("iisan-va", "IISAN-VA", va_hr)):
+        for i, hr in enumerate(hrs):
+            rows.append({"dataset": "demo", "label": label, "token": token, "seed": i})
+            paths.append(_fake_metrics(tmp_path, token, hr, i, t=10.0 if token == "fft" else 1.0))
+    df = build_table3(rows, paths)
+    va = df.filter(pl.col("method") == "IISAN-VA").row(0, named=True)
+    assert va["hr@10 sig"] == star and va["seeds"] == 3
+    assert va["hr@10"] == pytest.approx(100 * sum(va_hr) / 3, abs=0.005)
+    fft = df.filter(pl.col("method") == "FFT").row(0, named=True)
+    assert fft["hr@10 vs FFT (%)"] == 0 and fft["TPME"] == pytest.approx(0.45)
