@@ -156,3 +156,21 @@ def test_amazon_minilm_config_plans_only_its_own_jobs(root, tmp_path, mirror):
     stats = out[out.index("Job stats"):]
     assert re.search(r"^train\s+2$", stats, re.M) and re.search(r"^cache\s+1$", stats, re.M), stats
     assert "build_standin" not in stats and "results/amazon-minilm.csv" in out
+
+
+def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
+    wd = copy_workflow(root, tmp_path)
+    for ds in ("Scientific", "Instrument", "Office"):  # placeholder image archives
+        (wd / f"resources/raw/{ds}").mkdir(parents=True)
+        (wd / f"resources/raw/{ds}/images.zip").write_bytes(b"")
+    res = run(SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml"], wd)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    stats = out[out.index("Job stats"):]
+    # efficiency: 6 methods x 6 batch sizes on Scientific
+    assert re.search(r"^profile\s+36$", stats, re.M), stats
+    for ds in ("Scientific", "Instrument", "Office"):
+        assert f"results/runs/{ds}/title@bert-base+image@vit-base/fft/last/none/seed12345/metrics.json" in out
+        assert f"results/runs/{ds}/title@bert-large+image@vit-base/iisan-va/stride6+blocks6/dropped/seed12347/metrics.json" in out
+        assert f"results/runs/{ds}/id/gru4rec/none/none/seed12345/metrics.json" in out
+    assert "results/table3.csv" in out and "results/fig5.png" in out

@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--threads", type=int, default=0)
         if name == "profile":
             s.add_argument("--batch-size", type=int, required=True)
-            s.add_argument("--steps", type=int, default=10, help="timed steps (after 3 warm-up steps)")
+            s.add_argument("--steps", type=int, default=10, help="timed steps (after 4 warm-up steps)")
         s.set_defaults(fn=cmd_train if name == "train" else cmd_profile)
 
     s = sub.add_parser("efficiency", help="profiles -> results/efficiency.csv (+ Fig. 5)")

@@ -154,6 +154,7 @@ def run_experiment(
             "experiment": experiment,
             "layers": layers,
             "caches": info,
+            "cache_bytes": sum(c.get("bytes") or 0 for c in info),
             "cache": experiment.get("cache", "dropped"),
             "config_hash": config_hash(experiment),
             "dataset": str(dataset_dir),

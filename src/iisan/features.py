@@ -250,10 +250,14 @@ def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images
 def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,
                             round_to: str | None = "float16", device: torch.device | None = None,
                             adapter_bottleneck: int = 64, lora_rank: int = 8, lora_alpha: int = 8) -> BackboneFeatures:
+    import dataclasses
+
     device = device or torch.device("cpu")
     mods = []
     for t in towers:
-        model, pre = load_backbone(t.spec, t.path, torch.device("cpu"))
+        # trainable backbones keep fp32 master weights (bf16 autocast does the mixed precision)
+        spec = t.spec if finetune == "frozen" else dataclasses.replace(t.spec, dtype="float32")
+        model, pre = load_backbone(spec, t.path, torch.device("cpu"))
         if finetune != "frozen" and getattr(model, "is_quantized", False):
             raise ValueError(f"backbone {t.spec.name}: {finetune} needs trainable weights, not a quantised checkpoint")
         model = prepare_backbone(model, t.spec.family, finetune, adapter_bottleneck=adapter_bottleneck,

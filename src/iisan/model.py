@@ -283,18 +283,20 @@ class Recommender(nn.Module):
                      lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
         """User encoder, fusion and heads: lr_main; SANBs, gates, DTLs: lr_san; the text (field 0)
         head's F: lr_text_f (METHOD.md §8). Backbone tensors (uncached baselines): pretrained
-        weights and biases (FFT, BitFit) lr_backbone, inserted adapter/LoRA matrices lr_peft, each
-        (text, image) by the backbone's modality (the authors' scripts). Frozen tensors are left out."""
+        weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases lr_peft (the
+        authors' scripts give BitFit the adapter rates), each (text, image) by the backbone's
+        modality. Frozen tensors are left out."""
         heads = getattr(self.items, "heads", [])
         text_f = {id(p) for p in heads[0].F.parameters()} if len(heads) else set()
         intra, inter = getattr(self.items, "intra", []), getattr(self.items, "inter", None)
         san = {id(p) for mod in (*intra, inter) if mod is not None for p in mod.parameters()}
         backbone = {}
         if self.backbones is not None:
+            bitfit = getattr(self.backbones, "finetune", None) == "bitfit"
             for tower in self.backbones.towers:
                 side = "text" if tower.spec.modality == "text" else "image"
                 for n, p in tower.backbone.named_parameters():
-                    inserted = "lora_" in n or ".adapter_" in n
+                    inserted = bitfit or "lora_" in n or ".adapter_" in n
                     backbone[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
         lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1],
                "peft_text": lr_peft[0], "peft_image": lr_peft[1]}

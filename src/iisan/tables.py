@@ -357,7 +357,7 @@ def build_efficiency(rows: list[dict], profiles: list[Path], out: Path, figure: 
         )
     df = pl.DataFrame(recs)
     parts = []
-    for (ds, b), part in df.group_by("dataset", "batch_size", maintain_order=True):
+    for _, part in df.group_by("dataset", "batch_size", maintain_order=True):
         scores = tpme(part["time_per_epoch_s"].to_list(), part["trainable_params"].to_list(), part["peak_memory_mb"].to_list())
         parts.append(part.with_columns(pl.Series("TPME", scores).round(4)))
     df = pl.concat(parts).with_columns(pl.col("time_per_epoch_s").round(3), pl.col("peak_memory_mb").round(1))

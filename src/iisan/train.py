@@ -239,9 +239,10 @@ class Trainer:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def profile(self, steps: int = 10, warmup: int = 3) -> dict:
-        """Time `steps` training steps after `warmup` ones and read the peak memory: the memory
-        sweep and time estimate of Fig. 5 without a full epoch."""
+    def profile(self, steps: int = 10, warmup: int = 4) -> dict:
+        """Time `steps` training steps after `warmup` ones (with CUDA graphs the 4th step is the
+        capture) and read the peak memory: the memory sweep and time estimate of Fig. 5 without
+        a full epoch."""
         self.model.train()
         batches = self._batches()
         done = 0
