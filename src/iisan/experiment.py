@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from .backbones import BackboneSpec
+from .backbones import BackboneSpec, resolve_source
 from .cache import load_cache
 from .data.sequences import load_sequences
 from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features
@@ -104,7 +104,9 @@ def _uncached_source(experiment, dataset_dir, backbones, images, device):
     for t, (tower, b) in enumerate(zip(towers, backbones)):
         spec = BackboneSpec.from_config(tower["backbone"], b["spec"])
         want = tower_layers(experiment, t, spec.layers)
-        specs.append(Tower(spec=spec, path=b["path"], field=tower["field"], layers=want))
+        # a stand-in's folder as given; hub ids and package:<module> sources resolved here
+        path = b["path"] if spec.source == "demo" else resolve_source(spec)
+        specs.append(Tower(spec=spec, path=path, field=tower["field"], layers=want))
         layers.append(want)
     ft = experiment.get("finetune", {})
     source = build_backbone_features(
