@@ -113,6 +113,9 @@ class Trainer:
         # evaluation runs the plain modules (varying shapes would recompile)
         self._eval_items, self._eval_user = self.model.items, self.model.user
         if on_cuda and train_cfg.compile and _can_compile():  # fuse the side network's small kernels (speed only)
+            import torch._dynamo
+
+            torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager
             self.model.items = torch.compile(self.model.items)
             self.model.user = torch.compile(self.model.user)
         self.amp = train_cfg.amp and self.device.type == "cuda"
