@@ -224,3 +224,19 @@ def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
     assert sum(1 for n, p in trainer.model.backbones.named_parameters() if p.requires_grad) == 6 * 8 + 1
     result = trainer.fit(progress=False)
     assert result["epochs_run"] == 1 and 0 <= result["test"]["hr@10"] <= 1
+
+
+def test_a_failed_compile_falls_back_to_eager():
+    from iisan.train import compile_for_training
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("no compiler here")
+
+    torch._dynamo.reset()
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU())
+    x = torch.randn(5, 4)
+    compiled = compile_for_training(module, backend=broken_backend)
+    torch.testing.assert_close(compiled(x), module(x))
+    loss = compiled(x).sum()
+    loss.backward()
+    assert module[0].weight.grad is not None

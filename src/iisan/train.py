@@ -60,6 +60,14 @@ def _can_compile() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.nn.Module:
+    """``torch.compile`` for the training step; a compile that fails falls back to eager."""
+    import torch._dynamo as dynamo
+
+    dynamo.config.suppress_errors = True
+    return torch.compile(module, backend=backend)
+
+
 def config_hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
@@ -113,11 +121,8 @@ class Trainer:
         # evaluation runs the plain modules (varying shapes would recompile)
         self._eval_items, self._eval_user = self.model.items, self.model.user
         if on_cuda and train_cfg.compile and _can_compile():  # fuse the side network's small kernels (speed only)
-            import torch._dynamo
-
-            torch._dynamo.config.suppress_errors = True  # a failed compile falls back to eager
-            self.model.items = torch.compile(self.model.items)
-            self.model.user = torch.compile(self.model.user)
+            self.model.items = compile_for_training(self.model.items)
+            self.model.user = compile_for_training(self.model.user)
         self.amp = train_cfg.amp and self.device.type == "cuda"
         if self.amp and hasattr(self.source, "lower_precision"):
             self.source.lower_precision(torch.bfloat16)
