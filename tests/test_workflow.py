@@ -1,8 +1,8 @@
 """The Snakemake workflow end to end on a tiny config, in a temporary copy of the repository."""
 
 import csv
-import re
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -174,3 +174,12 @@ def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
         assert f"results/runs/{ds}/title@bert-large+image@vit-base/iisan-va/stride6+blocks6/dropped/seed12347/metrics.json" in out
         assert f"results/runs/{ds}/id/gru4rec/none/none/seed12345/metrics.json" in out
     assert "results/table3.csv" in out and "results/fig5.png" in out
+    # METHOD.md §8: LLM-text runs train with batch 512, the others with 64, the baselines with 32
+    batches = {}
+    for cmd in re.findall(r"iisan train --experiment '(\{.*?\})'", out):
+        exp = json.loads(cmd)
+        text = [t["backbone"] for t in exp["towers"] if t["field"] == "title"]
+        batches.setdefault((text[0] if text else "id", exp["method"]), set()).add(exp["train"]["batch_size"])
+    assert batches[("llama3-8b", "iisan-va")] == {512} and batches[("llama3-70b-gptq", "iisan-va")] == {512}
+    assert batches[("bert-large", "iisan-va")] == {64} and batches[("bert-base", "iisan")] == {64}
+    assert batches[("bert-base", "fft")] == {32} and batches[("id", "sasrec-id")] == {64}

@@ -6,6 +6,7 @@ import shlex
 
 from iisan.layerdrop import scheme_layers
 from iisan.layerdrop import tower_schemes
+from iisan.backbones import DECODERS
 from iisan.experiment import ID_METHODS
 from iisan.experiment import LAST_STATE
 from iisan.tables import table_plan
@@ -220,8 +221,22 @@ def uncached_args(wildcards, input):
     )
 
 
+def uses_decoder_text(wildcards):
+    """Whether a text tower of this run is a decoder LLM (the paper's "LLM-text runs")."""
+    if wildcards.towers == "id":
+        return False
+    return any(
+        backbone_spec(t["backbone"])["modality"] == "text"
+        and backbone_spec(t["backbone"])["family"] in DECODERS
+        for t in parse_towers(wildcards.towers)
+    )
+
+
 def experiment_json(wildcards):
+    """train <- decoder_train (LLM-text runs) <- method_train[method], then the seed."""
     train = dict(config.get("train", {}))
+    if uses_decoder_text(wildcards):
+        train.update(config.get("decoder_train", {}))
     train.update(config.get("method_train", {}).get(wildcards.method, {}))
     out = {
         "towers": parse_towers(wildcards.towers),
