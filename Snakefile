@@ -1,11 +1,16 @@
 # IISAN-Versa reproducibility workflow. See README.md; the stages live in workflow/rules/.
-from snakemake.utils import min_version, validate
+from snakemake.utils import min_version, update_config, validate
+
+from iisan.config import typed
 
 min_version("9.0")
 
 
 configfile: "config/config.yaml"
 
+
+# `--config key=value` values arrive as strings: read them as YAML, like the config files
+update_config(config, typed(dict(workflow.config_settings.config)))
 
 validate(config, "config/schemas/config.schema.yaml")
 

@@ -33,6 +33,19 @@ def run(cmd, cwd, **kw):
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
 
 
+def test_config_overrides_on_the_command_line_are_typed(root, tmp_path):
+    """`--config` values are read as YAML, like the config files (snakemake leaves them strings)."""
+    wd = copy_workflow(root, tmp_path)
+    res = run(SNAKEMAKE + ["-n", "results/table6.csv", "--config", "include_h0=false", "seeds=[1, 2]",
+                           "train={max_epochs: 3, lr_main: 1e-3}"], wd)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-3000:]
+    experiments = [json.loads(e) for e in re.findall(r"iisan train --experiment '(\{.*?\})'", out)]
+    assert experiments and {e["train"]["seed"] for e in experiments} == {1, 2}
+    assert all(e["include_h0"] is False and e["train"]["max_epochs"] == 3 and e["train"]["lr_main"] == 1e-3
+               and e["train"]["batch_size"] == 64 for e in experiments)
+
+
 def test_config_typo_stops_with_the_key_name(root, tmp_path):
     wd = copy_workflow(root, tmp_path)
     res = run(SNAKEMAKE + ["-n", "--config", "bad_linez=skip"], wd)
