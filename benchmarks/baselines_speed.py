@@ -9,7 +9,7 @@ memory (`torch.cuda.max_memory_allocated`) is its own. Time per epoch = mean ste
 epoch. One validation pass (every item through the backbones for the uncached methods) is timed
 too, for the "including validation" column.
 
-    PYTHONPATH=src:benchmarks python benchmarks/baselines_speed.py --all [--steps 40]
+    PYTHONPATH=src:benchmarks python benchmarks/baselines_speed.py --all [--steps 40] [--item-slots all]
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ METHODS = ["fft", "adapter", "lora", "bitfit", "iisan-uncached", "iisan"]
 SMOKE = False  # --smoke: tiny widths on the CPU, to check the script before spending GPU time
 
 
-def build(method: str, data, device):
+def build(method: str, data, device, item_slots: str = "distinct"):
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
     from iisan.backbones import BackboneSpec
@@ -66,10 +66,10 @@ def build(method: str, data, device):
         BackboneTower(Tower(image_spec, "", "image", want), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),
     ]
     model_method = "iisan" if finetune == "frozen" else "frozen"
-    return BackboneFeatures(towers, finetune, "float16"), model_method
+    return BackboneFeatures(towers, finetune, "float16", item_slots), model_method
 
 
-def run_one(method: str, steps: int, compile_: bool = False) -> dict:
+def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct") -> dict:
     from train_speed import synthetic
 
     from iisan.model import ModelConfig
@@ -77,8 +77,9 @@ def run_one(method: str, steps: int, compile_: bool = False) -> dict:
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
-    source, model_method = build(method, data, device)
-    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, amp=True, cuda_graphs=True, compile=compile_)
+    source, model_method = build(method, data, device, item_slots)
+    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, amp=True, cuda_graphs=True, compile=compile_,
+                      item_slots=item_slots)
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
     steps_per_epoch = -(-data.n_users // cfg.batch_size)
     timed = steps_per_epoch if method == "iisan" else steps
@@ -91,6 +92,7 @@ def run_one(method: str, steps: int, compile_: bool = False) -> dict:
     return {
         "method": method,
         "compile": compile_,
+        "item_slots": item_slots,
         "device": prof["device"],
         "torch": torch.__version__,
         "batch": cfg.batch_size,
@@ -115,13 +117,15 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the item and user encoders")
     ap.add_argument("--methods", default=",".join(METHODS), help="with --all: which methods")
+    ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
+                    help="backbones in the loop run every item slot (the authors' code) or each distinct item once")
     args = ap.parse_args()
     global SMOKE
     SMOKE = args.smoke
     if args.all:
         rows = []
         for m in args.methods.split(","):
-            flags = (["--smoke"] if SMOKE else []) + (["--compile"] if args.compile else [])
+            flags = (["--smoke"] if SMOKE else []) + (["--compile"] if args.compile else []) + ["--item-slots", args.item_slots]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
                 print(json.dumps({"method": m, "error": out.stderr[-1500:]}), flush=True)
@@ -137,7 +141,7 @@ def main():
                 summary["uncached_speedup_vs_fft"] = round(fft["epoch_train_s"] / by["iisan-uncached"]["epoch_train_s"], 2)
             print(json.dumps(summary), flush=True)
         return
-    print(json.dumps(run_one(args.method, args.steps, args.compile)), flush=True)
+    print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots)), flush=True)
     gc.collect()
 
 

@@ -14,7 +14,7 @@ from iisan.cache import build_cache, prune_cache
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.experiment import check_method, make_trainer, run_experiment
-from iisan.finetune import HoulsbyAdapter, prepare_backbone
+from iisan.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, prepare_backbone
 from iisan.layerdrop import scheme_layers
 from iisan.tables import build_table3, paired_ttest, tpme
 
@@ -63,6 +63,30 @@ def test_trainable_tensors_per_method(make, family):
     assert all(p.shape[0] == 8 for n, p in m.named_parameters() if "lora_A" in n)
     # frozen: nothing
     assert trainable(prepare_backbone(make(), family, "frozen")) == set()
+
+
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+def test_bitfit_layernorm_is_the_same_function_with_the_same_bias_gradients(make, family):
+    """BitFit's LayerNorms apply their affine part outside the fused kernel (a CUDA kernel bug
+    workaround): outputs, bias gradients and state-dict keys are those of the plain model."""
+    plain, ours = make(), prepare_backbone(make(), family, "bitfit")
+    for n, p in plain.named_parameters():
+        p.requires_grad_(n in trainable(ours))
+    assert plain.state_dict().keys() == ours.state_dict().keys()
+    assert any(isinstance(m, BiasOnlyLayerNorm) for m in ours.modules())
+    if family == "bert":
+        x = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
+    else:
+        x = {"pixel_values": torch.randn(3, 3, 16, 16)}
+    outs = []
+    for m in (plain, ours):
+        h = m(**x, output_hidden_states=True).hidden_states[-1]
+        h[:, 0].pow(2).sum().backward()
+        outs.append((h.detach(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    torch.testing.assert_close(outs[0][0], outs[1][0])
+    assert outs[0][1].keys() == outs[1][1].keys() and any("LayerNorm" in n or "layernorm" in n for n in outs[1][1])
+    for n in outs[0][1]:
+        torch.testing.assert_close(outs[0][1][n], outs[1][1][n], msg=n)
 
 
 @pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
@@ -124,15 +148,42 @@ def experiment(method, cache, **train):
             "train": {"batch_size": 32, "max_epochs": 2, "patience": 2, "lr_main": 1e-3, "lr_san": 5e-4, "lr_text_f": 2.5e-4, **train}}
 
 
-def test_iisan_uncached_equals_cached(demo):
+@pytest.mark.parametrize("item_slots", ["all", "distinct"])
+def test_iisan_uncached_equals_cached(demo, item_slots):
     tmp, raw, backbones, caches = demo
     cached = run_experiment(experiment("iisan", "dropped"), tmp / "ds", caches, tmp / "cached.json", device="cpu")
-    uncached = run_experiment(experiment("iisan", "none"), tmp / "ds", [], tmp / "uncached.json", device="cpu",
-                              backbones=backbones, images=str(raw["images"]))
+    uncached = run_experiment(experiment("iisan", "none", item_slots=item_slots), tmp / "ds", [], tmp / "uncached.json",
+                              device="cpu", backbones=backbones, images=str(raw["images"]))
     assert uncached["test"] == cached["test"] and uncached["valid"] == cached["valid"]
     assert [h["loss"] for h in uncached["history"]] == [h["loss"] for h in cached["history"]]
     assert uncached["trainable_params"] == cached["trainable_params"]
     assert uncached["total_params"] > cached["total_params"]  # the backbones are held, frozen
+
+
+def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
+    """The authors' accounting ("all": every slot, padding and repeats included) and ours
+    ("distinct") give the same features; only the number of rows the backbones see differs."""
+    tmp, raw, backbones, caches = demo
+    trainer, _, _ = make_trainer(experiment("iisan", "none"), tmp / "ds", [], device="cpu",
+                                 backbones=backbones, images=str(raw["images"]))
+    source = trainer.model.backbones
+    seen = []
+    hook = source.towers[0].backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]),
+                                                               with_kwargs=True)
+    ids = torch.tensor([0, 0, 5, 7, 5, 0, 9, 7, 7, 3, 0, 1])  # 12 slots, 5 distinct items, 4 padding
+    source.item_slots = "all"
+    every = source.gather(ids)
+    source.item_slots = "distinct"
+    distinct = source.gather(ids)
+    hook.remove()
+    assert seen == [12, 5]
+    for a, b in zip(every, distinct):
+        assert a.shape == (12, 7, 16)
+        torch.testing.assert_close(a, b)
+        assert not a[ids == 0].any() and a[ids != 0].abs().sum(dim=(1, 2)).min() > 0
+    with pytest.raises(ValueError, match="item_slots"):
+        make_trainer(experiment("iisan", "none", item_slots="some"), tmp / "ds", [], device="cpu",
+                     backbones=backbones, images=str(raw["images"]))
 
 
 def _backbone_params(trainer):

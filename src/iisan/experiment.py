@@ -113,6 +113,7 @@ def _uncached_source(experiment, dataset_dir, backbones, images, device):
         specs, Path(dataset_dir) / "items.parquet", finetune, images_archive=Path(images) if images else None,
         round_to=experiment.get("cache_dtype", "float16"), device=device,
         adapter_bottleneck=ft.get("adapter_bottleneck", 64), lora_rank=ft.get("lora_rank", 8), lora_alpha=ft.get("lora_alpha", 8),
+        item_slots=experiment.get("train", {}).get("item_slots", "all"),
     )
     return source, layers
 

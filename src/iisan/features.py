@@ -144,10 +144,12 @@ class BackboneFeatures(nn.Module):
     # the step time for BERT-base + ViT-base on an H100 without it)
     bucket = 32
 
-    def __init__(self, towers: list[BackboneTower], finetune: str, round_to: str | None = "float16"):
+    def __init__(self, towers: list[BackboneTower], finetune: str, round_to: str | None = "float16",
+                 item_slots: str = "all"):
         super().__init__()
         self.towers = nn.ModuleList(towers)
         self.finetune = finetune
+        self.item_slots = item_slots  # all | distinct (see `gather`)
         self.round_to = getattr(torch, round_to) if (round_to and finetune == "frozen") else None
         self.n_rows = next(iter(towers[0].inputs.values())).shape[0]
 
@@ -196,7 +198,20 @@ class BackboneFeatures(nn.Module):
         return [t(ids).float() for t in self.towers]
 
     def gather(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Each distinct item of the batch runs once; padding gets zeros."""
+        """Features of every slot of `ids` (M,); padding slots (id 0) get zeros.
+
+        item_slots = "all" runs every slot through the backbones, padding and repeated items
+        included, as the authors' code does (their time and memory figures count this work).
+        "distinct" runs each distinct item of the batch once: the same model with less work; with
+        trainable backbones it differs only in that repeated items share one dropout mask.
+        """
+        if self.item_slots == "all":
+            keep = (ids != 0).unsqueeze(1).unsqueeze(2)  # (M, 1, 1)
+            return [torch.where(keep, f, torch.zeros((), dtype=f.dtype, device=f.device)) for f in self._states(ids)]
+        return self._distinct(ids)
+
+    def _distinct(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Each distinct item of `ids` runs once (padded to a multiple of `bucket` on CUDA)."""
         uniq, inv = torch.unique(ids, return_inverse=True)
         real = uniq[uniq != 0]
         n = real.numel()
@@ -214,8 +229,8 @@ class BackboneFeatures(nn.Module):
             out.append(full[inv])
         return out
 
-    def rows(self, start: int, end: int) -> list[torch.Tensor]:
-        return self.gather(torch.arange(start, end, device=next(iter(self.towers[0].inputs.values())).device))
+    def rows(self, start: int, end: int) -> list[torch.Tensor]:  # evaluation: every item once
+        return self._distinct(torch.arange(start, end, device=next(iter(self.towers[0].inputs.values())).device))
 
 
 def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None) -> tuple[dict, tuple]:
@@ -249,7 +264,8 @@ def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images
 
 def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,
                             round_to: str | None = "float16", device: torch.device | None = None,
-                            adapter_bottleneck: int = 64, lora_rank: int = 8, lora_alpha: int = 8) -> BackboneFeatures:
+                            adapter_bottleneck: int = 64, lora_rank: int = 8, lora_alpha: int = 8,
+                            item_slots: str = "all") -> BackboneFeatures:
     import dataclasses
 
     device = device or torch.device("cpu")
@@ -264,4 +280,4 @@ def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: 
                                  lora_rank=lora_rank, lora_alpha=lora_alpha)
         inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive)
         mods.append(BackboneTower(t, model, inputs, mean, std))
-    return BackboneFeatures(mods, finetune, round_to).to(device)
+    return BackboneFeatures(mods, finetune, round_to, item_slots).to(device)

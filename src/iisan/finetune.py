@@ -103,6 +103,20 @@ def trainable_names(model: nn.Module, family: str, method: str) -> list[str]:
     return names
 
 
+class BiasOnlyLayerNorm(nn.LayerNorm):
+    """LayerNorm whose affine part runs outside the fused kernel, for BitFit (bias trains, weight
+    frozen). PyTorch's CUDA LayerNorm backward returns a bias gradient of shape [0] when only the
+    bias needs one and there are more than 65,536 rows (its two-stage reduction sizes the bias
+    buffer from the absent weight gradient): ViT-base at 352 item slots per batch has 69,344 rows.
+    Same function, same parameters and state-dict keys."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.layer_norm(x, self.normalized_shape, None, None, self.eps)
+        if self.weight is not None:
+            y = y * self.weight
+        return y + self.bias if self.bias is not None else y
+
+
 def prepare_backbone(model: nn.Module, family: str, method: str, *, adapter_bottleneck: int = 64, lora_rank: int = 8,
                      lora_alpha: int = 8) -> nn.Module:
     """Insert the method's modules and set requires_grad on exactly the tensors that train."""
@@ -115,4 +129,8 @@ def prepare_backbone(model: nn.Module, family: str, method: str, *, adapter_bott
     train = set(trainable_names(model, family, method))
     for n, p in model.named_parameters():
         p.requires_grad_(n in train)
+    if method == "bitfit":
+        for m in model.modules():
+            if type(m) is nn.LayerNorm and m.elementwise_affine:
+                m.__class__ = BiasOnlyLayerNorm
     return model

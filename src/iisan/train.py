@@ -45,6 +45,13 @@ class TrainConfig:
     lr_backbone_image: float = 1e-4
     lr_peft_text: float = 1e-4
     lr_peft_image: float = 4e-4
+    # backbones in the loop: run every item slot of a batch (the authors' code) or each distinct
+    # item once (less work, same model); see BackboneFeatures.gather
+    item_slots: str = "all"
+
+    def __post_init__(self):
+        if self.item_slots not in ("all", "distinct"):
+            raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
 
 
 def set_seed(seed: int) -> None:
