@@ -104,6 +104,8 @@ class Trainer:
             torch.cuda.reset_peak_memory_stats(self.device)
         source = caches if hasattr(caches, "gather") else CachedFeatures(caches, layer_index)
         self.source = source.to(self.device)
+        if hasattr(self.source, "item_slots"):  # backbones in the loop: the config decides
+            self.source.item_slots = train_cfg.item_slots
         set_seed(train_cfg.seed)
         self.data = data.to(self.device)
         if self.source.n_rows != data.n_items + 1:
