@@ -186,6 +186,23 @@ def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
                      backbones=backbones, images=str(raw["images"]))
 
 
+@pytest.mark.parametrize("method", ["adapter", "lora"])
+def test_inserted_modules_are_initialised_from_the_seed(demo, method):
+    """Two runs with one seed start from the same adapter / LoRA weights (the inserted modules
+    are created while the source is built, before the Trainer)."""
+    tmp, raw, backbones, _ = demo
+    runs = [make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", backbones=backbones,
+                         images=str(raw["images"]))[0] for _ in range(2)]
+    torch.manual_seed(999)  # whatever the global stream did in between
+    runs.append(make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", backbones=backbones,
+                             images=str(raw["images"]))[0])
+    inserted = [{n: p.detach().clone() for n, p in r.model.backbones.named_parameters() if p.requires_grad} for r in runs]
+    assert inserted[0] and any(p.abs().sum() > 0 for p in inserted[0].values())
+    for other in inserted[1:]:
+        assert other.keys() == inserted[0].keys()
+        assert all(torch.equal(inserted[0][n], other[n]) for n in other)
+
+
 def _backbone_params(trainer):
     return {f"{t}.{n}": p.detach().clone() for t, tower in enumerate(trainer.model.backbones.towers)
             for n, p in tower.backbone.named_parameters()}

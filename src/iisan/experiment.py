@@ -12,7 +12,7 @@ from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features
 from .io import read_json, write_json
 from .layerdrop import scheme_layers, tower_schemes
 from .model import ModelConfig
-from .train import Trainer, TrainConfig, config_hash
+from .train import Trainer, TrainConfig, config_hash, set_seed
 
 log = logging.getLogger(__name__)
 
@@ -129,13 +129,14 @@ def make_trainer(experiment: dict, dataset_dir: Path, cache_dirs: list[Path], de
     data = load_sequences(dataset_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info: list[dict] = []
+    train_cfg = TrainConfig(**experiment.get("train", {}), **(speed or {}))
+    set_seed(train_cfg.seed)  # adapters and LoRA matrices are initialised while the source is built
     if method in ID_METHODS:
         source, layers = IdFeatures(data.n_items), []
     elif cache == "none":
         source, layers = _uncached_source(experiment, dataset_dir, backbones, images, dev)
     else:
         source, layers, info = _cached_source(experiment, data, cache_dirs)
-    train_cfg = TrainConfig(**experiment.get("train", {}), **(speed or {}))
     log.info("experiment %s: layers %s", experiment, layers)
     return Trainer(data, source, _model_config(experiment), train_cfg, device=str(dev)), layers, info
 
