@@ -114,7 +114,7 @@ def test_demo_workflow_end_to_end(root, tmp_path):
         assert (wd / f"results/{fig}.png").read_bytes()[:4] == b"\x89PNG"
     with open(wd / "results/fig6.csv") as fh:
         f6 = {r["backbone"]: r for r in csv.DictReader(fh)}
-    assert int(f6["llama70b-tiny"]["computed_full_bytes"]) == 151 * 81 * 32 * 2
+    assert int(f6["llama70b-tiny"]["computed_full_bytes"]) == 151 * 81 * 64 * 2
     assert int(f6["llama70b-tiny"]["measured_full_bytes"]) > int(f6["llama70b-tiny"]["measured_dropped_bytes"])
     # the HTML report lists every table and figure
     res = run(SNAKEMAKE + ["--configfile", "tests/configs/tiny.yaml", "--report", "report.html"], wd)

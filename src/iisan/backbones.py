@@ -284,6 +284,37 @@ def checkpoint_quantization(path: str) -> str | None:
     return q.get("quant_method") if q else None
 
 
+# bitsandbytes >= 0.49 on CPUs with AVX512-BF16: in eval mode a 4-bit layer repacks its weight for
+# a fused kernel (`bitsandbytes.functional._convert_weight_packed_for_cpu`) that needs
+# in_features to be a multiple of the quantisation block and out_features of this many rows.
+BNB_CPU_BLOCK_N = 32
+
+
+def bnb_cpu_repackable(layer) -> bool:
+    """Whether bitsandbytes' AVX512-BF16 CPU kernel can take this 4-bit layer."""
+    state = getattr(layer.weight, "quant_state", None)
+    block = state.blocksize if state is not None else 64
+    return layer.in_features % block == 0 and layer.out_features % BNB_CPU_BLOCK_N == 0
+
+
+def keep_bnb_cpu_reference_path(model) -> int:
+    """Send 4-bit layers that the AVX512-BF16 kernel cannot take (e.g. a 32-wide stand-in, a
+    Mixtral router with 8 outputs) down bitsandbytes' reference CPU path instead of failing with
+    "shape '[32, 0]' is invalid". Layers that fit keep the fast path. Returns the count."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return 0
+    narrow = [name for name, m in model.named_modules()
+              if isinstance(m, Linear4bit) and getattr(m, "support_avx512bf16_for_cpu", False) and not bnb_cpu_repackable(m)]
+    for name in narrow:
+        model.get_submodule(name).support_avx512bf16_for_cpu = False
+    if narrow:
+        log.info("%d 4-bit layers (e.g. %s) are too narrow for bitsandbytes' AVX512-BF16 CPU kernel; "
+                 "they use its reference path", len(narrow), narrow[0])
+    return len(narrow)
+
+
 def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
     """Load (model, preprocessor) in eval mode. On CUDA the model is spread over the job's GPUs
     (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
@@ -305,6 +336,7 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
         kwargs["device_map"] = "auto"
     model = AutoModel.from_pretrained(path, **kwargs)
     model.eval()
+    keep_bnb_cpu_reference_path(model)
     if "device_map" not in kwargs and not (spec.quantization or stored):
         model.to(device)
     if spec.modality == "text":
