@@ -132,3 +132,54 @@ def test_crlf_lines_are_repaired_and_counted(tmp_path):
     assert stats["repaired_lines"] == 20 and stats["skipped_lines"] == 0
     titles = pl.read_parquet(tmp_path / "out/items.parquet")["title"].to_list()
     assert not any(t.endswith("\r") for t in titles)
+
+
+def _bad_utf8(tmp_path, which):
+    """The tiny dataset with byte 0xff in line 3 of the items or the users file."""
+    items, users = _tiny(tmp_path)
+    path = items if which == "items" else users
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:4] + b"\xff" + lines[2][4:]  # 'I3\tt\xffitle 3' / 'u3\tI\xff20 ...'
+    path.write_bytes(b"".join(lines))
+    return items, users, path
+
+
+@pytest.mark.parametrize("which", ["items", "users"])
+def test_invalid_utf8_is_an_error_naming_file_and_line(tmp_path, which):
+    items, users, bad = _bad_utf8(tmp_path, which)
+    with pytest.raises(DataError) as err:
+        preprocess(items, users, tmp_path / "out")
+    assert f"{bad}:3: invalid UTF-8 (byte 0xff at column 5)" in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "which,skipped,users,items",
+    [
+        ("items", 3, 1, 5),  # I3 is skipped, so are u1 and u2 (unknown item I3); u3 is kept
+        ("users", 1, 1, 13),  # u3 is skipped; u1 is kept
+    ],
+)
+def test_invalid_utf8_skipped_and_counted(tmp_path, which, skipped, users, items):
+    items_tsv, users_tsv, bad = _bad_utf8(tmp_path, which)
+    stats = preprocess(items_tsv, users_tsv, tmp_path / "out", bad_lines="skip")
+    assert (stats["users"], stats["items"]) == (users, items)
+    written = json.loads((tmp_path / "out" / "stats.json").read_text())
+    assert written["skipped_lines"] == skipped
+    assert f"{bad}:3: invalid UTF-8 (byte 0xff at column 5)" in written["skipped"]
+
+
+@pytest.mark.parametrize("which", ["items", "users"])
+def test_leading_byte_order_mark_is_removed_and_counted(tmp_path, which):
+    items, users = _tiny(tmp_path / "plain")
+    expected = preprocess(items, users, tmp_path / "plain" / "out")
+    items, users = _tiny(tmp_path / "bom")
+    path = items if which == "items" else users
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    stats = preprocess(items, users, tmp_path / "bom" / "out")
+    assert stats["repaired_lines"] == 1 and stats["repaired"] == [f"{path}:1: UTF-8 byte-order mark removed"]
+    for name in ("items.parquet", "sequences.parquet"):
+        assert pl.read_parquet(tmp_path / "bom" / "out" / name).equals(
+            pl.read_parquet(tmp_path / "plain" / "out" / name)
+        )
+    assert stats["item_order_hash"] == expected["item_order_hash"]
+

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from iisan.layerdrop import SchemeError, authors_stride, paper_eq5_stride, scheme_layers
@@ -52,3 +54,65 @@ def test_inapplicable_scheme_names_both():
         scheme_layers("blocks5", 12)
     with pytest.raises(SchemeError, match="unknown LayerDrop scheme 'every3'"):
         scheme_layers("every3", 12)
+
+
+@pytest.mark.parametrize(
+    "scheme,layers,message",
+    [
+        (
+            "blocks24",
+            12,
+            "LayerDrop scheme 'blocks24' cannot be applied to a 12-layer backbone: that backbone has only "
+            "12 blocks; use blocks1, blocks2, blocks3, blocks4, blocks6 or blocks12",
+        ),
+        (
+            "blocks5",
+            12,
+            "LayerDrop scheme 'blocks5' cannot be applied to a 12-layer backbone: 5 blocks cannot be evenly "
+            "spaced over 12 layers (5 does not divide 12); use blocks1, blocks2, blocks3, blocks4, blocks6 or blocks12",
+        ),
+        (
+            "blocks0",
+            6,
+            "LayerDrop scheme 'blocks0' cannot be applied to a 6-layer backbone: a scheme must keep at least "
+            "1 block; use blocks1, blocks2, blocks3 or blocks6",
+        ),
+        (
+            "stride13",
+            12,
+            "LayerDrop scheme 'stride13' cannot be applied to a 12-layer backbone: that backbone has only "
+            "12 blocks; use stride1..stride12",
+        ),
+        (
+            "eq5-0",
+            24,
+            "LayerDrop scheme 'eq5-0' cannot be applied to a 24-layer backbone: a scheme must keep at least "
+            "1 block; use eq5-1..eq5-24",
+        ),
+        (
+            "even_down12",
+            12,
+            "selection 'even_down12' needs at least 24 layers, the backbone has 12; use top, down or even_all",
+        ),
+        (
+            "every3",
+            12,
+            "unknown LayerDrop scheme 'every3': for a 12-layer backbone use all, last, blocks<n> (blocks1, "
+            "blocks2, blocks3, blocks4, blocks6 or blocks12), stride<n> or eq5-<n> (n = 1..12), "
+            "or a selection (top, down or even_all)",
+        ),
+    ],
+    ids=["blocks24", "blocks5", "blocks0", "stride13", "eq5-0", "even_down12", "every3"],
+)
+def test_scheme_errors_say_what_is_wrong(scheme, layers, message):
+    with pytest.raises(SchemeError) as err:
+        scheme_layers(scheme, layers)
+    assert str(err.value) == message
+    assert f"'{scheme}'" in message and re.search(rf"a {layers}-layer backbone|the backbone has {layers};", message)
+    assert "must divide the layer count" not in message
+
+
+@pytest.mark.parametrize("rule", [authors_stride, paper_eq5_stride])
+def test_stride_rules_say_why(rule):
+    with pytest.raises(SchemeError, match=r"^cannot keep 13 blocks of a 12-layer backbone: that backbone has only 12 blocks$"):
+        rule(12, 13)

@@ -22,18 +22,33 @@ class SchemeError(ValueError):
     pass
 
 
+def _count_problem(n: int, num_layers: int) -> str | None:
+    """Why n blocks cannot be kept from an L-layer backbone (None if they can): every scheme
+    keeps at least one block and no more blocks than the backbone has."""
+    if n < 1:
+        return "a scheme must keep at least 1 block"
+    if n > num_layers:
+        return f"that backbone has only {num_layers} blocks"
+    return None
+
+
+def _check_count(n: int, num_layers: int) -> None:
+    """Raise SchemeError unless 1 <= n <= L (shared by the three stride rules)."""
+    problem = _count_problem(n, num_layers)
+    if problem:
+        raise SchemeError(f"cannot keep {n} blocks of a {num_layers}-layer backbone: {problem}")
+
+
 def evenly_spaced(num_layers: int, n: int) -> list[int]:
     """n blocks anchored at the top with stride L // n (symmetric schemes)."""
-    if n < 1 or n > num_layers:
-        raise SchemeError(f"cannot keep {n} blocks of a {num_layers}-layer backbone")
+    _check_count(n, num_layers)
     k = num_layers // n
     return [num_layers - k * (n - 1 - j) for j in range(n)]
 
 
 def authors_stride(num_layers: int, n: int) -> list[int]:
     """Top-anchored stride k = floor((L - 1) / (n - 1)) of the authors' code."""
-    if n < 1 or n > num_layers:
-        raise SchemeError(f"cannot keep {n} blocks of a {num_layers}-layer backbone")
+    _check_count(n, num_layers)
     if n == 1:
         return [num_layers]
     k = (num_layers - 1) // (n - 1)
@@ -42,8 +57,7 @@ def authors_stride(num_layers: int, n: int) -> list[int]:
 
 def paper_eq5_stride(num_layers: int, n: int) -> list[int]:
     """Paper eq. 5: the largest k with L - k*n >= 1 (n = L_image / 2), anchored at the top."""
-    if n < 1 or n > num_layers:
-        raise SchemeError(f"cannot keep {n} blocks of a {num_layers}-layer backbone")
+    _check_count(n, num_layers)
     k = max(1, (num_layers - 1) // n)
     return [num_layers - k * (n - 1 - j) for j in range(n)]
 
@@ -64,9 +78,39 @@ def selection(name: str, num_layers: int) -> list[int]:
         return list(range(2, L + 1, 2))
     if name in ("even_top12", "even_down12"):
         if L < 24:
-            raise SchemeError(f"selection {name!r} needs at least 24 layers, the backbone has {L}")
+            raise SchemeError(
+                f"selection {name!r} needs at least 24 layers, the backbone has {L}; "
+                f"use {_or(valid_selections(L))}"
+            )
         return list(range(L - 10, L + 1, 2)) if name == "even_top12" else list(range(2, 13, 2))
-    raise SchemeError(f"unknown selection {name!r}")
+    raise SchemeError(f"unknown selection {name!r}: for a {L}-layer backbone use {_or(valid_selections(L))}")
+
+
+def valid_selections(num_layers: int) -> list[str]:
+    """The Table VIII selections an L-layer backbone allows (the *12 ones need 24 layers)."""
+    return [s for s in SELECTIONS if num_layers >= 24 or not s.endswith("12")]
+
+
+def valid_blocks(num_layers: int) -> list[str]:
+    """The blocks<n> schemes an L-layer backbone allows: n must divide L so that the kept
+    blocks are evenly spaced over the whole depth."""
+    return [f"blocks{n}" for n in range(1, num_layers + 1) if num_layers % n == 0]
+
+
+def _or(names: list[str]) -> str:
+    """'a, b or c' for an error message."""
+    if len(names) < 2:
+        return names[0] if names else "nothing (the backbone has no layers)"
+    return f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _inapplicable(scheme: str, num_layers: int, problem: str, valid: list[str]) -> SchemeError:
+    """The error for a well-formed scheme that this backbone cannot use: what is wrong and
+    which values of the same kind would work."""
+    return SchemeError(
+        f"LayerDrop scheme {scheme!r} cannot be applied to a {num_layers}-layer backbone: "
+        f"{problem}; use {_or(valid)}"
+    )
 
 
 _STRIDE = re.compile(r"^(stride|eq5-)(\d+)$")
@@ -87,24 +131,25 @@ def scheme_layers(scheme: str, num_layers: int, include_h0: bool = True) -> list
     elif scheme in SELECTIONS:
         blocks = selection(scheme, num_layers)
     elif m:
-        n = int(m.group(2))
-        try:
-            blocks = (authors_stride if m.group(1) == "stride" else paper_eq5_stride)(num_layers, n)
-        except SchemeError as err:
-            raise SchemeError(f"LayerDrop scheme {scheme!r} cannot be applied to a {num_layers}-layer backbone: {err}") from None
+        prefix, n = m.group(1), int(m.group(2))
+        problem = _count_problem(n, num_layers)
+        if problem:
+            raise _inapplicable(scheme, num_layers, problem, [f"{prefix}1..{prefix}{num_layers}"])
+        blocks = (authors_stride if prefix == "stride" else paper_eq5_stride)(num_layers, n)
     else:
         m = _BLOCKS.match(scheme)
         if not m:
             raise SchemeError(
-                f"unknown LayerDrop scheme {scheme!r}: use all, last, blocks<n>, stride<n>, eq5-<n> "
-                f"or one of {', '.join(SELECTIONS)}"
+                f"unknown LayerDrop scheme {scheme!r}: for a {num_layers}-layer backbone use all, last, "
+                f"blocks<n> ({_or(valid_blocks(num_layers))}), stride<n> or eq5-<n> (n = 1..{num_layers}), "
+                f"or a selection ({_or(valid_selections(num_layers))})"
             )
         n = int(m.group(1))
-        if n < 1 or n > num_layers or num_layers % n:
-            raise SchemeError(
-                f"LayerDrop scheme {scheme!r} cannot be applied to a {num_layers}-layer backbone: "
-                f"n={n} must divide the layer count"
-            )
+        problem = _count_problem(n, num_layers)
+        if problem is None and num_layers % n:
+            problem = f"{n} blocks cannot be evenly spaced over {num_layers} layers ({n} does not divide {num_layers})"
+        if problem:
+            raise _inapplicable(scheme, num_layers, problem, valid_blocks(num_layers))
         blocks = evenly_spaced(num_layers, n)
     return ([0] if include_h0 else []) + blocks
 

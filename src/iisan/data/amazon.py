@@ -8,6 +8,7 @@ those that occur in a kept window (0 is padding).
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import logging
 import zipfile
@@ -43,13 +44,44 @@ def _bad(policy: str, where: str, what: str, counters: Counters) -> None:
         )
 
 
+def _physical_lines(fh):
+    """The raw lines of a binary file, each with its ending, split exactly as the text-mode
+    reading with ``newline=""`` that this replaces did: at \\n, \\r\\n and a lone \\r."""
+    for chunk in fh:
+        yield from chunk.splitlines(keepends=True)
+
+
+def _strip_bom(raw: bytes, where: str, lineno: int, counters: Counters) -> bytes:
+    """Remove and count a UTF-8 byte-order mark at the very start of the file: kept, it
+    would become part of the first id. A BOM anywhere else is ordinary data."""
+    if lineno == 1 and raw.startswith(codecs.BOM_UTF8):
+        counters.repaired_lines.append(f"{where}: UTF-8 byte-order mark removed")
+        return raw[len(codecs.BOM_UTF8) :]
+    return raw
+
+
+def _invalid_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
+    """What is wrong with an undecodable line: the first bad byte and its (1-based)
+    character column, so that it can be found in an editor."""
+    column = len(raw[: err.start].decode("utf-8")) + 1
+    return f"invalid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})"
+
+
 def _records(path: Path, policy: str, counters: Counters, names: str):
-    """(where, key, value) for each line of a two-column TSV; CRLF endings are repaired and
-    counted, empty lines and wrong field counts are errors (or skipped and counted)."""
-    with open(path, encoding="utf-8", newline="") as fh:
-        for lineno, raw in enumerate(fh, start=1):
+    """(where, key, value) for each line of a two-column TSV; a leading byte-order mark and
+    CRLF endings are repaired and counted, invalid UTF-8, empty lines and wrong field counts
+    are errors (or skipped and counted). Read in binary so that a bad byte spoils one line
+    (named by file and line), not the whole file."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(_physical_lines(fh), start=1):
             where = f"{path}:{lineno}"
-            line = raw.rstrip("\n")
+            raw = _strip_bom(raw, where, lineno, counters)
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                _bad(policy, where, _invalid_utf8(raw, err), counters)
+                continue
+            line = text.rstrip("\n")
             if line.endswith("\r"):
                 line = line[:-1]
                 counters.repaired_lines.append(f"{where}: CRLF line ending")
