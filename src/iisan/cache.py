@@ -2,18 +2,28 @@
 
 Row i is item i of the preprocessed dataset (row 0 is padding, all zeros). Column j holds
 h[stored_layers[j]] pooled per METHOD.md §2 ([CLS] token for BERT and ViT).
+
+A cache is trusted only as far as its manifest vouches for it: every field is checked
+(`read_manifest`), the array must have the manifest's shape, dtype and size in bytes
+(`check_array`), and readers that load the whole array compare its xxh3-128 checksum. The
+`settings` field records everything that determines a state (model source, revision and a
+fingerprint of its files, tokenisation or image settings, compute and storage dtype, pooling,
+quantisation, item order); an interrupted build resumes only under identical settings.
 """
 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import os
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
+import xxhash
 from tqdm.auto import tqdm
 
 from . import __version__
@@ -26,8 +36,114 @@ ARRAY = "cache.npy"
 MANIFEST = "manifest.json"
 
 
-class CacheMismatch(ValueError):
-    pass
+CHECKSUM = "xxh3_128"  # about 10 GB/s on one core: a 26 GB cache in seconds (docs/benchmarks.md)
+
+
+class CacheError(ValueError):
+    """A cache that cannot be used as it is: damaged, incomplete or inconsistent (the message
+    names the file and the field)."""
+
+
+class CacheMismatch(CacheError):
+    """A sound cache of something other than what the experiment asks for."""
+
+
+# every manifest field a reader relies on, with its JSON type
+MANIFEST_FIELDS = {
+    "backbone": str, "source": str, "family": str, "modality": str, "field": str, "pooling": str,
+    "compute_dtype": str, "dtype": str, "num_layers": int, "stored_layers": list, "hidden": int,
+    "items": int, "item_order_hash": str, "shape": list, "bytes": int, "checksum": str, "settings": dict,
+}
+
+
+def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
+    """``xxh3_128:<hex>`` of a file's bytes, read in 16 MiB chunks."""
+    h = xxhash.xxh3_128()
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb") as fh:
+        while n := fh.readinto(buf):
+            h.update(view[:n])
+    return f"{CHECKSUM}:{h.hexdigest()}"
+
+
+def read_manifest(cache_dir: Path) -> dict:
+    """Parse and check a cache manifest on its own: JSON, every field present with its type,
+    stored layers strictly increasing within h[0..L], shape = (items + 1, stored layers, hidden)."""
+    path = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path}: no manifest; rebuild the cache")
+    try:
+        m = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CacheError(f"{path}: not valid JSON ({err}); rebuild the cache") from None
+    if not isinstance(m, dict):
+        raise CacheError(f"{path}: expected a JSON object, found {type(m).__name__}")
+    for key, kind in MANIFEST_FIELDS.items():
+        if key not in m:
+            raise CacheError(f"{path}: field {key!r} is missing (an incomplete manifest); rebuild the cache")
+        if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
+            raise CacheError(f"{path}: field {key!r} is {m[key]!r}, expected a JSON {kind.__name__}")
+    layers = m["stored_layers"]
+    if not layers or any(not isinstance(l, int) for l in layers) or layers != sorted(set(layers)) \
+            or layers[0] < 0 or layers[-1] > m["num_layers"]:
+        raise CacheError(f"{path}: field 'stored_layers' is {layers}, expected strictly increasing "
+                         f"indices into h[0..{m['num_layers']}]")
+    expected = [m["items"] + 1, len(layers), m["hidden"]]
+    if m["shape"] != expected:
+        raise CacheError(f"{path}: field 'shape' is {m['shape']}, but items + 1, stored_layers and hidden give {expected}")
+    return m
+
+
+def check_array(cache_dir: Path, m: dict, *, checksum: bool = False) -> None:
+    """The array against its manifest: present, the size in bytes, the .npy header's shape and
+    dtype, and (when `checksum`) the content checksum, which reads the whole file."""
+    path = Path(cache_dir) / ARRAY
+    where = Path(cache_dir) / MANIFEST
+    if not path.is_file():
+        raise CacheError(f"{path}: missing ({where} describes it); rebuild the cache")
+    size = path.stat().st_size
+    if size != m["bytes"]:
+        raise CacheError(f"{path}: {size} bytes, but field 'bytes' of {where} says {m['bytes']} (truncated or replaced)")
+    try:
+        with open(path, "rb") as fh:
+            version = np.lib.format.read_magic(fh)
+            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, _, dtype = read(fh)
+    except ValueError as err:
+        raise CacheError(f"{path}: not a readable .npy array ({err})") from None
+    if list(shape) != m["shape"]:
+        raise CacheError(f"{path}: array shape {list(shape)}, but field 'shape' of {where} says {m['shape']}")
+    if np.dtype(dtype) != np.dtype(m["dtype"]):
+        raise CacheError(f"{path}: array dtype {np.dtype(dtype).name}, but field 'dtype' of {where} says {m['dtype']}")
+    if checksum:
+        actual = file_checksum(path)
+        if actual != m["checksum"]:
+            raise CacheError(f"{path}: content checksum {actual}, but field 'checksum' of {where} says {m['checksum']} "
+                             "(the array was damaged after it was written)")
+
+
+def quarantine(cache_dir: Path, reason: str) -> Path:
+    """Move a damaged array aside (nothing is deleted) so that the workflow rebuilds it."""
+    src = Path(cache_dir) / ARRAY
+    dst = src.with_name(f"{ARRAY}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(src, dst)
+    log.warning("%s is damaged (%s); moved to %s so that it is rebuilt", src, reason, dst.name)
+    return dst
+
+
+def verify_cache(cache_dir: Path, *, checksum: bool = True, move_damaged: bool = True) -> dict:
+    """The checked manifest of a cache; a damaged array is moved aside (when `move_damaged`) and
+    reported, so the next workflow run rebuilds it instead of reusing it."""
+    m = read_manifest(cache_dir)
+    try:
+        check_array(cache_dir, m, checksum=checksum)
+    except CacheError as err:
+        if move_damaged and (Path(cache_dir) / ARRAY).is_file():
+            quarantine(cache_dir, str(err).split(": ", 1)[-1])
+            raise CacheError(f"{err}; it was moved aside and the next run rebuilds it") from None
+        raise
+    return m
 
 
 def _pool(hidden_states: tuple[torch.Tensor, ...], pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
@@ -125,6 +241,57 @@ def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[n
         flush(pending)
 
 
+FINGERPRINT_SAMPLE = 1 << 24  # bytes hashed at each end of a large weight file
+
+
+def weights_fingerprint(model_path: str, revision: str | None) -> str:
+    """What identifies the weights (and tokenizer / processor files) a cache was computed with:
+    for a local folder, every file's name and size, small files hashed whole and large ones at
+    both ends (a 140 GB checkpoint in about a second); for a hub id, the id and its commit."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}@{revision}"
+    h = xxhash.xxh3_128()
+    for f in sorted(p for p in folder.rglob("*") if p.is_file() and not any(part.startswith(".") for part in p.relative_to(folder).parts)):
+        size = f.stat().st_size
+        h.update(f"{f.relative_to(folder)}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= 2 * FINGERPRINT_SAMPLE:
+                h.update(fh.read())
+            else:
+                h.update(fh.read(FINGERPRINT_SAMPLE))
+                fh.seek(-FINGERPRINT_SAMPLE, os.SEEK_END)
+                h.update(fh.read())
+    return f"{CHECKSUM}:{h.hexdigest()}"
+
+
+def cache_settings(spec: BackboneSpec, model_path: str, model, pre, field: str, store_dtype: str, item_order_hash: str,
+                   device: torch.device) -> dict:
+    """Everything that determines the cached states: a partial cache resumes only under equal
+    settings, and the manifest records them."""
+    revision = getattr(model.config, "_commit_hash", None)
+    if spec.modality == "text":
+        inputs = {"max_tokens": spec.max_tokens, "bos": spec.is_decoder,
+                  "padding": "max_length" if (spec.pooling == "mean" or not spec.is_decoder) else "longest"}
+    else:
+        inputs = {"image_size": spec.image_size, "processor": json.loads(json.dumps(pre.to_dict(), default=str))}
+    return {
+        "backbone": spec.name,
+        "source": spec.source,
+        "revision": revision,
+        "weights": weights_fingerprint(model_path, revision),
+        "field": field,
+        "inputs": inputs,
+        "pooling": spec.pooling,
+        "compute_dtype": str(model.dtype).replace("torch.", ""),
+        "dtype": store_dtype,
+        "quantization": spec.quantization or checkpoint_quantization(model_path),
+        "item_order_hash": item_order_hash,
+        "device_type": device.type,
+        "library_version": __version__,
+    }
+
+
 def build_cache(
     spec: BackboneSpec,
     model_path: str,
@@ -173,18 +340,18 @@ def build_cache(
         order = np.arange(n)
 
     shape = (n + 1, num_layers + 1, hidden)
+    settings = cache_settings(spec, model_path, model, pre, field, store_dtype, stats["item_order_hash"], dev)
     partial, done_path, key_path = out_dir / (ARRAY + ".partial"), out_dir / "cache.done.npy", out_dir / "cache.partial.json"
-    key = {"backbone": spec.name, "field": field, "pooling": spec.pooling, "shape": list(shape), "dtype": store_dtype,
-           "item_order_hash": stats["item_order_hash"], "quantization": spec.quantization}
-    if partial.exists() and done_path.exists() and key_path.exists() and read_json(key_path) == key:
-        arr = np.lib.format.open_memmap(partial, mode="r+")
-        done = np.load(done_path)
-        log.info("resuming %s: %d of %d items already cached", partial, int(done.sum()), n)
-    else:
+    key = dict(settings, shape=list(shape))
+    arr = _resumable_partial(partial, done_path, key_path, key, np_dtype, shape)
+    done = np.load(done_path) if arr is not None else np.zeros(n, dtype=bool)
+    if arr is None:
+        done_path.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr[0] = 0
-        done = np.zeros(n, dtype=bool)
         write_json(key_path, key)
+    else:
+        log.info("resuming %s: %d of %d items already cached", partial, int(done.sum()), n)
     todo = order[~done[order]]
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
 
@@ -203,11 +370,12 @@ def build_cache(
     done_path.unlink(missing_ok=True)
     key_path.unlink(missing_ok=True)
 
+    array = out_dir / ARRAY
     manifest = {
         "backbone": spec.name,
         "source": spec.source,
         "resolved_path": str(model_path),
-        "revision": getattr(model.config, "_commit_hash", None),
+        "revision": settings["revision"],
         "family": spec.family,
         "modality": spec.modality,
         "field": field,
@@ -221,19 +389,49 @@ def build_cache(
         "hidden": hidden,
         "items": n,
         "item_order_hash": stats["item_order_hash"],
-        "bytes": int((out_dir / ARRAY).stat().st_size),
+        "shape": list(shape),
+        "bytes": int(array.stat().st_size),
+        "checksum": file_checksum(array),
         "device": str(dev),
         "library_version": __version__,
+        "settings": settings,
     }
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
 
+def _resumable_partial(partial: Path, done_path: Path, key_path: Path, key: dict, np_dtype, shape):
+    """The partial array of an interrupted build, opened for writing, if it was built under
+    exactly `key`; otherwise None (a partial file from other settings is discarded, logged)."""
+    if not partial.exists():
+        return None
+    old = None
+    try:
+        old = read_json(key_path)
+        done = np.load(done_path)
+        arr = np.lib.format.open_memmap(partial, mode="r+")
+    except (OSError, ValueError) as err:
+        log.warning("discarding the partial cache %s: its records are unreadable (%s)", partial, err)
+        return None
+    if old != key:
+        differ = sorted(k for k in set(key) | set(old if isinstance(old, dict) else {})
+                        if not isinstance(old, dict) or old.get(k) != key.get(k))
+        log.warning("discarding the partial cache %s: it was built with other settings (%s differ)", partial, ", ".join(differ))
+        return None
+    if arr.shape != tuple(shape) or arr.dtype != np_dtype or done.shape != (shape[0] - 1,):
+        log.warning("discarding the partial cache %s: its array is %s %s", partial, arr.shape, arr.dtype)
+        return None
+    return arr
+
+
 def prune_cache(src_dir: Path, out_dir: Path, layers: list[int]) -> dict:
-    """Keep only hidden states `layers` (indices into h[0..L]) of a cache."""
+    """Keep only hidden states `layers` (increasing indices into h[0..L]) of a cache. The source
+    is checked in full first (manifest, size, header, checksum)."""
     src_dir, out_dir = Path(src_dir), Path(out_dir)
-    manifest = read_json(src_dir / MANIFEST)
+    manifest = verify_cache(src_dir)
     stored = manifest["stored_layers"]
+    if list(layers) != sorted(set(layers)):
+        raise ValueError(f"prune {src_dir}: layers {layers} must be strictly increasing")
     missing = [l for l in layers if l not in stored]
     if missing:
         raise CacheMismatch(f"{src_dir}: layers {missing} are not stored (stored: {stored})")
@@ -242,7 +440,9 @@ def prune_cache(src_dir: Path, out_dir: Path, layers: list[int]) -> dict:
     out_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(out_dir / ARRAY, ".npy") as tmp:
         np.save(tmp, np.ascontiguousarray(arr[:, cols]))
-    manifest = dict(manifest, stored_layers=list(layers), pruned_from=str(src_dir), bytes=int((out_dir / ARRAY).stat().st_size))
+    array = out_dir / ARRAY
+    manifest = dict(manifest, stored_layers=list(layers), shape=[manifest["items"] + 1, len(layers), manifest["hidden"]],
+                    pruned_from=str(src_dir), bytes=int(array.stat().st_size), checksum=file_checksum(array))
     write_json(out_dir / MANIFEST, manifest)
     return manifest
 
@@ -255,26 +455,26 @@ def load_cache(
     item_order_hash: str,
     pooling: str | None = None,
     field: str | None = None,
+    hidden: int | None = None,
+    num_layers: int | None = None,
+    dtype: str | None = None,
 ) -> tuple[np.ndarray, dict]:
-    """Load the hidden states `layers` of a (full or pruned) cache after checking its manifest
-    against what the experiment asks for. Returns an (items+1, len(layers), d) array."""
+    """Load the hidden states `layers` of a (full or pruned) cache after checking every manifest
+    field against the array (shape, dtype, bytes, checksum) and against what the experiment asks
+    for (the keyword arguments; None skips a check). Returns an (items+1, len(layers), d) array."""
     cache_dir = Path(cache_dir)
-    mpath = cache_dir / MANIFEST
-    if not mpath.exists():
-        raise CacheMismatch(f"{cache_dir}: no {MANIFEST}; rebuild the cache")
-    m = read_json(mpath)
+    m = verify_cache(cache_dir)
+    asked = {"backbone": backbone, "item_order_hash": item_order_hash, "pooling": pooling, "field": field,
+             "hidden": hidden, "num_layers": num_layers, "dtype": dtype}
     problems = []
-    if m["backbone"] != backbone:
-        problems.append(f"backbone is {m['backbone']!r}, the experiment asks for {backbone!r}")
-    if m["item_order_hash"] != item_order_hash:
-        problems.append(
-            f"item order hash is {m['item_order_hash']}, the dataset's is {item_order_hash} "
-            "(the dataset was preprocessed again or differently)"
-        )
-    if pooling is not None and m["pooling"] != pooling:
-        problems.append(f"pooling is {m['pooling']!r}, the experiment asks for {pooling!r}")
-    if field is not None and m["field"] != field:
-        problems.append(f"field is {m['field']!r}, the experiment asks for {field!r}")
+    for key, want in asked.items():
+        if want is None or m[key] == want:
+            continue
+        if key == "item_order_hash":
+            problems.append(f"item order hash is {m[key]}, the dataset's is {want} "
+                            "(the dataset was preprocessed again or differently)")
+        else:
+            problems.append(f"{key} is {m[key]!r}, the experiment asks for {want!r}")
     missing = [l for l in layers if l not in m["stored_layers"]]
     if missing:
         problems.append(f"layers {missing} are not stored (stored: {m['stored_layers']})")
@@ -282,6 +482,4 @@ def load_cache(
         raise CacheMismatch(f"cache {cache_dir} does not match the experiment: " + "; ".join(problems))
     arr = np.load(cache_dir / ARRAY, mmap_mode="r")
     cols = [m["stored_layers"].index(l) for l in layers]
-    if arr.shape[0] != m["items"] + 1:
-        raise CacheMismatch(f"{cache_dir}: array has {arr.shape[0]} rows, manifest says {m['items']} items + padding")
     return np.ascontiguousarray(arr[:, cols]), m

@@ -53,7 +53,7 @@ rule cache:
 
 rule prune:
     input:
-        "resources/cache/{dataset}/{field}/{backbone}/manifest.json",
+        prune_source,
     output:
         array="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/cache.npy",
         manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/manifest.json",

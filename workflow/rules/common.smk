@@ -6,7 +6,13 @@ import shlex
 
 from iisan.layerdrop import scheme_layers
 from iisan.layerdrop import tower_schemes
+from iisan.backbones import BackboneSpec
 from iisan.backbones import DECODERS
+from iisan.cache import CacheError
+from iisan.cache import check_array
+from iisan.cache import quarantine
+from iisan.cache import read_manifest
+from iisan.data import ITEM_FIELDS
 from iisan.experiment import ID_METHODS
 from iisan.experiment import LAST_STATE
 from iisan.tables import table_plan
@@ -92,8 +98,29 @@ def parse_towers(towers):
             raise ValueError(
                 f"towers {towers!r}: expected field@backbone parts joined by '+'"
             )
-        out.append({"field": field, "backbone": backbone})
+        out.append(checked_tower(field, backbone, f"towers {towers!r}"))
     return out
+
+
+def checked_tower(field, backbone, where):
+    """A tower {field, backbone}, refused at once (when the job graph is built, not in a late
+    cache job) if the field is not an item field or does not suit the backbone's modality.
+    """
+    if field not in ITEM_FIELDS:
+        raise ValueError(
+            f"{where}: unknown item field {field!r} (item fields: {', '.join(ITEM_FIELDS)})"
+        )
+    modality = backbone_spec(backbone)["modality"]
+    if ITEM_FIELDS[field] != modality:
+        raise ValueError(
+            f"{where}: field {field!r} holds {ITEM_FIELDS[field]}, but backbone "
+            f"{backbone!r} is a {modality} backbone"
+        )
+    return {"field": field, "backbone": backbone}
+
+
+for _i, _t in enumerate(config["towers"]):
+    checked_tower(_t["field"], _t["backbone"], f"config key towers[{_i}]")
 
 
 def raw_files(dataset):
@@ -175,13 +202,36 @@ def train_caches(wildcards):
     schemes = tower_schemes(scheme, len(towers))
     out = []
     for t, s in zip(towers, schemes):
-        base = f"resources/cache/{wildcards.dataset}/{t['field']}/{t['backbone']}"
+        base = cache_dir(wildcards.dataset, t["field"], t["backbone"])
         out.append(
-            f"{base}/manifest.json"
-            if wildcards.cache == "full"
-            else f"{base}/pruned-{s}/manifest.json"
+            checked_cache(base if wildcards.cache == "full" else f"{base}/pruned-{s}")
         )
     return out
+
+
+def cache_dir(dataset, field, backbone):
+    return f"resources/cache/{dataset}/{field}/{backbone}"
+
+
+def checked_cache(folder):
+    """The array a job reads from a cache folder (tracked, so a replaced array reruns its
+    readers). An existing array whose size or header disagrees with its manifest is moved
+    aside, so this run rebuilds it; an invalid manifest stops the run naming file and field.
+    """
+    array = f"{folder}/cache.npy"
+    if os.path.exists(f"{folder}/manifest.json") and os.path.exists(array):
+        manifest = read_manifest(folder)
+        try:
+            check_array(folder, manifest)
+        except CacheError as err:
+            quarantine(folder, str(err))
+    return array
+
+
+def prune_source(wildcards):
+    return checked_cache(
+        cache_dir(wildcards.dataset, wildcards.field, wildcards.backbone)
+    )
 
 
 def uncached_inputs(wildcards):
@@ -239,7 +289,7 @@ def experiment_json(wildcards):
         train.update(config.get("decoder_train", {}))
     train.update(config.get("method_train", {}).get(wildcards.method, {}))
     out = {
-        "towers": parse_towers(wildcards.towers),
+        "towers": [experiment_tower(t) for t in parse_towers(wildcards.towers)],
         "method": wildcards.method,
         "scheme": wildcards.scheme,
         "cache": wildcards.cache,
@@ -247,11 +297,17 @@ def experiment_json(wildcards):
         "model": config.get("model", {}),
         "train": dict(train, seed=int(wildcards.seed)),
     }
-    if (
-        wildcards.cache == "none"
-    ):  # frozen backbones' states are rounded like the cache's
+    if wildcards.towers != "id":
+        # the cache's storage dtype (uncached runs round frozen states to it)
         out["cache_dtype"] = config["cache"]["dtype"]
     return out
+
+
+def experiment_tower(tower):
+    """A tower as the experiment sees it: what its cache manifest must say (pooling, width,
+    layer count) comes from the backbone registry."""
+    spec = BackboneSpec.from_config(tower["backbone"], backbone_spec(tower["backbone"]))
+    return dict(tower, pooling=spec.pooling, hidden=spec.hidden, layers=spec.layers)
 
 
 def run_dir(dataset, row):
@@ -330,10 +386,8 @@ def fig6_caches(wildcards):
         for row in table_plan("table4", config):
             schemes = tower_schemes(row["scheme"], len(row["towers"]))
             for t, s in zip(row["towers"], schemes):
-                base = f"resources/cache/{dataset}/{t['field']}/{t['backbone']}"
-                out.update(
-                    {f"{base}/manifest.json", f"{base}/pruned-{s}/manifest.json"}
-                )
+                base = cache_dir(dataset, t["field"], t["backbone"])
+                out.update({checked_cache(base), checked_cache(f"{base}/pruned-{s}")})
     return sorted(out)
 
 
