@@ -89,7 +89,8 @@ def cmd_train(a):
     from .experiment import run_experiment
 
     run_experiment(json.loads(a.experiment), Path(a.dataset), [Path(c) for c in a.caches], Path(a.out), device=a.device,
-                   speed=_speed(a), backbones=json.loads(a.backbones) if a.backbones else None, images=a.images or None)
+                   speed=_speed(a), backbones=json.loads(a.backbones) if a.backbones else None, images=a.images or None,
+                   keep_checkpoint=a.keep_checkpoint)
 
 
 def cmd_profile(a):
@@ -197,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
         s.add_argument("--compile", type=lambda v: bool(int(v)), default=None, help="1/0: torch.compile the item and user encoders (CUDA)")
         s.add_argument("--threads", type=int, default=0)
+        if name == "train":
+            s.add_argument("--keep-checkpoint", type=lambda v: bool(int(v)), default=False,
+                           help="1/0: keep checkpoint.pt (saved beside --out every epoch, resumed on restart) after the run")
         if name == "profile":
             s.add_argument("--batch-size", type=int, required=True)
             s.add_argument("--steps", type=int, default=10, help="timed steps (after 4 warm-up steps)")

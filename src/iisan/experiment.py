@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .backbones import BackboneSpec, resolve_source
-from .cache import load_cache
+from .cache import load_cache, read_manifest
 from .data.sequences import load_sequences
 from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features
 from .io import read_json, write_json
@@ -71,15 +71,16 @@ def _cached_source(experiment, data, cache_dirs):
     full = experiment.get("cache", "dropped") == "full"
     caches, manifests, layers, index = [], [], [], []
     for t, (tower, cdir) in enumerate(zip(towers, cache_dirs)):
-        m = read_json(Path(cdir) / "manifest.json")
-        want = tower_layers(experiment, t, m["num_layers"])
+        m = read_manifest(cdir)
+        want = tower_layers(experiment, t, tower.get("layers", m["num_layers"]))
         # full cache: keep every stored state in memory and select per step; dropped: only `want`
         load = m["stored_layers"] if full else want
         if full and any(l not in load for l in want):
             raise ValueError(f"{cdir}: the full cache lacks layers {want}")
         arr, m = load_cache(
             cdir, backbone=tower["backbone"], layers=load, item_order_hash=data.item_order_hash,
-            pooling=tower.get("pooling"), field=tower["field"],
+            pooling=tower.get("pooling"), field=tower["field"], hidden=tower.get("hidden"), num_layers=tower.get("layers"),
+            dtype=experiment.get("cache_dtype"),
         )
         caches.append(arr)
         manifests.append(m)
@@ -138,21 +139,26 @@ def make_trainer(experiment: dict, dataset_dir: Path, cache_dirs: list[Path], de
     else:
         source, layers, info = _cached_source(experiment, data, cache_dirs)
     log.info("experiment %s: layers %s", experiment, layers)
-    return Trainer(data, source, _model_config(experiment), train_cfg, device=str(dev)), layers, info
+    trainer = Trainer(data, source, _model_config(experiment), train_cfg, device=str(dev), run_hash=config_hash(experiment))
+    return trainer, layers, info
 
 
 def run_experiment(
     experiment: dict, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None, speed: dict | None = None,
-    backbones: list[dict] | None = None, images: str | None = None,
+    backbones: list[dict] | None = None, images: str | None = None, keep_checkpoint: bool = False,
 ) -> dict:
     """Train, evaluate and write `out` (metrics.json). `experiment` keys: towers (list of
     {field, backbone, pooling}), method, scheme, cache (dropped | full | none), include_h0,
     model (ModelConfig fields), train (TrainConfig fields). `speed` holds TrainConfig fields that
     change speed, not results (cuda_graphs, eval_batch); they are kept out of the experiment so
     that changing them reruns nothing. Uncached runs (cache none) take `backbones` (one
-    {spec, path} per tower) and the dataset's image archive."""
+    {spec, path} per tower) and the dataset's image archive.
+    Training checkpoints every epoch to `checkpoint.pt` beside `out` and resumes from it when
+    restarted (a killed run continues where it stopped); the checkpoint is deleted once `out` is
+    written unless `keep_checkpoint`."""
     trainer, layers, info = make_trainer(experiment, dataset_dir, cache_dirs, device, speed, backbones, images)
-    result = trainer.fit()
+    checkpoint = Path(out).parent / "checkpoint.pt"
+    result = trainer.fit(checkpoint=checkpoint)
     result.update(
         {
             "experiment": experiment,
@@ -165,6 +171,8 @@ def run_experiment(
         }
     )
     write_json(out, result)
+    if not keep_checkpoint:
+        checkpoint.unlink(missing_ok=True)
     return result
 
 

@@ -10,14 +10,17 @@ import platform
 import random
 import resource
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from . import __version__
 from .data.sequences import SequenceData
 from .features import CachedFeatures
+from .io import atomic_path
 from .loss import inbatch_debiased_ce
 from .metrics import hr_ndcg, rank_of_target
 from .model import ModelConfig, Recommender
@@ -52,6 +55,45 @@ class TrainConfig:
     def __post_init__(self):
         if self.item_slots not in ("all", "distinct"):
             raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
+
+
+# TrainConfig fields that change speed, not results (the workflow's `speed` knobs)
+SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch")
+
+
+@dataclass
+class FitState:
+    """What `fit` carries from one epoch to the next: a checkpoint restores it."""
+
+    epoch: int = 0  # last finished epoch
+    best: float = -1.0  # best validation HR@k so far
+    best_epoch: int = -1
+    best_state: dict | None = None  # the model's tensors at best_epoch (see Trainer._model_state)
+    waited: int = 0  # epochs since the best one (early-stopping patience)
+    history: list = field(default_factory=list)
+
+
+def rng_states(gen: torch.Generator) -> dict:
+    """Every random stream training draws from (numpy's as plain lists, so that the checkpoint
+    loads with torch.load(weights_only=True))."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        "trainer": gen.get_state(),
+    }
+
+
+def set_rng_states(states: dict, gen: torch.Generator) -> None:
+    random.setstate(states["python"])
+    name, key, pos, has_gauss, gauss = states["numpy"]
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), pos, has_gauss, gauss))
+    torch.set_rng_state(states["torch"])
+    if states["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(states["cuda"])
+    gen.set_state(states["trainer"])
 
 
 def set_seed(seed: int) -> None:
@@ -92,12 +134,16 @@ class Trainer:
         train_cfg: TrainConfig,
         device: str | None = None,
         layer_index: list[list[int] | None] | None = None,
+        run_hash: str | None = None,
     ):
         """`caches` is either the cached states of every field or a feature source
         (`BackboneFeatures` for uncached runs, `IdFeatures` for ID-based models).
         `layer_index[f]`, when given, selects the states of field f that feed the side network
         from a full cache at every step (the "full cache" setting of Fig. 7); without it the
-        cache holds exactly those states (a dropped cache)."""
+        cache holds exactly those states (a dropped cache).
+        `run_hash` names what the run computes (the experiment's config_hash); a checkpoint
+        written under another one is not resumed. Default: a hash of the model config and the
+        result-affecting train config."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = train_cfg
         if self.device.type == "cuda":
@@ -136,6 +182,11 @@ class Trainer:
         if self.amp and hasattr(self.source, "lower_precision"):
             self.source.lower_precision(torch.bfloat16)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+        self.scaler = None  # bf16 autocast needs no GradScaler; an fp16 one would be checkpointed
+        if run_hash is None:
+            train = {k: v for k, v in asdict(train_cfg).items() if k not in SPEED_FIELDS}
+            run_hash = config_hash({"model": asdict(model_cfg), "train": train})
+        self.fingerprint = {"config_hash": run_hash, "item_order_hash": data.item_order_hash, "version": __version__}
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
@@ -297,41 +348,110 @@ class Trainer:
             "total_params": self.total_parameters(),
         }
 
-    def fit(self, progress: bool | None = None) -> dict:
-        cfg, k = self.cfg, self.cfg.k
-        history = []
-        best, best_epoch, best_state, waited = -1.0, -1, None, 0
-        bar = tqdm(range(1, cfg.max_epochs + 1), desc="epochs", disable=None if progress is None else not progress)
+    def _model_state(self) -> dict:
+        """The model's tensors that training can change, on the CPU, keyed as in the plain
+        model (torch.compile's `_orig_mod.` dropped, so compiling or not loads either way);
+        frozen parameters (backbones in the loop) are rebuilt from the source, not stored."""
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        return {n.replace("_orig_mod.", ""): v.detach().to("cpu", copy=True)
+                for n, v in self.model.state_dict().items() if n not in frozen}
+
+    def _load_model_state(self, state: dict) -> None:
+        """Load a `_model_state` (into the compiled or plain modules alike)."""
+        keys = {n.replace("_orig_mod.", ""): n for n in self.model.state_dict()}
+        missing, _ = self.model.load_state_dict({keys[n]: v for n, v in state.items()}, strict=False)
+        frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
+        if set(missing) - frozen:
+            raise KeyError(f"the saved model state lacks {sorted(set(missing) - frozen)[:5]}")
+
+    def save_checkpoint(self, path: Path, state: FitState) -> None:
+        """Everything needed to continue after `state.epoch` exactly as if never stopped,
+        written atomically (a kill mid-write leaves the previous checkpoint)."""
+        ckpt = {
+            "fingerprint": self.fingerprint,
+            "model": self._model_state(),
+            "optimizer": self.opt.state_dict(),
+            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "rng": rng_states(self.gen),
+            "fit": vars(state),  # not asdict: that would deep-copy best_state
+        }
+        with atomic_path(path, ".pt") as tmp:
+            torch.save(ckpt, tmp)
+
+    def load_checkpoint(self, path: Path) -> FitState:
+        """Restore a checkpoint of this run (same fingerprint) and return its fit state; a
+        missing checkpoint, or one of another run, gives a fresh start."""
+        path = Path(path)
+        if not path.exists():
+            return FitState()
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        if ckpt.get("fingerprint") != self.fingerprint:
+            log.warning("discarding checkpoint %s: written by another run (fingerprint %s, this run %s); starting fresh",
+                        path, ckpt.get("fingerprint"), self.fingerprint)
+            return FitState()
+        self._load_model_state(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        if self.scaler is not None and ckpt["scaler"] is not None:
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_states(ckpt["rng"], self.gen)
+        state = FitState(**ckpt["fit"])
+        log.info("resuming from checkpoint %s after epoch %d (best epoch %d, waited %d)",
+                 path, state.epoch, state.best_epoch, state.waited)
+        return state
+
+    def _epoch(self, epoch: int, state: FitState) -> None:
+        """Train one epoch, validate, and update `state` (history, best model, patience)."""
+        k = self.cfg.k
+        t0 = time.perf_counter()
+        loss = self.train_epoch()
+        self._sync()
+        t1 = time.perf_counter()
+        val = self.evaluate("valid")
+        t2 = time.perf_counter()
+        if not math.isfinite(loss):
+            raise FloatingPointError(f"training loss became {loss} at epoch {epoch}")
+        state.history.append(
+            {"epoch": epoch, "loss": loss, f"valid_hr@{k}": val[f"hr@{k}"], f"valid_ndcg@{k}": val[f"ndcg@{k}"],
+             "train_seconds": t1 - t0, "epoch_seconds": t2 - t0}
+        )
+        log.info("epoch %d loss %.4f valid HR@%d %.4f", epoch, loss, k, val[f"hr@{k}"])
+        if val[f"hr@{k}"] > state.best:
+            state.best, state.best_epoch, state.waited = val[f"hr@{k}"], epoch, 0
+            state.best_state = self._model_state()
+        else:
+            state.waited += 1
+        state.epoch = epoch
+
+    def fit(self, progress: bool | None = None, checkpoint: str | Path | None = None) -> dict:
+        """Train until `max_epochs` or `patience` epochs without a better validation HR@k, then
+        evaluate the best epoch's model. With `checkpoint`, the state is saved there after
+        every epoch, and a checkpoint of this run found there is resumed."""
+        cfg = self.cfg
+        state = self.load_checkpoint(checkpoint) if checkpoint else FitState()
+        resumed = state.epoch
+        bar = tqdm(range(resumed + 1, cfg.max_epochs + 1), desc="epochs", initial=resumed, total=cfg.max_epochs,
+                   disable=None if progress is None else not progress)
         for epoch in bar:
-            t0 = time.perf_counter()
-            loss = self.train_epoch()
-            self._sync()
-            t1 = time.perf_counter()
-            val = self.evaluate("valid")
-            t2 = time.perf_counter()
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training loss became {loss} at epoch {epoch}")
-            history.append(
-                {"epoch": epoch, "loss": loss, f"valid_hr@{k}": val[f"hr@{k}"], f"valid_ndcg@{k}": val[f"ndcg@{k}"],
-                 "train_seconds": t1 - t0, "epoch_seconds": t2 - t0}
-            )
-            bar.set_postfix(loss=f"{loss:.3f}", hr=f"{val[f'hr@{k}']:.4f}")
-            log.info("epoch %d loss %.4f valid HR@%d %.4f", epoch, loss, k, val[f"hr@{k}"])
-            if val[f"hr@{k}"] > best:
-                best, best_epoch, waited = val[f"hr@{k}"], epoch, 0
-                best_state = {n: v.detach().to("cpu", copy=True) for n, v in self.model.state_dict().items()}
-            else:
-                waited += 1
-                if waited >= cfg.patience:
-                    break
-        self.model.load_state_dict(best_state)
+            if state.waited >= cfg.patience:  # early stop (also when resuming a stopped run)
+                break
+            self._epoch(epoch, state)
+            if checkpoint:
+                self.save_checkpoint(checkpoint, state)
+            last = state.history[-1]
+            bar.set_postfix(loss=f"{last['loss']:.3f}", hr=f"{last[f'valid_hr@{cfg.k}']:.4f}")
+        self._load_model_state(state.best_state)
+        return self._result(state, resumed)
+
+    def _result(self, state: FitState, resumed: int) -> dict:
+        """The run's record (metrics.json): the loaded best model's metrics, history, costs."""
+        history = state.history
         valid = self.evaluate("valid")
         test = self.evaluate("test")
         peak, peak_kind, device_name = self._peak_memory()
         return {
             "valid": valid,
             "test": test,
-            "best_epoch": best_epoch,
+            "best_epoch": state.best_epoch,
             "epochs_run": len(history),
             "history": history,
             "trainable_params": self.trainable_parameters(),
@@ -342,7 +462,8 @@ class Trainer:
             "peak_memory_kind": peak_kind,
             "device": device_name,
             "device_type": self.device.type,
-            "seed": cfg.seed,
+            "seed": self.cfg.seed,
+            "resumed_from_epoch": resumed,  # epochs restored from a checkpoint (0: a fresh run)
         }
 
 

@@ -22,6 +22,9 @@ rule train:
         speed_eval_batch=SPEED["eval_batch"],
         speed_compile=int(SPEED["compile"]),
         gpu=GPUS,
+        # not results either: keep checkpoint.pt beside metrics.json; the retry number for the log
+        keep_checkpoint=int(config.get("keep_checkpoints", False)),
+        attempt=lambda wildcards, attempt: attempt,
     params:
         # result-affecting hyper-parameters: a change reruns exactly the experiments it touches
         experiment=experiment_json,
@@ -32,9 +35,15 @@ rule train:
             shlex.quote(os.path.dirname(c)) for c in input.caches
         ),
         uncached=uncached_args,
+    # A killed run resumes from the checkpoint.pt that `iisan train` saves beside its output every
+    # epoch. Snakemake deletes {log} before each attempt, so every attempt is appended (live) to
+    # {log}.attempts under a dated header and {log} is rebuilt as the earlier attempts + this one.
     shell:
-        "iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
-        " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --compile {resources.speed_compile} --threads {threads} --out {output:q} > {log} 2>&1"
+        "touch {log}.attempts && cp {log}.attempts {log};"
+        " {{ echo == $(date -Iseconds) attempt {resources.attempt} ==;"
+        " iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
+        " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --compile {resources.speed_compile} --threads {threads}"
+        " --keep-checkpoint {resources.keep_checkpoint} --out {output:q} 2>&1; }} | tee -a {log}.attempts >> {log}"
 
 
 rule profile:

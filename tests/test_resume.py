@@ -1,0 +1,247 @@
+"""Checkpoint and resume: a killed training run continues where it stopped, with the result of
+an uninterrupted one (CPU, same seed); checkpoints of other runs are discarded; writes are atomic."""
+
+import json
+import logging
+import random
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+
+from iisan import train as train_mod
+from iisan.cli import main as cli
+from iisan.data.sequences import SequenceData, left_pad
+from iisan.model import ModelConfig
+from iisan.train import Trainer, TrainConfig
+
+N_ITEMS, N_USERS, MAX_LEN = 40, 64, 6
+# fields that measure time and memory, or say whether the run was resumed: they may differ
+VOLATILE = {"time_per_epoch_train_s", "time_per_epoch_with_eval_s", "peak_memory_mb", "resumed_from_epoch"}
+VOLATILE_EPOCH = {"train_seconds", "epoch_seconds"}
+
+
+def walk(g, length: int) -> list[int]:
+    """A user's items: mostly the next item id after the last one (something to learn)."""
+    s = [int(g.integers(1, N_ITEMS + 1))]
+    for _ in range(length - 1):
+        s.append(int(g.integers(1, N_ITEMS + 1)) if g.random() < 0.2 else s[-1] % N_ITEMS + 1)
+    return s
+
+
+def tiny_data(item_order_hash="items-v1") -> SequenceData:
+    """Users of 4..9 items, split as load_sequences does."""
+    g = np.random.default_rng(0)
+    full = [walk(g, int(g.integers(4, 10))) for _ in range(N_USERS)]
+    train = [s[:-2] for s in full]
+    counts = np.bincount([i for s in train for i in s], minlength=N_ITEMS + 1)
+    counts[0] = 0
+    with np.errstate(divide="ignore"):
+        logp = np.log(counts / counts.sum()).astype(np.float32)
+    logp[0] = 0.0
+    hist = max(len(s) for s in full)
+    t = torch.from_numpy
+    return SequenceData(
+        n_items=N_ITEMS, item_order_hash=item_order_hash,
+        train=t(left_pad(train, MAX_LEN + 1)),
+        valid_input=t(left_pad([s[:-2] for s in full], MAX_LEN)), valid_target=torch.tensor([s[-2] for s in full]),
+        valid_history=t(left_pad([s[:-2] for s in full], hist)),
+        test_input=t(left_pad([s[:-1] for s in full], MAX_LEN)), test_target=torch.tensor([s[-1] for s in full]),
+        test_history=t(left_pad([s[:-1] for s in full], hist)),
+        log_pop=t(logp), pop_count=t(counts.astype(np.int64)),
+    )
+
+
+def tiny_caches():
+    """One text-like and one image-like field, 3 cached states each; row 0 (padding) is zero."""
+    g = np.random.default_rng(1)
+    caches = [g.standard_normal((N_ITEMS + 1, 3, d)).astype(np.float32) for d in (16, 12)]
+    for c in caches:
+        c[0] = 0
+    return caches
+
+
+def trainer(data=None, run_hash=None, **train) -> Trainer:
+    cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
+                         "lr_text_f": 5e-3, "eval_batch": 32, **train})
+    return Trainer(data or tiny_data(), tiny_caches(), ModelConfig(embed_dim=16, bottleneck=8), cfg, device="cpu",
+                   run_hash=run_hash)
+
+
+class Killed(Exception):
+    pass
+
+
+def kill_after(t: Trainer, epochs: int) -> Trainer:
+    """Make `t` die in its (epochs + 1)-th epoch, as a run killed mid-epoch."""
+    real, done = t.train_epoch, []
+
+    def train_epoch():
+        if len(done) == epochs:
+            raise Killed
+        done.append(1)
+        return real()
+
+    t.train_epoch = train_epoch
+    return t
+
+
+def stable(result: dict) -> dict:
+    """The result without the fields that measure time and memory (and `resumed_from_epoch`)."""
+    out = {k: v for k, v in result.items() if k not in VOLATILE}
+    out["history"] = [{k: v for k, v in h.items() if k not in VOLATILE_EPOCH} for h in result["history"]]
+    return out
+
+
+def scramble_rngs():
+    """Whatever the process drew in between: a resume must not depend on it."""
+    random.seed(99)
+    np.random.seed(99)
+    torch.manual_seed(99)
+
+
+def resumed_run(ckpt, killed_after: int, **train) -> dict:
+    with pytest.raises(Killed):
+        kill_after(trainer(**train), killed_after).fit(progress=False, checkpoint=ckpt)
+    assert ckpt.exists()
+    scramble_rngs()
+    return trainer(**train).fit(progress=False, checkpoint=ckpt)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(tmp_path):
+    full = trainer().fit(progress=False)
+    resumed = resumed_run(tmp_path / "checkpoint.pt", killed_after=2)
+    assert resumed["resumed_from_epoch"] == 2 and full["resumed_from_epoch"] == 0
+    assert full["epochs_run"] == 4 and len({h["loss"] for h in full["history"]}) == 4
+    assert stable(resumed) == stable(full)  # history (losses exactly), best epoch, metrics
+    assert set(resumed) == set(full)
+
+
+def test_early_stopping_state_survives_a_resume(tmp_path):
+    """Killed while the run waits for a better epoch: the patience counter and the best epoch
+    (and its weights) come back, so the run stops where the uninterrupted one stopped."""
+    settings = dict(max_epochs=15, patience=2)
+    full = trainer(**settings).fit(progress=False)
+    stop, best = full["epochs_run"], full["best_epoch"]
+    assert 3 < best and stop == best + 2 < 15, "these settings must improve a while, then stop early"
+    resumed = resumed_run(tmp_path / "checkpoint.pt", killed_after=stop - 1, **settings)  # waited = 1 there
+    assert resumed["resumed_from_epoch"] == stop - 1
+    assert stable(resumed) == stable(full)
+    # killed after the last epoch (checkpoint written, metrics not): nothing more is trained
+    again = trainer(**settings).fit(progress=False, checkpoint=tmp_path / "checkpoint.pt")
+    assert again["resumed_from_epoch"] == stop and stable(again) == stable(full)
+
+
+@pytest.mark.parametrize("other", ["config", "dataset", "version"])
+def test_a_checkpoint_of_another_run_is_discarded(tmp_path, caplog, monkeypatch, other):
+    ckpt = tmp_path / "checkpoint.pt"
+    kw = {"config": dict(seed=7), "dataset": dict(data=tiny_data("items-v0")), "version": {}}[other]
+    if other == "version":
+        monkeypatch.setattr(train_mod, "__version__", "0.0.9")
+    with pytest.raises(Killed):
+        kill_after(trainer(**kw), 2).fit(progress=False, checkpoint=ckpt)
+    monkeypatch.undo()
+    fresh = trainer().fit(progress=False)
+    with caplog.at_level(logging.INFO, logger="iisan.train"):
+        result = trainer().fit(progress=False, checkpoint=ckpt)
+    assert any("discarding checkpoint" in r.getMessage() and "another run" in r.getMessage() for r in caplog.records)
+    assert result["resumed_from_epoch"] == 0
+    assert stable(result) == stable(fresh)
+
+
+def test_the_experiment_hash_names_the_run(tmp_path, caplog):
+    """Through run_hash (make_trainer passes the experiment's config_hash) two runs with equal
+    TrainConfig and ModelConfig but different experiments do not share checkpoints."""
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Killed):
+        kill_after(trainer(run_hash="experiment-a"), 2).fit(progress=False, checkpoint=ckpt)
+    with caplog.at_level(logging.WARNING, logger="iisan.train"):
+        result = trainer(run_hash="experiment-b").fit(progress=False, checkpoint=ckpt)
+    assert result["resumed_from_epoch"] == 0 and "discarding checkpoint" in caplog.text
+
+
+def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
+    """torch.save dies half-way through the 3rd epoch's checkpoint: the 2nd epoch's stays whole
+    and no partial file is left beside it."""
+    ckpt = tmp_path / "checkpoint.pt"
+    real_save, calls = torch.save, []
+
+    def dying_save(obj, f, *a, **kw):
+        calls.append(f)
+        if len(calls) == 3:
+            with open(f, "wb") as fh:
+                fh.write(b"half a checkpoint")
+            raise OSError("disk full")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(torch, "save", dying_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer().fit(progress=False, checkpoint=ckpt)
+    assert len(calls) == 3 and all(str(f) != str(ckpt) for f in calls)  # always a temporary path
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+    saved = torch.load(ckpt, weights_only=True)
+    assert saved["fit"]["epoch"] == 2 and len(saved["fit"]["history"]) == 2
+    assert saved["scaler"] is None and set(saved["rng"]) == {"python", "numpy", "torch", "cuda", "trainer"}
+
+
+def test_checkpoint_loads_into_compiled_encoders(tmp_path):
+    """torch.compile wraps the encoders (state-dict keys gain `_orig_mod.`): a checkpoint moves
+    between compiled and plain trainers either way."""
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Killed):
+        kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)
+    saved = torch.load(ckpt, weights_only=True)["model"]
+    assert not any("_orig_mod" in k for k in saved)
+    compiled = trainer()
+    compiled.model.items = torch.compile(compiled.model.items, backend="eager")
+    compiled.model.user = torch.compile(compiled.model.user, backend="eager")
+    assert any("_orig_mod" in k for k in compiled.model.state_dict())
+    assert compiled.load_checkpoint(ckpt).epoch == 1
+    got = {**compiled._eval_items.state_dict(), **compiled._eval_user.state_dict()}
+    want = {k.split(".", 1)[1]: v for k, v in saved.items()}
+    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
+    compiled.save_checkpoint(ckpt, train_mod.FitState(epoch=1))  # and back: plain keys again
+    assert torch.load(ckpt, weights_only=True)["model"].keys() == saved.keys()
+
+
+def write_dataset(folder, data: SequenceData) -> None:
+    """`data` as the preprocessed files that load_sequences reads."""
+    folder.mkdir()
+    unpad = lambda rows: [[int(i) for i in r if i] for r in rows.tolist()]  # noqa: E731
+    full = [h + [int(v), int(t)] for h, v, t in zip(unpad(data.valid_history), data.valid_target, data.test_target)]
+    pl.DataFrame({
+        "train": unpad(data.train), "valid_input": unpad(data.valid_input), "valid_target": data.valid_target.numpy(),
+        "test_input": unpad(data.test_input), "test_target": data.test_target.numpy(), "sequence": full,
+    }).write_parquet(folder / "sequences.parquet")
+    counts = data.pop_count.numpy()
+    p = np.concatenate([[1.0], counts[1:] / counts.sum()])  # p[0] = 1: log p[0] = 0, as preprocess writes
+    pl.DataFrame({"item": np.arange(N_ITEMS + 1), "count": counts, "p": p}).write_parquet(folder / "popularity.parquet")
+    (folder / "stats.json").write_text(json.dumps({"items": N_ITEMS, "item_order_hash": data.item_order_hash}))
+
+
+@pytest.mark.parametrize("keep", [0, 1])
+def test_run_experiment_deletes_the_checkpoint_unless_kept(tmp_path, monkeypatch, keep):
+    """`iisan train` saves checkpoint.pt beside metrics.json every epoch, and deletes it once
+    metrics.json is written unless --keep-checkpoint 1."""
+    import iisan.experiment as experiment_mod
+
+    write_dataset(tmp_path / "ds", tiny_data())
+    out = tmp_path / "run" / "metrics.json"
+    ckpt = out.parent / "checkpoint.pt"
+    seen = []
+    real_write = experiment_mod.write_json
+    monkeypatch.setattr(experiment_mod, "write_json", lambda p, obj: (seen.append(ckpt.exists()), real_write(p, obj)))
+    exp = {"towers": [], "method": "sasrec-id", "scheme": "last", "cache": "none",
+           "model": {"embed_dim": 16}, "train": {"batch_size": 16, "max_epochs": 2, "patience": 2}}
+    args = ["train", "--experiment", json.dumps(exp), "--dataset", str(tmp_path / "ds"), "--out", str(out),
+            "--device", "cpu", "--keep-checkpoint", str(keep)]
+    assert cli(args) == 0
+    result = json.loads(out.read_text())
+    assert seen == [True] and result["epochs_run"] == 2 and result["resumed_from_epoch"] == 0
+    assert ckpt.exists() == bool(keep)
+    if keep:  # the kept checkpoint is the finished run's: rerunning resumes it and trains nothing
+        assert torch.load(ckpt, weights_only=True)["fit"]["epoch"] == 2
+        assert cli(args) == 0
+        again = json.loads(out.read_text())
+        assert again["resumed_from_epoch"] == 2 and stable(again) == stable(result)
