@@ -45,7 +45,7 @@ rule fetch_amazon:
         base_url=config["download_url"],
     shell:
         "iisan fetch --relpath {params.relpath:q} --out {output:q} --base-url {params.base_url:q}"
-        " --mirror {params.mirror:q} --sha256 {params.sha256:q} > {log} 2>&1"
+        " --mirror={params.mirror:q} --sha256={params.sha256:q} > {log} 2>&1"
 
 
 rule preprocess:

@@ -138,5 +138,6 @@ def generate(out_dir: Path, spec: DemoSpec = DemoSpec()) -> dict[str, Path]:
             for n, iid in enumerate(item_ids):
                 buf = io.BytesIO()
                 _image(rng, spec.image_size, int(group[n]), G, int(sub[n])).save(buf, format="JPEG", quality=90)
-                zf.writestr(f"{iid}.jpg", buf.getvalue())
+                # a fixed timestamp: the same seed gives the same archive, byte for byte
+                zf.writestr(zipfile.ZipInfo(f"{iid}.jpg", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
     return paths

@@ -1,0 +1,206 @@
+"""Fault suite: kill the workflow with SIGKILL at random moments, rerun, and check that the final
+outputs equal those of an uninterrupted run.
+
+Each round starts Snakemake on the tiny config, waits a random time, kills the whole process group
+(Snakemake and every job it started) with SIGKILL, and unlocks the working directory. After the
+last kill the workflow runs to the end. Then every file the uninterrupted reference run made is
+compared: Parquet files, caches, manifests and raw files byte for byte; tables cell by cell and
+metrics.json field by field, except the columns and fields that measure time and memory. The kills land in every stage: fetching (from a
+local mirror), preprocessing, stand-in backbones, caching, pruning, training and the tables.
+
+    python tests/fault_suite.py --kills 20 --seed 1      # prints a Markdown report
+
+`tests/test_faults.py` runs a few kills of the same code in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from test_workflow import SNAKEMAKE, copy_workflow  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+TARGETS = ["results/table7.csv", "resources/mini/stats.json"]
+CONFIG = ["--configfile", "tests/configs/tiny.yaml", "tests/configs/faults.yaml"]
+# metrics.json fields that measure the run, not its result
+# table columns that measure time or memory
+VOLATILE_COLUMN = re.compile(r"second|time|memory|TPME", re.I)
+VOLATILE = {"train_seconds", "epoch_seconds", "time_per_epoch_train_s", "time_per_epoch_with_eval_s", "peak_memory_mb",
+            "resumed_from_epoch"}
+STAGES = {"generate_demo": "fetch", "fetch_amazon": "fetch", "preprocess": "preprocess", "build_standin": "standin",
+          "cache": "cache", "prune": "prune", "train": "train", "table": "tables"}
+
+
+@dataclass
+class Kill:
+    after_s: float
+    running: list[str] = field(default_factory=list)  # stages of the jobs running at the kill
+    finished: bool = False  # the run ended before the kill came
+    aimed_at: str | None = None  # the stage start or file the kill waited for
+
+
+def prepare(wd: Path) -> Path:
+    """A copy of the workflow with a small Amazon-format dataset in a local mirror."""
+    from iisan.data.demo import DemoSpec, generate
+
+    wd.mkdir(parents=True)
+    copy_workflow(ROOT, wd)
+    raw = generate(wd / "mirror-src", DemoSpec(n_items=60, n_users=90, n_groups=2, n_subgroups=2, image_size=8, seed=5))
+    (wd / "mirror/mini").mkdir(parents=True)
+    for kind in ("items", "users"):
+        os.replace(raw[kind], wd / f"mirror/mini/{kind}.tsv")
+    return wd
+
+
+def _command(wd: Path, cores: int) -> list[str]:
+    return SNAKEMAKE + ["--cores", str(cores), *CONFIG, "--config", f"mirror={wd / 'mirror'}", "--", *TARGETS]
+
+
+def run_to_end(wd: Path, cores: int = 2) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(_command(wd, cores), cwd=wd, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise RuntimeError(f"snakemake failed in {wd}:\n{res.stderr[-4000:]}")
+    return time.perf_counter() - t0
+
+
+def _running_stages(log: str) -> list[str]:
+    started = {jobid: rule for rule, jobid in re.findall(r"^(?:local)?rule (\w+):\n(?:\s+.*\n)*?\s+jobid: (\d+)", log, re.M)}
+    done = set(re.findall(r"Finished jobid: (\d+)", log))
+    return sorted({STAGES.get(rule, rule) for jobid, rule in started.items() if jobid not in done})
+
+
+def kill_once(wd: Path, after_s: float, cores: int = 2, when: str | None = None) -> Kill:
+    """Start the workflow and SIGKILL its process group `after_s` seconds after it starts, or
+    after `when` happens: a stage's first job starts (`when` = "cache"), or a file appears
+    (`when` = a glob such as "results/runs/**/checkpoint.pt"). Then unlock the directory."""
+    log_path = wd / f".fault-{time.time_ns()}.log"
+
+    def waiting() -> bool:
+        if when is None:
+            return False
+        if "/" in when:
+            return next(wd.glob(when), None) is None
+        return when not in _running_stages(log_path.read_text())
+
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(_command(wd, cores), cwd=wd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        while proc.poll() is None and waiting():
+            time.sleep(0.05)
+        try:
+            proc.wait(timeout=after_s)
+            kill = Kill(after_s, finished=True)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            kill = Kill(after_s)
+    kill.running = _running_stages(log_path.read_text())
+    kill.aimed_at = when
+    log_path.unlink()
+    subprocess.run(SNAKEMAKE + ["--unlock", *CONFIG, "--config", f"mirror={wd / 'mirror'}"], cwd=wd, capture_output=True)
+    return kill
+
+
+def _strip(obj):
+    if isinstance(obj, dict):
+        return {k: _strip(v) for k, v in obj.items() if k not in VOLATILE}
+    if isinstance(obj, list):
+        return [_strip(v) for v in obj]
+    return obj
+
+
+def _table(path: Path) -> list[dict]:
+    """A CSV's rows without the columns that measure time or memory (exact text otherwise)."""
+    rows = list(csv.DictReader(io.StringIO(path.read_text())))
+    return [{k: v for k, v in r.items() if not VOLATILE_COLUMN.search(k)} for r in rows]
+
+
+def compare(ref: Path, test: Path) -> list[str]:
+    """Differences between the outputs of two runs (every file of the reference)."""
+    problems = []
+    for folder in ("results", "resources"):
+        for f in sorted((ref / folder).rglob("*")):
+            rel = f.relative_to(ref)
+            if not f.is_file() or rel.parts[1] == "benchmarks":
+                continue
+            other = test / rel
+            if not other.is_file():
+                problems.append(f"{rel}: missing")
+            elif f.name == "metrics.json":
+                if _strip(json.loads(f.read_text())) != _strip(json.loads(other.read_text())):
+                    problems.append(f"{rel}: metrics differ")
+            elif f.suffix == ".csv":
+                if _table(f) != _table(other):
+                    problems.append(f"{rel}: table differs")
+            elif f.read_bytes() != other.read_bytes():
+                problems.append(f"{rel}: bytes differ")
+    return problems
+
+
+def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, cores: int = 2) -> dict:
+    """An uninterrupted reference run, then the kills, then a final run; the comparison. `kills`
+    is a number of kills at random moments, or a list of (`when`, seconds after it) for
+    `kill_once`."""
+    rng = random.Random(seed)
+    reference = prepare(workdir / "reference")
+    ref_seconds = run_to_end(reference, cores)
+    wd = prepare(workdir / "faulted")
+    log = []
+    if isinstance(kills, int):
+        # spread the kills so that together they cover the run: each lands 3 s (start-up) to
+        # 3 s + 2 x (run time / kills) after its start
+        span = 2 * ref_seconds / max(kills, 1)
+        for _ in range(kills):
+            log.append(kill_once(wd, round(rng.uniform(3, 3 + span), 1), cores))
+    else:
+        for when, delay in kills:
+            log.append(kill_once(wd, delay, cores, when=when))
+    final_seconds = run_to_end(wd, cores)
+    leftovers = sorted(str(p.relative_to(wd)) for p in (wd / "resources").rglob(".*") if p.is_file())
+    return {"kills": log, "problems": compare(reference, wd), "reference_seconds": ref_seconds,
+            "final_seconds": final_seconds, "temporary_files_left": leftovers, "reference": reference, "faulted": wd}
+
+
+def report(result: dict) -> str:
+    lines = ["| kill | when | after (s) | stages running |", "|---|---|---|---|"]
+    for i, k in enumerate(result["kills"], 1):
+        running = "(run had finished)" if k.finished else ", ".join(k.running) or "(start-up)"
+        lines.append(f"| {i} | {k.aimed_at or 'start'} | {k.after_s} | {running} |")
+    stages = sorted({s for k in result["kills"] for s in k.running})
+    verdict = "identical to the uninterrupted run" if not result["problems"] else "DIFFERENT: " + "; ".join(result["problems"])
+    lines += ["", f"stages hit: {', '.join(stages)}", f"final outputs: {verdict}",
+              f"temporary files left by kills: {len(result['temporary_files_left'])}"]
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--kills", type=int, default=20)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--cores", type=int, default=2)
+    p.add_argument("--workdir", default=None, help="default: a new temporary folder")
+    a = p.parse_args()
+    import tempfile
+
+    workdir = Path(a.workdir or tempfile.mkdtemp(prefix="iisan-faults-"))
+    result = suite(workdir, a.kills, a.seed, a.cores)
+    print(report(result))
+    print(f"reference run {result['reference_seconds']:.0f} s, final run after the kills {result['final_seconds']:.0f} s; work in {workdir}")
+    return 1 if result["problems"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
