@@ -1,8 +1,13 @@
 """The fault suite in CI: SIGKILL the workflow while it fetches, caches (mid-array) and trains
 (after a checkpoint), rerun after each kill, and check that the outputs equal an uninterrupted
-run's (tests/fault_suite.py; `python tests/fault_suite.py --kills 20` for the long version)."""
+run's (tests/fault_suite.py; `python tests/fault_suite.py --kills 20` for the long version).
+Then damage a cache and mistype the config, and check what the workflow does."""
 
-from fault_suite import report, suite
+import subprocess
+
+import pytest
+from fault_suite import CONFIG, compare, report, run_to_end, suite
+from test_workflow import SNAKEMAKE
 
 KILLS = [
     ("fetch", 0.0),
@@ -11,12 +16,63 @@ KILLS = [
 ]
 
 
-def test_killed_workflow_resumes_to_the_same_outputs(tmp_path):
-    result = suite(tmp_path, KILLS)
-    print(report(result))
-    stages = [k.running for k in result["kills"]]
-    assert "fetch" in stages[0] and "cache" in stages[1] and "train" in stages[2], report(result)
-    assert not result["problems"], report(result)
+@pytest.fixture(scope="module")
+def faulted(tmp_path_factory):
+    return suite(tmp_path_factory.mktemp("faults"), KILLS)
+
+
+def test_killed_workflow_resumes_to_the_same_outputs(faulted):
+    print(report(faulted))
+    stages = [k.running for k in faulted["kills"]]
+    assert "fetch" in stages[0] and "cache" in stages[1] and "train" in stages[2], report(faulted)
+    assert not faulted["problems"], report(faulted)
     # the killed training run resumed from its checkpoint instead of starting again
-    logs = list((result["faulted"] / "logs/train").rglob("*.log.attempts"))
+    logs = list((faulted["faulted"] / "logs/train").rglob("*.log.attempts"))
     assert any("resuming" in p.read_text() for p in logs), [p.read_text()[-500:] for p in logs]
+
+
+def _dry_run(wd, *extra):
+    res = subprocess.run(SNAKEMAKE + ["-n", *CONFIG, *extra, "--", "results/table7.csv"], cwd=wd, capture_output=True, text=True)
+    return res.returncode, res.stdout + res.stderr
+
+
+def test_a_damaged_cache_is_rebuilt_not_reused(faulted):
+    wd = faulted["faulted"]
+    array = wd / "resources/cache/demo/title/bert-demo/cache.npy"
+    data = array.read_bytes()
+    array.write_bytes(data[: len(data) - 100])  # truncated
+    rc, out = _dry_run(wd)
+    assert rc == 0, out[-3000:]
+    assert "rule cache:" in out and "cache.npy.damaged-" in out, out[-3000:]
+    assert not array.exists() and list(array.parent.glob("cache.npy.damaged-*"))
+    run_to_end(wd)
+    assert array.read_bytes() == data
+    assert not compare(faulted["reference"], wd)
+
+
+@pytest.mark.parametrize(
+    "config,message",
+    [
+        ("towers=[{field: titel, backbone: bert-demo}]", "config key towers[0]: unknown item field 'titel' (item fields: title, image)"),
+        ("towers=[{field: image, backbone: bert-demo}]", "field 'image' holds image, but backbone 'bert-demo' is a text backbone"),
+        ("default_scheme=blocks24", "LayerDrop scheme 'blocks24' cannot be applied to a 12-layer backbone"),
+    ],
+)
+def test_config_mistakes_stop_the_dry_run_with_the_key(faulted, config, message):
+    rc, out = _dry_run(faulted["reference"], "--config", config)
+    assert rc != 0 and message in out, out[-3000:]
+
+
+def test_an_invalid_manifest_stops_the_dry_run_naming_file_and_field(faulted):
+    wd = faulted["reference"]
+    manifest = wd / "resources/cache/demo/image/vit-demo/manifest.json"
+    text = manifest.read_text()
+    try:
+        manifest.write_text(text.replace('"checksum"', '"checksun"'))
+        rc, out = _dry_run(wd)
+        assert rc != 0 and f"{manifest.relative_to(wd)}: field 'checksum' is missing" in out, out[-3000:]
+        manifest.write_text(text[:-30])
+        rc, out = _dry_run(wd)
+        assert rc != 0 and f"{manifest.relative_to(wd)}: not valid JSON" in out, out[-3000:]
+    finally:
+        manifest.write_text(text)
