@@ -121,6 +121,8 @@ def test_a_sound_cache_loads(good):
         (dict(field="image"), "field is 'title', the experiment asks for 'image'"),
         (dict(backbone="bert-base"), "backbone is 'bert-t', the experiment asks for 'bert-base'"),
         (dict(item_order_hash="0000"), "item order hash"),
+        (dict(source="bert-base-uncased"), "source is 'demo', the experiment asks for 'bert-base-uncased'"),
+        (dict(family="llama"), "family is 'bert', the experiment asks for 'llama'"),
     ],
 )
 def test_every_field_is_compared_with_the_experiment(good, kw, message):

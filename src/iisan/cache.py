@@ -458,6 +458,8 @@ def load_cache(
     hidden: int | None = None,
     num_layers: int | None = None,
     dtype: str | None = None,
+    source: str | None = None,
+    family: str | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Load the hidden states `layers` of a (full or pruned) cache after checking every manifest
     field against the array (shape, dtype, bytes, checksum) and against what the experiment asks
@@ -465,7 +467,7 @@ def load_cache(
     cache_dir = Path(cache_dir)
     m = verify_cache(cache_dir)
     asked = {"backbone": backbone, "item_order_hash": item_order_hash, "pooling": pooling, "field": field,
-             "hidden": hidden, "num_layers": num_layers, "dtype": dtype}
+             "hidden": hidden, "num_layers": num_layers, "dtype": dtype, "source": source, "family": family}
     problems = []
     for key, want in asked.items():
         if want is None or m[key] == want:

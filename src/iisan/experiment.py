@@ -80,7 +80,7 @@ def _cached_source(experiment, data, cache_dirs):
         arr, m = load_cache(
             cdir, backbone=tower["backbone"], layers=load, item_order_hash=data.item_order_hash,
             pooling=tower.get("pooling"), field=tower["field"], hidden=tower.get("hidden"), num_layers=tower.get("layers"),
-            dtype=experiment.get("cache_dtype"),
+            dtype=experiment.get("cache_dtype"), source=tower.get("source"), family=tower.get("family"),
         )
         caches.append(arr)
         manifests.append(m)

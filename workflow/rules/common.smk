@@ -307,7 +307,14 @@ def experiment_tower(tower):
     """A tower as the experiment sees it: what its cache manifest must say (pooling, width,
     layer count) comes from the backbone registry."""
     spec = BackboneSpec.from_config(tower["backbone"], backbone_spec(tower["backbone"]))
-    return dict(tower, pooling=spec.pooling, hidden=spec.hidden, layers=spec.layers)
+    return dict(
+        tower,
+        source=spec.source,
+        family=spec.family,
+        pooling=spec.pooling,
+        hidden=spec.hidden,
+        layers=spec.layers,
+    )
 
 
 def run_dir(dataset, row):
