@@ -40,6 +40,8 @@ CONFIG = ["--configfile", "tests/configs/tiny.yaml", "tests/configs/faults.yaml"
 VOLATILE_COLUMN = re.compile(r"second|time|memory|TPME", re.I)
 VOLATILE = {"train_seconds", "epoch_seconds", "time_per_epoch_train_s", "time_per_epoch_with_eval_s", "peak_memory_mb",
             "resumed_from_epoch"}
+ORDER = ["fetch", "preprocess", "standin", "cache", "prune", "train", "tables"]
+GLOB_STAGE = {"resources/cache/**/cache.npy.partial": "cache", "results/runs/**/checkpoint.pt": "train"}
 STAGES = {"generate_demo": "fetch", "fetch_amazon": "fetch", "preprocess": "preprocess", "build_standin": "standin",
           "cache": "cache", "prune": "prune", "train": "train", "table": "tables"}
 
@@ -77,24 +79,42 @@ def run_to_end(wd: Path, cores: int = 2) -> float:
     return time.perf_counter() - t0
 
 
+def _jobs(log: str) -> dict[str, str]:
+    """jobid -> stage of every job Snakemake started, from its output."""
+    return {jobid: STAGES.get(rule, rule)
+            for rule, jobid in re.findall(r"^(?:local)?rule (\w+):\n(?:\s+.*\n)*?\s+jobid: (\d+)", log, re.M)}
+
+
+def _started_stages(log: str) -> set[str]:
+    return set(_jobs(log).values())
+
+
 def _running_stages(log: str) -> list[str]:
-    started = {jobid: rule for rule, jobid in re.findall(r"^(?:local)?rule (\w+):\n(?:\s+.*\n)*?\s+jobid: (\d+)", log, re.M)}
     done = set(re.findall(r"Finished jobid: (\d+)", log))
-    return sorted({STAGES.get(rule, rule) for jobid, rule in started.items() if jobid not in done})
+    return sorted({stage for jobid, stage in _jobs(log).items() if jobid not in done})
 
 
 def kill_once(wd: Path, after_s: float, cores: int = 2, when: str | None = None) -> Kill:
     """Start the workflow and SIGKILL its process group `after_s` seconds after it starts, or
-    after `when` happens: a stage's first job starts (`when` = "cache"), or a file appears
-    (`when` = a glob such as "results/runs/**/checkpoint.pt"). Then unlock the directory."""
+    after `when` happens: a stage's first job starts (`when` = "cache"), a file appears (`when` =
+    a glob such as "results/runs/**/checkpoint.pt"), or this attempt has finished k jobs
+    (`when` = "jobs:k"). Then unlock the directory."""
     log_path = wd / f".fault-{time.time_ns()}.log"
 
     def waiting() -> bool:
         if when is None:
             return False
+        if when.startswith("jobs:"):
+            return len(re.findall(r"Finished jobid: ", log_path.read_text())) < int(when[5:])
+        started = _started_stages(log_path.read_text())
+        stage = GLOB_STAGE.get(when, when)
+        # a stage already finished by earlier attempts never starts again: stop waiting once a
+        # later stage has started
+        if any(ORDER.index(s) > ORDER.index(stage) for s in started if s in ORDER):
+            return False
         if "/" in when:
             return next(wd.glob(when), None) is None
-        return when not in _running_stages(log_path.read_text())
+        return when not in started
 
     with open(log_path, "w") as log:
         proc = subprocess.Popen(_command(wd, cores), cwd=wd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
@@ -150,24 +170,34 @@ def compare(ref: Path, test: Path) -> list[str]:
     return problems
 
 
+# one kill aimed at each stage, in pipeline order: as its first job starts, or (cache, train) once
+# it has written part of its work
+AIMED = [("fetch", 0.0), ("preprocess", 0.0), ("standin", 0.5), ("resources/cache/**/cache.npy.partial", 0.0),
+         ("prune", 0.0), ("results/runs/**/checkpoint.pt", 0.0), ("tables", 0.0)]
+
+
+def plan_kills(n: int, rng: random.Random) -> list[tuple[str, float]]:
+    """`n` kills: the aimed ones, with random ones (0.5-4 s after a start, or after one more job
+    finished) spread between them, so that every stage is hit and the rest land anywhere."""
+    plan = []
+    n_random, gaps = max(0, n - len(AIMED)), len(AIMED) - 1  # random kills after each aimed one but the last
+    for i, aimed in enumerate(AIMED[:n]):
+        plan.append(aimed)
+        share = n_random // gaps + (i < n_random % gaps) if i < gaps else 0
+        plan += [(f"jobs:{rng.randint(0, 1)}", round(rng.uniform(0.5, 4), 1)) for _ in range(share)]
+    return plan
+
+
 def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, cores: int = 2) -> dict:
     """An uninterrupted reference run, then the kills, then a final run; the comparison. `kills`
-    is a number of kills at random moments, or a list of (`when`, seconds after it) for
-    `kill_once`."""
+    is a number of kills (`plan_kills`), or a list of (`when`, seconds after it) for `kill_once`."""
     rng = random.Random(seed)
     reference = prepare(workdir / "reference")
     ref_seconds = run_to_end(reference, cores)
     wd = prepare(workdir / "faulted")
     log = []
-    if isinstance(kills, int):
-        # spread the kills so that together they cover the run: each lands 3 s (start-up) to
-        # 3 s + 2 x (run time / kills) after its start
-        span = 2 * ref_seconds / max(kills, 1)
-        for _ in range(kills):
-            log.append(kill_once(wd, round(rng.uniform(3, 3 + span), 1), cores))
-    else:
-        for when, delay in kills:
-            log.append(kill_once(wd, delay, cores, when=when))
+    for when, delay in plan_kills(kills, rng) if isinstance(kills, int) else kills:
+        log.append(kill_once(wd, delay, cores, when=when))
     final_seconds = run_to_end(wd, cores)
     leftovers = sorted(str(p.relative_to(wd)) for p in (wd / "resources").rglob(".*") if p.is_file())
     return {"kills": log, "problems": compare(reference, wd), "reference_seconds": ref_seconds,
