@@ -245,3 +245,24 @@ def test_run_experiment_deletes_the_checkpoint_unless_kept(tmp_path, monkeypatch
         assert cli(args) == 0
         again = json.loads(out.read_text())
         assert again["resumed_from_epoch"] == 2 and stable(again) == stable(result)
+
+
+def test_checkpoint_interval_saves_less_often_and_resumes_the_same(tmp_path, monkeypatch):
+    """`checkpoint_every_s` (speed only) skips saves after short epochs; a run killed after a
+    later epoch resumes from the last save and still equals an uninterrupted run."""
+    clock = {"t": 0.0}
+    monkeypatch.setattr(train_mod.time, "perf_counter", lambda: clock.__setitem__("t", clock["t"] + 1.0) or clock["t"])
+    saves = []
+    real = Trainer.save_checkpoint
+    monkeypatch.setattr(Trainer, "save_checkpoint", lambda self, path, state: saves.append(state.epoch) or real(self, path, state))
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Killed):
+        kill_after(trainer(checkpoint_every_s=1e9), 3).fit(progress=False, checkpoint=ckpt)
+    assert saves == [] and not ckpt.exists()
+    # each epoch reads the clock 4 times (4 s); a save needs 10 s since the last: epochs 3, 5, ...
+    with pytest.raises(Killed):
+        kill_after(trainer(checkpoint_every_s=10), 3).fit(progress=False, checkpoint=ckpt)
+    assert saves == [3]
+    resumed = trainer(checkpoint_every_s=10).fit(progress=False, checkpoint=ckpt)
+    assert resumed["resumed_from_epoch"] == 3
+    assert stable(resumed) == stable(trainer().fit(progress=False))

@@ -81,7 +81,8 @@ def cmd_prune(a):
 
 
 def _speed(a) -> dict:
-    knobs = (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch), ("compile", a.compile))
+    knobs = (("cuda_graphs", a.cuda_graphs), ("eval_batch", a.eval_batch), ("compile", a.compile),
+             ("checkpoint_every_s", a.checkpoint_every_s))
     return {**json.loads(a.speed), **{k: v for k, v in knobs if v is not None}}
 
 
@@ -197,6 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--cuda-graphs", type=lambda v: bool(int(v)), default=None, help="1/0: capture the training step as a CUDA graph")
         s.add_argument("--eval-batch", type=int, default=None, help="users per evaluation chunk")
         s.add_argument("--compile", type=lambda v: bool(int(v)), default=None, help="1/0: torch.compile the item and user encoders (CUDA)")
+        s.add_argument("--checkpoint-every-s", type=float, default=None,
+                       help="seconds between training checkpoints (0: after every epoch)")
         s.add_argument("--threads", type=int, default=0)
         if name == "train":
             s.add_argument("--keep-checkpoint", type=lambda v: bool(int(v)), default=False,

@@ -49,6 +49,7 @@ SPEED = {
     "cuda_graphs": True,
     "eval_batch": 1024,
     "compile": True,
+    "checkpoint_every_s": 30,
     **config.get("speed", {}),
 }
 

@@ -21,6 +21,7 @@ rule train:
         speed_cuda_graphs=int(SPEED["cuda_graphs"]),
         speed_eval_batch=SPEED["eval_batch"],
         speed_compile=int(SPEED["compile"]),
+        speed_checkpoint_every_s=SPEED["checkpoint_every_s"],
         gpu=GPUS,
         # not results either: keep checkpoint.pt beside metrics.json; the retry number for the log
         keep_checkpoint=int(config.get("keep_checkpoints", False)),
@@ -43,7 +44,7 @@ rule train:
         " {{ echo == $(date -Iseconds) attempt {resources.attempt} ==;"
         " iisan train --experiment {params.experiment_arg} --dataset resources/{wildcards.dataset}"
         " --caches {params.cache_dirs} {params.uncached} --cuda-graphs {resources.speed_cuda_graphs} --eval-batch {resources.speed_eval_batch} --compile {resources.speed_compile} --threads {threads}"
-        " --keep-checkpoint {resources.keep_checkpoint} --out {output:q} 2>&1; }} | tee -a {log}.attempts >> {log}"
+        " --checkpoint-every-s {resources.speed_checkpoint_every_s} --keep-checkpoint {resources.keep_checkpoint} --out {output:q} 2>&1; }} | tee -a {log}.attempts >> {log}"
 
 
 rule profile:
