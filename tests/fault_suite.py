@@ -67,13 +67,13 @@ def prepare(wd: Path) -> Path:
     return wd
 
 
-def _command(wd: Path, cores: int) -> list[str]:
-    return SNAKEMAKE + ["--cores", str(cores), *CONFIG, "--config", f"mirror={wd / 'mirror'}", "--", *TARGETS]
+def _command(wd: Path, cores: int, *extra: str) -> list[str]:
+    return SNAKEMAKE + ["--cores", str(cores), *extra, *CONFIG, "--config", f"mirror={wd / 'mirror'}", "--", *TARGETS]
 
 
-def run_to_end(wd: Path, cores: int = 2) -> float:
+def run_to_end(wd: Path, cores: int = 2, *extra: str) -> float:
     t0 = time.perf_counter()
-    res = subprocess.run(_command(wd, cores), cwd=wd, capture_output=True, text=True)
+    res = subprocess.run(_command(wd, cores, *extra), cwd=wd, capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"snakemake failed in {wd}:\n{res.stderr[-4000:]}")
     return time.perf_counter() - t0

@@ -72,16 +72,17 @@ def read_manifest(cache_dir: Path) -> dict:
     stored layers strictly increasing within h[0..L], shape = (items + 1, stored layers, hidden)."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{path}: no manifest; rebuild the cache")
+        raise CacheError(f"{path}: no manifest; delete {path.parent} and rerun to rebuild it")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path}: not valid JSON ({err}); rebuild the cache") from None
+        raise CacheError(f"{path}: not valid JSON ({err}); delete {path.parent} and rerun to rebuild it") from None
     if not isinstance(m, dict):
         raise CacheError(f"{path}: expected a JSON object, found {type(m).__name__}")
     for key, kind in MANIFEST_FIELDS.items():
         if key not in m:
-            raise CacheError(f"{path}: field {key!r} is missing (an incomplete manifest); rebuild the cache")
+            raise CacheError(f"{path}: field {key!r} is missing (an incomplete manifest); "
+                             f"delete {path.parent} and rerun to rebuild it")
         if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
             raise CacheError(f"{path}: field {key!r} is {m[key]!r}, expected a JSON {kind.__name__}")
     layers = m["stored_layers"]
@@ -101,7 +102,7 @@ def check_array(cache_dir: Path, m: dict, *, checksum: bool = False) -> None:
     path = Path(cache_dir) / ARRAY
     where = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{path}: missing ({where} describes it); rebuild the cache")
+        raise CacheError(f"{path}: missing ({where} describes it); rerun the workflow to rebuild it")
     size = path.stat().st_size
     if size != m["bytes"]:
         raise CacheError(f"{path}: {size} bytes, but field 'bytes' of {where} says {m['bytes']} (truncated or replaced)")

@@ -3,6 +3,7 @@ import json
 import os
 import re
 import shlex
+from pathlib import Path
 
 from iisan.layerdrop import scheme_layers
 from iisan.layerdrop import tower_schemes
@@ -215,18 +216,28 @@ def cache_dir(dataset, field, backbone):
 
 
 def checked_cache(folder):
-    """The array a job reads from a cache folder (tracked, so a replaced array reruns its
-    readers). An existing array whose size or header disagrees with its manifest is moved
-    aside, so this run rebuilds it; an invalid manifest stops the run naming file and field.
-    """
-    array = f"{folder}/cache.npy"
-    if os.path.exists(f"{folder}/manifest.json") and os.path.exists(array):
-        manifest = read_manifest(folder)
-        try:
-            check_array(folder, manifest)
-        except CacheError as err:
-            quarantine(folder, str(err))
-    return array
+    """The array a job reads from a cache folder: tracked, so a replaced array reruns its
+    readers (`check_caches` has checked it against its manifest)."""
+    return f"{folder}/cache.npy"
+
+
+def check_caches(root="resources/cache"):
+    """Before the job graph is built (an input function cannot stop a run: Snakemake then takes
+    the job's existing outputs as source files): every manifest is checked (an invalid or
+    incomplete one stops the run naming the file and the field), and every array whose size or
+    .npy header disagrees with its manifest is moved aside, so that a job needing it rebuilds it
+    in this run. The checksum is read by the jobs that load an array."""
+    for manifest in sorted(Path(root).rglob("manifest.json")):
+        folder = manifest.parent
+        m = read_manifest(folder)
+        if (folder / "cache.npy").exists():
+            try:
+                check_array(folder, m)
+            except CacheError as err:
+                quarantine(folder, str(err))
+
+
+check_caches()
 
 
 def prune_source(wildcards):

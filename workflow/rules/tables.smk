@@ -62,11 +62,15 @@ rule fig6:
         runtime=5,
     params:
         backbones=fig6_backbones_json(),
+        manifests=lambda wildcards, input: " ".join(
+            shlex.quote(os.path.join(os.path.dirname(a), "manifest.json"))
+            for a in input
+        ),
         n_items=config.get("fig6_items", 20825),
         demo="--demo" if config.get("fig6_demo", True) else "",
     shell:
         "iisan figure --kind fig6 --backbones {params.backbones} --items {params.n_items} {params.demo}"
-        " --metrics {input} --out {output.png:q} > {log} 2>&1"
+        " --metrics {params.manifests} --out {output.png:q} > {log} 2>&1"
 
 
 rule fig7:
