@@ -51,7 +51,7 @@ def test_minilm_cache_shape_and_manifest(minilm_cache, real_titles_dataset):
     x0, x1, x2 = (items.filter(pl.col("item_id") == f"X{i}")["item"][0] for i in range(3))
     assert np.array_equal(arr[x0], arr[x1])
     assert not np.array_equal(arr[x0, -1], arr[x2, -1])
-    # h[0] at [CLS] is the same for every item (METHOD.md §2)
+    # h[0] at [CLS] is the same for every item (docs/method.md §2)
     assert np.allclose(arr[1:, 0], arr[1, 0], atol=1e-3)
     assert np.isfinite(arr).all() and np.abs(arr[1:, 1:]).max() > 0.1
 

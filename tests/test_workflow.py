@@ -187,7 +187,7 @@ def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
         assert f"results/runs/{ds}/title@bert-large+image@vit-base/iisan-va/stride6+blocks6/dropped/seed12347/metrics.json" in out
         assert f"results/runs/{ds}/id/gru4rec/none/none/seed12345/metrics.json" in out
     assert "results/table3.csv" in out and "results/fig5.png" in out
-    # METHOD.md §8: LLM-text runs train with batch 512, the others with 64, the baselines with 32
+    # docs/method.md §8: LLM-text runs train with batch 512, the others with 64, the baselines with 32
     batches = {}
     for cmd in re.findall(r"iisan train --experiment '(\{.*?\})'", out):
         exp = json.loads(cmd)

@@ -329,7 +329,7 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
         _require_gptq(spec.name)
     kwargs: dict[str, Any] = {"dtype": dtype}
     if spec.family in ("bert", "vit"):
-        kwargs["add_pooling_layer"] = False  # the pooler is never read (METHOD.md §2)
+        kwargs["add_pooling_layer"] = False  # the pooler is never read (docs/method.md §2)
     if spec.quantization in ("bnb-4bit", "bnb-8bit") and stored != "bitsandbytes":
         kwargs["quantization_config"] = _bnb_config(spec)
     if device.type == "cuda":

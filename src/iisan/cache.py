@@ -1,7 +1,7 @@
 """Backbone hidden-state caches: one (items+1, layers, d) array plus a JSON manifest.
 
 Row i is item i of the preprocessed dataset (row 0 is padding, all zeros). Column j holds
-h[stored_layers[j]] pooled per METHOD.md §2 ([CLS] token for BERT and ViT).
+h[stored_layers[j]] pooled per docs/method.md §2 ([CLS] token for BERT and ViT).
 
 A cache is trusted only as far as its manifest vouches for it: every field is checked
 (`read_manifest`), the array must have the manifest's shape, dtype and size in bytes

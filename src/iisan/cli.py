@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--sha256", default="")
     s.set_defaults(fn=cmd_fetch)
 
-    s = sub.add_parser("preprocess", help="items/users TSV -> Parquet (METHOD.md §1)")
+    s = sub.add_parser("preprocess", help="items/users TSV -> Parquet (docs/method.md §1)")
     s.add_argument("--items", required=True)
     s.add_argument("--users", required=True)
     s.add_argument("--out", required=True)

@@ -2,7 +2,7 @@
 
 A *feature source* turns flat item ids (M,) into what the item encoder reads:
 
-* `CachedFeatures`: rows of the cached hidden states (the IISAN way, METHOD.md §2).
+* `CachedFeatures`: rows of the cached hidden states (the IISAN way, docs/method.md §2).
 * `BackboneFeatures`: the backbones run on the items' tokenised titles and images at every step
   (FFT, Adapter, LoRA, BitFit, and IISAN uncached). Frozen backbones run in eval mode under
   no_grad and their states are rounded to the cache's storage dtype, so IISAN uncached computes
@@ -235,7 +235,7 @@ class BackboneFeatures(nn.Module):
 
 def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None) -> tuple[dict, tuple]:
     """Tokenised titles (text) or resized uint8 images (image) of every item, row 0 = padding.
-    Text uses the cache's tokenisation (METHOD.md §1); images the backbone's processor with the
+    Text uses the cache's tokenisation (docs/method.md §1); images the backbone's processor with the
     rescale/normalise done on the device, which gives the processor's values exactly."""
     import polars as pl
 

@@ -1,4 +1,4 @@
-"""Embedded fine-tuning of a backbone (the baselines of Table III, METHOD.md §8).
+"""Embedded fine-tuning of a backbone (the baselines of Table III, docs/method.md §8).
 
 `prepare_backbone(model, family, method)` sets which backbone tensors train:
 

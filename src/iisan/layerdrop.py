@@ -1,4 +1,4 @@
-"""LayerDrop schemes: which backbone hidden states h[l] feed the side network (METHOD.md §3).
+"""LayerDrop schemes: which backbone hidden states h[l] feed the side network (docs/method.md §3).
 
 `h[0]` is the embedding output, `h[l]` (l >= 1) the output of block l.
 

@@ -1,4 +1,4 @@
-"""In-batch debiased cross-entropy (paper eqs. 6-7, METHOD.md §6)."""
+"""In-batch debiased cross-entropy (paper eqs. 6-7, docs/method.md §6)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Full-ranking evaluation: HR@10 and NDCG@10 with history masking (METHOD.md §7)."""
+"""Full-ranking evaluation: HR@10 and NDCG@10 with history masking (docs/method.md §7)."""
 
 from __future__ import annotations
 

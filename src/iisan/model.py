@@ -1,4 +1,4 @@
-"""The IISAN side network, its ablations and the SASRec user encoder (METHOD.md §4-5).
+"""The IISAN side network, its ablations and the SASRec user encoder (docs/method.md §4-5).
 
 Names follow the paper: `SANB` (side adapted network block), `Gate`, `IntraSAN` (one modality's
 tower), `InterSAN` (the cross-modal tower), `DimensionTransform` (DTL, IISAN-VA), `UserEncoder`.
@@ -151,7 +151,7 @@ class ItemEncoder(nn.Module):
                 self.intra.extend(IntraSAN(d, k, r, gated, tau) for d, k in zip(dims, n_layers))
                 self.heads.extend(Head(d, D, cfg.heads) for d in dims)
             if len(dims) == 2 and m != "no-inter":
-                # towers with different block counts: the top blocks are aligned (METHOD.md §3)
+                # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
                 self.inter = InterSAN(dims[0], dims[1], k, r, gated, tau)
                 self.inter_head = Head(self.inter.d, D, cfg.heads)
@@ -282,7 +282,7 @@ class Recommender(nn.Module):
     def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_backbone: tuple[float, float] = (5e-5, 1e-4),
                      lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
         """User encoder, fusion and heads: lr_main; SANBs, gates, DTLs: lr_san; the text (field 0)
-        head's F: lr_text_f (METHOD.md §8). Backbone tensors (uncached baselines): pretrained
+        head's F: lr_text_f (docs/method.md §8). Backbone tensors (uncached baselines): pretrained
         weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases lr_peft (the
         authors' scripts give BitFit the adapter rates), each (text, image) by the backbone's
         modality. Frozen tensors are left out."""

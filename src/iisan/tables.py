@@ -243,12 +243,12 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
     return df
 
 
-# --- Table III and Fig. 5: baselines and efficiency (METHOD.md §8-9) ---------------------------
+# --- Table III and Fig. 5: baselines and efficiency (docs/method.md §8-9) ----------------------
 
 
 def tpme(time_s: list[float], params: list[float], memory: list[float]) -> list[float]:
     """TPME = 0.45 t_norm + 0.1 p_norm + 0.45 m_norm, min-max normalised over the compared
-    methods (METHOD.md §9); lower is better. A column with one distinct value normalises to 0."""
+    methods (docs/method.md §9); lower is better. A column with one distinct value normalises to 0."""
 
     def norm(xs):
         lo, hi = min(xs), max(xs)

@@ -1,4 +1,4 @@
-"""Training and evaluation of a cached side-network recommender (METHOD.md §5-8)."""
+"""Training and evaluation of a cached side-network recommender (docs/method.md §5-8)."""
 
 from __future__ import annotations
 

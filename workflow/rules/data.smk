@@ -1,4 +1,4 @@
-# Data stage: generate the demo dataset or fetch the authors' TSVs, then preprocess (METHOD.md §1).
+# Data stage: generate the demo dataset or fetch the authors' TSVs, then preprocess (docs/method.md §1).
 
 
 rule generate_demo:

@@ -1,4 +1,4 @@
-"""Reading the authors' TSV files and preprocessing them exactly as METHOD.md §1 says.
+"""Reading the authors' TSV files and preprocessing them exactly as docs/method.md §1 describes.
 
 Items file: ``item_id \\t title`` (no header). Users file: ``user_id \\t item item ...``
 (oldest first). Users with fewer than `min_interactions` interactions are dropped, each kept
