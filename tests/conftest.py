@@ -20,6 +20,23 @@ def mirror() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def tiny_workflow(tmp_path_factory) -> Path:
+    """The whole tiny demo workflow (tests/configs/tiny.yaml), plus the fault suite's mirrored
+    dataset, run once per session and shared: the end-to-end test checks it, the fault suite
+    and the SLURM test compare their runs with it."""
+    import subprocess
+
+    from fault_suite import CONFIG, TARGETS, prepare
+    from test_workflow import SNAKEMAKE
+
+    wd = prepare(tmp_path_factory.mktemp("tiny") / "wd")
+    res = subprocess.run(SNAKEMAKE + ["--cores", "2", *CONFIG, "--config", f"mirror={wd / 'mirror'}", "--", "all", *TARGETS],
+                         cwd=wd, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-4000:]
+    return wd
+
+
 def write(path: Path, text: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text, encoding="utf-8")

@@ -149,16 +149,17 @@ def _table(path: Path) -> list[dict]:
 
 
 def compare(ref: Path, test: Path) -> list[str]:
-    """Differences between the outputs of two runs (every file of the reference)."""
-    problems = []
+    """Differences between the outputs of a run (`test`, which made the TARGETS) and those of
+    an uninterrupted run (`ref`, which may have made more): every file `test` made."""
+    problems = [f"{t}: missing" for t in TARGETS if not (test / t).is_file()]
     for folder in ("results", "resources"):
-        for f in sorted((ref / folder).rglob("*")):
-            rel = f.relative_to(ref)
-            if not f.is_file() or rel.parts[1] == "benchmarks":
+        for other in sorted((test / folder).rglob("*")):
+            rel = other.relative_to(test)
+            if not other.is_file() or rel.parts[1] == "benchmarks" or ".damaged-" in rel.name:
                 continue
-            other = test / rel
-            if not other.is_file():
-                problems.append(f"{rel}: missing")
+            f = ref / rel
+            if not f.is_file():
+                problems.append(f"{rel}: not made by the uninterrupted run")
             elif f.name == "metrics.json":
                 if _strip(json.loads(f.read_text())) != _strip(json.loads(other.read_text())):
                     problems.append(f"{rel}: metrics differ")
@@ -188,12 +189,16 @@ def plan_kills(n: int, rng: random.Random) -> list[tuple[str, float]]:
     return plan
 
 
-def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, cores: int = 2) -> dict:
-    """An uninterrupted reference run, then the kills, then a final run; the comparison. `kills`
-    is a number of kills (`plan_kills`), or a list of (`when`, seconds after it) for `kill_once`."""
+def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, cores: int = 2,
+          reference: Path | None = None) -> dict:
+    """An uninterrupted reference run (or `reference`, a finished one), then the kills, then a
+    final run; the comparison. `kills` is a number of kills (`plan_kills`), or a list of
+    (`when`, seconds after it) for `kill_once`."""
     rng = random.Random(seed)
-    reference = prepare(workdir / "reference")
-    ref_seconds = run_to_end(reference, cores)
+    ref_seconds = None
+    if reference is None:
+        reference = prepare(workdir / "reference")
+        ref_seconds = run_to_end(reference, cores)
     wd = prepare(workdir / "faulted")
     log = []
     for when, delay in plan_kills(kills, rng) if isinstance(kills, int) else kills:
@@ -228,7 +233,8 @@ def main() -> int:
     workdir = Path(a.workdir or tempfile.mkdtemp(prefix="iisan-faults-"))
     result = suite(workdir, a.kills, a.seed, a.cores)
     print(report(result))
-    print(f"reference run {result['reference_seconds']:.0f} s, final run after the kills {result['final_seconds']:.0f} s; work in {workdir}")
+    print(f"reference run {result['reference_seconds']:.0f} s, final run after the kills {result['final_seconds']:.0f} s; "
+          f"work in {workdir}")
     return 1 if result["problems"] else 0
 
 

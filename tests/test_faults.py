@@ -17,8 +17,8 @@ KILLS = [
 
 
 @pytest.fixture(scope="module")
-def faulted(tmp_path_factory):
-    return suite(tmp_path_factory.mktemp("faults"), KILLS)
+def faulted(tmp_path_factory, tiny_workflow):
+    return suite(tmp_path_factory.mktemp("faults"), KILLS, reference=tiny_workflow)
 
 
 def test_killed_workflow_resumes_to_the_same_outputs(faulted):

@@ -55,10 +55,8 @@ def test_config_typo_stops_with_the_key_name(root, tmp_path):
     assert res.returncode != 0 and "seeds" in res.stderr + res.stdout
 
 
-def test_demo_workflow_end_to_end(root, tmp_path):
-    wd = copy_workflow(root, tmp_path)
-    res = run(SNAKEMAKE + ["--cores", "2", "--configfile", "tests/configs/tiny.yaml"], wd)
-    assert res.returncode == 0, res.stderr[-4000:]
+def test_demo_workflow_end_to_end(tiny_workflow):
+    wd = tiny_workflow  # every table and figure of tests/configs/tiny.yaml (conftest.py)
     with open(wd / "results/table7.csv") as fh:
         rows = list(csv.DictReader(fh))
     assert [r["blocks"] for r in rows] == ["2 blocks", "3 blocks", "4 blocks", "6 blocks", "12 blocks"]
