@@ -116,3 +116,10 @@ def test_scheme_errors_say_what_is_wrong(scheme, layers, message):
 def test_stride_rules_say_why(rule):
     with pytest.raises(SchemeError, match=r"^cannot keep 13 blocks of a 12-layer backbone: that backbone has only 12 blocks$"):
         rule(12, 13)
+
+
+@pytest.mark.parametrize("name", ["down", "even_all"])
+def test_a_selection_that_keeps_no_block_is_refused(name):
+    with pytest.raises(SchemeError, match=rf"selection '{name}' keeps no block of a 1-layer backbone; use top"):
+        scheme_layers(name, 1)
+    assert scheme_layers("top", 1) == [0, 1]

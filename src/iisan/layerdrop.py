@@ -70,6 +70,8 @@ def selection(name: str, num_layers: int) -> list[int]:
     second block (h[2], h[4], ..., h[L]); even_top12 / even_down12 = every second block among
     the top / bottom 12 (for 24 layers: 14, 16, ..., 24 and 2, 4, ..., 12)."""
     L = num_layers
+    if name in ("down", "even_all") and L < 2:
+        raise SchemeError(f"selection {name!r} keeps no block of a {L}-layer backbone; use {_or(valid_selections(L))}")
     if name == "top":
         return list(range(L // 2 + 1, L + 1))
     if name == "down":
@@ -87,8 +89,10 @@ def selection(name: str, num_layers: int) -> list[int]:
 
 
 def valid_selections(num_layers: int) -> list[str]:
-    """The Table VIII selections an L-layer backbone allows (the *12 ones need 24 layers)."""
-    return [s for s in SELECTIONS if num_layers >= 24 or not s.endswith("12")]
+    """The Table VIII selections an L-layer backbone allows (the *12 ones need 24 layers; down
+    and even_all keep no block of a 1-layer backbone)."""
+    return [s for s in SELECTIONS if (num_layers >= 24 or not s.endswith("12"))
+            and (num_layers >= 2 or s in ("top",))]
 
 
 def valid_blocks(num_layers: int) -> list[str]:
