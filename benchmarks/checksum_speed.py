@@ -19,29 +19,23 @@ from pathlib import Path
 
 import numpy as np
 
-from iisan.cache import file_checksum
+from iisan.cache import file_checksum, file_chunks
 
 CACHE_70B = 20826 * 81 * 8192 * 2  # bytes
 
 
-def _stream(path: Path, update, chunk: int = 1 << 24) -> None:
-    buf = bytearray(chunk)
-    view = memoryview(buf)
-    with open(path, "rb") as fh:
-        while n := fh.readinto(buf):
-            update(view[:n])
-
-
 def sha256(path: Path) -> str:
     h = hashlib.sha256()
-    _stream(path, h.update)
+    for block in file_chunks(path):
+        h.update(block)
     return h.hexdigest()
 
 
 def crc32(path: Path) -> str:
-    state = [0]
-    _stream(path, lambda b: state.__setitem__(0, zlib.crc32(b, state[0])))
-    return f"{state[0]:08x}"
+    crc = 0
+    for block in file_chunks(path):
+        crc = zlib.crc32(block, crc)
+    return f"{crc:08x}"
 
 
 def main() -> None:

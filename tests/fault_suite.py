@@ -32,14 +32,15 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_workflow import SNAKEMAKE, copy_workflow  # noqa: E402
 
+from iisan.train import MEASURED_FIELDS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["results/table7.csv", "resources/mini/stats.json"]
 CONFIG = ["--configfile", "tests/configs/tiny.yaml", "tests/configs/faults.yaml"]
 # metrics.json fields that measure the run, not its result
 # table columns that measure time or memory
 VOLATILE_COLUMN = re.compile(r"second|time|memory|TPME", re.I)
-VOLATILE = {"train_seconds", "epoch_seconds", "time_per_epoch_train_s", "time_per_epoch_with_eval_s", "peak_memory_mb",
-            "resumed_from_epoch"}
+VOLATILE = MEASURED_FIELDS | {"resumed_from_epoch"}
 ORDER = ["fetch", "preprocess", "standin", "cache", "prune", "train", "tables"]
 GLOB_STAGE = {"resources/cache/**/cache.npy.partial": "cache", "results/runs/**/checkpoint.pt": "train"}
 STAGES = {"generate_demo": "fetch", "fetch_amazon": "fetch", "preprocess": "preprocess", "build_standin": "standin",

@@ -18,8 +18,8 @@ from iisan.train import Trainer, TrainConfig
 
 N_ITEMS, N_USERS, MAX_LEN = 40, 64, 6
 # fields that measure time and memory, or say whether the run was resumed: they may differ
-VOLATILE = {"time_per_epoch_train_s", "time_per_epoch_with_eval_s", "peak_memory_mb", "resumed_from_epoch"}
-VOLATILE_EPOCH = {"train_seconds", "epoch_seconds"}
+VOLATILE = train_mod.MEASURED_FIELDS | {"resumed_from_epoch"}
+VOLATILE_EPOCH = train_mod.MEASURED_FIELDS
 
 
 def walk(g, length: int) -> list[int]:

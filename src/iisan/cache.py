@@ -36,7 +36,7 @@ ARRAY = "cache.npy"
 MANIFEST = "manifest.json"
 
 
-CHECKSUM = "xxh3_128"  # about 10 GB/s on one core: a 26 GB cache in seconds (docs/benchmarks.md)
+CHECKSUM = "xxh3_128"  # 2.3-2.8 GiB/s from the page cache on one core: a 26 GB cache in ~10 s (docs/benchmarks.md)
 
 
 class CacheError(ValueError):
@@ -56,14 +56,20 @@ MANIFEST_FIELDS = {
 }
 
 
-def file_checksum(path: Path, chunk: int = 1 << 24) -> str:
-    """``xxh3_128:<hex>`` of a file's bytes, read in 16 MiB chunks."""
-    h = xxhash.xxh3_128()
+def file_chunks(path: Path, chunk: int = 1 << 24):
+    """A file's bytes in `chunk`-sized views of one reused buffer (no copy per chunk)."""
     buf = bytearray(chunk)
     view = memoryview(buf)
     with open(path, "rb") as fh:
         while n := fh.readinto(buf):
-            h.update(view[:n])
+            yield view[:n]
+
+
+def file_checksum(path: Path) -> str:
+    """``xxh3_128:<hex>`` of a file's bytes."""
+    h = xxhash.xxh3_128()
+    for block in file_chunks(path):
+        h.update(block)
     return f"{CHECKSUM}:{h.hexdigest()}"
 
 
@@ -131,6 +137,21 @@ def quarantine(cache_dir: Path, reason: str) -> Path:
     os.replace(src, dst)
     log.warning("%s is damaged (%s); moved to %s so that it is rebuilt", src, reason, dst.name)
     return dst
+
+
+def set_aside_damaged(root: Path) -> None:
+    """Check every cache under `root` without reading whole arrays (run before the workflow's job
+    graph is built): an invalid or incomplete manifest stops the run naming file and field, an
+    array whose size or .npy header disagrees with its manifest is moved aside, so that a job
+    needing it rebuilds it. The checksum is compared by the jobs that load an array."""
+    for manifest in sorted(Path(root).rglob(MANIFEST)):
+        folder = manifest.parent
+        m = read_manifest(folder)
+        if (folder / ARRAY).exists():
+            try:
+                check_array(folder, m)
+            except CacheError as err:
+                quarantine(folder, str(err))
 
 
 def verify_cache(cache_dir: Path, *, checksum: bool = True, move_damaged: bool = True) -> dict:
@@ -344,9 +365,9 @@ def build_cache(
     settings = cache_settings(spec, model_path, model, pre, field, store_dtype, stats["item_order_hash"], dev)
     partial, done_path, key_path = out_dir / (ARRAY + ".partial"), out_dir / "cache.done.npy", out_dir / "cache.partial.json"
     key = dict(settings, shape=list(shape))
-    arr = _resumable_partial(partial, done_path, key_path, key, np_dtype, shape)
-    done = np.load(done_path) if arr is not None else np.zeros(n, dtype=bool)
+    arr, done = _resumable_partial(partial, done_path, key_path, key, np_dtype, shape)
     if arr is None:
+        done = np.zeros(n, dtype=bool)
         done_path.unlink(missing_ok=True)
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr[0] = 0
@@ -381,9 +402,9 @@ def build_cache(
         "modality": spec.modality,
         "field": field,
         "pooling": spec.pooling,
-        "compute_dtype": str(model.dtype).replace("torch.", ""),
+        "compute_dtype": settings["compute_dtype"],
         "dtype": store_dtype,
-        "quantization": spec.quantization or checkpoint_quantization(model_path),
+        "quantization": settings["quantization"],
         "tokenisation": {"max_tokens": spec.max_tokens, "bos": spec.is_decoder} if spec.modality == "text" else {"image_size": spec.image_size},
         "num_layers": num_layers,
         "stored_layers": list(range(num_layers + 1)),
@@ -402,10 +423,11 @@ def build_cache(
 
 
 def _resumable_partial(partial: Path, done_path: Path, key_path: Path, key: dict, np_dtype, shape):
-    """The partial array of an interrupted build, opened for writing, if it was built under
-    exactly `key`; otherwise None (a partial file from other settings is discarded, logged)."""
+    """(the partial array of an interrupted build opened for writing, its record of finished
+    items) if it was built under exactly `key`; otherwise (None, None): a partial file from
+    other settings is discarded, logged."""
     if not partial.exists():
-        return None
+        return None, None
     old = None
     try:
         old = read_json(key_path)
@@ -413,16 +435,16 @@ def _resumable_partial(partial: Path, done_path: Path, key_path: Path, key: dict
         arr = np.lib.format.open_memmap(partial, mode="r+")
     except (OSError, ValueError) as err:
         log.warning("discarding the partial cache %s: its records are unreadable (%s)", partial, err)
-        return None
+        return None, None
     if old != key:
         differ = sorted(k for k in set(key) | set(old if isinstance(old, dict) else {})
                         if not isinstance(old, dict) or old.get(k) != key.get(k))
         log.warning("discarding the partial cache %s: it was built with other settings (%s differ)", partial, ", ".join(differ))
-        return None
+        return None, None
     if arr.shape != tuple(shape) or arr.dtype != np_dtype or done.shape != (shape[0] - 1,):
         log.warning("discarding the partial cache %s: its array is %s %s", partial, arr.shape, arr.dtype)
-        return None
-    return arr
+        return None, None
+    return arr, done
 
 
 def prune_cache(src_dir: Path, out_dir: Path, layers: list[int]) -> dict:

@@ -60,6 +60,11 @@ class TrainConfig:
             raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
 
 
+# fields of a fit result (and of its history's epochs) that measure time or memory: two runs of
+# one experiment differ in these and nothing else
+MEASURED_FIELDS = frozenset({"train_seconds", "epoch_seconds", "time_per_epoch_train_s",
+                             "time_per_epoch_with_eval_s", "peak_memory_mb"})
+
 # TrainConfig fields that change speed, not results (the workflow's `speed` knobs)
 SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
 

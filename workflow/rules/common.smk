@@ -3,16 +3,12 @@ import json
 import os
 import re
 import shlex
-from pathlib import Path
 
 from iisan.layerdrop import scheme_layers
 from iisan.layerdrop import tower_schemes
 from iisan.backbones import BackboneSpec
 from iisan.backbones import DECODERS
-from iisan.cache import CacheError
-from iisan.cache import check_array
-from iisan.cache import quarantine
-from iisan.cache import read_manifest
+from iisan.cache import set_aside_damaged
 from iisan.data import ITEM_FIELDS
 from iisan.experiment import ID_METHODS
 from iisan.experiment import LAST_STATE
@@ -50,7 +46,6 @@ SPEED = {
     "cuda_graphs": True,
     "eval_batch": 1024,
     "compile": True,
-    "checkpoint_every_s": 30,
     **config.get("speed", {}),
 }
 
@@ -206,7 +201,7 @@ def train_caches(wildcards):
     for t, s in zip(towers, schemes):
         base = cache_dir(wildcards.dataset, t["field"], t["backbone"])
         out.append(
-            checked_cache(base if wildcards.cache == "full" else f"{base}/pruned-{s}")
+            cache_array(base if wildcards.cache == "full" else f"{base}/pruned-{s}")
         )
     return out
 
@@ -215,33 +210,19 @@ def cache_dir(dataset, field, backbone):
     return f"resources/cache/{dataset}/{field}/{backbone}"
 
 
-def checked_cache(folder):
+def cache_array(folder):
     """The array a job reads from a cache folder: tracked, so a replaced array reruns its
-    readers (`check_caches` has checked it against its manifest)."""
+    readers."""
     return f"{folder}/cache.npy"
 
 
-def check_caches(root="resources/cache"):
-    """Before the job graph is built (an input function cannot stop a run: Snakemake then takes
-    the job's existing outputs as source files): every manifest is checked (an invalid or
-    incomplete one stops the run naming the file and the field), and every array whose size or
-    .npy header disagrees with its manifest is moved aside, so that a job needing it rebuilds it
-    in this run. The checksum is read by the jobs that load an array."""
-    for manifest in sorted(Path(root).rglob("manifest.json")):
-        folder = manifest.parent
-        m = read_manifest(folder)
-        if (folder / "cache.npy").exists():
-            try:
-                check_array(folder, m)
-            except CacheError as err:
-                quarantine(folder, str(err))
-
-
-check_caches()
+# Before the job graph is built (an error raised by an input function cannot stop a run:
+# Snakemake then takes the job's existing outputs as source files).
+set_aside_damaged("resources/cache")
 
 
 def prune_source(wildcards):
-    return checked_cache(
+    return cache_array(
         cache_dir(wildcards.dataset, wildcards.field, wildcards.backbone)
     )
 
@@ -406,7 +387,7 @@ def fig6_caches(wildcards):
             schemes = tower_schemes(row["scheme"], len(row["towers"]))
             for t, s in zip(row["towers"], schemes):
                 base = cache_dir(dataset, t["field"], t["backbone"])
-                out.update({checked_cache(base), checked_cache(f"{base}/pruned-{s}")})
+                out.update({cache_array(base), cache_array(f"{base}/pruned-{s}")})
     return sorted(out)
 
 
