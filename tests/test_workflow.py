@@ -194,3 +194,13 @@ def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
     assert batches[("llama3-8b", "iisan-va")] == {512} and batches[("llama3-70b-gptq", "iisan-va")] == {512}
     assert batches[("bert-large", "iisan-va")] == {64} and batches[("bert-base", "iisan")] == {64}
     assert batches[("bert-base", "fft")] == {32} and batches[("id", "sasrec-id")] == {64}
+
+
+def test_tiny_outputs_equal_the_golden_ones(tiny_workflow):
+    """Every table and figure CSV and every run's result of the tiny config, as recorded in
+    tests/golden/tiny.json (exact on the CPU it was recorded on; see tests/golden.py). A change
+    of any metric fails here; a deliberate one rewrites the file with `python tests/golden.py`."""
+    from golden import differences
+
+    problems, exact = differences(tiny_workflow)
+    assert not problems, f"{len(problems)} differences ({'exact' if exact else 'within tolerance'}): {problems[:10]}"
