@@ -9,6 +9,9 @@ min_version("9.0")
 configfile: "config/config.yaml"
 
 
+report: "workflow/report/workflow.rst"
+
+
 # `--config key=value` values arrive as strings: read them as YAML, like the config files
 update_config(config, typed(dict(workflow.config_settings.config)))
 
@@ -25,4 +28,4 @@ include: "workflow/rules/tables.smk"
 rule all:
     default_target: True
     input:
-        all_targets(),
+        get_targets(),

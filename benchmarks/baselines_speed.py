@@ -65,7 +65,7 @@ def build(method: str, data, device, item_slots: str = "distinct"):
         BackboneTower(Tower(text_spec, "", "title", want), bert, text_inputs),
         BackboneTower(Tower(image_spec, "", "image", want), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),
     ]
-    model_method = "iisan" if finetune == "frozen" else "frozen"
+    model_method = "iisan" if finetune == "frozen" else method
     return BackboneFeatures(towers, finetune, "float16", item_slots), model_method
 
 

@@ -15,6 +15,8 @@ from iisan.data.amazon import preprocess
 from iisan.data.sequences import load_sequences
 from iisan.backbones import BackboneSpec, build_standin
 from iisan.cache import build_cache, load_cache
+from conftest import workflow_config
+from iisan import plan
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import Trainer, TrainConfig, popularity_baseline
@@ -34,16 +36,22 @@ def run(cmd, cwd, **kw):
 
 
 def test_config_overrides_on_the_command_line_are_typed(root, tmp_path):
-    """`--config` values are read as YAML, like the config files (snakemake leaves them strings)."""
+    """`--config` values are read as YAML, like the config files (snakemake leaves them strings,
+    which the schema would refuse)."""
     wd = copy_workflow(root, tmp_path)
-    res = run(SNAKEMAKE + ["-n", "results/table6.csv", "--config", "include_h0=false", "seeds=[1, 2]",
-                           "train={max_epochs: 3, lr_main: 1e-3}"], wd)
+    overrides = {"include_h0": "false", "seeds": "[1, 2]", "train": "{max_epochs: 3, lr_main: 1e-3}"}
+    res = run(SNAKEMAKE + ["-n", "results/table6.csv", "--config", *(f"{k}={v}" for k, v in overrides.items())], wd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    experiments = [json.loads(e) for e in re.findall(r"iisan train --experiment '(\{.*?\})'", out)]
-    assert experiments and {e["train"]["seed"] for e in experiments} == {1, 2}
-    assert all(e["include_h0"] is False and e["train"]["max_epochs"] == 3 and e["train"]["lr_main"] == 1e-3
-               and e["train"]["batch_size"] == 64 for e in experiments)
+    assert "/seed1/metrics.json" in out and "/seed2/metrics.json" in out and "/seed12345/" not in out
+    config = workflow_config(root, **overrides)
+    runs = plan.plan_runs("table6", config)
+    assert {r["seed"] for r, _ in runs} == {1, 2}
+    for row, path in runs:
+        w = re.match(r"results/runs/" + plan.RUN.replace("{", "(?P<").replace("}", ">[^/]+)") + r"/seed(?P<seed>\d+)/", path)
+        exp = plan.experiment(config, **w.groupdict())
+        assert exp.include_h0 is False and exp.train.max_epochs == 3 and exp.train.lr_main == 1e-3
+        assert exp.train.batch_size == 64 and exp.train.seed == row["seed"]
 
 
 def test_config_typo_stops_with_the_key_name(root, tmp_path):
@@ -186,11 +194,13 @@ def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
         assert f"results/runs/{ds}/id/gru4rec/none/none/seed12345/metrics.json" in out
     assert "results/table3.csv" in out and "results/fig5.png" in out
     # docs/method.md §8: LLM-text runs train with batch 512, the others with 64, the baselines with 32
+    config = workflow_config(root, "config/paper.yaml")
     batches = {}
-    for cmd in re.findall(r"iisan train --experiment '(\{.*?\})'", out):
-        exp = json.loads(cmd)
-        text = [t["backbone"] for t in exp["towers"] if t["field"] == "title"]
-        batches.setdefault((text[0] if text else "id", exp["method"]), set()).add(exp["train"]["batch_size"])
+    for path in set(re.findall(r"results/runs/\S+/metrics.json", out)):
+        parts = path.split("/")
+        exp = plan.experiment(config, *parts[2:7], seed=int(parts[7][4:]))
+        text = [t.backbone for t in exp.towers if t.field == "title"]
+        batches.setdefault((text[0] if text else "id", exp.method), set()).add(exp.train.batch_size)
     assert batches[("llama3-8b", "iisan-va")] == {512} and batches[("llama3-70b-gptq", "iisan-va")] == {512}
     assert batches[("bert-large", "iisan-va")] == {64} and batches[("bert-base", "iisan")] == {64}
     assert batches[("bert-base", "fft")] == {32} and batches[("id", "sasrec-id")] == {64}

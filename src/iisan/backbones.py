@@ -132,6 +132,18 @@ def _decoder_config(spec: BackboneSpec, vocab_size: int):
     raise ValueError(spec.family)
 
 
+def build_standin_from_config(name: str, entry: dict, titles_parquet: Path | None, out_dir: Path) -> None:
+    """The workflow's stand-in of registry entry `name`: its tokenizer trained on the titles of
+    `titles_parquet`, its weights drawn from a seed derived from the name (two entries with the
+    same shape, e.g. the Llama-2 and Llama-3 stand-ins, must not be the same model)."""
+    import zlib
+
+    import polars as pl
+
+    titles = pl.read_parquet(titles_parquet)["title"].to_list() if titles_parquet else None
+    build_standin(BackboneSpec.from_config(name, entry), Path(out_dir), titles, seed=zlib.crc32(name.encode()) % 2**31)
+
+
 def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = None, seed: int = 0) -> None:
     """Build a randomly initialised stand-in with the real layer count and a tiny width and save
     it with `save_pretrained` (plus tokenizer or image-processor config). A stand-in with

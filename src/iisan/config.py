@@ -1,10 +1,22 @@
-"""Workflow configuration helpers."""
+"""Typed configuration: the settings of one experiment, built once from the workflow's config.
+
+Defaults live in one place each: a field of the dataclasses below (model, training, fine-tuning,
+speed) has its default here and nowhere else (the config schema lists these fields without
+defaults); every other config key has its default in `config/schemas/config.schema.yaml`, which
+`validate` fills in. `Experiment.from_config` is the only code that reads the config's training
+and model sections.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import yaml
+
+from . import methods
 
 
 def typed(value: Any) -> Any:
@@ -29,3 +41,199 @@ def typed(value: Any) -> Any:
     if hasattr(value, "items"):
         return {k: typed(v) for k, v in value.items()}
     return value
+
+
+@dataclass
+class ModelConfig:
+    method: str = "iisan"  # a name of the method registry (iisan.methods): what the model is made of
+    heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
+    bottleneck: int = 64
+    embed_dim: int = 64  # D
+    gate_temperature: float = 0.1
+    max_len: int = 10  # T
+    n_blocks: int = 2
+    n_heads: int = 2
+    dropout: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    batch_size: int = 64
+    max_epochs: int = 100
+    patience: int = 11
+    lr_main: float = 2e-4
+    lr_san: float = 1e-4
+    lr_text_f: float = 5e-5
+    seed: int = 12345
+    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    eval_batch: int = 1024
+    cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
+    compile: bool = False  # torch.compile the training step on CUDA (speed only)
+    # write the fit checkpoint after an epoch only once this many seconds have passed since the
+    # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
+    checkpoint_every_s: float = 0.0
+    k: int = 10
+    # uncached baselines (the authors' scripts): pretrained backbone weights (FFT, BitFit) and
+    # inserted adapter/LoRA matrices, text and image backbone
+    lr_backbone_text: float = 5e-5
+    lr_backbone_image: float = 1e-4
+    lr_peft_text: float = 1e-4
+    lr_peft_image: float = 4e-4
+    # backbones in the loop: run every item slot of a batch (the authors' code) or each distinct
+    # item once (less work, same model); see BackboneFeatures.gather
+    item_slots: str = "all"
+
+    def __post_init__(self):
+        if self.item_slots not in ("all", "distinct"):
+            raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
+
+
+# TrainConfig fields that change speed, not results (the workflow's `speed` section): they are
+# kept out of an experiment's identity, so changing them reruns nothing
+SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
+
+
+@dataclass
+class FinetuneConfig:
+    """Modules the embedded fine-tuning baselines insert into a backbone (docs/method.md §8)."""
+
+    adapter_bottleneck: int = 64
+    lora_rank: int = 8
+    lora_alpha: int = 8
+
+
+@dataclass
+class TowerConfig:
+    """One item field and the backbone that reads it (its registry entry as configured)."""
+
+    field: str
+    backbone: str
+    spec: dict  # the backbone's registry entry, less what only labels plots (group, params_b)
+
+    LABEL_ONLY = ("group", "params_b")
+
+    @classmethod
+    def from_config(cls, config: dict, field: str, backbone: str, where: str) -> "TowerConfig":
+        from .data import ITEM_FIELDS
+
+        if field not in ITEM_FIELDS:
+            raise ValueError(f"{where}: unknown item field {field!r} (item fields: {', '.join(ITEM_FIELDS)})")
+        entry = backbone_entry(config, backbone)
+        if ITEM_FIELDS[field] != entry["modality"]:
+            raise ValueError(f"{where}: field {field!r} holds {ITEM_FIELDS[field]}, but backbone {backbone!r} is a "
+                             f"{entry['modality']} backbone")
+        return cls(field, backbone, {k: v for k, v in entry.items() if k not in cls.LABEL_ONLY})
+
+    def backbone_spec(self):
+        from .backbones import BackboneSpec
+
+        return BackboneSpec.from_config(self.backbone, self.spec)
+
+
+def backbone_entry(config: dict, name: str) -> dict:
+    try:
+        return config["backbones"][name]
+    except KeyError:
+        raise ValueError(f"backbone {name!r} is not in the backbones registry of the config "
+                         f"(known: {', '.join(sorted(config['backbones']))})") from None
+
+
+def _build(cls, values: dict, where: str):
+    known = {f.name for f in fields(cls)}
+    unknown = set(values) - known
+    if unknown:
+        raise ValueError(f"{where}: unknown keys {sorted(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+@dataclass
+class Experiment:
+    """One run: dataset x towers x method x LayerDrop scheme x cache x seed, with every setting
+    that changes its result. `to_dict()` is its identity: the workflow passes it to the training
+    job (a change reruns exactly the runs it touches) and `hash()` names it in checkpoints."""
+
+    dataset: str
+    towers: list[TowerConfig]
+    method: str
+    scheme: str
+    cache: str  # dropped | full | none (backbones in the training loop)
+    include_h0: bool
+    cache_dtype: str | None  # the cache's storage dtype (uncached runs round frozen states to it)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+
+    def __post_init__(self):
+        m = methods.check_cache(self.method, self.cache)
+        if m.is_id and self.towers:
+            raise ValueError(f"method {self.method!r} is ID-based: it takes no towers")
+        if not m.is_id and not 1 <= len(self.towers) <= 2:
+            raise ValueError(f"method {self.method!r} needs 1 or 2 towers, got {len(self.towers)}")
+
+    @property
+    def spec(self) -> methods.Method:
+        return methods.get(self.method)
+
+    @classmethod
+    def from_config(cls, config: dict, dataset: str, towers: list[TowerConfig], method: str, scheme: str,
+                    cache: str, seed: int) -> "Experiment":
+        """train <- decoder_train (runs whose text tower is a decoder LLM) <- method_train[method],
+        then the seed; model <- the method's heads."""
+        from .backbones import DECODERS
+
+        m = methods.get(method)
+        train = dict(config.get("train") or {})
+        if any(t.spec["modality"] == "text" and t.spec["family"] in DECODERS for t in towers):
+            train.update(config.get("decoder_train") or {})
+        train.update((config.get("method_train") or {}).get(method) or {})
+        train["seed"] = int(seed)
+        model = dict(config.get("model") or {}, method=method)
+        if m.heads:
+            model["heads"] = m.heads
+        return cls(
+            dataset=dataset, towers=list(towers), method=method, scheme=scheme, cache=cache,
+            include_h0=config["include_h0"], cache_dtype=None if m.is_id else config["cache"]["dtype"],
+            model=_build(ModelConfig, model, "config key model"),
+            train=_build(TrainConfig, train, f"training config of {method}"),
+            finetune=_build(FinetuneConfig, dict(config.get("finetune") or {}), "config key finetune"),
+        )
+
+    def to_dict(self) -> dict:
+        """Everything that changes the result (the speed fields of `train` left out)."""
+        d = asdict(self)
+        d["train"] = {k: v for k, v in d["train"].items() if k not in SPEED_FIELDS}
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict, speed: dict | None = None) -> "Experiment":
+        d = dict(d)
+        return cls(
+            **{k: v for k, v in d.items() if k not in ("towers", "model", "train", "finetune")},
+            towers=[TowerConfig(**t) for t in d["towers"]],
+            model=_build(ModelConfig, d["model"], "experiment model"),
+            train=_build(TrainConfig, {**d["train"], **(speed or {})}, "experiment train"),
+            finetune=_build(FinetuneConfig, d.get("finetune", {}), "experiment finetune"),
+        )
+
+    def with_speed(self, speed: dict | None) -> "Experiment":
+        unknown = set(speed or {}) - set(SPEED_FIELDS)
+        if unknown:
+            raise ValueError(f"speed: unknown keys {sorted(unknown)} (known: {', '.join(SPEED_FIELDS)})")
+        return replace(self, train=replace(self.train, **(speed or {})))
+
+    def hash(self) -> str:
+        return config_hash(self.to_dict())
+
+    def tower_layers(self, tower: int) -> list[int]:
+        """Indices into h[0..L] that tower `tower` feeds the item encoder."""
+        from .layerdrop import scheme_layers, tower_schemes
+
+        layers = self.towers[tower].spec["layers"]
+        if self.spec.reads_last:
+            return scheme_layers("last", layers)
+        schemes = tower_schemes(self.scheme, len(self.towers))
+        return scheme_layers(schemes[tower], layers, include_h0=self.include_h0)
+
+
+def config_hash(obj: dict) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]

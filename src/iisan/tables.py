@@ -1,5 +1,5 @@
-"""The paper's tables: which runs each row needs (`table_plan`), and aggregating run metrics
-into CSV (`build_table`)."""
+"""The paper's tables: run metrics aggregated into CSV (`build_table`, `build_table3`,
+`build_efficiency`). Which runs each row needs is planned in `iisan.plan`."""
 
 from __future__ import annotations
 
@@ -7,141 +7,12 @@ from pathlib import Path
 
 import polars as pl
 
+from . import methods
 from .io import atomic_path, read_json
 
-TABLE6 = [  # Table VI: ablations (IISAN-VS column); "{default}" = config default_scheme
-    ("IISAN-VS", "iisan", "{default}"),
-    ("w/o LayerDrop", "iisan", "all"),
-    ("w/o gate", "no-gate", "{default}"),
-    ("frozen backbone", "frozen", "last"),
-    ("w/o inter", "no-inter", "{default}"),
-    ("w/o intra", "no-intra", "{default}"),
-]
-TABLE7 = [  # Table VII: number of LayerDrop blocks (12-layer backbones)
-    ("2 blocks", "iisan", "blocks2"),
-    ("3 blocks", "iisan", "blocks3"),
-    ("4 blocks", "iisan", "blocks4"),
-    ("6 blocks", "iisan", "blocks6"),
-    ("12 blocks", "iisan", "all"),
-]
-METHOD_LABELS = {
-    "iisan": "IISAN",
-    "iisan-va": "IISAN-VA",
-    "no-gate": "w/o gate",
-    "no-inter": "w/o inter",
-    "no-intra": "w/o intra",
-    "frozen": "frozen backbone",
-    "fft": "FFT",
-    "adapter": "Adapter",
-    "lora": "LoRA",
-    "bitfit": "BitFit",
-    "sasrec-id": "SASRec (ID)",
-    "gru4rec": "GRU4Rec (ID)",
-}
-# Table III / Fig. 5 row tokens -> (label, method, cache); "none" = backbones in the training loop
-COMPARED = {
-    "fft": ("FFT", "fft", "none"),
-    "adapter": ("Adapter", "adapter", "none"),
-    "lora": ("LoRA", "lora", "none"),
-    "bitfit": ("BitFit", "bitfit", "none"),
-    "frozen": ("frozen backbone", "frozen", "dropped"),
-    "sasrec-id": ("SASRec (ID)", "sasrec-id", "none"),
-    "gru4rec": ("GRU4Rec (ID)", "gru4rec", "none"),
-    "iisan": ("IISAN-VS", "iisan", "dropped"),
-    "iisan-uncached": ("IISAN-VS (uncached)", "iisan", "none"),
-    "iisan-va": ("IISAN-VA", "iisan-va", "dropped"),
-}
-ID_ROWS = {"sasrec-id", "gru4rec"}
 ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table6": "variant", "table7": "blocks", "table8": "selection",
                "methods": "method"}
-KINDS = ("table3", "table4", "table6", "table7", "table8", "methods", "efficiency")
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
-
-
-def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
-    return {"label": label, "towers": towers, "method": method, "scheme": scheme, "cache": cache, **extra}
-
-
-def va_scheme(config: dict, text: str, image: str) -> str:
-    """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks); the text
-    tower keeps n blocks with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)."""
-    n_image = config["backbones"][image]["layers"] // 2
-    kind = "eq5-" if config.get("va_stride", "authors") == "eq5" else "stride"
-    text_layers = config["backbones"][text]["layers"]
-    text_scheme = f"blocks{n_image}" if text_layers == config["backbones"][image]["layers"] else f"{kind}{n_image}"
-    return f"{text_scheme}+{config['default_scheme']}"
-
-
-def compared_row(token: str, config: dict, seeds: list[int] | None = None) -> dict:
-    """One Table III / Fig. 5 row: the baselines and IISAN-VS on the configured towers
-    (BERT-base + ViT-base in the paper), IISAN-VA with `table3.va_text_encoder` as text tower."""
-    if token not in COMPARED:
-        raise KeyError(f"unknown method {token!r} in table3/efficiency (known: {', '.join(COMPARED)})")
-    label, method, cache = COMPARED[token]
-    towers = config["towers"]
-    if token in ID_ROWS:
-        scheme = "none"
-    elif method in ("fft", "adapter", "lora", "bitfit", "frozen"):
-        scheme = "last"
-    else:
-        scheme = config["default_scheme"]
-    if token == "iisan-va":
-        text = config.get("table3", {}).get("va_text_encoder", towers[0]["backbone"])
-        image = towers[-1]["backbone"]
-        towers = [dict(towers[0], backbone=text), towers[-1]]
-        scheme = va_scheme(config, text, image)
-    row = _row(label, towers, method, scheme, cache, token=token)
-    if seeds:
-        row["seeds"] = list(seeds)
-    return row
-
-
-def table_plan(kind: str, config: dict) -> list[dict]:
-    """Rows of table `kind`: label, towers, method, scheme, cache (+ group, params_b, seeds)."""
-    towers = config["towers"]
-    default = config["default_scheme"]
-    if kind == "table3":
-        t3 = config.get("table3", {})
-        sig = t3.get("significance_seeds")
-        return [compared_row(t, config, sig if t in ("iisan", "iisan-va") else None) for t in t3.get("methods", [])]
-    if kind == "efficiency":
-        eff = config.get("efficiency", {})
-        return [dict(compared_row(t, config), batch_size=b) for t in eff.get("methods", []) for b in eff.get("batch_sizes", [])]
-    if kind == "table6":
-        return [_row(l, towers, m, default if s == "{default}" else s) for l, m, s in TABLE6]
-    if kind == "table7":
-        return [_row(l, towers, m, s) for l, m, s in TABLE7]
-    if kind == "methods":
-        return [
-            dict(compared_row(m, config), label=METHOD_LABELS[m]) if m in ("fft", "adapter", "lora", "bitfit", *ID_ROWS)
-            else _row(METHOD_LABELS[m], towers, m, "last" if m == "frozen" else default)
-            for m in config.get("methods", [])
-        ]
-    if kind == "table4":
-        t4 = config["table4"]
-        image = t4["image_encoder"]
-        rows = []
-        for text in t4["text_encoders"]:
-            b = config["backbones"][text]
-            tw = [{"field": t4.get("text_field", "title"), "backbone": text}, {"field": t4.get("image_field", "image"), "backbone": image}]
-            rows.append(_row(text, tw, "iisan-va", va_scheme(config, text, image), group=b.get("group", "PLM"), params_b=b.get("params_b")))
-        return rows
-    if kind == "table8":
-        t8 = config["table8"]
-        tw = [{"field": t8.get("text_field", "title"), "backbone": t8["text_encoder"]}, {"field": t8.get("image_field", "image"), "backbone": t8["image_encoder"]}]
-        rows = []
-        for text_sel, image_sel in t8["rows"]:
-            rows.append(_row(f"text {text_sel} / image {image_sel}", tw, "iisan-va", f"{text_sel}+{image_sel}", text=text_sel, image=image_sel))
-        return rows
-    if kind == "fig7":
-        out = []
-        image = config["table4"]["image_encoder"]
-        for text in config["fig7"]["text_encoders"]:
-            tw = [{"field": "title", "backbone": text}, {"field": "image", "backbone": image}]
-            for cache in ("full", "dropped"):
-                out.append(_row(text, tw, "iisan-va", va_scheme(config, text, image), cache=cache))
-        return out
-    raise KeyError(f"unknown table {kind!r} (known: {', '.join(KINDS)})")
 
 
 def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
@@ -315,7 +186,8 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
                 pl.when(is_va).then(pl.lit(p)).otherwise(None).round(4).alias(f"{m} p (VA vs VS)"),
                 pl.when(is_va).then(pl.lit(mark)).otherwise(pl.lit("")).alias(f"{m} sig"),
             )
-        content = part.filter(~pl.col("token").is_in(list(ID_ROWS)))
+        id_rows = [t for t in part["token"].to_list() if t in methods.row_tokens() and methods.row(t)[0].is_id]
+        content = part.filter(~pl.col("token").is_in(id_rows))
         if content.height:
             scores = tpme(content["seconds_per_epoch"].to_list(), content["trainable_params"].to_list(),
                           content["peak_memory_mb"].to_list())
@@ -332,9 +204,9 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
     )
 
 
-def build_efficiency(rows: list[dict], profiles: list[Path], out: Path, figure: Path | None = None) -> pl.DataFrame:
+def build_efficiency(rows: list[dict], profiles: list[Path], out: Path) -> pl.DataFrame:
     """Profiles (one per method and batch size) -> efficiency.csv with TPME per batch size over
-    the methods, and Fig. 5 (time per epoch per method; peak memory against batch size)."""
+    the methods (`iisan.figures.fig5` draws it)."""
     if len(rows) != len(profiles):
         raise ValueError(f"{len(rows)} rows but {len(profiles)} profiles")
     recs = []
@@ -364,8 +236,4 @@ def build_efficiency(rows: list[dict], profiles: list[Path], out: Path, figure: 
     df = df.select("dataset", "method", "batch_size", "time_per_epoch_s", "peak_memory_mb", "trainable_params", "TPME",
                    "device", "peak_memory_kind", "total_params", "cache_bytes", "time_source")
     _write_csv(df, out)
-    if figure is not None:
-        from .figures import fig5
-
-        fig5(df, figure)
     return df

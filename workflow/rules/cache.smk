@@ -3,9 +3,9 @@
 
 rule build_standin:
     input:
-        titles=f"resources/{config['standin_corpus']}/items.parquet",
+        titles=plan.ITEMS.format(dataset=config["standin_corpus"]),
     output:
-        "resources/backbones/{backbone}/config.json",
+        plan.STANDIN,
     log:
         "logs/backbones/{backbone}.log",
     conda:
@@ -15,48 +15,42 @@ rule build_standin:
         mem_mb=2000,
         runtime=10,
     params:
-        spec=lambda wildcards: spec_json(wildcards.backbone),
-    shell:
-        "iisan standin --name {wildcards.backbone} --spec {params.spec} --titles {input.titles:q}"
-        " --out resources/backbones/{wildcards.backbone} > {log} 2>&1"
+        spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
+    script:
+        "../scripts/standin.py"
 
 
 rule cache:
     input:
-        unpack(cache_inputs),
+        unpack(get_cache_inputs),
     output:
-        array="resources/cache/{dataset}/{field}/{backbone}/cache.npy",
-        manifest="resources/cache/{dataset}/{field}/{backbone}/manifest.json",
+        array=plan.CACHE_ARRAY,
+        manifest=plan.CACHE_MANIFEST,
     log:
         "logs/cache/{dataset}/{field}/{backbone}.log",
     benchmark:
         "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
     conda:
         "../../envs/iisan.yaml"
-    threads: cache_threads
+    threads: get_cache_threads
     resources:
-        mem_mb=cache_mem_mb,
-        runtime=cache_runtime,
-        gpu=cache_gpus,
+        mem_mb=get_cache_mem_mb,
+        runtime=get_cache_runtime,
+        gpu=get_cache_gpus,
     params:
-        spec=lambda wildcards: spec_json(wildcards.backbone),
-        standin=standin_arg,
-        images=images_arg,
+        spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
         store_dtype=config["cache"]["dtype"],
         batch_size=config["cache"]["batch_size"],
-    shell:
-        "iisan cache --name {wildcards.backbone} --spec {params.spec} {params.standin}"
-        " --items {input.item_table:q} --field {wildcards.field} {params.images}"
-        " --store-dtype {params.store_dtype} --batch-size {params.batch_size} --threads {threads}"
-        " --out resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone} > {log} 2>&1"
+    script:
+        "../scripts/cache.py"
 
 
 rule prune:
     input:
-        prune_source,
+        get_prune_source,
     output:
-        array="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/cache.npy",
-        manifest="resources/cache/{dataset}/{field}/{backbone}/pruned-{tscheme}/manifest.json",
+        array=plan.PRUNED_ARRAY,
+        manifest=plan.PRUNED_MANIFEST,
     log:
         "logs/cache/{dataset}/{field}/{backbone}/prune-{tscheme}.log",
     conda:
@@ -66,8 +60,6 @@ rule prune:
         mem_mb=8000,
         runtime=20,
     params:
-        layers=scheme_indices,
-    shell:
-        "iisan prune --src resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}"
-        " --layers {params.layers} --out resources/cache/{wildcards.dataset}/{wildcards.field}/{wildcards.backbone}/pruned-{wildcards.tscheme}"
-        " > {log} 2>&1"
+        layers=get_prune_layers,
+    script:
+        "../scripts/prune.py"

@@ -1,19 +1,15 @@
-# Paper tables: aggregate run metrics into results/*.csv (test-set percentages).
+# Paper tables and figures: aggregate run metrics into results/*.csv and *.png.
 
 
 rule table:
     input:
-        table_metrics,
+        lambda wildcards: get_plan_inputs(get_table_kind(wildcards)),
     output:
-        report(
-            "results/{table}.csv",
-            caption="../report/table.rst",
-            category="Tables",
-        ),
+        report(plan.TABLE, caption="../report/table.rst", category="Tables"),
     log:
         "logs/tables/{table}.log",
     wildcard_constraints:
-        table=table_names(),
+        table=get_table_names(),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -21,15 +17,15 @@ rule table:
         mem_mb=1000,
         runtime=5,
     params:
-        kind=table_kind,
-        rows=table_rows_json,
-    shell:
-        "iisan table --kind {params.kind} --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
+        kind=get_table_kind,
+        rows=lambda wildcards: get_plan_rows(get_table_kind(wildcards)),
+    script:
+        "../scripts/table.py"
 
 
 rule fig4:
     input:
-        plan_metrics("table4"),
+        get_plan_inputs("table4"),
     output:
         report("results/fig4.png", caption="../report/fig4.rst", category="Figures"),
     log:
@@ -41,14 +37,14 @@ rule fig4:
         mem_mb=1000,
         runtime=5,
     params:
-        rows=plan_rows_json("table4"),
-    shell:
-        "iisan figure --kind fig4 --rows {params.rows} --metrics {input} --out {output:q} > {log} 2>&1"
+        rows=get_plan_rows("table4"),
+    script:
+        "../scripts/fig4.py"
 
 
 rule fig6:
     input:
-        fig6_caches,
+        [plan.array(c) for c in plan.fig6_caches(config)],
     output:
         png=report("results/fig6.png", caption="../report/fig6.rst", category="Figures"),
         csv="results/fig6.csv",
@@ -61,21 +57,16 @@ rule fig6:
         mem_mb=1000,
         runtime=5,
     params:
-        backbones=fig6_backbones_json(),
-        manifests=lambda wildcards, input: " ".join(
-            shlex.quote(os.path.join(os.path.dirname(a), "manifest.json"))
-            for a in input
-        ),
-        n_items=config.get("fig6_items", 20825),
-        demo="--demo" if config.get("fig6_demo", True) else "",
-    shell:
-        "iisan figure --kind fig6 --backbones {params.backbones} --items {params.n_items} {params.demo}"
-        " --metrics {params.manifests} --out {output.png:q} > {log} 2>&1"
+        backbones=config["backbones"],
+        n_items=config["fig6_items"],
+        demo=config["fig6_demo"],
+    script:
+        "../scripts/fig6.py"
 
 
 rule fig7:
     input:
-        plan_metrics("fig7"),
+        get_plan_inputs("fig7"),
     output:
         png=report("results/fig7.png", caption="../report/fig7.rst", category="Figures"),
         csv="results/fig7.csv",
@@ -88,14 +79,14 @@ rule fig7:
         mem_mb=1000,
         runtime=5,
     params:
-        rows=plan_rows_json("fig7"),
-    shell:
-        "iisan figure --kind fig7 --rows {params.rows} --metrics {input} --out {output.png:q} > {log} 2>&1"
+        rows=get_plan_rows("fig7"),
+    script:
+        "../scripts/fig7.py"
 
 
 rule efficiency:
     input:
-        [p for _, p in efficiency_plan()],
+        [p for _, p in plan.efficiency_plan(config)],
     output:
         csv="results/efficiency.csv",
         png=report("results/fig5.png", caption="../report/fig5.rst", category="Figures"),
@@ -108,6 +99,6 @@ rule efficiency:
         mem_mb=1000,
         runtime=5,
     params:
-        rows=shlex.quote(json.dumps([r for r, _ in efficiency_plan()])),
-    shell:
-        "iisan efficiency --rows {params.rows} --profiles {input} --out {output.csv:q} --figure {output.png:q} > {log} 2>&1"
+        rows=[r for r, _ in plan.efficiency_plan(config)],
+    script:
+        "../scripts/efficiency.py"

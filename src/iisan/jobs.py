@@ -1,0 +1,81 @@
+"""What every job of the workflow does before its one library call: send its output to the rule's
+log, set up logging and the number of CPU threads (`workflow/scripts/*.py` use `job`)."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from contextlib import contextmanager
+from datetime import datetime
+from pathlib import Path
+
+
+@contextmanager
+def job(snakemake, keep_attempts: bool = False):
+    """Run a job's body with stdout and stderr (Python's and native libraries') appended to
+    `snakemake.log[0]`, INFO logging there, and `snakemake.threads` torch threads.
+
+    keep_attempts: Snakemake deletes the log before each attempt of a job, so a retried or
+    resumed job would lose its earlier attempts' output. With this, `<log>.attempts` is the same
+    file as the log (a hard link that survives the deletion): each attempt starts the new log from
+    it and appends under a dated header, so the log shows every attempt.
+    """
+    log = Path(snakemake.log[0])
+    log.parent.mkdir(parents=True, exist_ok=True)
+    attempts = log.with_name(log.name + ".attempts")
+    if keep_attempts:
+        earlier = attempts.read_bytes() if attempts.exists() else b""
+        log.write_bytes(earlier)
+        link = attempts.with_name(attempts.name + ".new")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(log, link)
+            os.replace(link, attempts)
+        except OSError:  # no hard links here: the attempts file is rewritten when the job ends
+            attempts = None
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fh = open(log, "ab", buffering=0)  # noqa: SIM115 - kept open for the job's lifetime
+    os.dup2(fh.fileno(), 1)
+    os.dup2(fh.fileno(), 2)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr, force=True)
+    if keep_attempts:
+        attempt = getattr(snakemake.resources, "attempt", "?")
+        print(f"== {datetime.now().astimezone().isoformat(timespec='seconds')} attempt {attempt} ==", flush=True)
+    try:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+    except ImportError:  # pragma: no cover
+        pass
+    if snakemake.threads:
+        import torch
+
+        torch.set_num_threads(snakemake.threads)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        if keep_attempts and attempts is None:
+            log.with_name(log.name + ".attempts").write_bytes(log.read_bytes())
+
+
+def run_inputs(snakemake):
+    """(experiment, paths) of a train or profile job: the experiment from the rule's params with
+    the config's speed settings, and the dataset, cache folders, stand-in folders and image
+    archive from its inputs (see get_run_inputs in workflow/rules/common.smk)."""
+    from .config import Experiment
+    from .plan import standin_dir
+
+    exp = Experiment.from_dict(snakemake.params.experiment).with_speed(snakemake.config.get("speed"))
+    i = snakemake.input
+    paths = {
+        "dataset_dir": Path(i.sequences).parent,
+        "cache_dirs": [Path(a).parent for a in i.caches] if "caches" in i.keys() else [],
+        "standins": [standin_dir(t.backbone) if t.spec["source"] == "demo" else None for t in exp.towers],
+        "images": i.images if "images" in i.keys() else None,
+    }
+    return exp, paths

@@ -1,0 +1,259 @@
+"""Planning: which runs each table and figure needs, where every file lives, and the experiment
+of each run. The workflow's input functions (`workflow/rules/common.smk`) call these; the path
+templates below are the rules' outputs.
+
+A table *row* is a dict: label, towers ([{field, backbone}]), method, scheme, cache, and for some
+tables token, group, params_b, batch_size or seeds.
+"""
+
+from __future__ import annotations
+
+from . import methods
+from .config import Experiment, TowerConfig, backbone_entry
+from .layerdrop import tower_schemes
+
+# --- path templates (the rules' outputs) -------------------------------------------------------
+RAW = "resources/raw/{dataset}/{kind}.tsv"  # kind: items | users
+RAW_IMAGES = "resources/raw/{dataset}/images.zip"  # the demo's generated covers
+DATASET_DIR = "resources/{dataset}"
+ITEMS = f"{DATASET_DIR}/items.parquet"
+SEQUENCES = f"{DATASET_DIR}/sequences.parquet"
+POPULARITY = f"{DATASET_DIR}/popularity.parquet"
+STATS = f"{DATASET_DIR}/stats.json"
+STANDIN_DIR = "resources/backbones/{backbone}"
+STANDIN = f"{STANDIN_DIR}/config.json"
+CACHE_DIR = "resources/cache/{dataset}/{field}/{backbone}"
+PRUNED_DIR = f"{CACHE_DIR}/pruned-{{tscheme}}"
+# a cache folder's array (tracked: a replaced array reruns its readers) and manifest
+CACHE_ARRAY, CACHE_MANIFEST = f"{CACHE_DIR}/cache.npy", f"{CACHE_DIR}/manifest.json"
+PRUNED_ARRAY, PRUNED_MANIFEST = f"{PRUNED_DIR}/cache.npy", f"{PRUNED_DIR}/manifest.json"
+RUN = "{dataset}/{towers}/{method}/{scheme}/{cache}"  # one run's folder below results/runs
+RUN_METRICS = f"results/runs/{RUN}/seed{{seed}}/metrics.json"
+PROFILE = f"results/efficiency/{RUN}/batch{{batch}}.json"
+TABLE = "results/{table}.csv"
+FIGURE = "results/{figure}.png"
+
+
+def array(cache_folder: str) -> str:
+    """The array file of a cache folder."""
+    return f"{cache_folder}/cache.npy"
+
+TABLES = ("table3", "table4", "table6", "table7", "table8", "methods")
+KINDS = (*TABLES, "efficiency", "fig7")
+
+# Table VI (ablations) and Table VII (LayerDrop blocks): (label or None for the method's, method,
+# scheme or None for the config's default_scheme)
+TABLE6 = [
+    (None, "iisan", None),
+    ("w/o LayerDrop", "iisan", "all"),
+    (None, "no-gate", None),
+    (None, "frozen", None),
+    (None, "no-inter", None),
+    (None, "no-intra", None),
+]
+TABLE7 = [("2 blocks", "iisan", "blocks2"), ("3 blocks", "iisan", "blocks3"), ("4 blocks", "iisan", "blocks4"),
+          ("6 blocks", "iisan", "blocks6"), ("12 blocks", "iisan", "all")]
+
+
+def cache_dir(dataset: str, field: str, backbone: str) -> str:
+    return CACHE_DIR.format(dataset=dataset, field=field, backbone=backbone)
+
+
+def standin_dir(backbone: str) -> str:
+    return STANDIN_DIR.format(backbone=backbone)
+
+
+# --- towers -----------------------------------------------------------------------------------
+def towers_id(towers: list) -> str:
+    """Path component naming the towers: field@backbone joined by '+' ("id" for none)."""
+    if not towers:
+        return "id"
+    return "+".join(f"{t['field']}@{t['backbone']}" if isinstance(t, dict) else f"{t.field}@{t.backbone}" for t in towers)
+
+
+def parse_towers(config: dict, text: str) -> list[TowerConfig]:
+    if text == "id":  # ID-based recommenders read no item content
+        return []
+    out = []
+    for part in text.split("+"):
+        field, sep, backbone = part.partition("@")
+        if not sep:
+            raise ValueError(f"towers {text!r}: expected field@backbone parts joined by '+'")
+        out.append(TowerConfig.from_config(config, field, backbone, f"towers {text!r}"))
+    return out
+
+
+def check_config(config: dict) -> None:
+    """What the schema cannot check: tower fields against backbone modalities, method names and
+    Table III rows against the method registry. Errors name the config key."""
+    for i, t in enumerate(config["towers"]):
+        TowerConfig.from_config(config, t["field"], t["backbone"], f"config key towers[{i}]")
+    for i, name in enumerate(config.get("methods") or []):
+        methods.get(name, f"config key methods[{i}]")
+    for name in config.get("method_train") or {}:
+        methods.get(name, f"config key method_train.{name}")
+    for key in ("table3", "efficiency"):
+        for i, token in enumerate((config.get(key) or {}).get("methods") or []):
+            methods.row(token, f"config key {key}.methods[{i}]")
+
+
+# --- rows of the tables -----------------------------------------------------------------------
+def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
+    return {"label": label, "towers": towers, "method": method, "scheme": scheme, "cache": cache, **extra}
+
+
+def va_scheme(config: dict, text: str, image: str) -> str:
+    """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks); the text
+    tower keeps n blocks with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)."""
+    n_image = backbone_entry(config, image)["layers"] // 2
+    kind = "eq5-" if config["va_stride"] == "eq5" else "stride"
+    text_layers = backbone_entry(config, text)["layers"]
+    same = text_layers == backbone_entry(config, image)["layers"]
+    text_scheme = f"blocks{n_image}" if same else f"{kind}{n_image}"
+    return f"{text_scheme}+{config['default_scheme']}"
+
+
+def method_row(config: dict, name: str, label: str | None = None, scheme: str | None = None, **extra) -> dict:
+    """A row of `name` on the configured towers with the config's default scheme (or the one the
+    method forces: last for last-state methods, none for ID models) and its default cache."""
+    m = methods.get(name)
+    return _row(label or m.label, [] if m.is_id else config["towers"], name,
+                m.scheme(scheme or config["default_scheme"]), m.default_cache, **extra)
+
+
+def compared_row(config: dict, token: str, seeds: list[int] | None = None) -> dict:
+    """One Table III / Fig. 5 row: a row token of the registry on the configured towers
+    (BERT-base + ViT-base in the paper); an asymmetric method takes `table3.va_text_encoder` as
+    its text tower and `va_scheme`."""
+    m, label, cache = methods.row(token)
+    row = dict(method_row(config, m.name, label), cache=cache, token=token)
+    if m.asymmetric:
+        towers = config["towers"]
+        text = (config.get("table3") or {}).get("va_text_encoder", towers[0]["backbone"])
+        image = towers[-1]["backbone"]
+        row.update(towers=[dict(towers[0], backbone=text), towers[-1]], scheme=va_scheme(config, text, image))
+    if seeds:
+        row["seeds"] = list(seeds)
+    return row
+
+
+def table_plan(kind: str, config: dict) -> list[dict]:
+    """Rows of table (or figure) `kind`."""
+    if kind == "table3":
+        t3 = config.get("table3") or {}
+        sig = t3.get("significance_seeds")
+        return [compared_row(config, t, sig if t in ("iisan", "iisan-va") else None) for t in t3.get("methods", [])]
+    if kind == "efficiency":
+        eff = config.get("efficiency") or {}
+        return [dict(compared_row(config, t), batch_size=b) for t in eff.get("methods", []) for b in eff.get("batch_sizes", [])]
+    if kind == "table6":
+        return [method_row(config, m, label, scheme) for label, m, scheme in TABLE6]
+    if kind == "table7":
+        return [method_row(config, m, label, scheme) for label, m, scheme in TABLE7]
+    if kind == "methods":
+        return [method_row(config, m) for m in config.get("methods") or []]
+    if kind == "table4":
+        t4 = config["table4"]
+        image = t4["image_encoder"]
+        rows = []
+        for text in t4["text_encoders"]:
+            b = backbone_entry(config, text)
+            tw = [{"field": t4["text_field"], "backbone": text}, {"field": t4["image_field"], "backbone": image}]
+            rows.append(_row(text, tw, "iisan-va", va_scheme(config, text, image), group=b.get("group", "PLM"),
+                             params_b=b.get("params_b")))
+        return rows
+    if kind == "table8":
+        t8 = config["table8"]
+        tw = [{"field": t8["text_field"], "backbone": t8["text_encoder"]}, {"field": t8["image_field"], "backbone": t8["image_encoder"]}]
+        return [_row(f"text {text} / image {image}", tw, "iisan-va", f"{text}+{image}", text=text, image=image)
+                for text, image in t8["rows"]]
+    if kind == "fig7":
+        image = config["table4"]["image_encoder"]
+        out = []
+        for text in config["fig7"]["text_encoders"]:
+            tw = [{"field": "title", "backbone": text}, {"field": "image", "backbone": image}]
+            out += [_row(text, tw, "iisan-va", va_scheme(config, text, image), cache=c) for c in ("full", "dropped")]
+        return out
+    raise KeyError(f"unknown table {kind!r} (known: {', '.join(KINDS)})")
+
+
+# --- runs -------------------------------------------------------------------------------------
+def run_wildcards(dataset: str, row: dict) -> dict:
+    """The wildcards of a row's run folder (RUN): the method decides what its runs read."""
+    m = methods.get(row["method"])
+    return {"dataset": dataset, "towers": "id" if m.is_id else towers_id(row["towers"]), "method": m.name,
+            "scheme": m.scheme(row["scheme"]), "cache": "none" if m.is_id else row.get("cache", m.default_cache)}
+
+
+def run_path(dataset: str, row: dict, seed: int) -> str:
+    return RUN_METRICS.format(**run_wildcards(dataset, row), seed=seed)
+
+
+def profile_path(dataset: str, row: dict) -> str:
+    return PROFILE.format(**run_wildcards(dataset, row), batch=row["batch_size"])
+
+
+def plan_runs(kind: str, config: dict) -> list[tuple[dict, str]]:
+    """[(row description, metrics path)] for every dataset, row and seed of a table or figure."""
+    out = []
+    for dataset in config["datasets"]:
+        for row in table_plan(kind, config):
+            for seed in row.get("seeds") or config["seeds"]:
+                desc = {k: v for k, v in row.items() if k not in ("towers", "seeds")}
+                out.append((dict(desc, dataset=dataset, seed=seed), run_path(dataset, row, seed)))
+    return out
+
+
+def efficiency_plan(config: dict) -> list[tuple[dict, str]]:
+    """[(row, profile path)]: every efficiency method x batch size on the first dataset."""
+    dataset = config["datasets"][0]
+    return [(dict(row, dataset=dataset), profile_path(dataset, row)) for row in table_plan("efficiency", config)]
+
+
+def experiment(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str, seed: int) -> Experiment:
+    """The experiment of one run folder (the train rule's wildcards)."""
+    return Experiment.from_config(config, dataset, parse_towers(config, towers), method, scheme, cache, seed)
+
+
+def run_caches(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str) -> list[str]:
+    """Per tower the cache folder a run reads: the pruned ("dropped") cache of its tower's
+    scheme, or the full cache; none for uncached runs and ID models."""
+    if cache == "none":
+        return []
+    tw = parse_towers(config, towers)
+    schemes = tower_schemes(methods.get(method).scheme(scheme), len(tw))
+    out = []
+    for t, s in zip(tw, schemes):
+        base = cache_dir(dataset, t.field, t.backbone)
+        out.append(base if cache == "full" else PRUNED_DIR.format(dataset=dataset, field=t.field, backbone=t.backbone, tscheme=s))
+    return out
+
+
+def fig6_caches(config: dict) -> list[str]:
+    """Every cache folder (full and dropped) of the Table IV runs, for measured sizes."""
+    out = set()
+    for dataset in config["datasets"]:
+        for row in table_plan("table4", config):
+            for t, s in zip(row["towers"], tower_schemes(row["scheme"], len(row["towers"]))):
+                base = cache_dir(dataset, t["field"], t["backbone"])
+                out.update({base, PRUNED_DIR.format(dataset=dataset, field=t["field"], backbone=t["backbone"], tscheme=s)})
+    return sorted(out)
+
+
+# --- tables and targets -----------------------------------------------------------------------
+def table_name(config: dict, kind: str) -> str:
+    """The file name (results/<name>.csv) of table `kind`: the methods table's is configurable."""
+    return config["methods_table"] if kind == "methods" else kind
+
+
+def table_file(config: dict, kind: str) -> str:
+    return TABLE.format(table=table_name(config, kind))
+
+
+def table_kind(config: dict, name: str) -> str:
+    """The table kind of results/<name>.csv (the methods table's file name is configurable)."""
+    return "methods" if name == config["methods_table"] else name
+
+
+def targets(config: dict) -> list[str]:
+    return [table_file(config, k) for k in config["tables"]] + [FIGURE.format(figure=f) for f in config["figures"]]

@@ -1,0 +1,14 @@
+# Cache every hidden state of one backbone over one item field.
+from pathlib import Path
+
+from iisan.backbones import BackboneSpec, resolve_source
+from iisan.cache import build_cache
+from iisan.jobs import job
+
+with job(snakemake):
+    i, p = snakemake.input, snakemake.params
+    spec = BackboneSpec.from_config(snakemake.wildcards.backbone, p.spec)
+    path = resolve_source(spec, Path(i.standin).parent if "standin" in i.keys() else None)
+    build_cache(spec, path, Path(i.item_table), snakemake.wildcards.field, Path(snakemake.output.array).parent,
+                images_archive=Path(i.images) if "images" in i.keys() else None, batch_size=p.batch_size,
+                store_dtype=p.store_dtype)

@@ -1,0 +1,8 @@
+# Generate the demo dataset (raw TSVs and the image archive).
+from pathlib import Path
+
+from iisan.data.demo import DemoSpec, generate
+from iisan.jobs import job
+
+with job(snakemake):
+    generate(Path(snakemake.output.items_tsv).parent, DemoSpec(**snakemake.params.spec))

@@ -1,0 +1,10 @@
+# Fig. 6: full vs dropped cache sizes, measured from the manifests and computed from the registry.
+from pathlib import Path
+
+from iisan.figures import fig6
+from iisan.jobs import job
+
+with job(snakemake):
+    p = snakemake.params
+    manifests = [Path(a).with_name("manifest.json") for a in snakemake.input]
+    fig6(p.backbones, manifests, p.n_items, snakemake.output.png, snakemake.output.csv, demo=p.demo)
