@@ -73,7 +73,7 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     from train_speed import synthetic
 
     from iisan.model import ModelConfig
-    from iisan.train import Trainer, TrainConfig
+    from iisan.train import TrainConfig, Trainer
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()

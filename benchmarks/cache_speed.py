@@ -1,7 +1,7 @@
 """Caching throughput of a Llama-7B-shaped decoder (issue: IISAN-VA, benchmarks).
 
 Random weights (speed does not depend on values), 30-token titles (BOS + title cut at 30),
-the cache's own tokenisation and pooling (`iisan.cache._encode`, `_pool`; unmasked mean over
+the cache's own tokenisation and pooling (`iisan.item_inputs.encode_texts`, `pool_states`; unmasked mean over
 30 positions as the authors), batches sorted by token length. bf16, then the same model with
 every Linear replaced by a bitsandbytes NF4 4-bit layer. Prints items/s and the achieved
 fraction of this GPU's measured bf16 matmul rate.
@@ -44,7 +44,7 @@ def titles(n: int, seed=0) -> list[str]:
 def to_4bit(model):
     import bitsandbytes as bnb
 
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         for cname, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear):
                 q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,

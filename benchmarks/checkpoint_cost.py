@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_resume import N_ITEMS, tiny_data  # noqa: E402
 
 from iisan.model import ModelConfig  # noqa: E402
-from iisan.train import FitState, Trainer, TrainConfig  # noqa: E402
+from iisan.train import FitState, TrainConfig, Trainer  # noqa: E402
 
 
 def main() -> None:

@@ -1,6 +1,10 @@
 """Probe: pure forward time of a Llama-7B-shaped decoder at several batch sizes (30 tokens)."""
-import time, json, torch
+import json
+import time
+
+import torch
 from transformers import LlamaConfig, LlamaModel
+
 cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
                   num_key_value_heads=32, vocab_size=32000, max_position_embeddings=64, pad_token_id=0)
 with torch.device("cuda"):
@@ -13,9 +17,11 @@ for attn in ("sdpa", "eager"):
             for hs in (False, True):
                 for _ in range(2):
                     model(input_ids=ids, output_hidden_states=hs)
-                torch.cuda.synchronize(); t = time.perf_counter()
+                torch.cuda.synchronize()
+                t = time.perf_counter()
                 for _ in range(5):
                     model(input_ids=ids, output_hidden_states=hs)
-                torch.cuda.synchronize(); dt = (time.perf_counter() - t) / 5
+                torch.cuda.synchronize()
+                dt = (time.perf_counter() - t) / 5
                 print(json.dumps({"attn": attn, "batch": B, "hidden_states": hs, "ms": round(dt * 1000, 1),
                                   "tflops": round(2 * 6.476e9 * B * 30 / dt / 1e12, 1)}), flush=True)

@@ -20,7 +20,7 @@ import torch
 from iisan.data.sequences import SequenceData, left_pad
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import Trainer, TrainConfig
+from iisan.train import TrainConfig, Trainer
 
 
 def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceData:
@@ -63,7 +63,7 @@ def main():
         trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg)
         torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
-        for epoch in range(args.epochs):
+        for _ in range(args.epochs):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
             losses.append(trainer.train_epoch())

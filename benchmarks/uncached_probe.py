@@ -6,12 +6,12 @@
 import json
 import time
 
-import torch
-
 import baselines_speed as bs
-from iisan.model import ModelConfig
-from iisan.train import Trainer, TrainConfig
+import torch
 from train_speed import synthetic
+
+from iisan.model import ModelConfig
+from iisan.train import TrainConfig, Trainer
 
 
 def timed(fn, n=20):
@@ -38,12 +38,12 @@ def main():
     with tr._autocast():
         out["gather_ms"] = timed(lambda: source.gather(flat))
         for t in source.towers:
-            out[f"{t.spec.name}_forward_autocast_ms"] = timed(lambda: t(real))
+            out[f"{t.spec.name}_forward_autocast_ms"] = timed(lambda t=t: t(real))
     print(json.dumps(out), flush=True)
     for t in source.towers:
         t.backbone.to(torch.bfloat16)
         with torch.no_grad():
-            out[f"{t.spec.name}_forward_bf16_weights_ms"] = timed(lambda: t(real))
+            out[f"{t.spec.name}_forward_bf16_weights_ms"] = timed(lambda t=t: t(real))
         out[f"{t.spec.name}_attn"] = t.backbone.config._attn_implementation
     print(json.dumps(out), flush=True)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:

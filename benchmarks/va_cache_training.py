@@ -17,12 +17,11 @@ import time
 
 import numpy as np
 import torch
+from train_speed import synthetic
 
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import Trainer, TrainConfig
-
-from train_speed import synthetic
+from iisan.train import TrainConfig, Trainer
 
 
 def main():

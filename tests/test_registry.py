@@ -51,7 +51,7 @@ def test_a_method_added_to_the_registry_alone_is_planned_trained_and_tabulated(f
     assert model.items.inter is None and all(t.gates is None for t in model.items.intra)
     # tabulated under its label
     paths = []
-    for i, (row, _) in enumerate(runs):
+    for i in range(len(runs)):
         paths.append(tmp_path / f"{i}.json")
         paths[-1].write_text(json.dumps({"test": {"hr@10": 0.1 * (i + 1), "ndcg@10": 0.05}, "trainable_params": 10, "best_epoch": 1,
                                          "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "x"}))

@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from iisan import train as train_mod
-from iisan.cli import main as cli
 from iisan.data.sequences import SequenceData, left_pad
 from iisan.model import ModelConfig
-from iisan.train import Trainer, TrainConfig
+from iisan.train import TrainConfig, Trainer
 
 N_ITEMS, N_USERS, MAX_LEN = 40, 64, 6
 # fields that measure time and memory, or say whether the run was resumed: they may differ
@@ -185,24 +184,28 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
     assert saved["scaler"] is None and set(saved["rng"]) == {"python", "numpy", "torch", "cuda", "trainer"}
 
 
-def test_checkpoint_loads_into_compiled_encoders(tmp_path):
-    """torch.compile wraps the encoders (state-dict keys gain `_orig_mod.`): a checkpoint moves
-    between compiled and plain trainers either way."""
+def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
+    """With torch.compile a training step calls a compiled wrapper of the model (state-dict keys
+    gain `_orig_mod.` there), while checkpoints read and write the plain model: a checkpoint
+    moves between compiled and plain trainers either way."""
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
     compiled = trainer()
-    compiled.model.items = torch.compile(compiled.model.items, backend="eager")
-    compiled.model.user = torch.compile(compiled.model.user, backend="eager")
-    assert any("_orig_mod" in k for k in compiled.model.state_dict())
+    compiled.train_forward = torch.compile(compiled.model, backend="eager")
+    assert any("_orig_mod" in k for k in compiled.train_forward.state_dict())
     assert compiled.load_checkpoint(ckpt).epoch == 1
-    got = {**compiled._eval_items.state_dict(), **compiled._eval_user.state_dict()}
-    want = {k.split(".", 1)[1]: v for k, v in saved.items()}
-    assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in got)
-    compiled.save_checkpoint(ckpt, train_mod.FitState(epoch=1))  # and back: plain keys again
-    assert torch.load(ckpt, weights_only=True)["model"].keys() == saved.keys()
+    got = compiled.model.state_dict()
+    assert all(torch.equal(got[k], v) for k, v in saved.items())
+    compiled.train_epoch()  # through the compiled wrapper
+    compiled.save_checkpoint(ckpt, train_mod.FitState(epoch=2))  # and back: plain keys again
+    resaved = torch.load(ckpt, weights_only=True)["model"]
+    assert resaved.keys() == saved.keys() and any(not torch.equal(resaved[k], saved[k]) for k in saved)
+    plain = trainer()
+    assert plain.load_checkpoint(ckpt).epoch == 2
+    assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in resaved.items())
 
 
 def write_dataset(folder, data: SequenceData) -> None:
@@ -222,9 +225,11 @@ def write_dataset(folder, data: SequenceData) -> None:
 
 @pytest.mark.parametrize("keep", [0, 1])
 def test_run_experiment_deletes_the_checkpoint_unless_kept(tmp_path, monkeypatch, keep):
-    """`iisan train` saves checkpoint.pt beside metrics.json every epoch, and deletes it once
-    metrics.json is written unless --keep-checkpoint 1."""
+    """`run_experiment` (the train rule's job) saves checkpoint.pt beside metrics.json every
+    epoch, and deletes it once metrics.json is written unless keep_checkpoint (config key
+    keep_checkpoints)."""
     import iisan.experiment as experiment_mod
+    from iisan.config import Experiment, ModelConfig, TrainConfig
 
     write_dataset(tmp_path / "ds", tiny_data())
     out = tmp_path / "run" / "metrics.json"
@@ -232,17 +237,19 @@ def test_run_experiment_deletes_the_checkpoint_unless_kept(tmp_path, monkeypatch
     seen = []
     real_write = experiment_mod.write_json
     monkeypatch.setattr(experiment_mod, "write_json", lambda p, obj: (seen.append(ckpt.exists()), real_write(p, obj)))
-    exp = {"towers": [], "method": "sasrec-id", "scheme": "last", "cache": "none",
-           "model": {"embed_dim": 16}, "train": {"batch_size": 16, "max_epochs": 2, "patience": 2}}
-    args = ["train", "--experiment", json.dumps(exp), "--dataset", str(tmp_path / "ds"), "--out", str(out),
-            "--device", "cpu", "--keep-checkpoint", str(keep)]
-    assert cli(args) == 0
+    exp = Experiment("ds", [], "sasrec-id", "none", "none", True, None, model=ModelConfig(method="sasrec-id", embed_dim=16),
+                     train=TrainConfig(batch_size=16, max_epochs=2, patience=2))
+
+    def run():
+        return experiment_mod.run_experiment(exp, tmp_path / "ds", [], out, device="cpu", keep_checkpoint=bool(keep))
+
+    run()
     result = json.loads(out.read_text())
     assert seen == [True] and result["epochs_run"] == 2 and result["resumed_from_epoch"] == 0
     assert ckpt.exists() == bool(keep)
     if keep:  # the kept checkpoint is the finished run's: rerunning resumes it and trains nothing
         assert torch.load(ckpt, weights_only=True)["fit"]["epoch"] == 2
-        assert cli(args) == 0
+        run()
         again = json.loads(out.read_text())
         assert again["resumed_from_epoch"] == 2 and stable(again) == stable(result)
 

@@ -1,4 +1,4 @@
-"""The rule files are formatted with snakefmt (pinned in the test extra)."""
+"""House style that checks itself: snakefmt and snakemake --lint for the rule files, ruff for the Python."""
 
 import shutil
 import subprocess
@@ -19,3 +19,13 @@ def test_snakemake_lint_is_clean(root):
     out = res.stdout + res.stderr
     assert "Lints for" not in out, out[-3000:]
     assert "good condition" in out
+
+
+def test_ruff_is_clean(root):
+    """House rules (pyproject.toml [tool.ruff]: line length, imports, unused names, pyupgrade,
+    bugbear) hold for the library, the job scripts, the tests and the benchmarks."""
+    exe = shutil.which("ruff")
+    if exe is None:
+        pytest.fail("ruff is not installed (pip install -e '.[test]')")
+    res = subprocess.run([exe, "check", "--no-cache", "."], cwd=root, capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]

@@ -7,15 +7,17 @@ import polars as pl
 import pytest
 import torch
 import yaml
+from conftest import workflow_config
 
 from iisan.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
 from iisan.cache import build_cache, prune_cache
+from iisan.config import Experiment, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.experiment import run_experiment
 from iisan.layerdrop import SchemeError, scheme_layers, tower_schemes
 from iisan.model import ItemEncoder, ModelConfig
-from iisan.tables import table_plan, va_scheme
+from iisan.plan import table_plan, va_scheme
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +59,7 @@ def test_group_layerdrop_indices(scheme, layers, expected):
 
 
 def test_va_default_schemes_follow_the_authors_stride():
-    cfg = yaml.safe_load(open("config/config.yaml"))
+    cfg = workflow_config()
     assert va_scheme(cfg, "llama3-70b-demo", "vit-demo") == "stride6+blocks6"
     assert va_scheme(cfg, "bert-demo", "vit-demo") == "blocks6+blocks6"
     assert va_scheme(dict(cfg, va_stride="eq5"), "bert-large-demo", "vit-demo") == "eq5-6+blocks6"
@@ -146,7 +148,7 @@ def test_caching_resumes_after_an_interruption(demo, monkeypatch):
     import iisan.cache as cache_mod
 
     calls = {"n": 0}
-    real_pool = cache_mod._pool
+    real_pool = cache_mod.pool_states
 
     def failing_pool(*a, **kw):
         calls["n"] += 1
@@ -154,7 +156,7 @@ def test_caching_resumes_after_an_interruption(demo, monkeypatch):
             raise KeyboardInterrupt("simulated interruption")
         return real_pool(*a, **kw)
 
-    monkeypatch.setattr(cache_mod, "_pool", failing_pool)
+    monkeypatch.setattr(cache_mod, "pool_states", failing_pool)
     with pytest.raises(KeyboardInterrupt):
         build_cache(spec, str(tmp / "resume"), tmp / "ds/items.parquet", "title", tmp / "c-res", progress=False, batch_size=16, checkpoint_every=2)
     assert not (tmp / "c-res/cache.npy").exists()
@@ -187,18 +189,23 @@ def test_full_and_dropped_cache_give_identical_metrics(demo):
     dirs = {}
     for spec, field in ((text, "title"), (image, "image")):
         build_standin(spec, tmp / spec.name, titles)
-        build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", field, tmp / f"full-{spec.name}", images_archive=raw["images"], progress=False)
+        build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", field, tmp / f"full-{spec.name}",
+                    images_archive=raw["images"], progress=False)
         dirs[spec.name] = tmp / f"full-{spec.name}"
-    exp = {
-        "towers": [{"field": "title", "backbone": "llama-va"}, {"field": "image", "backbone": "vit-va"}],
-        "method": "iisan-va",
-        "scheme": "stride2+blocks2",
-        "train": {"max_epochs": 2, "patience": 2, "batch_size": 32, "seed": 7},
-    }
+    towers = [TowerConfig("title", "llama-va", {"source": "demo", "family": "llama", "modality": "text", "layers": 8,
+                                                "hidden": 48, "pooling": "mean"}),
+              TowerConfig("image", "vit-va", {"source": "demo", "family": "vit", "modality": "image", "layers": 4,
+                                              "hidden": 32})]
+
+    def exp(cache):
+        return Experiment("ds", towers, "iisan-va", "stride2+blocks2", cache, True, "float16",
+                          model=ModelConfig(method="iisan-va", heads="va"),
+                          train=TrainConfig(max_epochs=2, patience=2, batch_size=32, seed=7))
+
     prune_cache(dirs["llama-va"], tmp / "drop-t", scheme_layers("stride2", 8))
     prune_cache(dirs["vit-va"], tmp / "drop-i", scheme_layers("blocks2", 4))
-    a = run_experiment(dict(exp, cache="full"), tmp / "ds", [dirs["llama-va"], dirs["vit-va"]], tmp / "full.json")
-    b = run_experiment(dict(exp, cache="dropped"), tmp / "ds", [tmp / "drop-t", tmp / "drop-i"], tmp / "dropped.json")
+    a = run_experiment(exp("full"), tmp / "ds", [dirs["llama-va"], dirs["vit-va"]], tmp / "full.json")
+    b = run_experiment(exp("dropped"), tmp / "ds", [tmp / "drop-t", tmp / "drop-i"], tmp / "dropped.json")
     assert a["layers"] == b["layers"] == [[0, 1, 8], [0, 2, 4]]  # authors stride k = (8-1)//(2-1) = 7
     assert a["test"] == b["test"] and a["valid"] == b["valid"]
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]

@@ -9,17 +9,17 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import workflow_config
 
-from iisan.data.demo import DemoSpec, generate
-from iisan.data.amazon import preprocess
-from iisan.data.sequences import load_sequences
+from iisan import plan
 from iisan.backbones import BackboneSpec, build_standin
 from iisan.cache import build_cache, load_cache
-from conftest import workflow_config
-from iisan import plan
+from iisan.data.amazon import preprocess
+from iisan.data.demo import DemoSpec, generate
+from iisan.data.sequences import load_sequences
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import Trainer, TrainConfig, popularity_baseline
+from iisan.train import TrainConfig, Trainer, popularity_baseline
 
 SNAKEMAKE = [sys.executable, "-m", "snakemake"]
 
@@ -85,7 +85,8 @@ def test_demo_workflow_end_to_end(tiny_workflow):
     assert [r["text encoder"] for r in t4] == ["bert-demo", "bert-large-tiny", "llama-tiny", "llama70b-tiny",
                                                "mean (PLM)", "mean (base LLM)", "mean (70B)"]
     assert float(t4[4]["demo hr@10"]) == pytest.approx((float(t4[0]["demo hr@10"]) + float(t4[1]["demo hr@10"])) / 2, abs=0.011)
-    va = json.loads(next((wd / "results/runs/demo").glob("title@llama70b-tiny+image@vit-demo/iisan-va/stride6+blocks6/dropped/seed12345/metrics.json")).read_text())
+    va_run = "title@llama70b-tiny+image@vit-demo/iisan-va/stride6+blocks6/dropped/seed12345/metrics.json"
+    va = json.loads((wd / "results/runs/demo" / va_run).read_text())
     assert va["layers"] == [[0, 5, 20, 35, 50, 65, 80], [0, 2, 4, 6, 8, 10, 12]]
     manifest = json.loads((wd / "resources/cache/demo/title/llama70b-tiny/manifest.json").read_text())
     assert manifest["quantization"] == "bnb-4bit" and manifest["pooling"] == "mean"

@@ -63,7 +63,7 @@ class BackboneSpec:
     extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def from_config(cls, name: str, entry: dict[str, Any]) -> "BackboneSpec":
+    def from_config(cls, name: str, entry: dict[str, Any]) -> BackboneSpec:
         known = {k: entry[k] for k in entry if k in cls.__dataclass_fields__ and k != "extra"}
         extra = {k: v for k, v in entry.items() if k not in cls.__dataclass_fields__}
         spec = cls(name=name, **known, extra=extra)

@@ -13,12 +13,10 @@ quantisation, item order); an interrupted build resumes only under identical set
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
 import time
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +27,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import BackboneSpec, checkpoint_quantization, load_backbone
 from .io import atomic_path, read_json, write_json
+from .item_inputs import encode_texts, load_images, pool_states
 
 log = logging.getLogger(__name__)
 
@@ -168,53 +167,9 @@ def verify_cache(cache_dir: Path, *, checksum: bool = True, move_damaged: bool =
     return m
 
 
-def _pool(hidden_states: tuple[torch.Tensor, ...], pooling: str, mask: torch.Tensor | None) -> torch.Tensor:
-    if pooling == "cls":
-        return torch.stack([h[:, 0] for h in hidden_states], dim=1)  # (B, L+1, d)
-    if pooling == "mean":
-        return torch.stack([h.mean(dim=1) for h in hidden_states], dim=1)
-    if pooling == "masked_mean":
-        m = mask.unsqueeze(-1).to(hidden_states[0].dtype)
-        return torch.stack([(h * m).sum(1) / m.sum(1).clamp_min(1) for h in hidden_states], dim=1)
-    if pooling == "last":
-        idx = mask.sum(1) - 1
-        ar = torch.arange(idx.shape[0], device=idx.device)
-        return torch.stack([h[ar, idx] for h in hidden_states], dim=1)
-    raise ValueError(f"unknown pooling {pooling!r} (cls, mean, masked_mean, last)")
-
-
-def _load_images(archive: Path, names: list[str | None], size: int) -> list:
-    from PIL import Image
-
-    out = []
-    with zipfile.ZipFile(archive) as zf:
-        for name in names:
-            if name is None:
-                out.append(Image.new("RGB", (size, size), (0, 0, 0)))  # blank image
-            else:
-                out.append(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))
-    return out
-
-
 def _token_lengths(tok, texts: list[str], max_tokens: int) -> np.ndarray:
     enc = tok(texts, max_length=max_tokens, truncation=True, padding=False)
     return np.array([len(x) for x in enc["input_ids"]])
-
-
-def _encode(spec: BackboneSpec, tok, texts: list[str], dev: torch.device) -> dict:
-    """Tokenise a batch. BERT: [CLS] title [SEP] padded to max_tokens with a mask. Decoders:
-    BOS + title cut at max_tokens; the authors' unmasked mean pads to max_tokens with id 0 and
-    passes no attention mask; masked mean and last token pad to the batch's longest (right)."""
-    tok.padding_side = "right"
-    if spec.is_decoder and spec.pooling == "mean":
-        enc = tok(texts, max_length=spec.max_tokens, truncation=True, padding="max_length", return_tensors="pt")
-        return {"input_ids": enc["input_ids"].to(dev)}
-    padding = "longest" if spec.is_decoder else "max_length"
-    enc = tok(texts, max_length=spec.max_tokens, truncation=True, padding=padding, return_tensors="pt")
-    out = {"input_ids": enc["input_ids"].to(dev), "attention_mask": enc["attention_mask"].to(dev)}
-    if "token_type_ids" in enc:
-        out["token_type_ids"] = enc["token_type_ids"].to(dev)
-    return out
 
 
 def _input_device(model) -> torch.device:
@@ -241,14 +196,14 @@ def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[n
         chunk = [values[i] for i in idx]
         with torch.no_grad():
             if spec.modality == "text":
-                enc = _encode(spec, pre, chunk, in_dev)
+                enc = encode_texts(spec, pre, chunk, in_dev)
                 out = model(**enc, output_hidden_states=True)
-                pooled = _pool(out.hidden_states, spec.pooling, enc.get("attention_mask"))
+                pooled = pool_states(out.hidden_states, spec.pooling, enc.get("attention_mask"))
             else:
-                imgs = _load_images(images_archive, chunk, spec.image_size)
+                imgs = load_images(images_archive, chunk, spec.image_size)
                 px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
                 out = model(pixel_values=px, output_hidden_states=True)
-                pooled = _pool(out.hidden_states, spec.pooling, None)
+                pooled = pool_states(out.hidden_states, spec.pooling, None)
             pooled = pooled.to(torch_dtype)
             host = torch.empty(pooled.shape, dtype=torch_dtype, pin_memory=cuda)
             host.copy_(pooled, non_blocking=cuda)

@@ -33,9 +33,10 @@ def typed(value: Any) -> Any:
             except ValueError:
                 pass
         try:
-            return yaml.safe_load(value) if value.strip() else value
+            parsed = yaml.safe_load(value) if value.strip() else value
         except yaml.YAMLError:
             return value
+        return typed(parsed) if isinstance(parsed, list | dict) else parsed
     if isinstance(value, list | tuple):
         return [typed(v) for v in value]
     if hasattr(value, "items"):
@@ -113,7 +114,7 @@ class TowerConfig:
     LABEL_ONLY = ("group", "params_b")
 
     @classmethod
-    def from_config(cls, config: dict, field: str, backbone: str, where: str) -> "TowerConfig":
+    def from_config(cls, config: dict, field: str, backbone: str, where: str) -> TowerConfig:
         from .data import ITEM_FIELDS
 
         if field not in ITEM_FIELDS:
@@ -176,7 +177,7 @@ class Experiment:
 
     @classmethod
     def from_config(cls, config: dict, dataset: str, towers: list[TowerConfig], method: str, scheme: str,
-                    cache: str, seed: int) -> "Experiment":
+                    cache: str, seed: int) -> Experiment:
         """train <- decoder_train (runs whose text tower is a decoder LLM) <- method_train[method],
         then the seed; model <- the method's heads."""
         from .backbones import DECODERS
@@ -205,7 +206,7 @@ class Experiment:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict, speed: dict | None = None) -> "Experiment":
+    def from_dict(cls, d: dict, speed: dict | None = None) -> Experiment:
         d = dict(d)
         return cls(
             **{k: v for k, v in d.items() if k not in ("towers", "model", "train", "finetune")},
@@ -215,7 +216,7 @@ class Experiment:
             finetune=_build(FinetuneConfig, d.get("finetune", {}), "experiment finetune"),
         )
 
-    def with_speed(self, speed: dict | None) -> "Experiment":
+    def with_speed(self, speed: dict | None) -> Experiment:
         unknown = set(speed or {}) - set(SPEED_FIELDS)
         if unknown:
             raise ValueError(f"speed: unknown keys {sorted(unknown)} (known: {', '.join(SPEED_FIELDS)})")

@@ -9,7 +9,8 @@ A *feature source* turns flat item ids (M,) into what the item encoder reads:
   exactly what IISAN cached computes.
 * `IdFeatures`: the ids themselves (ID-based SASRec and GRU4Rec).
 
-Row/id 0 is padding: its features are zeros, as in the cache.
+Each implements `FeatureSource`, the one interface the Trainer reads. Row/id 0 is padding: its
+features are zeros, as in the cache.
 """
 
 from __future__ import annotations
@@ -23,25 +24,62 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, load_backbone
-from .cache import _encode, _load_images, _pool
 from .finetune import prepare_backbone
+from .item_inputs import item_inputs, pool_states
 
 log = logging.getLogger(__name__)
 
 
-class CachedFeatures:
+class FeatureSource:
+    """Where the item encoder's inputs come from: what the Trainer may ask of a source.
+
+    `gather(ids)` gives the features of flat item ids (M,) for a training step, `rows(start, end)`
+    those of items start..end-1 for evaluation (at most `chunk_size` at a time). `dims[f]` and
+    `layers[f]` are the width and the number of states of field f, `n_rows` is N+1 (row 0 =
+    padding). `static`: the features have fixed shapes and come from memory, so the whole
+    training step can be one CUDA graph. `module`: an nn.Module whose tensors the model holds
+    (the backbones in the loop), else None. `finetune`: what trains in those backbones (frozen |
+    fft | adapter | lora | bitfit), None without backbones.
+    """
+
+    static: bool = True
+    module: nn.Module | None = None
+    finetune: str | None = None
+    chunk_size: int = 2048
+    n_rows: int
+    dims: list[int]
+    layers: list[int]
+
+    @property
+    def outside_graph(self) -> bool:
+        """The features are computed eagerly before a CUDA-graph step and copied into it (frozen
+        backbones in the loop: no gradient flows into them)."""
+        return not self.static and self.finetune == "frozen"
+
+    def to(self, device: torch.device) -> FeatureSource:
+        raise NotImplementedError
+
+    def gather(self, ids: torch.Tensor):
+        raise NotImplementedError
+
+    def rows(self, start: int, end: int):
+        raise NotImplementedError
+
+    def lower_precision(self, dtype: torch.dtype = torch.bfloat16) -> None:
+        """Under mixed precision: hold what never trains in `dtype` (nothing by default)."""
+
+
+class CachedFeatures(FeatureSource):
     """Per field an (N+1, K, d) cache held on the training device; `layer_index[f]` selects the
     states that feed the side network from a full cache (Fig. 7's "full cache" setting)."""
 
-    static = True  # fixed shapes: the training step can be captured as a CUDA graph
-    module = None
     chunk_size = 2048
 
     def __init__(self, caches: list, layer_index: list[list[int] | None] | None = None):
         self.caches = [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c)) for c in caches]
         self.layer_index = layer_index or [None] * len(caches)
 
-    def to(self, device: torch.device) -> "CachedFeatures":
+    def to(self, device: torch.device) -> CachedFeatures:
         store = torch.float16 if device.type == "cuda" else torch.float32
         self.caches = [c.to(device, store) for c in self.caches]
         self.layer_index = [None if i is None else torch.as_tensor(i, device=device) for i in self.layer_index]
@@ -70,11 +108,9 @@ class CachedFeatures:
         return [self._select(c[start:end], i) for c, i in zip(self.caches, self.layer_index)]
 
 
-class IdFeatures:
+class IdFeatures(FeatureSource):
     """ID-based models: the item encoder is an embedding table, so the features are the ids."""
 
-    static = True
-    module = None
     chunk_size = 1 << 20
     dims: list[int] = []
     layers: list[int] = []
@@ -82,7 +118,7 @@ class IdFeatures:
     def __init__(self, n_items: int):
         self.n_rows = n_items + 1
 
-    def to(self, device):
+    def to(self, device: torch.device) -> IdFeatures:
         self.device = device
         return self
 
@@ -129,13 +165,14 @@ class BackboneTower(nn.Module):
             out = self.backbone(pixel_values=px, output_hidden_states=True)
             mask = None
         hs = out.hidden_states
-        return _pool(tuple(hs[l] for l in self.layers), self.spec.pooling, mask)
+        return pool_states(tuple(hs[l] for l in self.layers), self.spec.pooling, mask)
 
 
-class BackboneFeatures(nn.Module):
+class BackboneFeatures(nn.Module, FeatureSource):
     """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
     frozen backbones the states are computed under no_grad in eval mode and rounded to
-    `round_to` (the cache's storage dtype)."""
+    `round_to` (the cache's storage dtype). `item_slots` (all | distinct, the training config's)
+    is fixed when the source is built (see `gather`)."""
 
     static = False
     chunk_size = 256
@@ -231,35 +268,6 @@ class BackboneFeatures(nn.Module):
 
     def rows(self, start: int, end: int) -> list[torch.Tensor]:  # evaluation: every item once
         return self._distinct(torch.arange(start, end, device=next(iter(self.towers[0].inputs.values())).device))
-
-
-def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None) -> tuple[dict, tuple]:
-    """Tokenised titles (text) or resized uint8 images (image) of every item, row 0 = padding.
-    Text uses the cache's tokenisation (docs/method.md §1); images the backbone's processor with the
-    rescale/normalise done on the device, which gives the processor's values exactly."""
-    import polars as pl
-
-    items = pl.read_parquet(items_parquet)
-    if spec.modality == "text":
-        if field not in items.columns:
-            raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns})")
-        texts = [""] + items[field].to_list()
-        enc = _encode(spec, pre, texts, torch.device("cpu"))
-        return enc, (None, None)
-    if images_archive is None:
-        raise ValueError(f"field {field!r}: an image backbone needs the dataset's image archive")
-    names = items["image"].to_list()
-    size = spec.image_size
-    chunks = [torch.zeros(1, 3, size, size, dtype=torch.uint8)]
-    for s in range(0, len(names), 512):
-        imgs = _load_images(Path(images_archive), names[s : s + 512], size)
-        px = pre(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
-        chunks.append(torch.as_tensor(px).to(torch.uint8))
-    pixels = torch.cat(chunks)
-    if pixels.shape[-1] != size:
-        chunks[0] = torch.zeros(1, *pixels.shape[1:], dtype=torch.uint8)
-        pixels = torch.cat(chunks)
-    return {"pixels": pixels}, (list(pre.image_mean), list(pre.image_std))
 
 
 def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,

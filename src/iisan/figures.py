@@ -108,7 +108,9 @@ def fig7(rows: list[dict], metrics: list[Path], out_png: Path, out_csv: Path) ->
     _save_csv(df, out_csv)
     names = df["text encoder"].unique(maintain_order=True).to_list()
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for ax, col, label in ((axes[0], "peak_memory_mb", f"peak memory (MiB, {df['peak_memory_kind'][0]})"), (axes[1], "seconds_per_epoch", "s per training epoch")):
+    panels = ((axes[0], "peak_memory_mb", f"peak memory (MiB, {df['peak_memory_kind'][0]})"),
+              (axes[1], "seconds_per_epoch", "s per training epoch"))
+    for ax, col, label in panels:
         for off, cache in ((-0.2, "full"), (0.2, "dropped")):
             part = {r["text encoder"]: r[col] for r in df.filter(pl.col("cache") == cache).iter_rows(named=True)}
             ax.bar([i + off for i in range(len(names))], [part.get(n, 0) for n in names], 0.4, label=f"{cache} cache")

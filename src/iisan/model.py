@@ -8,28 +8,43 @@ Towers are generic over item *fields*: field 0 plays the paper's "text" role and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-METHODS_WITH_SAN = {"iisan", "no-gate", "no-inter", "no-intra"}
-ID_METHODS = {"sasrec-id", "gru4rec"}  # item = learned ID embedding, no content
-METHODS = METHODS_WITH_SAN | {"frozen"} | ID_METHODS
+from . import methods
+from .config import ModelConfig
+from .loss import inbatch_debiased_ce
+
+if TYPE_CHECKING:
+    from .features import BackboneFeatures, FeatureSource
+
+__all__ = ["ModelConfig", "Recommender", "ItemEncoder", "UserEncoder"]
 
 
-@dataclass
-class ModelConfig:
-    method: str = "iisan"  # iisan | no-gate | no-inter | no-intra | frozen | sasrec-id | gru4rec
-    heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
-    bottleneck: int = 64
-    embed_dim: int = 64  # D
-    gate_temperature: float = 0.1
-    max_len: int = 10  # T
-    n_blocks: int = 2
-    n_heads: int = 2
-    dropout: float = 0.1
+# Weight initialisation, one function per module family. Each runs on modules already built (so
+# the default initialisations draw first, in construction order, as they always did).
+
+
+def init_side_linear(lin: nn.Linear) -> None:
+    """Side network (SANB) linears: weights N(0, 0.01^2), biases 0."""
+    nn.init.normal_(lin.weight, std=0.01)
+    nn.init.zeros_(lin.bias)
+
+
+def init_xavier(mod: nn.Linear | nn.Embedding) -> None:
+    """Recommender linears and embeddings: Xavier-normal weights, zero biases, and a zero
+    padding row for an embedding with a `padding_idx`."""
+    nn.init.xavier_normal_(mod.weight)
+    if isinstance(mod, nn.Linear) and mod.bias is not None:
+        nn.init.zeros_(mod.bias)
+    if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
+        with torch.no_grad():
+            mod.weight[mod.padding_idx].zero_()
 
 
 class SANB(nn.Module):
@@ -39,9 +54,8 @@ class SANB(nn.Module):
         super().__init__()
         self.down = nn.Linear(d, r)
         self.up = nn.Linear(r, d)
-        for lin in (self.down, self.up):
-            nn.init.normal_(lin.weight, std=0.01)
-            nn.init.zeros_(lin.bias)
+        init_side_linear(self.down)
+        init_side_linear(self.up)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (M, d) -> (M, d)
         return x + self.up(F.relu(self.down(x)))
@@ -135,32 +149,31 @@ class ItemEncoder(nn.Module):
         if not 1 <= len(dims) <= 2:
             raise ValueError(f"1 or 2 item fields are supported, got {len(dims)}")
         self.cfg = cfg
-        m = cfg.method
-        gated = m != "no-gate"
+        m = methods.get(cfg.method, "model.method")
+        self.last_only = m.reads_last
         D, r, tau = cfg.embed_dim, cfg.bottleneck, cfg.gate_temperature
         self.intra = nn.ModuleList()
         self.heads = nn.ModuleList()
         self.inter = None
         self.inter_head = None
-        if m == "frozen":
+        if m.reads_last:
             # no side network: linear heads on the last hidden state of each field
             self.heads.extend(Head(d, D, cfg.heads) for d in dims)
         else:
-            use_intra = m != "no-intra" or len(dims) == 1
-            if use_intra:
-                self.intra.extend(IntraSAN(d, k, r, gated, tau) for d, k in zip(dims, n_layers))
+            if m.intra or len(dims) == 1:
+                self.intra.extend(IntraSAN(d, k, r, m.gated, tau) for d, k in zip(dims, n_layers))
                 self.heads.extend(Head(d, D, cfg.heads) for d in dims)
-            if len(dims) == 2 and m != "no-inter":
+            if len(dims) == 2 and m.inter:
                 # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
-                self.inter = InterSAN(dims[0], dims[1], k, r, gated, tau)
+                self.inter = InterSAN(dims[0], dims[1], k, r, m.gated, tau)
                 self.inter_head = Head(self.inter.d, D, cfg.heads)
         n_parts = len(self.heads) + (self.inter is not None)
         self.fusion = nn.Linear(n_parts * D, D)
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:  # [(M, K_f, d_f)] -> (M, D)
         parts = []
-        if self.cfg.method == "frozen":
+        if self.last_only:
             parts = [head(h[:, -1]) for head, h in zip(self.heads, feats)]
         else:
             parts = [head(tower(h)) for tower, head, h in zip(self.intra, self.heads, feats)]
@@ -172,6 +185,15 @@ class ItemEncoder(nn.Module):
         if len(parts) >= 2 and len(self.heads) == 2:
             parts[0], parts[1] = parts[1], parts[0]
         return self.fusion(torch.cat(parts, dim=-1))
+
+    def text_f_parameters(self) -> list[nn.Parameter]:
+        """F of field 0's head (the paper's text head), trained at its own rate."""
+        return list(self.heads[0].F.parameters()) if len(self.heads) else []
+
+    def side_parameters(self) -> list[nn.Parameter]:
+        """The side network's towers: SANBs, gates and DTLs (not the heads or the fusion)."""
+        towers = [*self.intra, *([self.inter] if self.inter is not None else [])]
+        return [p for tower in towers for p in tower.parameters()]
 
 
 class TransformerBlock(nn.Module):
@@ -210,9 +232,7 @@ class UserEncoder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(D, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
         for mod in self.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
-                nn.init.xavier_normal_(mod.weight)
-                if getattr(mod, "bias", None) is not None:
-                    nn.init.zeros_(mod.bias)
+                init_xavier(mod)
         causal = torch.tril(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool))
         self.register_buffer("causal", causal, persistent=False)
 
@@ -232,12 +252,16 @@ class IdItemEncoder(nn.Module):
     def __init__(self, n_rows: int, D: int):
         super().__init__()
         self.table = nn.Embedding(n_rows, D, padding_idx=0)
-        nn.init.xavier_normal_(self.table.weight)
-        with torch.no_grad():
-            self.table.weight[0].zero_()
+        init_xavier(self.table)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, D)
         return self.table(ids)
+
+    def text_f_parameters(self) -> list[nn.Parameter]:
+        return []  # no heads
+
+    def side_parameters(self) -> list[nn.Parameter]:
+        return []  # no side network
 
 
 class GRU4RecEncoder(nn.Module):
@@ -250,8 +274,7 @@ class GRU4RecEncoder(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
         self.gru = nn.GRU(D, D, num_layers=1, batch_first=True)
         self.out = nn.Linear(D, D)
-        nn.init.xavier_normal_(self.out.weight)
-        nn.init.zeros_(self.out.bias)
+        init_xavier(self.out)
 
     def forward(self, e: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:  # (B, T, D), (B, T) bool
         x = self.drop(e) * valid.unsqueeze(-1).to(e.dtype)
@@ -261,23 +284,56 @@ class GRU4RecEncoder(nn.Module):
 
 class Recommender(nn.Module):
     """Item encoder (side network over backbone states, or ID embeddings) + user encoder.
-    `backbones` (uncached runs) is the module that computes the states; its trainable tensors
-    (FFT, Adapter, LoRA, BitFit) are optimised with the rest."""
+
+    `forward(ids, feats)` is the training loss of a batch; `item_table` and `score` rank every
+    item for evaluation. `backbones` (uncached runs) is the feature source's module that
+    computes the states; its trainable tensors (FFT, Adapter, LoRA, BitFit) are optimised with
+    the rest. `log_pop` (N+1,) is the log popularity the loss debiases by (training only)."""
 
     def __init__(self, cfg: ModelConfig, dims: list[int], n_layers: list[int], n_items: int | None = None,
-                 backbones: nn.Module | None = None):
+                 backbones: BackboneFeatures | None = None, log_pop: torch.Tensor | None = None):
         super().__init__()
-        if cfg.method not in METHODS:
-            raise ValueError(f"unknown method {cfg.method!r} (known: {sorted(METHODS)})")
+        m = methods.get(cfg.method, "model.method")
+        if m.items == "side" and not m.intra and not m.inter:
+            raise ValueError(f"method {m.name}: a side network needs intra or inter towers")
         self.cfg = cfg
-        if cfg.method in ID_METHODS:
+        if m.is_id:
             if n_items is None:
                 raise ValueError(f"{cfg.method} needs the number of items")
             self.items = IdItemEncoder(n_items + 1, cfg.embed_dim)
         else:
             self.items = ItemEncoder(cfg, dims, n_layers)
-        self.user = GRU4RecEncoder(cfg) if cfg.method == "gru4rec" else UserEncoder(cfg)
+        self.user = GRU4RecEncoder(cfg) if m.user == "gru4rec" else UserEncoder(cfg)
         self.backbones = backbones
+        self.register_buffer("log_pop", log_pop, persistent=False)  # data, not a model tensor
+
+    def forward(self, ids: torch.Tensor, feats) -> torch.Tensor:
+        """Training loss of left-padded item windows `ids` (B, S) whose features `feats` the
+        feature source gathered for `ids.reshape(-1)`."""
+        B, S = ids.shape
+        E = self.items(feats).view(B, S, -1)  # (B, S, D)
+        U = self.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
+        return inbatch_debiased_ce(U, E, ids, self.log_pop)
+
+    def item_table(self, source: FeatureSource, chunk: int,
+                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+        """Embeddings of every item (row 0 = padding), (N+1, D) in fp32; `chunk` items per pass,
+        each under `autocast()`."""
+        n = source.n_rows
+        out = []
+        with autocast():
+            for s in range(0, n, chunk):
+                out.append(self.items(source.rows(s, min(s + chunk, n))).float())
+        return torch.cat(out)
+
+    def score(self, inputs: torch.Tensor, table: torch.Tensor,
+              autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
+        """Scores (b, N+1) of every item for the users whose left-padded histories are `inputs`
+        (b, T); `table` is `item_table`'s. The user encoder runs under `autocast()`, the dot
+        products in fp32."""
+        with autocast():
+            u = self.user(table[inputs], inputs != 0)[:, -1].float()  # (b, D)
+        return u @ table.T
 
     def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_backbone: tuple[float, float] = (5e-5, 1e-4),
                      lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
@@ -286,13 +342,11 @@ class Recommender(nn.Module):
         weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases lr_peft (the
         authors' scripts give BitFit the adapter rates), each (text, image) by the backbone's
         modality. Frozen tensors are left out."""
-        heads = getattr(self.items, "heads", [])
-        text_f = {id(p) for p in heads[0].F.parameters()} if len(heads) else set()
-        intra, inter = getattr(self.items, "intra", []), getattr(self.items, "inter", None)
-        san = {id(p) for mod in (*intra, inter) if mod is not None for p in mod.parameters()}
+        text_f = {id(p) for p in self.items.text_f_parameters()}
+        san = {id(p) for p in self.items.side_parameters()}
         backbone = {}
         if self.backbones is not None:
-            bitfit = getattr(self.backbones, "finetune", None) == "bitfit"
+            bitfit = self.backbones.finetune == "bitfit"
             for tower in self.backbones.towers:
                 side = "text" if tower.spec.modality == "text" else "image"
                 for n, p in tower.backbone.named_parameters():

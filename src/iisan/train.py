@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import math
 import platform
@@ -18,55 +16,24 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
+from .config import SPEED_FIELDS, ModelConfig, TrainConfig, config_hash
 from .data.sequences import SequenceData
-from .features import CachedFeatures
+from .features import CachedFeatures, FeatureSource
 from .io import atomic_path
-from .loss import inbatch_debiased_ce
 from .metrics import hr_ndcg, rank_of_target
-from .model import ModelConfig, Recommender
+from .model import Recommender
+
+__all__ = ["Trainer", "CudaGraphStep", "FitState", "ModelConfig", "TrainConfig", "SPEED_FIELDS", "MEASURED_FIELDS",
+           "config_hash", "compile_for_training", "training_forward", "popularity_baseline", "set_seed", "rng_states",
+           "set_rng_states"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class TrainConfig:
-    batch_size: int = 64
-    max_epochs: int = 100
-    patience: int = 11
-    lr_main: float = 2e-4
-    lr_san: float = 1e-4
-    lr_text_f: float = 5e-5
-    seed: int = 12345
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
-    eval_batch: int = 1024
-    cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
-    compile: bool = False  # torch.compile the item and user encoders on CUDA (speed only)
-    # write the fit checkpoint after an epoch only once this many seconds have passed since the
-    # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
-    checkpoint_every_s: float = 0.0
-    k: int = 10
-    # uncached baselines (the authors' scripts): pretrained backbone weights (FFT, BitFit) and
-    # inserted adapter/LoRA matrices, text and image backbone
-    lr_backbone_text: float = 5e-5
-    lr_backbone_image: float = 1e-4
-    lr_peft_text: float = 1e-4
-    lr_peft_image: float = 4e-4
-    # backbones in the loop: run every item slot of a batch (the authors' code) or each distinct
-    # item once (less work, same model); see BackboneFeatures.gather
-    item_slots: str = "all"
-
-    def __post_init__(self):
-        if self.item_slots not in ("all", "distinct"):
-            raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
 
 
 # fields of a fit result (and of its history's epochs) that measure time or memory: two runs of
 # one experiment differ in these and nothing else
 MEASURED_FIELDS = frozenset({"train_seconds", "epoch_seconds", "time_per_epoch_train_s",
                              "time_per_epoch_with_eval_s", "peak_memory_mb"})
-
-# TrainConfig fields that change speed, not results (the workflow's `speed` knobs)
-SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
 
 
 @dataclass
@@ -125,8 +92,58 @@ def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.n
     return torch.compile(module, backend=backend)
 
 
-def config_hash(obj: dict) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig) -> torch.nn.Module:
+    """What a training step calls for the loss: the model, or on CUDA with `cfg.compile` the
+    model compiled (fuses the side network's small kernels; speed only). Evaluation always runs
+    the plain model (its varying shapes would recompile), and checkpoints read the plain model."""
+    if device.type == "cuda" and cfg.compile and _can_compile():
+        return compile_for_training(model)
+    return model
+
+
+class CudaGraphStep:
+    """A whole training step (forward, backward, Adam) replayed as one CUDA graph.
+
+    `step(ids, feats)` is the eager step; `features(ids)`, when given, computes the features
+    outside the graph (frozen backbones in the loop) and they are copied into it. The first
+    `WARMUP` calls run eagerly on a side stream, the next one captures the step on static
+    buffers, and every call from then on copies its inputs in and replays."""
+
+    WARMUP = 3
+
+    def __init__(self, step, features, device: torch.device):
+        self.step, self.features, self.device = step, features, device
+        self.graph, self.warm = None, 0
+        self.ids = self.feats = self.loss = None  # static buffers of the captured step
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        feats = self.features(ids) if self.features is not None else None
+        if self.graph is None:
+            if self.warm < self.WARMUP:
+                return self._warm_up(ids, feats)
+            self._capture(ids, feats)
+        self.ids.copy_(ids)
+        if feats is not None:
+            for buf, f in zip(self.feats, feats):
+                buf.copy_(f)
+        self.graph.replay()
+        return self.loss.clone()
+
+    def _warm_up(self, ids, feats) -> torch.Tensor:
+        self.warm += 1
+        s = torch.cuda.Stream(self.device)
+        s.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(s):
+            loss = self.step(ids, feats)
+        torch.cuda.current_stream(self.device).wait_stream(s)
+        return loss
+
+    def _capture(self, ids, feats) -> None:
+        self.ids = ids.clone()
+        self.feats = None if feats is None else [f.clone() for f in feats]
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.loss = self.step(self.ids, self.feats)
 
 
 class Trainer:
@@ -137,7 +154,7 @@ class Trainer:
     def __init__(
         self,
         data: SequenceData,
-        caches,  # per field (N+1, K_f, d_f) arrays, or a feature source (iisan.features)
+        caches,  # per field (N+1, K_f, d_f) arrays, or a FeatureSource (iisan.features)
         model_cfg: ModelConfig,
         train_cfg: TrainConfig,
         device: str | None = None,
@@ -154,23 +171,20 @@ class Trainer:
         result-affecting train config."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = train_cfg
-        if self.device.type == "cuda":
+        on_cuda = self.device.type == "cuda"
+        if on_cuda:
             torch.cuda.reset_peak_memory_stats(self.device)
-        source = caches if hasattr(caches, "gather") else CachedFeatures(caches, layer_index)
+        source = caches if isinstance(caches, FeatureSource) else CachedFeatures(caches, layer_index)
         self.source = source.to(self.device)
-        if hasattr(self.source, "item_slots"):  # backbones in the loop: the config decides
-            self.source.item_slots = train_cfg.item_slots
         set_seed(train_cfg.seed)
         self.data = data.to(self.device)
         if self.source.n_rows != data.n_items + 1:
             raise ValueError(f"the item features have {self.source.n_rows} rows, the dataset {data.n_items} items + padding")
         self.model = Recommender(model_cfg, self.source.dims, self.source.layers, n_items=data.n_items,
-                                 backbones=self.source.module).to(self.device)
-        on_cuda = self.device.type == "cuda"
-        # frozen backbones in the loop (IISAN uncached): they run eagerly under no_grad and the
-        # rest of the step (side network, user encoder, loss, backward, Adam) is one CUDA graph
-        self.split = not self.source.static and getattr(self.source, "finetune", None) == "frozen"
-        self.graphs = on_cuda and train_cfg.cuda_graphs and (self.source.static or self.split)
+                                 backbones=self.source.module, log_pop=self.data.log_pop).to(self.device)
+        # CUDA graphs need features of fixed shapes: from memory, or from frozen backbones run
+        # eagerly under no_grad before the graph (side network, user encoder, loss, backward, Adam)
+        self.graphs = on_cuda and train_cfg.cuda_graphs and (self.source.static or self.source.outside_graph)
         self.opt = torch.optim.Adam(
             self.model.param_groups(
                 train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f,
@@ -180,15 +194,14 @@ class Trainer:
             fused=on_cuda,
             capturable=self.graphs,
         )
-        self._graph, self._warm = None, 0
-        # evaluation runs the plain modules (varying shapes would recompile)
-        self._eval_items, self._eval_user = self.model.items, self.model.user
-        if on_cuda and train_cfg.compile and _can_compile():  # fuse the side network's small kernels (speed only)
-            self.model.items = compile_for_training(self.model.items)
-            self.model.user = compile_for_training(self.model.user)
-        self.amp = train_cfg.amp and self.device.type == "cuda"
-        if self.amp and hasattr(self.source, "lower_precision"):
+        self.train_forward = training_forward(self.model, self.device, train_cfg)
+        self.amp = train_cfg.amp and on_cuda
+        if self.amp:
             self.source.lower_precision(torch.bfloat16)
+        self.train_step = self._step
+        if self.graphs:
+            features = self._features if self.source.outside_graph else None
+            self.train_step = CudaGraphStep(self._step, features, self.device)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
         self.scaler = None  # bf16 autocast needs no GradScaler; an fp16 one would be checkpointed
         if run_hash is None:
@@ -200,19 +213,16 @@ class Trainer:
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
 
     def _features(self, ids: torch.Tensor):
-        return self.source.gather(ids.reshape(-1))  # [(M, K, d)] (ids for ID-based models)
-
-    def _loss(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
-        """Training loss of one batch of left-padded windows `ids` (B, S); `feats`: their
-        features when computed outside the step."""
+        """Features of a batch's windows `ids` (B, S), computed under autocast."""
         with self._autocast():
-            feats = self._features(ids) if feats is None else feats
-            E = self.model.items(feats).view(ids.shape[0], ids.shape[1], -1)  # (B, S, D)
-            U = self.model.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
-            return inbatch_debiased_ce(U, E, ids, self.data.log_pop)
+            return self.source.gather(ids.reshape(-1))  # [(B*S, K, d)] (ids for ID-based models)
 
     def _step(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
-        loss = self._loss(ids, feats)
+        """One training step on windows `ids` (B, S); `feats`: their features when computed
+        outside the step (a CUDA graph's frozen backbones)."""
+        with self._autocast():
+            feats = self.source.gather(ids.reshape(-1)) if feats is None else feats
+            loss = self.train_forward(ids, feats)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.opt.step()
@@ -230,39 +240,11 @@ class Trainer:
                 ids = torch.cat([ids, ids.new_zeros(B - ids.shape[0], ids.shape[1])])
             yield ids
 
-    def _graph_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Replay the whole training step (forward, backward, Adam) as one CUDA graph; with frozen
-        backbones in the loop, their features are computed first and copied into the graph."""
-        feats = None
-        if self.split:
-            with self._autocast():
-                feats = self._features(ids)
-        if self._graph is None:
-            if self._warm < 3:  # eager warm-up steps on a side stream before capture
-                self._warm += 1
-                s = torch.cuda.Stream(self.device)
-                s.wait_stream(torch.cuda.current_stream(self.device))
-                with torch.cuda.stream(s):
-                    loss = self._step(ids, feats)
-                torch.cuda.current_stream(self.device).wait_stream(s)
-                return loss
-            self._static_ids = ids.clone()
-            self._static_feats = None if feats is None else [f.clone() for f in feats]
-            self._graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self._graph):
-                self._static_loss = self._step(self._static_ids, self._static_feats)
-        self._static_ids.copy_(ids)
-        if feats is not None:
-            for buf, f in zip(self._static_feats, feats):
-                buf.copy_(f)
-        self._graph.replay()
-        return self._static_loss.clone()
-
     def train_epoch(self) -> float:
         self.model.train()
         total, steps = torch.zeros((), device=self.device), 0
         for ids in self._batches():
-            total += self._graph_step(ids) if self.graphs else self._step(ids)
+            total += self.train_step(ids)
             steps += 1
         return float(total) / max(steps, 1)
 
@@ -270,12 +252,7 @@ class Trainer:
     def item_table(self) -> torch.Tensor:
         """Embeddings of every item (row 0 = padding), (N+1, D)."""
         self.model.eval()
-        n, chunk = self.source.n_rows, min(self.ITEM_CHUNK, self.source.chunk_size)
-        out = []
-        with self._autocast():
-            for s in range(0, n, chunk):
-                out.append(self._eval_items(self.source.rows(s, min(s + chunk, n))).float())
-        return torch.cat(out)
+        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self._autocast)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float]:
@@ -286,10 +263,7 @@ class Trainer:
         table = self.item_table()
         hits, ndcgs = [], []
         for s in range(0, inp.shape[0], self.cfg.eval_batch):
-            x = inp[s : s + self.cfg.eval_batch]
-            with self._autocast():
-                u = self._eval_user(table[x], x != 0)[:, -1].float()  # (b, D)
-            scores = u @ table.T  # (b, N+1)
+            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self._autocast)  # (b, N+1)
             rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
             h, n = hr_ndcg(rank, self.cfg.k)
             hits.append(h)
@@ -327,7 +301,7 @@ class Trainer:
             if ids is None:
                 batches = self._batches()
                 ids = next(batches)
-            self._graph_step(ids) if self.graphs else self._step(ids)
+            self.train_step(ids)
         self._sync()
         t0 = time.perf_counter()
         while done < steps:
@@ -335,7 +309,7 @@ class Trainer:
             if ids is None:
                 batches = self._batches()
                 continue
-            self._graph_step(ids) if self.graphs else self._step(ids)
+            self.train_step(ids)
             done += 1
         self._sync()
         per_step = (time.perf_counter() - t0) / steps
@@ -357,17 +331,17 @@ class Trainer:
         }
 
     def _model_state(self) -> dict:
-        """The model's tensors that training can change, on the CPU, keyed as in the plain
-        model (torch.compile's `_orig_mod.` dropped, so compiling or not loads either way);
-        frozen parameters (backbones in the loop) are rebuilt from the source, not stored."""
+        """The model's tensors that training can change, on the CPU (the plain model's keys,
+        whether or not training runs compiled); frozen parameters (backbones in the loop) are
+        rebuilt from the source, not stored."""
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
-        return {n.replace("_orig_mod.", ""): v.detach().to("cpu", copy=True)
-                for n, v in self.model.state_dict().items() if n not in frozen}
+        return {n: v.detach().to("cpu", copy=True) for n, v in self.model.state_dict().items() if n not in frozen}
 
     def _load_model_state(self, state: dict) -> None:
-        """Load a `_model_state` (into the compiled or plain modules alike)."""
-        keys = {n.replace("_orig_mod.", ""): n for n in self.model.state_dict()}
-        missing, _ = self.model.load_state_dict({keys[n]: v for n, v in state.items()}, strict=False)
+        """Load a `_model_state`."""
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        if unexpected:
+            raise KeyError(f"the saved model state has tensors this model lacks: {sorted(unexpected)[:5]}")
         frozen = {n for n, p in self.model.named_parameters() if not p.requires_grad}
         if set(missing) - frozen:
             raise KeyError(f"the saved model state lacks {sorted(set(missing) - frozen)[:5]}")

@@ -70,8 +70,9 @@ def _image(rng: np.random.Generator, size: int, group: int, n_groups: int, sub: 
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
-def generate(out_dir: Path, spec: DemoSpec = DemoSpec()) -> dict[str, Path]:
+def generate(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
     """Write items.tsv, users.tsv and images.zip into `out_dir`; return their paths."""
+    spec = spec or DemoSpec()
     rng = np.random.default_rng(spec.seed)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -38,7 +38,7 @@ class SequenceData:
     def n_users(self) -> int:
         return self.train.shape[0]
 
-    def to(self, device) -> "SequenceData":
+    def to(self, device) -> SequenceData:
         return SequenceData(
             self.n_items,
             self.item_order_hash,
