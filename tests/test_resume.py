@@ -1,6 +1,7 @@
 """Checkpoint and resume: a killed training run continues where it stopped, with the result of
 an uninterrupted one (CPU, same seed); checkpoints of other runs are discarded; writes are atomic."""
 
+import functools
 import json
 import logging
 import random
@@ -185,17 +186,18 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
-    """With torch.compile a training step calls a compiled wrapper of the model (state-dict keys
-    gain `_orig_mod.` there), while checkpoints read and write the plain model: a checkpoint
-    moves between compiled and plain trainers either way."""
+    """With torch.compile a training step calls compiled wrappers of the item and user encoders
+    (state-dict keys gain `_orig_mod.` there), while checkpoints read and write the plain model: a
+    checkpoint moves between compiled and plain trainers either way."""
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
     compiled = trainer()
-    compiled.train_forward = torch.compile(compiled.model, backend="eager")
-    assert any("_orig_mod" in k for k in compiled.train_forward.state_dict())
+    encoders = tuple(train_mod.compile_for_training(m, backend="eager") for m in (compiled.model.items, compiled.model.user))
+    compiled.train_forward = functools.partial(compiled.model, encoders=encoders)
+    assert all(any("_orig_mod" in k for k in e.state_dict()) for e in encoders)
     assert compiled.load_checkpoint(ckpt).epoch == 1
     got = compiled.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in saved.items())

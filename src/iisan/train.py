@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import platform
@@ -92,12 +93,14 @@ def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.n
     return torch.compile(module, backend=backend)
 
 
-def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig) -> torch.nn.Module:
+def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig):
     """What a training step calls for the loss: the model, or on CUDA with `cfg.compile` the
-    model compiled (fuses the side network's small kernels; speed only). Evaluation always runs
-    the plain model (its varying shapes would recompile), and checkpoints read the plain model."""
+    model with its item and user encoders compiled (fuses the side network's small kernels;
+    speed only; the loss stays eager, as before the model had a forward, so compiled runs give
+    the numbers they gave then). Evaluation always runs the plain encoders (their varying shapes
+    would recompile), and checkpoints read the plain model."""
     if device.type == "cuda" and cfg.compile and _can_compile():
-        return compile_for_training(model)
+        return functools.partial(model, encoders=(compile_for_training(model.items), compile_for_training(model.user)))
     return model
 
 
