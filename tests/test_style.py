@@ -29,3 +29,22 @@ def test_ruff_is_clean(root):
         pytest.fail("ruff is not installed (pip install -e '.[test]')")
     res = subprocess.run([exe, "check", "--no-cache", "."], cwd=root, capture_output=True, text=True)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-1000:]
+
+
+def test_every_document_the_repository_names_is_in_it(root):
+    """The repository stands alone: a Markdown or reST file named in any tracked file (code
+    comments, docs, configs) exists in the repository."""
+    import re
+
+    files = subprocess.run(["git", "ls-files"], cwd=root, capture_output=True, text=True).stdout.split()
+    present = set(files) | {f.rsplit("/", 1)[-1] for f in files}
+    missing = []
+    for name in files:
+        if name.endswith((".json", ".npy", ".zip", ".png", ".parquet")):
+            continue
+        text = (root / name).read_text(errors="replace")
+        for ref in set(re.findall(r"[\w./-]*\w\.(?:md|rst)\b", text)):
+            ref = ref.removeprefix("./")
+            if ref not in present and ref.rsplit("/", 1)[-1] not in present:
+                missing.append(f"{name}: {ref}")
+    assert not missing, missing
