@@ -70,10 +70,10 @@ def build(method: str, data, device, item_slots: str = "distinct"):
 
 
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct") -> dict:
-    from train_speed import synthetic
-
     from iisan.model import ModelConfig
     from iisan.train import TrainConfig, Trainer
+
+    from train_speed import synthetic
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()

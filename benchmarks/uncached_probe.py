@@ -8,10 +8,11 @@ import time
 
 import baselines_speed as bs
 import torch
-from train_speed import synthetic
 
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
+
+from train_speed import synthetic
 
 
 def timed(fn, n=20):

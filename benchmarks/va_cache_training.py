@@ -17,11 +17,12 @@ import time
 
 import numpy as np
 import torch
-from train_speed import synthetic
 
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
+
+from train_speed import synthetic
 
 
 def main():

@@ -20,9 +20,10 @@ from bitsandbytes.functional import (  # noqa: E402
     dequantize_4bit,
     has_avx512bf16,
 )
-from conftest import ROOT  # noqa: E402
 
 from iisan.backbones import BackboneSpec, bnb_cpu_repackable, build_standin, keep_bnb_cpu_reference_path, load_backbone  # noqa: E402
+
+from conftest import ROOT  # noqa: E402
 
 TITLES = ["red round lamp", "blue square lamp", "green round cup", "small blue cup"]
 

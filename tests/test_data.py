@@ -3,11 +3,12 @@ import zipfile
 
 import polars as pl
 import pytest
-from conftest import write
 
 from iisan.data.amazon import DataError, preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.data.sequences import load_sequences
+
+from conftest import write
 
 SCI = "Scientific/Industrial_and_Scientific_items.tsv", "Scientific/am_Industrial_and_Scientific_users.tsv"
 

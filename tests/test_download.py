@@ -1,7 +1,8 @@
 import pytest
-from conftest import write
 
 from iisan.download import ChecksumError, fetch, sha256
+
+from conftest import write
 
 SCI_USERS = "Scientific/am_Industrial_and_Scientific_users.tsv"
 SCI_USERS_SHA = "1cc801daba6bb7af4e1f2ed4506231d489b1445e58f8ea3e1d399ac9e14846b2"

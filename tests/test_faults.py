@@ -6,6 +6,7 @@ Then damage a cache and mistype the config, and check what the workflow does."""
 import subprocess
 
 import pytest
+
 from fault_suite import CONFIG, compare, report, run_to_end, suite
 from test_workflow import SNAKEMAKE
 

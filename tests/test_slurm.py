@@ -8,6 +8,7 @@ import shutil
 import subprocess
 
 import pytest
+
 from test_workflow import SNAKEMAKE, copy_workflow, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None,

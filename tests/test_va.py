@@ -7,7 +7,6 @@ import polars as pl
 import pytest
 import torch
 import yaml
-from conftest import workflow_config
 
 from iisan.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
 from iisan.cache import build_cache, prune_cache
@@ -18,6 +17,8 @@ from iisan.experiment import run_experiment
 from iisan.layerdrop import SchemeError, scheme_layers, tower_schemes
 from iisan.model import ItemEncoder, ModelConfig
 from iisan.plan import table_plan, va_scheme
+
+from conftest import workflow_config
 
 
 @pytest.fixture(scope="module")

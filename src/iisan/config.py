@@ -178,14 +178,15 @@ class Experiment:
     @classmethod
     def from_config(cls, config: dict, dataset: str, towers: list[TowerConfig], method: str, scheme: str,
                     cache: str, seed: int) -> Experiment:
-        """train <- decoder_train (runs whose text tower is a decoder LLM) <- method_train[method],
-        then the seed; model <- the method's heads."""
+        """train <- decoder_train (runs whose text tower is a decoder LLM) <- dataset_train[dataset]
+        <- method_train[method], then the seed; model <- the method's heads."""
         from .backbones import DECODERS
 
         m = methods.get(method)
         train = dict(config.get("train") or {})
         if any(t.spec["modality"] == "text" and t.spec["family"] in DECODERS for t in towers):
             train.update(config.get("decoder_train") or {})
+        train.update((config.get("dataset_train") or {}).get(dataset) or {})
         train.update((config.get("method_train") or {}).get(method) or {})
         train["seed"] = int(seed)
         model = dict(config.get("model") or {}, method=method)

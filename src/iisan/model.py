@@ -36,10 +36,12 @@ def init_side_linear(lin: nn.Linear) -> None:
     nn.init.zeros_(lin.bias)
 
 
-def init_xavier(mod: nn.Linear | nn.Embedding) -> None:
+def init_xavier(mod: nn.Linear | nn.Embedding, parts: int = 1) -> None:
     """Recommender linears and embeddings: Xavier-normal weights, zero biases, and a zero
-    padding row for an embedding with a `padding_idx`."""
-    nn.init.xavier_normal_(mod.weight)
+    padding row for an embedding with a `padding_idx`. `parts`: a fused linear of that many
+    stacked maps (Q/K/V) is drawn as that many separate linears, each with its own fans."""
+    for w in mod.weight.chunk(parts, dim=0):
+        nn.init.xavier_normal_(w)
     if isinstance(mod, nn.Linear) and mod.bias is not None:
         nn.init.zeros_(mod.bias)
     if isinstance(mod, nn.Embedding) and mod.padding_idx is not None:
@@ -129,13 +131,17 @@ class InterSAN(nn.Module):
 
 
 class Head(nn.Module):
-    """P(F x): VS F = Linear(d, d), P = Linear(d, D); VA F = Linear(d, D), P = Linear(D, D)."""
+    """P(F x): VS F = Linear(d, d), P = Linear(d, D); VA F = Linear(d, D), P = Linear(D, D).
+    PyTorch's default initialisation, except the image head's P (`xavier_p`): Xavier-normal
+    weights and a zero bias, as the authors' code draws ViT's replaced classifier."""
 
-    def __init__(self, d: int, out: int, kind: str = "vs"):
+    def __init__(self, d: int, out: int, kind: str = "vs", xavier_p: bool = False):
         super().__init__()
         mid = d if kind == "vs" else out
         self.F = nn.Linear(d, mid)
         self.P = nn.Linear(mid, out)
+        if xavier_p:
+            init_xavier(self.P)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.P(self.F(x))
@@ -158,11 +164,11 @@ class ItemEncoder(nn.Module):
         self.inter_head = None
         if m.reads_last:
             # no side network: linear heads on the last hidden state of each field
-            self.heads.extend(Head(d, D, cfg.heads) for d in dims)
+            self.heads.extend(Head(d, D, cfg.heads, xavier_p=f == 1) for f, d in enumerate(dims))
         else:
             if m.intra or len(dims) == 1:
                 self.intra.extend(IntraSAN(d, k, r, m.gated, tau) for d, k in zip(dims, n_layers))
-                self.heads.extend(Head(d, D, cfg.heads) for d in dims)
+                self.heads.extend(Head(d, D, cfg.heads, xavier_p=f == 1) for f, d in enumerate(dims))
             if len(dims) == 2 and m.inter:
                 # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
@@ -197,7 +203,8 @@ class ItemEncoder(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    """Post-LN block: bias-free Q/K/V/O, FFN D -> 4D -> D with ReLU."""
+    """Post-LN block: bias-free Q/K/V/O (Q, K, V fused into one linear, initialised as three),
+    FFN Dropout(W2 ReLU(W1 x)) with D -> 4D -> D (no dropout between ReLU and W2)."""
 
     def __init__(self, d: int, n_heads: int, dropout: float):
         super().__init__()
@@ -217,7 +224,7 @@ class TransformerBlock(nn.Module):
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.to(q.dtype), dropout_p=self.dropout if self.training else 0.0)
         a = a.transpose(1, 2).reshape(B, T, D)
         x = self.ln1(x + self.drop(self.out(a)))
-        return self.ln2(x + self.drop(self.ff2(self.drop(F.relu(self.ff1(x))))))
+        return self.ln2(x + self.drop(self.ff2(F.relu(self.ff1(x)))))
 
 
 class UserEncoder(nn.Module):
@@ -232,7 +239,7 @@ class UserEncoder(nn.Module):
         self.blocks = nn.ModuleList(TransformerBlock(D, cfg.n_heads, cfg.dropout) for _ in range(cfg.n_blocks))
         for mod in self.modules():
             if isinstance(mod, (nn.Linear, nn.Embedding)):
-                init_xavier(mod)
+                init_xavier(mod, parts=3 if any(mod is b.qkv for b in self.blocks) else 1)
         causal = torch.tril(torch.ones(cfg.max_len, cfg.max_len, dtype=torch.bool))
         self.register_buffer("causal", causal, persistent=False)
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from . import methods
 from .config import Experiment, TowerConfig, backbone_entry
-from .layerdrop import tower_schemes
+from .layerdrop import scheme_layers, tower_schemes
 
 # --- path templates (the rules' outputs) -------------------------------------------------------
 RAW = "resources/raw/{dataset}/{kind}.tsv"  # kind: items | users
@@ -92,6 +92,10 @@ def check_config(config: dict) -> None:
         methods.get(name, f"config key methods[{i}]")
     for name in config.get("method_train") or {}:
         methods.get(name, f"config key method_train.{name}")
+    for name in config.get("dataset_train") or {}:
+        if name not in config["dataset_sources"]:
+            raise ValueError(f"config key dataset_train.{name}: no such dataset under dataset_sources "
+                             f"(known: {', '.join(config['dataset_sources'])})")
     for key in ("table3", "efficiency"):
         for i, token in enumerate((config.get(key) or {}).get("methods") or []):
             methods.row(token, f"config key {key}.methods[{i}]")
@@ -104,13 +108,15 @@ def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
 
 def va_scheme(config: dict, text: str, image: str) -> str:
     """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks); the text
-    tower keeps n blocks with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)."""
-    n_image = backbone_entry(config, image)["layers"] // 2
+    tower keeps as many blocks, with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)
+    when its backbone has another layer count, else the same scheme."""
+    default = config["default_scheme"]
+    image_layers = backbone_entry(config, image)["layers"]
+    if backbone_entry(config, text)["layers"] == image_layers:
+        return f"{default}+{default}"
+    n = len(scheme_layers(default, image_layers, include_h0=False))
     kind = "eq5-" if config["va_stride"] == "eq5" else "stride"
-    text_layers = backbone_entry(config, text)["layers"]
-    same = text_layers == backbone_entry(config, image)["layers"]
-    text_scheme = f"blocks{n_image}" if same else f"{kind}{n_image}"
-    return f"{text_scheme}+{config['default_scheme']}"
+    return f"{kind}{n}+{default}"
 
 
 def method_row(config: dict, name: str, label: str | None = None, scheme: str | None = None, **extra) -> dict:

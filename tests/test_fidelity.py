@@ -1,0 +1,68 @@
+"""Defaults that follow the authors' code (GAIR-Lab/IISAN `Code_Cached`), checked one by one."""
+
+import math
+
+import torch
+from torch import nn
+
+from iisan.layerdrop import scheme_layers
+from iisan.model import ItemEncoder, ModelConfig, TransformerBlock, UserEncoder
+from iisan.plan import va_scheme
+
+from conftest import workflow_config
+
+
+def test_user_encoder_ffn_has_no_dropout_between_relu_and_w2():
+    """`dropout(w_2(relu(w_1(x))))`: one dropout after the attention output, one after W2."""
+    block = TransformerBlock(16, 2, dropout=0.5).train()
+    seen = []
+
+    class Record(nn.Module):
+        def forward(self, x):
+            seen.append(x)
+            return x
+
+    block.drop = Record()
+    x = torch.randn(3, 5, 16)
+    mask = torch.zeros(3, 1, 5, 5)
+    block(x, mask)
+    assert len(seen) == 2
+    h = block.ln1(x + seen[0])
+    torch.testing.assert_close(seen[1], block.ff2(torch.relu(block.ff1(h))))
+
+
+def test_qkv_is_drawn_as_three_linears_and_every_user_encoder_linear_is_xavier():
+    """The authors' w_Q, w_K, w_V are three Linear(D, D) with Xavier-normal weights (std
+    sqrt(2 / (D + D))); our fused Linear(D, 3D) is drawn the same way, part by part."""
+    torch.manual_seed(0)
+    D = 64
+    enc = UserEncoder(ModelConfig(embed_dim=D, n_blocks=8))
+    qkv = torch.stack([b.qkv.weight.detach() for b in enc.blocks])  # (8, 3D, D)
+    for part in qkv.chunk(3, dim=1):
+        assert abs(part.std().item() - math.sqrt(2 / (D + D))) < 0.004
+    ff1 = torch.stack([b.ff1.weight.detach() for b in enc.blocks])
+    assert abs(ff1.std().item() - math.sqrt(2 / (D + 4 * D))) < 0.004
+    assert all(not b.ff1.bias.detach().any() and not b.ff2.bias.detach().any() for b in enc.blocks)
+
+
+def test_image_head_p_is_xavier_with_zero_bias():
+    """The authors' image projection is ViT's replaced classifier, Linear(d, 64), Xavier-normal
+    with a zero bias; the text one keeps PyTorch's default."""
+    torch.manual_seed(0)
+    d = 768
+    enc = ItemEncoder(ModelConfig(), [d, d], [7, 7])
+    text, image = enc.heads
+    assert not image.P.bias.detach().any() and text.P.bias.detach().any()
+    assert abs(image.P.weight.std().item() - math.sqrt(2 / (d + 64))) < 0.003
+    bound = 1 / math.sqrt(d)  # PyTorch's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+    assert text.P.weight.abs().max().item() <= bound
+
+
+def test_va_text_tower_keeps_as_many_blocks_as_the_image_tower():
+    cfg = workflow_config()
+    for image in ("vit-demo", "vit-large-demo"):
+        for text in ("bert-demo", "bert-large-demo", "llama3-8b-demo", "llama3-70b-demo"):
+            text_scheme, image_scheme = va_scheme(cfg, text, image).split("+")
+            n_image = len(scheme_layers(image_scheme, cfg["backbones"][image]["layers"], include_h0=False))
+            n_text = len(scheme_layers(text_scheme, cfg["backbones"][text]["layers"], include_h0=False))
+            assert n_text == n_image == 6, (text, image, text_scheme, image_scheme)
