@@ -71,20 +71,26 @@ def test_item_encoder_variants(method, dims, fusion_in):
 
 
 def test_vs_heads_and_learning_rate_groups():
-    model = Recommender(ModelConfig(), [32, 32], [7, 7])
-    head = model.items.heads[0]
+    """The authors' name rules (Code_Cached/run.py): text head F (`fc_bert`) 5e-5, image head F
+    (`fc_cv`) and image gates (`side_gate_params_cv`) at the image rate 1e-4, SANBs at the adapter
+    rate 1e-4; text gates, inter gates, DTLs, P maps, the inter head, the fusion and the user
+    encoder at the main rate 2e-4."""
+    model = Recommender(ModelConfig(), [32, 48], [7, 7])
+    items = model.items
+    head = items.heads[0]
     assert (head.F.in_features, head.F.out_features, head.P.out_features) == (32, 32, 64)
-    groups = {g["name"]: g for g in model.param_groups(2e-4, 1e-4, 5e-5)}
-    assert groups["text_f"]["lr"] == 5e-5
-    assert {id(p) for p in groups["text_f"]["params"]} == {id(p) for p in head.F.parameters()}
-    san_ids = {id(p) for p in groups["san"]["params"]}
-    assert all(id(p) in san_ids for p in model.items.intra.parameters())
-    assert all(id(p) in san_ids for p in model.items.inter.parameters())
-    main_ids = {id(p) for p in groups["main"]["params"]}
-    assert all(id(p) in main_ids for p in model.user.parameters())
-    assert all(id(p) in main_ids for p in model.items.fusion.parameters())
-    n = sum(len(g["params"]) for g in groups.values())
-    assert n == len(list(model.parameters()))
+    groups = {g["name"]: g for g in model.param_groups(2e-4, 1e-4, 5e-5, 1e-4)}
+    assert {k: g["lr"] for k, g in groups.items()} == {"main": 2e-4, "san": 1e-4, "text_f": 5e-5, "image_f": 1e-4}
+
+    def ids(*mods):
+        return {id(p) for m in mods for p in m.parameters()}
+
+    got = {k: {id(p) for p in g["params"]} for k, g in groups.items()}
+    assert got["text_f"] == ids(items.heads[0].F) and got["image_f"] == ids(items.heads[1].F)
+    assert got["san"] == ids(*(t.blocks for t in items.intra), items.inter.blocks, items.intra[1].gates)
+    assert ids(items.intra[0].gates, items.inter.gates, items.inter.map_b, items.fusion, model.user, items.inter_head,
+               items.heads[0].P, items.heads[1].P) <= got["main"]
+    assert sum(len(g["params"]) for g in groups.values()) == len(list(model.parameters()))
 
 
 def test_user_encoder_is_causal_and_ignores_padding():

@@ -65,6 +65,7 @@ class TrainConfig:
     lr_main: float = 2e-4
     lr_san: float = 1e-4
     lr_text_f: float = 5e-5
+    lr_image_f: float = 1e-4  # the image head's F (the authors' image fine-tuning rate)
     seed: int = 12345
     amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
     eval_batch: int = 1024

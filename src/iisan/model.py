@@ -192,14 +192,21 @@ class ItemEncoder(nn.Module):
             parts[0], parts[1] = parts[1], parts[0]
         return self.fusion(torch.cat(parts, dim=-1))
 
-    def text_f_parameters(self) -> list[nn.Parameter]:
-        """F of field 0's head (the paper's text head), trained at its own rate."""
-        return list(self.heads[0].F.parameters()) if len(self.heads) else []
-
-    def side_parameters(self) -> list[nn.Parameter]:
-        """The side network's towers: SANBs, gates and DTLs (not the heads or the fusion)."""
-        towers = [*self.intra, *([self.inter] if self.inter is not None else [])]
-        return [p for tower in towers for p in tower.parameters()]
+    def lr_groups(self) -> dict[int, str]:
+        """The learning-rate group of each parameter that does not train at the main rate, by
+        the authors' name rules (docs/method.md §8): the text (field 0) head's F `text_f`, the
+        image (field 1) head's F `image_f`; SANBs (intra and inter) and the image tower's gates
+        `san`. Text and inter gates, DTLs, the P maps, the inter head and the fusion: main."""
+        out = {}
+        for f, tower in enumerate(self.intra):
+            out.update({id(p): "san" for p in tower.blocks.parameters()})
+            if tower.gates is not None and f == 1:
+                out.update({id(p): "san" for p in tower.gates.parameters()})
+        if self.inter is not None:
+            out.update({id(p): "san" for p in self.inter.blocks.parameters()})
+        for f, head in enumerate(self.heads[:2]):
+            out.update({id(p): ("text_f", "image_f")[f] for p in head.F.parameters()})
+        return out
 
 
 class TransformerBlock(nn.Module):
@@ -264,11 +271,8 @@ class IdItemEncoder(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (M,) -> (M, D)
         return self.table(ids)
 
-    def text_f_parameters(self) -> list[nn.Parameter]:
-        return []  # no heads
-
-    def side_parameters(self) -> list[nn.Parameter]:
-        return []  # no side network
+    def lr_groups(self) -> dict[int, str]:
+        return {}  # the embedding trains at the main rate
 
 
 class GRU4RecEncoder(nn.Module):
@@ -344,29 +348,26 @@ class Recommender(nn.Module):
             u = self.user(table[inputs], inputs != 0)[:, -1].float()  # (b, D)
         return u @ table.T
 
-    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_backbone: tuple[float, float] = (5e-5, 1e-4),
-                     lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
-        """User encoder, fusion and heads: lr_main; SANBs, gates, DTLs: lr_san; the text (field 0)
-        head's F: lr_text_f (docs/method.md §8). Backbone tensors (uncached baselines): pretrained
-        weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases lr_peft (the
-        authors' scripts give BitFit the adapter rates), each (text, image) by the backbone's
-        modality. Frozen tensors are left out."""
-        text_f = {id(p) for p in self.items.text_f_parameters()}
-        san = {id(p) for p in self.items.side_parameters()}
-        backbone = {}
+    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_image_f: float | None = None,
+                     lr_backbone: tuple[float, float] = (5e-5, 1e-4), lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
+        """Adam groups: the item encoder's (`ItemEncoder.lr_groups`: text head F lr_text_f, image
+        head F lr_image_f (default lr_san), SANBs and image gates lr_san) and everything else of
+        the recommender at lr_main (docs/method.md §8). Backbone tensors (uncached baselines):
+        pretrained weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases
+        lr_peft (the authors' scripts give BitFit the adapter rates), each (text, image) by the
+        backbone's modality. Frozen tensors are left out."""
+        roles = self.items.lr_groups()
         if self.backbones is not None:
             bitfit = self.backbones.finetune == "bitfit"
             for tower in self.backbones.towers:
                 side = "text" if tower.spec.modality == "text" else "image"
                 for n, p in tower.backbone.named_parameters():
                     inserted = bitfit or "lora_" in n or ".adapter_" in n
-                    backbone[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
-        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1],
-               "peft_text": lr_peft[0], "peft_image": lr_peft[1]}
+                    roles[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
+        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "image_f": lr_san if lr_image_f is None else lr_image_f,
+               "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1], "peft_text": lr_peft[0], "peft_image": lr_peft[1]}
         groups = {k: [] for k in lrs}
         for p in self.parameters():
-            if not p.requires_grad:
-                continue
-            key = backbone.get(id(p)) or ("text_f" if id(p) in text_f else "san" if id(p) in san else "main")
-            groups[key].append(p)
+            if p.requires_grad:
+                groups[roles.get(id(p), "main")].append(p)
         return [{"params": ps, "lr": lrs[k], "name": k} for k, ps in groups.items() if ps]

@@ -190,7 +190,7 @@ class Trainer:
         self.graphs = on_cuda and train_cfg.cuda_graphs and (self.source.static or self.source.outside_graph)
         self.opt = torch.optim.Adam(
             self.model.param_groups(
-                train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f,
+                train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f, train_cfg.lr_image_f,
                 lr_backbone=(train_cfg.lr_backbone_text, train_cfg.lr_backbone_image),
                 lr_peft=(train_cfg.lr_peft_text, train_cfg.lr_peft_image),
             ),
