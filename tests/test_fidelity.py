@@ -7,7 +7,7 @@ from torch import nn
 
 from iisan.layerdrop import scheme_layers
 from iisan.model import ItemEncoder, ModelConfig, TransformerBlock, UserEncoder
-from iisan.plan import va_scheme
+from iisan.plan import table_plan, va_scheme
 
 from conftest import workflow_config
 
@@ -62,7 +62,23 @@ def test_va_text_tower_keeps_as_many_blocks_as_the_image_tower():
     cfg = workflow_config()
     for image in ("vit-demo", "vit-large-demo"):
         for text in ("bert-demo", "bert-large-demo", "llama3-8b-demo", "llama3-70b-demo"):
-            text_scheme, image_scheme = va_scheme(cfg, text, image).split("+")
+            scheme = va_scheme(cfg, text, image)
+            text_scheme, image_scheme = scheme.split("+") if "+" in scheme else (scheme, scheme)
             n_image = len(scheme_layers(image_scheme, cfg["backbones"][image]["layers"], include_h0=False))
             n_text = len(scheme_layers(text_scheme, cfg["backbones"][text]["layers"], include_h0=False))
             assert n_text == n_image == 6, (text, image, text_scheme, image_scheme)
+
+
+def test_inter_head_is_d_to_d_to_64_for_va_too():
+    """Code_Cached_Asym: fc_mm Linear(d, d), then fc_mm_down Linear(d, 64), d the narrower width."""
+    enc = ItemEncoder(ModelConfig(method="iisan-va", heads="va"), [96, 48], [7, 7])
+    h = enc.inter_head
+    assert (h.F.in_features, h.F.out_features, h.P.in_features, h.P.out_features) == (48, 48, 48, 64)
+    assert enc.heads[0].F.out_features == 64  # the intra heads stay VA heads
+
+
+def test_table4_runs_iisan_vs_where_the_backbones_have_one_shape():
+    cfg = workflow_config()
+    rows = {r["label"]: r for r in table_plan("table4", cfg)}
+    assert rows["bert-demo"]["method"] == "iisan" and rows["bert-demo"]["scheme"] == "blocks6"
+    assert all(r["method"] == "iisan-va" for label, r in rows.items() if label != "bert-demo")

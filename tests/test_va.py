@@ -62,7 +62,7 @@ def test_group_layerdrop_indices(scheme, layers, expected):
 def test_va_default_schemes_follow_the_authors_stride():
     cfg = workflow_config()
     assert va_scheme(cfg, "llama3-70b-demo", "vit-demo") == "stride6+blocks6"
-    assert va_scheme(cfg, "bert-demo", "vit-demo") == "blocks6+blocks6"
+    assert va_scheme(cfg, "bert-demo", "vit-demo") == "blocks6"
     assert va_scheme(dict(cfg, va_stride="eq5"), "bert-large-demo", "vit-demo") == "eq5-6+blocks6"
     rows = table_plan("table4", cfg)
     assert [r["label"] for r in rows] == cfg["table4"]["text_encoders"]

@@ -173,7 +173,9 @@ class ItemEncoder(nn.Module):
                 # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
                 self.inter = InterSAN(dims[0], dims[1], k, r, m.gated, tau)
-                self.inter_head = Head(self.inter.d, D, cfg.heads)
+                # the inter head is Linear(d, d) then Linear(d, D) for VS and VA alike (the
+                # authors' fc_mm and fc_mm_down, Code_Cached_Asym)
+                self.inter_head = Head(self.inter.d, D, "vs")
         n_parts = len(self.heads) + (self.inter is not None)
         self.fusion = nn.Linear(n_parts * D, D)
 

@@ -109,14 +109,22 @@ def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
 def va_scheme(config: dict, text: str, image: str) -> str:
     """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks); the text
     tower keeps as many blocks, with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)
-    when its backbone has another layer count, else the same scheme."""
+    when its backbone has another layer count, else the same scheme (one name for both)."""
     default = config["default_scheme"]
     image_layers = backbone_entry(config, image)["layers"]
     if backbone_entry(config, text)["layers"] == image_layers:
-        return f"{default}+{default}"
+        return default
     n = len(scheme_layers(default, image_layers, include_h0=False))
     kind = "eq5-" if config["va_stride"] == "eq5" else "stride"
     return f"{kind}{n}+{default}"
+
+
+def table4_method(config: dict, text: str, image: str) -> str:
+    """Table IV's model: IISAN-VA, except where the two backbones have the same shape (the
+    paper's BERT-base + ViT-base row), where it is the IISAN-VS model."""
+    t, i = backbone_entry(config, text), backbone_entry(config, image)
+    same = (t["layers"], t["hidden"]) == (i["layers"], i["hidden"])
+    return "iisan" if same else "iisan-va"
 
 
 def method_row(config: dict, name: str, label: str | None = None, scheme: str | None = None, **extra) -> dict:
@@ -165,8 +173,8 @@ def table_plan(kind: str, config: dict) -> list[dict]:
         for text in t4["text_encoders"]:
             b = backbone_entry(config, text)
             tw = [{"field": t4["text_field"], "backbone": text}, {"field": t4["image_field"], "backbone": image}]
-            rows.append(_row(text, tw, "iisan-va", va_scheme(config, text, image), group=b.get("group", "PLM"),
-                             params_b=b.get("params_b")))
+            rows.append(_row(text, tw, table4_method(config, text, image), va_scheme(config, text, image),
+                             group=b.get("group", "PLM"), params_b=b.get("params_b")))
         return rows
     if kind == "table8":
         t8 = config["table8"]
