@@ -50,18 +50,27 @@ def test_trainable_tensors_per_method(make, family):
     assert fft == {n for n in names if not n.startswith("layernorm.")}
     # BitFit: exactly the bias terms
     assert trainable(prepare_backbone(make(), family, "bitfit")) == {n for n in fft if n.endswith("bias")}
-    # Adapter: two Houlsby adapters per layer (after attention output and FFN output), nothing else
+    # Adapter: two adapters per layer (after attention output and FFN output; for BERT after their
+    # dropout, as BertAdaptedSelfOutput), ReLU, both projections N(0, 0.01^2), nothing else trains
     m = prepare_backbone(make(), family, "adapter")
     adapters = [mod for mod in m.modules() if isinstance(mod, HoulsbyAdapter)]
     assert len(adapters) == 2 * 2 and all(a.adapter_down.out_features == 64 for a in adapters)
+    wrapped = {type(a.base) for a in adapters}
+    assert wrapped == ({torch.nn.Dropout} if family == "bert" else {torch.nn.Linear})
+    for a in adapters:
+        for lin in (a.adapter_down, a.adapter_up):
+            assert 0.005 < lin.weight.std().item() < 0.015 and not lin.bias.detach().any()
     assert trainable(m) == {n for n, _ in m.named_parameters() if ".adapter_down." in n or ".adapter_up." in n}
     assert len(trainable(m)) == 2 * 2 * 4
-    # LoRA: rank-8 A and B on query and value of every layer, nothing else
+    # LoRA: rank-8 A and B on query and value of every layer with scaling alpha / r = 1/8
+    # (loralib's alpha 1), and the Q/V biases (loralib leaves them trainable), nothing else
     m = prepare_backbone(make(), family, "lora")
     lora = trainable(m)
-    assert len(lora) == 2 * 2 * 2 and all("lora_A" in n or "lora_B" in n for n in lora)
-    assert {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} <= {"query", "value", "q_proj", "v_proj"}
+    assert len(lora) == 2 * 2 * 3 and all("lora_A" in n or "lora_B" in n or n.endswith("base_layer.bias") for n in lora)
+    targets = {n.split(".lora_")[0].split(".base_layer")[0].rsplit(".", 1)[-1] for n in lora}
+    assert targets <= {"query", "value", "q_proj", "v_proj"}
     assert all(p.shape[0] == 8 for n, p in m.named_parameters() if "lora_A" in n)
+    assert {mod.scaling["default"] for mod in m.modules() if hasattr(mod, "lora_A")} == {1 / 8}
     # frozen: nothing
     assert trainable(prepare_backbone(make(), family, "frozen")) == set()
 
@@ -103,15 +112,16 @@ def test_lora_and_adapters_keep_the_pretrained_model(make, family):
         after = {n.replace(".base_layer", "").replace(".base.", "."): p for n, p in m.named_parameters()}
         for n, p in before.items():
             assert torch.equal(after[n], p), (method, n)
-        with torch.no_grad():  # B = 0 (LoRA) and W_up = 0 (adapter): the model is unchanged at start
-            assert torch.equal(m(**x).last_hidden_state, ref), method
+        with torch.no_grad():  # LoRA's B = 0: unchanged; the adapters' N(0, 0.01^2) weights: nearly
+            out = m(**x).last_hidden_state
+            assert torch.equal(out, ref) if method == "lora" else (out - ref).abs().max() < 0.01 * ref.abs().max(), method
 
 
 def test_lora_without_a_target_module_fails_loudly():
     from iisan.finetune import add_adapters
 
     with pytest.raises(ValueError, match="adapters are not defined"):
-        add_adapters(bert(), "mixtral")
+        add_adapters(bert(), "mixtral", 64)
 
 
 @pytest.fixture(scope="module")
@@ -220,12 +230,12 @@ def test_every_method_trains_one_epoch_and_only_its_tensors_change(demo, method)
     expected = {
         "fft": lambda n: True,
         "adapter": lambda n: ".adapter_" in n,
-        "lora": lambda n: "lora_" in n,
+        "lora": lambda n: "lora_" in n or n.endswith("base_layer.bias"),
         "bitfit": lambda n: n.endswith("bias"),
     }[method]
     assert changed and all(expected(n) for n in changed), sorted(changed)[:5]
     if method == "lora":  # the pretrained Q/V weights are never touched
-        assert not any("base_layer" in n for n in changed)
+        assert not any(n.endswith("base_layer.weight") for n in changed)
 
 
 def test_tpme_matches_a_hand_computation():

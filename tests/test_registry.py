@@ -129,9 +129,9 @@ def test_finetune_settings_reach_the_backbone(tmp_path):
                                     vocab_size=100), add_pooling_layer=False)
 
     ft = FinetuneConfig(adapter_bottleneck=16, lora_rank=4, lora_alpha=2)
-    m = prepare_backbone(bert(), "bert", "adapter", adapter_bottleneck=ft.adapter_bottleneck)
+    m = prepare_backbone(bert(), "bert", "adapter", ft)
     assert {a.adapter_down.out_features for a in m.modules() if isinstance(a, HoulsbyAdapter)} == {16}
-    m = prepare_backbone(bert(), "bert", "lora", lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha)
+    m = prepare_backbone(bert(), "bert", "lora", ft)
     q = m.encoder.layer[0].attention.self.query
     assert q.r["default"] == 4 and q.scaling["default"] == 2 / 4
 

@@ -75,11 +75,11 @@ class TrainConfig:
     # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
     checkpoint_every_s: float = 0.0
     k: int = 10
-    # uncached baselines (the authors' scripts): pretrained backbone weights (FFT, BitFit) and
-    # inserted adapter/LoRA matrices, text and image backbone
+    # uncached baselines (the authors' scripts): pretrained backbone tensors (FFT's weights,
+    # BitFit's biases) and inserted adapter/LoRA tensors, text and image backbone
     lr_backbone_text: float = 5e-5
     lr_backbone_image: float = 1e-4
-    lr_peft_text: float = 1e-4
+    lr_peft_text: float = 4e-4
     lr_peft_image: float = 4e-4
     # backbones in the loop: run every item slot of a batch (the authors' code) or each distinct
     # item once (less work, same model); see BackboneFeatures.gather
@@ -101,7 +101,7 @@ class FinetuneConfig:
 
     adapter_bottleneck: int = 64
     lora_rank: int = 8
-    lora_alpha: int = 8
+    lora_alpha: int = 1  # scaling alpha / rank = 1/8: loralib's default alpha in the authors' code
 
 
 @dataclass

@@ -62,11 +62,9 @@ def backbone_source(exp: Experiment, dataset_dir: Path, standins: list | None, i
         towers.append(Tower(spec=spec, path=resolve_source(spec, Path(standin) if standin else None), field=tower.field,
                             layers=want))
         layers.append(want)
-    ft = exp.finetune
     source = build_backbone_features(
         towers, Path(dataset_dir) / "items.parquet", exp.spec.finetune, images_archive=Path(images) if images else None,
-        round_to=exp.cache_dtype or "float16", device=device, adapter_bottleneck=ft.adapter_bottleneck,
-        lora_rank=ft.lora_rank, lora_alpha=ft.lora_alpha, item_slots=exp.train.item_slots,
+        round_to=exp.cache_dtype or "float16", device=device, settings=exp.finetune, item_slots=exp.train.item_slots,
     )
     return source, layers
 

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .backbones import BackboneSpec, load_backbone
+from .config import FinetuneConfig
 from .finetune import prepare_backbone
 from .item_inputs import item_inputs, pool_states
 
@@ -272,7 +273,7 @@ class BackboneFeatures(nn.Module, FeatureSource):
 
 def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,
                             round_to: str | None = "float16", device: torch.device | None = None,
-                            adapter_bottleneck: int = 64, lora_rank: int = 8, lora_alpha: int = 8,
+                            settings: FinetuneConfig | None = None,
                             item_slots: str = "all") -> BackboneFeatures:
     import dataclasses
 
@@ -284,8 +285,7 @@ def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: 
         model, pre = load_backbone(spec, t.path, torch.device("cpu"))
         if finetune != "frozen" and getattr(model, "is_quantized", False):
             raise ValueError(f"backbone {t.spec.name}: {finetune} needs trainable weights, not a quantised checkpoint")
-        model = prepare_backbone(model, t.spec.family, finetune, adapter_bottleneck=adapter_bottleneck,
-                                 lora_rank=lora_rank, lora_alpha=lora_alpha)
+        model = prepare_backbone(model, t.spec.family, finetune, settings)
         inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive)
         mods.append(BackboneTower(t, model, inputs, mean, std))
     return BackboneFeatures(mods, finetune, round_to, item_slots).to(device)

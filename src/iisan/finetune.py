@@ -4,10 +4,13 @@
 
 * ``fft``: every weight on the computation path (the pooler and ViT's final LayerNorm are not
   used: the item encoder reads the last hidden state h[L]).
-* ``adapter``: Houlsby adapters (bottleneck 64) after the attention output projection and after
-  the FFN output projection of every layer; only the adapters train.
-* ``lora``: rank-8 LoRA on query and value of every layer through `peft`; the pretrained Q/V
-  weights are kept (the authors' code re-initialised them); only the LoRA matrices train.
+* ``adapter``: the authors' adapter blocks (bottleneck 64, ReLU, both projections N(0, 0.01²))
+  after the attention-output and FFN-output projections of every layer (for BERT after their
+  dropout, as the authors' code); only the adapters train.
+* ``lora``: rank-8 LoRA on query and value of every layer through `peft`, alpha 1 (scaling 1/8,
+  `loralib`'s default in the authors' code) with the Q/V biases trained; the pretrained Q/V
+  weights are kept (the authors' code re-initialised them); only the LoRA matrices and the Q/V
+  biases train.
 * ``bitfit``: only bias terms train.
 * ``frozen``: nothing trains (IISAN uncached, frozen backbone).
 """
@@ -20,17 +23,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .config import FinetuneConfig
+
 FINETUNE = ("fft", "adapter", "lora", "bitfit", "frozen")
 
-# Houlsby adapters go after these projections (attention output, FFN output) of every layer.
-# ViT's module names changed within transformers 5 (encoder.layer.N.attention.output.dense ->
-# layers.N.attention.o_proj, output.dense -> mlp.fc2); both spellings are listed.
-_ENCODER_ADAPTER = (
+# Adapters go after these modules of every layer: the attention-output and FFN-output
+# projections, for BERT after their dropout (BertAdaptedSelfOutput in the authors' code: dense,
+# dropout, adapter, then residual + LayerNorm). ViT in transformers 5 (layers.N.attention.o_proj,
+# mlp.fc2) applies one layer-wide dropout, 0 by default: the adapter follows the projection. The
+# older spelling (encoder.layer.N.attention.output.dense, output.dense) is listed too.
+_BERT_ADAPTER = (r"layer\.\d+\.attention\.output\.dropout", r"layer\.\d+\.output\.dropout")
+_VIT_ADAPTER = (
     r"layers?\.\d+\.attention\.output\.dense", r"encoder\.layers?\.\d+\.output\.dense",
     r"layers\.\d+\.attention\.o_proj", r"layers\.\d+\.mlp\.fc2",
 )
 _DECODER_ADAPTER = (r"layers\.\d+\.self_attn\.o_proj", r"layers\.\d+\.mlp\.down_proj")
-ADAPTER_TARGETS = {"bert": _ENCODER_ADAPTER, "vit": _ENCODER_ADAPTER, "llama": _DECODER_ADAPTER,
+ADAPTER_TARGETS = {"bert": _BERT_ADAPTER, "vit": _VIT_ADAPTER, "llama": _DECODER_ADAPTER,
                    "mistral": _DECODER_ADAPTER, "gemma": _DECODER_ADAPTER}
 # LoRA on query and value of every layer (peft matches these as module-name suffixes)
 _ENCODER_LORA = ["query", "value", "q_proj", "v_proj"]
@@ -41,23 +49,23 @@ UNUSED = {"bert": ("pooler.",), "vit": ("pooler.", "layernorm.")}
 
 
 class HoulsbyAdapter(nn.Module):
-    """y = base(x); y + W_up GELU(W_down y + b_down) + b_up. W_down ~ N(0, 0.01^2) and W_up = 0,
-    so a fresh adapter is the identity (Houlsby et al.'s near-identity start)."""
+    """y = base(x); y + W_up ReLU(W_down y + b_down) + b_up, the authors' AdapterBlock: both
+    weights N(0, 0.01^2), biases 0, so a fresh adapter is close to the identity. `base` is the
+    module it follows (a projection, or a dropout of width `d`)."""
 
-    def __init__(self, base: nn.Linear, bottleneck: int = 64):
+    def __init__(self, base: nn.Module, bottleneck: int, d: int | None = None):
         super().__init__()
         self.base = base
-        d = base.out_features
+        d = d or base.out_features
         self.adapter_down = nn.Linear(d, bottleneck)
         self.adapter_up = nn.Linear(bottleneck, d)
-        nn.init.normal_(self.adapter_down.weight, std=0.01)
-        nn.init.zeros_(self.adapter_down.bias)
-        nn.init.zeros_(self.adapter_up.weight)
-        nn.init.zeros_(self.adapter_up.bias)
+        for lin in (self.adapter_down, self.adapter_up):
+            nn.init.normal_(lin.weight, std=0.01)
+            nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base(x)
-        return y + self.adapter_up(F.gelu(self.adapter_down(y)))
+        return y + self.adapter_up(F.relu(self.adapter_down(y)))
 
 
 def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
@@ -65,22 +73,22 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, leaf, module)
 
 
-def add_adapters(model: nn.Module, family: str, bottleneck: int = 64) -> int:
+def add_adapters(model: nn.Module, family: str, bottleneck: int) -> int:
     if family not in ADAPTER_TARGETS:
         raise ValueError(f"adapters are not defined for backbone family {family!r} (known: {sorted(ADAPTER_TARGETS)})")
     pattern = re.compile(r"(^|\.)(" + "|".join(ADAPTER_TARGETS[family]) + r")$")
-    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and pattern.search(n)]
+    names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Dropout) and pattern.search(n)]
     if not names:
         raise ValueError(f"no adapter target modules found in the {family} backbone")
     for n in names:
-        _set_module(model, n, HoulsbyAdapter(model.get_submodule(n), bottleneck))
+        _set_module(model, n, HoulsbyAdapter(model.get_submodule(n), bottleneck, d=model.config.hidden_size))
     return len(names)
 
 
-def add_lora(model: nn.Module, family: str, rank: int = 8, alpha: int = 8) -> nn.Module:
+def add_lora(model: nn.Module, family: str, rank: int, alpha: int) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS[family], bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS[family], bias="lora_only")
     return inject_adapter_in_model(cfg, model)
 
 
@@ -92,8 +100,8 @@ def trainable_names(model: nn.Module, family: str, method: str) -> list[str]:
             keep = not n.startswith(unused)
         elif method == "adapter":
             keep = ".adapter_down." in n or ".adapter_up." in n
-        elif method == "lora":
-            keep = "lora_" in n
+        elif method == "lora":  # the LoRA matrices and the biases of the layers they adapt
+            keep = "lora_" in n or n.endswith(".base_layer.bias")
         elif method == "bitfit":
             keep = n.endswith("bias") and not n.startswith(unused)
         else:
@@ -117,15 +125,16 @@ class BiasOnlyLayerNorm(nn.LayerNorm):
         return y + self.bias if self.bias is not None else y
 
 
-def prepare_backbone(model: nn.Module, family: str, method: str, *, adapter_bottleneck: int = 64, lora_rank: int = 8,
-                     lora_alpha: int = 8) -> nn.Module:
-    """Insert the method's modules and set requires_grad on exactly the tensors that train."""
+def prepare_backbone(model: nn.Module, family: str, method: str, settings: FinetuneConfig | None = None) -> nn.Module:
+    """Insert the method's modules (sizes from `settings`) and set requires_grad on exactly the
+    tensors that train."""
+    settings = settings or FinetuneConfig()
     if method not in FINETUNE:
         raise ValueError(f"unknown fine-tuning method {method!r} (known: {', '.join(FINETUNE)})")
     if method == "adapter":
-        add_adapters(model, family, adapter_bottleneck)
+        add_adapters(model, family, settings.adapter_bottleneck)
     elif method == "lora":
-        model = add_lora(model, family, lora_rank, lora_alpha)
+        model = add_lora(model, family, settings.lora_rank, settings.lora_alpha)
     train = set(trainable_names(model, family, method))
     for n, p in model.named_parameters():
         p.requires_grad_(n in train)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import methods
-from .config import ModelConfig
+from .config import ModelConfig, TrainConfig
 from .loss import inbatch_debiased_ce
 
 if TYPE_CHECKING:
@@ -351,20 +351,20 @@ class Recommender(nn.Module):
         return u @ table.T
 
     def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_image_f: float | None = None,
-                     lr_backbone: tuple[float, float] = (5e-5, 1e-4), lr_peft: tuple[float, float] = (1e-4, 4e-4)) -> list[dict]:
+                     lr_backbone: tuple[float, float] = (TrainConfig.lr_backbone_text, TrainConfig.lr_backbone_image),
+                     lr_peft: tuple[float, float] = (TrainConfig.lr_peft_text, TrainConfig.lr_peft_image)) -> list[dict]:
         """Adam groups: the item encoder's (`ItemEncoder.lr_groups`: text head F lr_text_f, image
         head F lr_image_f (default lr_san), SANBs and image gates lr_san) and everything else of
-        the recommender at lr_main (docs/method.md §8). Backbone tensors (uncached baselines):
-        pretrained weights (FFT) lr_backbone; inserted adapter/LoRA matrices and BitFit's biases
-        lr_peft (the authors' scripts give BitFit the adapter rates), each (text, image) by the
-        backbone's modality. Frozen tensors are left out."""
+        the recommender at lr_main (docs/method.md §8). Backbone tensors (uncached baselines), each
+        (text, image) by the backbone's modality: pretrained tensors that train (FFT's weights,
+        BitFit's biases, LoRA's Q/V biases: the authors' name rules put them with the backbone)
+        lr_backbone; inserted adapter and LoRA matrices lr_peft. Frozen tensors are left out."""
         roles = self.items.lr_groups()
         if self.backbones is not None:
-            bitfit = self.backbones.finetune == "bitfit"
             for tower in self.backbones.towers:
                 side = "text" if tower.spec.modality == "text" else "image"
                 for n, p in tower.backbone.named_parameters():
-                    inserted = bitfit or "lora_" in n or ".adapter_" in n
+                    inserted = "lora_" in n or ".adapter_" in n
                     roles[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
         lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "image_f": lr_san if lr_image_f is None else lr_image_f,
                "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1], "peft_text": lr_peft[0], "peft_image": lr_peft[1]}
