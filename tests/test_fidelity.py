@@ -82,3 +82,38 @@ def test_table4_runs_iisan_vs_where_the_backbones_have_one_shape():
     rows = {r["label"]: r for r in table_plan("table4", cfg)}
     assert rows["bert-demo"]["method"] == "iisan" and rows["bert-demo"]["scheme"] == "blocks6"
     assert all(r["method"] == "iisan-va" for label, r in rows.items() if label != "bert-demo")
+
+
+def test_fp16_storage_refuses_states_beyond_its_range(tmp_path, monkeypatch):
+    """A state float16 cannot hold stops the build naming backbone and layer (no inf stored);
+    float32 storage keeps it."""
+    import numpy as np
+    import polars as pl
+    import pytest
+
+    import iisan.cache as cache_mod
+    from iisan.backbones import BackboneSpec, build_standin
+    from iisan.data.amazon import preprocess
+    from iisan.data.demo import DemoSpec, generate
+
+    raw = generate(tmp_path / "raw", DemoSpec(n_items=40, n_users=30, n_groups=2, n_subgroups=2, image_size=8))
+    preprocess(raw["items"], raw["users"], tmp_path / "ds", images=raw["images"])
+    spec = BackboneSpec.from_config("b", {"source": "demo", "family": "bert", "modality": "text", "layers": 4, "hidden": 16,
+                                          "heads": 2, "vocab_size": 200})
+    build_standin(spec, tmp_path / "b", pl.read_parquet(tmp_path / "ds/items.parquet")["title"].to_list())
+    real = cache_mod.pool_states
+
+    def huge_h3(states, pooling, mask):
+        out = real(states, pooling, mask)
+        out[:, 3] *= 1e6
+        return out
+
+    monkeypatch.setattr(cache_mod, "pool_states", huge_h3)
+    with pytest.raises(ValueError, match=r"backbone b: hidden states h\[3\] hold values beyond the float16 range"):
+        cache_mod.build_cache(spec, str(tmp_path / "b"), tmp_path / "ds/items.parquet", "title", tmp_path / "c16",
+                              store_dtype="float16", progress=False)
+    assert not (tmp_path / "c16/cache.npy").exists()
+    cache_mod.build_cache(spec, str(tmp_path / "b"), tmp_path / "ds/items.parquet", "title", tmp_path / "c32",
+                          store_dtype="float32", progress=False)
+    arr = np.load(tmp_path / "c32/cache.npy")
+    assert np.isfinite(arr).all() and np.abs(arr[1:, 3]).max() > 65504

@@ -180,16 +180,22 @@ def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[n
                    *, images_archive: Path | None = None, desc: str = "cache", progress: bool | None = None) -> None:
     """Run the backbone over `batches` of item positions and call `write(b, idx, rows)` with
     the pooled states (len(idx), L+1, d) in `np_dtype`. On CUDA the device-to-host copy of batch
-    b overlaps the forward pass of batch b+1 (pinned buffer, one batch in flight)."""
+    b overlaps the forward pass of batch b+1 (pinned buffer, one batch in flight). A state that
+    float16 storage cannot hold (beyond ±65504) stops the build, naming the backbone and layer,
+    instead of being stored as inf."""
     in_dev = _input_device(model)
     cuda = in_dev.type == "cuda"
     torch_dtype = getattr(torch, np.dtype(np_dtype).name)
     pending = None
 
     def flush(p):
-        b, idx, host, event = p
+        b, idx, host, overflow, event = p
         if event is not None:
             event.synchronize()
+        if overflow is not None and overflow.any():
+            layers = overflow.nonzero().flatten().tolist()
+            raise ValueError(f"backbone {spec.name}: hidden states h{layers} hold values beyond the float16 range "
+                             f"(±65504); store this cache as float32 (config key cache.dtype)")
         write(b, idx, host.numpy())
 
     for b, idx in enumerate(tqdm(batches, desc=desc, disable=None if progress is None else not progress)):
@@ -204,16 +210,21 @@ def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[n
                 px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
                 out = model(pixel_values=px, output_hidden_states=True)
                 pooled = pool_states(out.hidden_states, spec.pooling, None)
-            pooled = pooled.to(torch_dtype)
-            host = torch.empty(pooled.shape, dtype=torch_dtype, pin_memory=cuda)
-            host.copy_(pooled, non_blocking=cuda)
+            stored = pooled.to(torch_dtype)
+            overflow = None
+            if torch_dtype == torch.float16:  # per state h[l]: a finite value that became inf
+                lost = (torch.isinf(stored) & torch.isfinite(pooled)).flatten(2).any(dim=2).any(dim=0)
+                overflow = torch.empty(lost.shape, dtype=torch.bool, pin_memory=cuda)
+                overflow.copy_(lost, non_blocking=cuda)
+            host = torch.empty(stored.shape, dtype=torch_dtype, pin_memory=cuda)
+            host.copy_(stored, non_blocking=cuda)
             event = None
             if cuda:
                 event = torch.cuda.Event()
                 event.record()
         if pending is not None:
             flush(pending)
-        pending = (b, idx, host, event)
+        pending = (b, idx, host, overflow, event)
     if pending is not None:
         flush(pending)
 
