@@ -117,3 +117,25 @@ def test_fp16_storage_refuses_states_beyond_its_range(tmp_path, monkeypatch):
                           store_dtype="float32", progress=False)
     arr = np.load(tmp_path / "c32/cache.npy")
     assert np.isfinite(arr).all() and np.abs(arr[1:, 3]).max() > 65504
+
+
+def test_table8_has_the_papers_22_rows_and_three_group_means(tmp_path):
+    import json
+
+    from iisan.tables import build_table
+
+    cfg = workflow_config()
+    rows = table_plan("table8", cfg)
+    groups = [r["group"] for r in rows]
+    assert groups == ["24+12"] + ["12+12"] * 3 + ["12+6"] * 9 + ["6+6"] * 9
+    assert len({(r["text"], r["image"]) for r in rows}) == 22
+    paths = []
+    for i, row in enumerate(rows):
+        row["dataset"] = "demo"
+        paths.append(tmp_path / f"{i}.json")
+        paths[-1].write_text(json.dumps({"test": {"hr@10": i / 100, "ndcg@10": i / 200}, "trainable_params": 1, "best_epoch": 1,
+                                         "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "x"}))
+    df = build_table("table8", rows, paths, tmp_path / "t8.csv")
+    means = df.filter(df["selection"].str.starts_with("mean"))
+    assert means["selection"].to_list() == ["mean (12+12)", "mean (12+6)", "mean (6+6)"]
+    assert means["hr@10"].to_list() == [2.0, 8.0, 17.0]  # rows 1-3, 4-12, 13-21 in percent

@@ -179,8 +179,13 @@ def table_plan(kind: str, config: dict) -> list[dict]:
     if kind == "table8":
         t8 = config["table8"]
         tw = [{"field": t8["text_field"], "backbone": t8["text_encoder"]}, {"field": t8["image_field"], "backbone": t8["image_encoder"]}]
-        return [_row(f"text {text} / image {image}", tw, "iisan-va", f"{text}+{image}", text=text, image=image)
-                for text, image in t8["rows"]]
+        sizes = [backbone_entry(config, t["backbone"])["layers"] for t in tw]
+
+        def group(text, image):  # blocks kept per tower, e.g. "12+6"
+            return "+".join(str(len(scheme_layers(s, n, include_h0=False))) for s, n in zip((text, image), sizes))
+
+        return [_row(f"text {text} / image {image}", tw, "iisan-va", f"{text}+{image}", text=text, image=image,
+                     group=group(text, image)) for text, image in t8["rows"]]
     if kind == "fig7":
         image = config["table4"]["image_encoder"]
         out = []

@@ -95,19 +95,14 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
         )
         df = pl.concat([wide, means])
     elif kind == "table8":
-        df = df.select("dataset", header, "hr@10", "ndcg@10", "trainable_params")
-        text = pl.col(header).str.extract(r"^text (\S+)")
-        image = pl.col(header).str.extract(r"image (\S+)$")
-        df = df.with_columns(text.alias("text selection"), image.alias("image selection"))
-        mt = df.group_by("dataset", "text selection", maintain_order=True).agg(pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
-        mi = df.group_by("dataset", "image selection", maintain_order=True).agg(pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
-        means = pl.concat(
-            [
-                mt.select("dataset", pl.concat_str(pl.lit("mean text "), pl.col("text selection")).alias(header), "hr@10", "ndcg@10"),
-                mi.select("dataset", pl.concat_str(pl.lit("mean image "), pl.col("image selection")).alias(header), "hr@10", "ndcg@10"),
-            ]
-        )
-        df = pl.concat([df.select("dataset", header, "hr@10", "ndcg@10"), means])
+        # rows grouped by the blocks each tower keeps ("24+12", "12+6", ...); the mean of every
+        # group with more than one row follows the rows
+        df = df.select("dataset", "group", header, "hr@10", "ndcg@10", "trainable_params")
+        groups = df.group_by("dataset", "group", maintain_order=True).agg(
+            pl.len().alias("rows"), pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
+        means = groups.filter(pl.col("rows") > 1).select(
+            "dataset", "group", pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header), "hr@10", "ndcg@10")
+        df = pl.concat([df.select("dataset", "group", header, "hr@10", "ndcg@10"), means])
     else:
         df = df.select("dataset", header, "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seconds_per_epoch", "seeds")
     _write_csv(df, out)
