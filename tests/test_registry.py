@@ -13,18 +13,14 @@ from iisan import methods, plan
 from iisan.config import SPEED_FIELDS, Experiment, FinetuneConfig, ModelConfig, TowerConfig, TrainConfig
 from iisan.tables import build_table
 
+from conftest import workflow_config
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def config(**extra) -> dict:
-    """config/config.yaml with `extra` keys replaced, as the Snakefile sees it."""
-    from snakemake.utils import validate
-
-    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    cfg.update(extra)
-    validate(cfg, str(ROOT / "config/schemas/config.schema.yaml"))
-    plan.check_config(cfg)
-    return cfg
+    """config/config.yaml with `extra` keys merged in, as the Snakefile sees it."""
+    return workflow_config(**extra)
 
 
 @pytest.fixture

@@ -89,6 +89,10 @@ class TrainConfig:
         if self.item_slots not in ("all", "distinct"):
             raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
 
+    def result_settings(self) -> dict:
+        """The fields that change a run's result: every field but the SPEED_FIELDS."""
+        return {k: v for k, v in asdict(self).items() if k not in SPEED_FIELDS}
+
 
 # TrainConfig fields that change speed, not results (the workflow's `speed` section): they are
 # kept out of an experiment's identity, so changing them reruns nothing
@@ -203,9 +207,7 @@ class Experiment:
 
     def to_dict(self) -> dict:
         """Everything that changes the result (the speed fields of `train` left out)."""
-        d = asdict(self)
-        d["train"] = {k: v for k, v in d["train"].items() if k not in SPEED_FIELDS}
-        return d
+        return dict(asdict(self), train=self.train.result_settings())
 
     @classmethod
     def from_dict(cls, d: dict, speed: dict | None = None) -> Experiment:

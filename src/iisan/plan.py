@@ -9,6 +9,7 @@ tables token, group, params_b, batch_size or seeds.
 from __future__ import annotations
 
 from . import methods
+from .cache import ARRAY, MANIFEST
 from .config import Experiment, TowerConfig, backbone_entry
 from .layerdrop import scheme_layers, tower_schemes
 
@@ -24,9 +25,10 @@ STANDIN_DIR = "resources/backbones/{backbone}"
 STANDIN = f"{STANDIN_DIR}/config.json"
 CACHE_DIR = "resources/cache/{dataset}/{field}/{backbone}"
 PRUNED_DIR = f"{CACHE_DIR}/pruned-{{tscheme}}"
-# a cache folder's array (tracked: a replaced array reruns its readers) and manifest
-CACHE_ARRAY, CACHE_MANIFEST = f"{CACHE_DIR}/cache.npy", f"{CACHE_DIR}/manifest.json"
-PRUNED_ARRAY, PRUNED_MANIFEST = f"{PRUNED_DIR}/cache.npy", f"{PRUNED_DIR}/manifest.json"
+# a cache folder's array (tracked: a replaced array reruns its readers) and manifest, named as
+# iisan.cache writes them
+CACHE_ARRAY, CACHE_MANIFEST = f"{CACHE_DIR}/{ARRAY}", f"{CACHE_DIR}/{MANIFEST}"
+PRUNED_ARRAY, PRUNED_MANIFEST = f"{PRUNED_DIR}/{ARRAY}", f"{PRUNED_DIR}/{MANIFEST}"
 RUN = "{dataset}/{towers}/{method}/{scheme}/{cache}"  # one run's folder below results/runs
 RUN_METRICS = f"results/runs/{RUN}/seed{{seed}}/metrics.json"
 PROFILE = f"results/efficiency/{RUN}/batch{{batch}}.json"
@@ -36,7 +38,7 @@ FIGURE = "results/{figure}.png"
 
 def array(cache_folder: str) -> str:
     """The array file of a cache folder."""
-    return f"{cache_folder}/cache.npy"
+    return f"{cache_folder}/{ARRAY}"
 
 TABLES = ("table3", "table4", "table6", "table7", "table8", "methods")
 KINDS = (*TABLES, "efficiency", "fig7")
@@ -55,8 +57,11 @@ TABLE7 = [("2 blocks", "iisan", "blocks2"), ("3 blocks", "iisan", "blocks3"), ("
           ("6 blocks", "iisan", "blocks6"), ("12 blocks", "iisan", "all")]
 
 
-def cache_dir(dataset: str, field: str, backbone: str) -> str:
-    return CACHE_DIR.format(dataset=dataset, field=field, backbone=backbone)
+def cache_dir(dataset: str, field: str, backbone: str, scheme: str | None = None) -> str:
+    """A backbone's full cache folder, or (with `scheme`) the one pruned to a tower scheme."""
+    if scheme is None:
+        return CACHE_DIR.format(dataset=dataset, field=field, backbone=backbone)
+    return PRUNED_DIR.format(dataset=dataset, field=field, backbone=backbone, tscheme=scheme)
 
 
 def standin_dir(backbone: str) -> str:
@@ -241,11 +246,7 @@ def run_caches(config: dict, dataset: str, towers: str, method: str, scheme: str
         return []
     tw = parse_towers(config, towers)
     schemes = tower_schemes(methods.get(method).scheme(scheme), len(tw))
-    out = []
-    for t, s in zip(tw, schemes):
-        base = cache_dir(dataset, t.field, t.backbone)
-        out.append(base if cache == "full" else PRUNED_DIR.format(dataset=dataset, field=t.field, backbone=t.backbone, tscheme=s))
-    return out
+    return [cache_dir(dataset, t.field, t.backbone, None if cache == "full" else s) for t, s in zip(tw, schemes)]
 
 
 def fig6_caches(config: dict) -> list[str]:
@@ -254,8 +255,7 @@ def fig6_caches(config: dict) -> list[str]:
     for dataset in config["datasets"]:
         for row in table_plan("table4", config):
             for t, s in zip(row["towers"], tower_schemes(row["scheme"], len(row["towers"]))):
-                base = cache_dir(dataset, t["field"], t["backbone"])
-                out.update({base, PRUNED_DIR.format(dataset=dataset, field=t["field"], backbone=t["backbone"], tscheme=s)})
+                out.update(cache_dir(dataset, t["field"], t["backbone"], scheme) for scheme in (None, s))
     return sorted(out)
 
 

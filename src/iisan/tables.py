@@ -155,7 +155,7 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
             pl.len().alias("seeds"),
         )
     )
-    parts = []
+    parts, tokens = [], set(methods.row_tokens())
     for ds in df["dataset"].unique(maintain_order=True):
         part = df.filter(pl.col("dataset") == ds)
         fft = part.filter(pl.col("token") == "fft")
@@ -181,7 +181,7 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
                 pl.when(is_va).then(pl.lit(p)).otherwise(None).round(4).alias(f"{m} p (VA vs VS)"),
                 pl.when(is_va).then(pl.lit(mark)).otherwise(pl.lit("")).alias(f"{m} sig"),
             )
-        id_rows = [t for t in part["token"].to_list() if t in methods.row_tokens() and methods.row(t)[0].is_id]
+        id_rows = [t for t in part["token"].to_list() if t in tokens and methods.row(t)[0].is_id]
         content = part.filter(~pl.col("token").is_in(id_rows))
         if content.height:
             scores = tpme(content["seconds_per_epoch"].to_list(), content["trainable_params"].to_list(),

@@ -208,8 +208,7 @@ class Trainer:
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
         self.scaler = None  # bf16 autocast needs no GradScaler; an fp16 one would be checkpointed
         if run_hash is None:
-            train = {k: v for k, v in asdict(train_cfg).items() if k not in SPEED_FIELDS}
-            run_hash = config_hash({"model": asdict(model_cfg), "train": train})
+            run_hash = config_hash({"model": asdict(model_cfg), "train": train_cfg.result_settings()})
         self.fingerprint = {"config_hash": run_hash, "item_order_hash": data.item_order_hash, "version": __version__}
 
     def _autocast(self):
@@ -224,8 +223,7 @@ class Trainer:
         """One training step on windows `ids` (B, S); `feats`: their features when computed
         outside the step (a CUDA graph's frozen backbones)."""
         with self._autocast():
-            feats = self.source.gather(ids.reshape(-1)) if feats is None else feats
-            loss = self.train_forward(ids, feats)
+            loss = self.train_forward(ids, self._features(ids) if feats is None else feats)
         self.opt.zero_grad(set_to_none=False)
         loss.backward()
         self.opt.step()
