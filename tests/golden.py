@@ -1,12 +1,23 @@
 """Golden outputs of the tiny workflow (tests/configs/tiny.yaml): every table and figure CSV and
 every run's result, without what measures time or memory. A refactor must leave them identical.
 
-    python tests/golden.py WORKDIR      # rewrite tests/golden/tiny.json from a finished tiny run
+The numbers depend on the CPU:
 
-The numbers depend on the CPU's instruction set (oneDNN and bitsandbytes pick kernels by it), so
-the file records the CPU it was made on: on a CPU with the same signature the comparison is exact;
-on another one, numbers may differ in the last digits (and a near-tie may flip one user's rank):
-there they must agree within `ELSEWHERE` (relative and absolute tolerance).
+* bitsandbytes computes the 4-bit stand-in's states with a fused bf16 kernel on CPUs with
+  AVX512-BF16 and with its fp32 reference path elsewhere; the two give different caches, so
+  different 4-bit runs. There is one golden file per path: `tiny.json` (fused) and
+  `tiny-reference.json` (reference), and a machine is compared with the one its bitsandbytes uses.
+* oneDNN and ATen pick float32 kernels by instruction set: on a CPU with the signature a file
+  records, the comparison is exact; on another, numbers may differ in the last digits (and a
+  near-tie may flip one user's rank): there they must agree within `ELSEWHERE`.
+
+Rewrite a file from a finished tiny run (the workflow test's, or /tmp/gold/run.py-style):
+
+    python tests/golden.py WORKDIR               # this machine's path
+    # the other path, on an AVX512-BF16 machine: run the tiny workflow with
+    #   PYTHONPATH=tests/golden/reference_path ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+    # (bitsandbytes' reference path, AVX2 float kernels), then
+    python tests/golden.py WORKDIR --reference
 """
 
 from __future__ import annotations
@@ -20,7 +31,8 @@ from pathlib import Path
 
 import torch
 
-GOLDEN = Path(__file__).resolve().parent / "golden" / "tiny.json"
+GOLDEN = {"fused": Path(__file__).resolve().parent / "golden" / "tiny.json",
+          "reference": Path(__file__).resolve().parent / "golden" / "tiny-reference.json"}
 # a run's result: what metrics.json says about the model, not about the run's paths or costs
 RESULT_FIELDS = ("valid", "test", "best_epoch", "epochs_run", "history", "trainable_params", "total_params", "layers",
                  "cache_bytes", "seed")
@@ -41,6 +53,15 @@ def cpu_signature() -> str:
     except OSError:
         pass
     return f"{platform.machine()} torch {torch.__version__} " + " ".join(f for f in FLAGS if f in flags)
+
+
+def bnb_path() -> str:
+    """Which 4-bit CPU path bitsandbytes takes here: fused (AVX512-BF16) or reference."""
+    try:
+        from bitsandbytes.nn.modules import has_avx512bf16
+    except ImportError:
+        return "reference"
+    return "fused" if has_avx512bf16() else "reference"
 
 
 def _table(path: Path) -> list[dict]:
@@ -86,9 +107,10 @@ def _close(a, b, where: str, out: list[str], tol: dict) -> None:
             out.append(f"{where}: {a!r} != {b!r}")
 
 
-def differences(wd: Path, golden: Path = GOLDEN) -> tuple[list[str], bool]:
-    """(differences from the golden outputs, whether the comparison was exact)."""
-    want = json.loads(golden.read_text())
+def differences(wd: Path, golden: Path | None = None) -> tuple[list[str], bool]:
+    """(differences from the golden outputs of this machine's bitsandbytes path, whether the
+    comparison was exact)."""
+    want = json.loads((golden or GOLDEN[bnb_path()]).read_text())
     got = snapshot(wd)
     exact = want["cpu"] == cpu_signature()
     out: list[str] = []
@@ -105,11 +127,15 @@ def differences(wd: Path, golden: Path = GOLDEN) -> tuple[list[str], bool]:
     return out, exact
 
 
-def write(wd: Path, golden: Path = GOLDEN) -> None:
-    golden.parent.mkdir(parents=True, exist_ok=True)
-    golden.write_text(json.dumps({"cpu": cpu_signature(), **snapshot(wd)}, indent=1, sort_keys=True) + "\n")
+def write(wd: Path, reference: bool = False) -> Path:
+    """Record `wd`'s outputs as this machine's golden file, or (`reference`) as the reference
+    path's, made under the simulation above, whose signature no real CPU has (so it is always
+    compared within tolerance)."""
+    golden = GOLDEN["reference" if reference else bnb_path()]
+    cpu = "simulated reference path on " + cpu_signature() if reference else cpu_signature()
+    golden.write_text(json.dumps({"cpu": cpu, **snapshot(wd)}, indent=1, sort_keys=True) + "\n")
+    return golden
 
 
 if __name__ == "__main__":
-    write(Path(sys.argv[1]))
-    print(f"wrote {GOLDEN}")
+    print(f"wrote {write(Path(sys.argv[1]), reference='--reference' in sys.argv[2:])}")
