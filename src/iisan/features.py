@@ -74,8 +74,6 @@ class CachedFeatures(FeatureSource):
     """Per field an (N+1, K, d) cache held on the training device; `layer_index[f]` selects the
     states that feed the side network from a full cache (Fig. 7's "full cache" setting)."""
 
-    chunk_size = 2048
-
     def __init__(self, caches: list, layer_index: list[list[int] | None] | None = None):
         self.caches = [c if isinstance(c, torch.Tensor) else torch.from_numpy(np.asarray(c)) for c in caches]
         self.layer_index = layer_index or [None] * len(caches)
