@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-from iisan.backbones import BackboneSpec, build_standin
-from iisan.cache import build_cache, prune_cache
+from iisan.backbones import BackboneSpec, build_standin, output_layer
+from iisan.cache import build_cache, prune_cache, read_manifest
 from iisan.config import Experiment, ModelConfig, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
@@ -45,10 +45,12 @@ def trainable(model):
 @pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
 def test_trainable_tensors_per_method(make, family):
     names = {n for n, _ in make().named_parameters()}
-    # FFT: every weight the item encoder's h[L] depends on (ViT's final LayerNorm is not)
+    # FFT: every weight the backbone's output state depends on, ViT's final LayerNorm included
+    # (the authors' ViTForImageClassification reads it; BERT's pooler is off the path)
     fft = trainable(prepare_backbone(make(), family, "fft"))
-    assert fft == {n for n in names if not n.startswith("layernorm.")}
-    # BitFit: exactly the bias terms
+    assert fft == {n for n in names if not n.startswith("pooler.")}
+    assert family != "vit" or {"layernorm.weight", "layernorm.bias"} <= fft
+    # BitFit: exactly the bias terms (for ViT the final LayerNorm's among them)
     assert trainable(prepare_backbone(make(), family, "bitfit")) == {n for n in fft if n.endswith("bias")}
     # Adapter: two adapters per layer (after attention output and FFN output; for BERT after their
     # dropout, as BertAdaptedSelfOutput), ReLU, both projections N(0, 0.01^2), nothing else trains
@@ -162,6 +164,35 @@ def test_iisan_uncached_equals_cached(demo, item_slots):
     assert [h["loss"] for h in uncached["history"]] == [h["loss"] for h in cached["history"]]
     assert uncached["trainable_params"] == cached["trainable_params"]
     assert uncached["total_params"] > cached["total_params"]  # the backbones are held, frozen
+
+
+def test_frozen_backbone_reads_the_output_state_cached_and_uncached(demo):
+    """The last-state methods read the backbone's output: h[L] for BERT; for ViT its final
+    LayerNorm of h[L], which the cache stores as h[L+1]. The cached frozen backbone and the
+    frozen backbone in the loop read the same states and give the same run."""
+    import numpy as np
+
+    tmp, raw, backbones, caches = demo
+    vit_full = caches[1].parent
+    arr = np.load(vit_full / "cache.npy").astype(np.float32)
+    assert arr.shape[1] == 14 and read_manifest(vit_full)["output_layer"] == 13
+    assert read_manifest(caches[0].parent)["output_layer"] == 12 and np.load(caches[0].parent / "cache.npy").shape[1] == 13
+    ln = ViTModel.from_pretrained(backbones[1]).layernorm
+    with torch.no_grad():
+        want = ln(torch.from_numpy(arr[1:, 12]))
+    torch.testing.assert_close(torch.from_numpy(arr[1:, 13]), want, atol=1e-2, rtol=1e-2)  # fp16 storage
+    assert not np.allclose(arr[1:, 13], arr[1:, 12], atol=1e-2)
+    pruned = []
+    for c, entry in zip(caches, (TEXT, IMAGE)):
+        out = c.parent / "pruned-last"
+        prune_cache(c.parent, out, scheme_layers("last", 12, output=output_layer(entry["family"], 12)))
+        pruned.append(out)
+    cached = run_experiment(experiment("frozen", "dropped", max_epochs=1), tmp / "ds", pruned, tmp / "frozen-cached.json",
+                            device="cpu")
+    uncached = run_experiment(experiment("frozen", "none", max_epochs=1, item_slots="distinct"), tmp / "ds", [],
+                              tmp / "frozen-uncached.json", device="cpu", standins=backbones, images=str(raw["images"]))
+    assert uncached["test"] == cached["test"]
+    assert [h["loss"] for h in uncached["history"]] == [h["loss"] for h in cached["history"]]
 
 
 def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):

@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from iisan.layerdrop import scheme_layers
-from iisan.model import ItemEncoder, ModelConfig, TransformerBlock, UserEncoder
+from iisan.model import ItemEncoder, ModelConfig, OutputHead, Recommender, TransformerBlock, UserEncoder
 from iisan.plan import table_plan, va_scheme
 
-from conftest import workflow_config
+from conftest import ROOT, workflow_config
 
 
 def test_user_encoder_ffn_has_no_dropout_between_relu_and_w2():
@@ -139,3 +139,120 @@ def test_table8_has_the_papers_22_rows_and_three_group_means(tmp_path):
     means = df.filter(df["selection"].str.starts_with("mean"))
     assert means["selection"].to_list() == ["mean (12+12)", "mean (12+6)", "mean (6+6)"]
     assert means["hr@10"].to_list() == [2.0, 8.0, 17.0]  # rows 1-3, 4-12, 13-21 in percent
+
+
+def test_baseline_heads_are_gelu_of_one_linear_at_the_main_rate():
+    """Code_Uncached: GELU(fc(h)) per modality on the output state ([CLS] of BERT's last hidden
+    state; ViT's classifier on its final LayerNorm), the image Linear Xavier with a zero bias, the
+    text one PyTorch's default, both with the user encoder at the main learning rate; then
+    com_dense over [image; text]."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    d = 768
+    for method in ("fft", "adapter", "lora", "bitfit", "frozen"):
+        enc = ItemEncoder(ModelConfig(method=method), [d, d], [1, 1])
+        text, image = enc.heads
+        assert isinstance(text, OutputHead) and isinstance(image, OutputHead)
+        assert (text.proj.in_features, text.proj.out_features) == (d, 64)
+        assert not image.proj.bias.detach().any() and text.proj.bias.detach().any()
+        assert abs(image.proj.weight.std().item() - math.sqrt(2 / (d + 64))) < 0.003
+        assert text.proj.weight.abs().max().item() <= 1 / math.sqrt(d)
+        x_t, x_i = torch.randn(5, 1, d), torch.randn(5, 1, d)
+        want = enc.fusion(torch.cat([F.gelu(image.proj(x_i[:, 0])), F.gelu(text.proj(x_t[:, 0]))], dim=-1))
+        torch.testing.assert_close(enc([x_t, x_i]), want)
+        rec = Recommender(ModelConfig(method=method), [d, d], [1, 1])
+        groups = {g["name"]: g["params"] for g in rec.param_groups(1e-4, 1e-4, 5e-5, 1e-4)}
+        assert set(groups) == {"main"} and sum(p.numel() for p in groups["main"]) == sum(p.numel() for p in rec.parameters())
+
+
+def test_output_state_is_the_backbones_output_for_every_family():
+    """`output_layer` and `backbone_states` say where the output state (`last_hidden_state`) is:
+    h[L] where transformers lists it last (BERT; decoder LLMs list their last state after the
+    final norm), and an extra state L+1 for ViT, whose final LayerNorm follows h[L]."""
+    from transformers import (BertConfig, BertModel, GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, MistralConfig,
+                              MistralModel, MixtralConfig, MixtralModel, ViTConfig, ViTModel)
+
+    from iisan.backbones import FAMILIES, BackboneSpec, output_layer
+    from iisan.item_inputs import backbone_states
+
+    small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+    dec = dict(small, num_key_value_heads=2, vocab_size=100, head_dim=16)
+    text = torch.tensor([[1, 2, 3, 4]])
+    models = {
+        "bert": (BertModel(BertConfig(**small, vocab_size=100), add_pooling_layer=False), dict(input_ids=text)),
+        "vit": (ViTModel(ViTConfig(**small, image_size=16, patch_size=8), add_pooling_layer=False),
+                dict(pixel_values=torch.randn(1, 3, 16, 16))),
+        "llama": (LlamaModel(LlamaConfig(**dec)), dict(input_ids=text)),
+        "mistral": (MistralModel(MistralConfig(**dec)), dict(input_ids=text)),
+        "gemma": (GemmaModel(GemmaConfig(**dec)), dict(input_ids=text)),
+        "mixtral": (MixtralModel(MixtralConfig(**dec, num_local_experts=2)), dict(input_ids=text)),
+    }
+    assert set(models) == set(FAMILIES)
+    for family, (model, inputs) in models.items():
+        out = model.eval()(**inputs, output_hidden_states=True)
+        spec = BackboneSpec.from_config("b", {"source": "demo", "family": family, "modality": FAMILIES[family],
+                                              "layers": 2, "hidden": 32})
+        states = backbone_states(spec, out)
+        assert len(states) == output_layer(family, 2) + 1 == spec.output_layer + 1
+        assert torch.equal(states[spec.output_layer], out.last_hidden_state), family
+        assert torch.equal(states[2], out.hidden_states[2])
+        assert (spec.output_layer == 3) == (not torch.equal(out.hidden_states[-1], out.last_hidden_state)), family
+
+
+def test_cache_dtype_is_float32_but_float16_for_quantised_backbones():
+    """Paper footnote 7 and the authors' code: BERT/ViT and the 7-8B LLM states computed and
+    stored in fp32, the 4-bit 70B model's stored in fp16; `cache.dtype` float16 stores every
+    backbone in fp16; Fig. 6 computes sizes in the stored dtype, with ViT's output state."""
+    from iisan.backbones import BackboneSpec
+    from iisan.figures import cache_sizes
+
+    for cfg in (workflow_config(), workflow_config(ROOT, "config/paper.yaml")):
+        assert cfg["cache"]["dtype"] == "auto"
+        for name, entry in cfg["backbones"].items():
+            spec = BackboneSpec.from_config(name, {k: v for k, v in entry.items() if k not in ("group", "params_b")})
+            assert spec.cache_dtype("auto") == ("float16" if spec.quantization else "float32"), name
+            assert spec.cache_dtype("float16") == "float16"
+    paper = workflow_config(ROOT, "config/paper.yaml")
+    b = paper["backbones"]
+    assert {b[n]["dtype"] for n in ("bert-base", "bert-large", "vit-base", "vit-large", "vit-huge", "gemma-7b", "mistral-7b",
+                                    "llama2-7b", "llama3-8b")} == {"float32"}
+    assert b["llama3-70b-gptq"]["dtype"] == "float16" and b["llama3-70b-gptq"]["quantization"] == "gptq"
+    sizes = {r["backbone"]: r for r in cache_sizes(b, [], 20825).to_dicts()}
+    assert sizes["bert-base"]["computed_full_bytes"] == 20826 * 13 * 768 * 4
+    assert sizes["vit-base"]["computed_full_bytes"] == 20826 * 14 * 768 * 4
+    assert sizes["llama3-70b-gptq"]["computed_full_bytes"] == 20826 * 81 * 8192 * 2
+    assert sizes["llama3-70b-gptq"]["computed_dropped_bytes"] == 20826 * 7 * 8192 * 2
+    fp16 = {r["backbone"]: r for r in cache_sizes(b, [], 20825, "float16").to_dicts()}
+    assert fp16["bert-base"]["computed_full_bytes"] * 2 == sizes["bert-base"]["computed_full_bytes"]
+
+
+def test_table4_has_the_papers_17_rows():
+    """Table IV: 13 text encoders with ViT-base in Fig. 4's groups, then BERT-base and
+    Llama-3-70B-GPTQ with ViT-large and ViT-huge; real Hugging Face ids in config/paper.yaml and
+    same-shape stand-ins (their own seeds: their own names) on the demo."""
+    paper = workflow_config(ROOT, "config/paper.yaml")
+    rows = table_plan("table4", paper)
+    text = ["bert-base", "bert-large", "gemma-7b", "gemma-7b-it", "mistral-7b", "llama2-7b", "llama2-7b-chat", "llama3-8b",
+            "llama3-8b-it", "mixtral-8x7b", "mixtral-8x7b-it", "llama3-70b-gptq", "llama3-70b-gptq-it"]
+    pairs = [(t, "vit-base") for t in text] + [("bert-base", "vit-large"), ("bert-base", "vit-huge"),
+                                               ("llama3-70b-gptq", "vit-large"), ("llama3-70b-gptq", "vit-huge")]
+    assert [(r["towers"][0]["backbone"], r["towers"][1]["backbone"]) for r in rows] == pairs
+    assert [r["group"] for r in rows] == ["PLM"] * 2 + ["base LLM"] * 7 + ["MoE LLM"] * 2 + ["70B"] * 2 + ["image scaling"] * 4
+    b = paper["backbones"]
+    assert b["llama3-70b-gptq"]["source"] == "TechxGenus/Meta-Llama-3-70B-GPTQ"
+    assert b["llama3-70b-gptq-it"]["source"] == "TechxGenus/Meta-Llama-3-70B-Instruct-GPTQ"
+    assert {b[n]["source"] for n in ("gemma-7b-it", "llama2-7b-chat", "llama3-8b-it", "mixtral-8x7b-it")} == {
+        "google/gemma-7b-it", "meta-llama/Llama-2-7b-chat-hf", "meta-llama/Meta-Llama-3-8B-Instruct",
+        "mistralai/Mixtral-8x7B-Instruct-v0.1"}
+    for r in rows:  # every row keeps six blocks per tower
+        for t, s in zip(r["towers"], r["scheme"].split("+") * (2 if "+" not in r["scheme"] else 1)):
+            assert len(scheme_layers(s, b[t["backbone"]]["layers"], include_h0=False)) == 6, r
+    demo = workflow_config()
+    demo_rows = table_plan("table4", demo)
+    assert len(demo_rows) == 17 and [r["group"] for r in demo_rows] == [r["group"] for r in rows]
+    db = demo["backbones"]
+    for base, variant in (("gemma-7b-demo", "gemma-7b-it-demo"), ("llama2-7b-demo", "llama2-7b-chat-demo"),
+                          ("llama3-8b-demo", "llama3-8b-it-demo"), ("mixtral-8x7b-demo", "mixtral-8x7b-it-demo"),
+                          ("llama3-70b-demo", "llama3-70b-it-demo")):
+        assert db[base] == db[variant]

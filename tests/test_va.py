@@ -65,8 +65,12 @@ def test_va_default_schemes_follow_the_authors_stride():
     assert va_scheme(cfg, "bert-demo", "vit-demo") == "blocks6"
     assert va_scheme(dict(cfg, va_stride="eq5"), "bert-large-demo", "vit-demo") == "eq5-6+blocks6"
     rows = table_plan("table4", cfg)
-    assert [r["label"] for r in rows] == cfg["table4"]["text_encoders"]
-    assert {r["group"] for r in rows} == {"PLM", "base LLM", "MoE LLM", "70B"}
+    scaling = [f"{t} + {i}" for t, i in cfg["table4"]["image_scaling"]]
+    assert [r["label"] for r in rows] == cfg["table4"]["text_encoders"] + scaling
+    assert {r["group"] for r in rows} == {"PLM", "base LLM", "MoE LLM", "70B", "image scaling"}
+    # ViT-huge's 32 layers do not fit blocks6: both towers keep 6 blocks with the authors' stride
+    assert va_scheme(cfg, "bert-demo", "vit-huge-demo") == "stride6"
+    assert va_scheme(cfg, "llama3-70b-demo", "vit-large-demo") == "stride6+blocks6"
 
 
 def test_inapplicable_schemes_name_scheme_and_backbone():

@@ -33,6 +33,11 @@ FAMILIES = {
     "mixtral": "text",
 }
 DECODERS = {"llama", "mistral", "gemma", "mixtral"}
+# Families whose output (`last_hidden_state`) is a final norm applied after h[L] that
+# `output_hidden_states` does not list: ViT's `layernorm`. For the others the output is h[L]
+# (BERT is post-LN; transformers lists decoder LLMs' last state after their final norm).
+OUTPUT_NORM = {"vit"}
+CACHE_DTYPES = ("auto", "float16", "float32")
 QUANTIZATIONS = {None, "none", "bnb-4bit", "bnb-8bit", "gptq", "4bit"}
 GPTQ_HINT = (
     "GPTQ checkpoints need the optional extra: pip install -e '.[gptq]' "
@@ -80,6 +85,27 @@ class BackboneSpec:
     @property
     def is_decoder(self) -> bool:
         return self.family in DECODERS
+
+    @property
+    def output_layer(self) -> int:
+        return output_layer(self.family, self.layers)
+
+    def cache_dtype(self, setting: str) -> str:
+        """The storage dtype of this backbone's cache under the config's `cache.dtype`: `auto`
+        stores quantised backbones' states in float16 and all others in float32, as the authors
+        (paper footnote 7); float16 or float32 for every backbone."""
+        if setting not in CACHE_DTYPES:
+            raise ValueError(f"config key cache.dtype: {setting!r} is not one of {', '.join(CACHE_DTYPES)}")
+        if setting != "auto":
+            return setting
+        return "float16" if self.quantization else "float32"
+
+
+def output_layer(family: str, layers: int) -> int:
+    """Index of the backbone's output state among the states h[0..] a cache stores: L when h[L]
+    is the output, L + 1 when the family applies a final norm after h[L] (ViT: the cache stores
+    LayerNorm(h[L]) after h[L]). Last-state methods (the baselines) read this state."""
+    return layers + (family in OUTPUT_NORM)
 
 
 def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:

@@ -1,7 +1,9 @@
 """Backbone hidden-state caches: one (items+1, layers, d) array plus a JSON manifest.
 
 Row i is item i of the preprocessed dataset (row 0 is padding, all zeros). Column j holds
-h[stored_layers[j]] pooled per docs/method.md §2 ([CLS] token for BERT and ViT).
+h[stored_layers[j]] pooled per docs/method.md §2 ([CLS] token for BERT and ViT); index
+`output_layer` is the backbone's output state: h[L], or for ViT h[L] after its final LayerNorm,
+stored as h[L+1].
 
 A cache is trusted only as far as its manifest vouches for it: every field is checked
 (`read_manifest`), the array must have the manifest's shape, dtype and size in bytes
@@ -27,7 +29,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import BackboneSpec, checkpoint_quantization, load_backbone
 from .io import atomic_path, read_json, write_json
-from .item_inputs import encode_texts, load_images, pool_states
+from .item_inputs import backbone_states, encode_texts, load_images, pool_states
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +52,7 @@ class CacheMismatch(CacheError):
 # every manifest field a reader relies on, with its JSON type
 MANIFEST_FIELDS = {
     "backbone": str, "source": str, "family": str, "modality": str, "field": str, "pooling": str,
-    "compute_dtype": str, "dtype": str, "num_layers": int, "stored_layers": list, "hidden": int,
+    "compute_dtype": str, "dtype": str, "num_layers": int, "output_layer": int, "stored_layers": list, "hidden": int,
     "items": int, "item_order_hash": str, "shape": list, "bytes": int, "checksum": str, "settings": dict,
 }
 
@@ -90,11 +92,14 @@ def read_manifest(cache_dir: Path) -> dict:
                              f"delete {path.parent} and rerun to rebuild it")
         if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
             raise CacheError(f"{path}: field {key!r} is {m[key]!r}, expected a JSON {kind.__name__}")
+    if m["output_layer"] not in (m["num_layers"], m["num_layers"] + 1):
+        raise CacheError(f"{path}: field 'output_layer' is {m['output_layer']}, expected {m['num_layers']} (h[L]) "
+                         f"or {m['num_layers'] + 1} (the output after a final norm)")
     layers = m["stored_layers"]
     if not layers or any(not isinstance(l, int) for l in layers) or layers != sorted(set(layers)) \
-            or layers[0] < 0 or layers[-1] > m["num_layers"]:
+            or layers[0] < 0 or layers[-1] > m["output_layer"]:
         raise CacheError(f"{path}: field 'stored_layers' is {layers}, expected strictly increasing "
-                         f"indices into h[0..{m['num_layers']}]")
+                         f"indices into h[0..{m['output_layer']}]")
     expected = [m["items"] + 1, len(layers), m["hidden"]]
     if m["shape"] != expected:
         raise CacheError(f"{path}: field 'shape' is {m['shape']}, but items + 1, stored_layers and hidden give {expected}")
@@ -179,7 +184,8 @@ def _input_device(model) -> torch.device:
 def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[np.ndarray], write, np_dtype,
                    *, images_archive: Path | None = None, desc: str = "cache", progress: bool | None = None) -> None:
     """Run the backbone over `batches` of item positions and call `write(b, idx, rows)` with
-    the pooled states (len(idx), L+1, d) in `np_dtype`. On CUDA the device-to-host copy of batch
+    the pooled states (len(idx), K, d) in `np_dtype` (K = output layer + 1: h[0..L] and, for
+    ViT, the output after the final LayerNorm). On CUDA the device-to-host copy of batch
     b overlaps the forward pass of batch b+1 (pinned buffer, one batch in flight). A state that
     float16 storage cannot hold (beyond ±65504) stops the build, naming the backbone and layer,
     instead of being stored as inf."""
@@ -204,12 +210,12 @@ def encode_batches(spec: BackboneSpec, model, pre, values: list, batches: list[n
             if spec.modality == "text":
                 enc = encode_texts(spec, pre, chunk, in_dev)
                 out = model(**enc, output_hidden_states=True)
-                pooled = pool_states(out.hidden_states, spec.pooling, enc.get("attention_mask"))
+                pooled = pool_states(backbone_states(spec, out), spec.pooling, enc.get("attention_mask"))
             else:
                 imgs = load_images(images_archive, chunk, spec.image_size)
                 px = pre(images=imgs, return_tensors="pt")["pixel_values"].to(in_dev, model.dtype)
                 out = model(pixel_values=px, output_hidden_states=True)
-                pooled = pool_states(out.hidden_states, spec.pooling, None)
+                pooled = pool_states(backbone_states(spec, out), spec.pooling, None)
             stored = pooled.to(torch_dtype)
             overflow = None
             if torch_dtype == torch.float16:  # per state h[l]: a finite value that became inf
@@ -327,7 +333,8 @@ def build_cache(
         values = items["image"].to_list()
         order = np.arange(n)
 
-    shape = (n + 1, num_layers + 1, hidden)
+    states = spec.output_layer + 1  # h[0..L], and LayerNorm(h[L]) where the family has a final norm
+    shape = (n + 1, states, hidden)
     settings = cache_settings(spec, model_path, model, pre, field, store_dtype, stats["item_order_hash"], dev)
     partial, done_path, key_path = out_dir / (ARRAY + ".partial"), out_dir / "cache.done.npy", out_dir / "cache.partial.json"
     key = dict(settings, shape=list(shape))
@@ -373,7 +380,8 @@ def build_cache(
         "quantization": settings["quantization"],
         "tokenisation": {"max_tokens": spec.max_tokens, "bos": spec.is_decoder} if spec.modality == "text" else {"image_size": spec.image_size},
         "num_layers": num_layers,
-        "stored_layers": list(range(num_layers + 1)),
+        "output_layer": spec.output_layer,
+        "stored_layers": list(range(states)),
         "hidden": hidden,
         "items": n,
         "item_order_hash": stats["item_order_hash"],

@@ -164,7 +164,7 @@ class Experiment:
     scheme: str
     cache: str  # dropped | full | none (backbones in the training loop)
     include_h0: bool
-    cache_dtype: str | None  # the cache's storage dtype (uncached runs round frozen states to it)
+    cache_dtype: str | None  # config key cache.dtype (auto | float16 | float32; BackboneSpec.cache_dtype)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
@@ -230,12 +230,15 @@ class Experiment:
         return config_hash(self.to_dict())
 
     def tower_layers(self, tower: int) -> list[int]:
-        """Indices into h[0..L] that tower `tower` feeds the item encoder."""
+        """Indices into the cached states (h[0..L], then the output) that tower `tower` feeds the
+        item encoder."""
+        from .backbones import output_layer
         from .layerdrop import scheme_layers, tower_schemes
 
-        layers = self.towers[tower].spec["layers"]
+        spec = self.towers[tower].spec
+        layers = spec["layers"]
         if self.spec.reads_last:
-            return scheme_layers("last", layers)
+            return scheme_layers("last", layers, output=output_layer(spec["family"], layers))
         schemes = tower_schemes(self.scheme, len(self.towers))
         return scheme_layers(schemes[tower], layers, include_h0=self.include_h0)
 

@@ -33,7 +33,7 @@ def cached_source(exp: Experiment, data, cache_dirs: list[Path]):
             raise ValueError(f"{cdir}: the full cache lacks layers {want}")
         arr, m = load_cache(
             cdir, backbone=tower.backbone, layers=load, item_order_hash=data.item_order_hash, pooling=spec.pooling,
-            field=tower.field, hidden=spec.hidden, num_layers=spec.layers, dtype=exp.cache_dtype, source=spec.source,
+            field=tower.field, hidden=spec.hidden, num_layers=spec.layers, dtype=spec.cache_dtype(exp.cache_dtype), source=spec.source,
             family=spec.family,
         )
         caches.append(arr)
@@ -60,11 +60,11 @@ def backbone_source(exp: Experiment, dataset_dir: Path, standins: list | None, i
         if spec.source == "demo" and not standin:
             raise ValueError(f"tower {t} ({tower.backbone}): an uncached run of a demo stand-in needs its folder")
         towers.append(Tower(spec=spec, path=resolve_source(spec, Path(standin) if standin else None), field=tower.field,
-                            layers=want))
+                            layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype or "auto")))
         layers.append(want)
     source = build_backbone_features(
         towers, Path(dataset_dir) / "items.parquet", exp.spec.finetune, images_archive=Path(images) if images else None,
-        round_to=exp.cache_dtype or "float16", device=device, settings=exp.finetune, item_slots=exp.train.item_slots,
+        device=device, settings=exp.finetune, item_slots=exp.train.item_slots,
     )
     return source, layers
 

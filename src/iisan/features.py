@@ -26,7 +26,7 @@ from torch import nn
 from .backbones import BackboneSpec, load_backbone
 from .config import FinetuneConfig
 from .finetune import prepare_backbone
-from .item_inputs import item_inputs, pool_states
+from .item_inputs import backbone_states, item_inputs, pool_states
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +79,8 @@ class CachedFeatures(FeatureSource):
         self.layer_index = layer_index or [None] * len(caches)
 
     def to(self, device: torch.device) -> CachedFeatures:
-        store = torch.float16 if device.type == "cuda" else torch.float32
-        self.caches = [c.to(device, store) for c in self.caches]
+        # on CUDA the stored dtype (each step converts the rows it gathers), on a CPU float32
+        self.caches = [c.to(device) if device.type == "cuda" else c.to(device, torch.float32) for c in self.caches]
         self.layer_index = [None if i is None else torch.as_tensor(i, device=device) for i in self.layer_index]
         return self
 
@@ -135,7 +135,8 @@ class Tower:
     spec: BackboneSpec
     path: str  # what from_pretrained loads
     field: str
-    layers: list[int]  # indices into h[0..L] that the item encoder reads
+    layers: list[int]  # indices into the cached states (h[0..L], output) that the item encoder reads
+    store_dtype: str = "float32"  # the cache's storage dtype: frozen states are rounded to it
 
 
 class BackboneTower(nn.Module):
@@ -143,6 +144,7 @@ class BackboneTower(nn.Module):
         super().__init__()
         self.spec = tower.spec
         self.layers = list(tower.layers)
+        self.round_to = getattr(torch, tower.store_dtype)
         self.backbone = model
         self.inputs = inputs  # plain tensors, (N+1, ...) each; moved by `to_device`
         if image_mean is not None:
@@ -163,14 +165,14 @@ class BackboneTower(nn.Module):
             px = (self.inputs["pixels"][ids].to(dtype) / 255 - self.mean.to(dtype)) / self.std.to(dtype)
             out = self.backbone(pixel_values=px, output_hidden_states=True)
             mask = None
-        hs = out.hidden_states
+        hs = backbone_states(self.spec, out)
         return pool_states(tuple(hs[l] for l in self.layers), self.spec.pooling, mask)
 
 
 class BackboneFeatures(nn.Module, FeatureSource):
     """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
-    frozen backbones the states are computed under no_grad in eval mode and rounded to
-    `round_to` (the cache's storage dtype). `item_slots` (all | distinct, the training config's)
+    frozen backbones the states are computed under no_grad in eval mode and rounded to each
+    tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | distinct, the training config's)
     is fixed when the source is built (see `gather`)."""
 
     static = False
@@ -180,13 +182,11 @@ class BackboneFeatures(nn.Module, FeatureSource):
     # the step time for BERT-base + ViT-base on an H100 without it)
     bucket = 32
 
-    def __init__(self, towers: list[BackboneTower], finetune: str, round_to: str | None = "float16",
-                 item_slots: str = "all"):
+    def __init__(self, towers: list[BackboneTower], finetune: str, item_slots: str = "all"):
         super().__init__()
         self.towers = nn.ModuleList(towers)
         self.finetune = finetune
         self.item_slots = item_slots  # all | distinct (see `gather`)
-        self.round_to = getattr(torch, round_to) if (round_to and finetune == "frozen") else None
         self.n_rows = next(iter(towers[0].inputs.values())).shape[0]
 
     @property
@@ -227,10 +227,7 @@ class BackboneFeatures(nn.Module, FeatureSource):
         """Features of item ids (>= 1 each), one (u, K, d) tensor per tower."""
         if self.finetune == "frozen":
             with torch.no_grad():
-                out = [t(ids) for t in self.towers]
-            if self.round_to is not None:
-                out = [o.to(self.round_to).float() for o in out]
-            return out
+                return [t(ids).to(t.round_to).float() for t in self.towers]
         return [t(ids).float() for t in self.towers]
 
     def gather(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -270,7 +267,7 @@ class BackboneFeatures(nn.Module, FeatureSource):
 
 
 def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: str, *, images_archive: Path | None = None,
-                            round_to: str | None = "float16", device: torch.device | None = None,
+                            device: torch.device | None = None,
                             settings: FinetuneConfig | None = None,
                             item_slots: str = "all") -> BackboneFeatures:
     import dataclasses
@@ -286,4 +283,4 @@ def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: 
         model = prepare_backbone(model, t.spec.family, finetune, settings)
         inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive)
         mods.append(BackboneTower(t, model, inputs, mean, std))
-    return BackboneFeatures(mods, finetune, round_to, item_slots).to(device)
+    return BackboneFeatures(mods, finetune, item_slots).to(device)

@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
 import polars as pl  # noqa: E402
 
 from .io import atomic_path, read_json  # noqa: E402
@@ -55,19 +56,27 @@ def fig4(rows: list[dict], metrics: list[Path], out: Path) -> pl.DataFrame:
     return df
 
 
-def cache_sizes(backbones: dict, measured: list[Path], items: int, image_blocks: int = 6) -> pl.DataFrame:
+def cache_sizes(backbones: dict, measured: list[Path], items: int, cache_dtype: str = "auto", image_blocks: int = 6) -> pl.DataFrame:
     """Full vs dropped cache size per backbone: measured from manifests where a cache exists,
-    and computed from the registry (items x stored states x width x 2 bytes, fp16) for all."""
+    and computed from the registry for all: items x stored states x width x the bytes of the
+    storage dtype (config key cache.dtype resolved per backbone: fp32, fp16 for quantised ones).
+    A full cache stores h[0..L] and, for ViT, the output after the final LayerNorm."""
+    from .backbones import BackboneSpec
+
     sizes = {}
     for name, b in backbones.items():
-        L, d = b["layers"], b["hidden"]
+        spec = BackboneSpec.from_config(name, {k: v for k, v in b.items() if k not in ("group", "params_b")})
+        L, d = spec.layers, spec.hidden
+        dtype = spec.cache_dtype(cache_dtype)
+        width = np.dtype(dtype).itemsize
         kept = 1 + len(authors_stride(L, image_blocks)) if L >= image_blocks else L + 1
         sizes[name] = {
             "backbone": name,
             "layers": L,
             "hidden": d,
-            "computed_full_bytes": (items + 1) * (L + 1) * d * 2,
-            "computed_dropped_bytes": (items + 1) * kept * d * 2,
+            "dtype": dtype,
+            "computed_full_bytes": (items + 1) * (spec.output_layer + 1) * d * width,
+            "computed_dropped_bytes": (items + 1) * kept * d * width,
             "measured_full_bytes": None,
             "measured_dropped_bytes": None,
         }
@@ -81,19 +90,20 @@ def cache_sizes(backbones: dict, measured: list[Path], items: int, image_blocks:
     return pl.DataFrame(list(sizes.values()))
 
 
-def fig6(backbones: dict, measured: list[Path], items: int, out_png: Path, out_csv: Path, demo: bool) -> pl.DataFrame:
-    df = cache_sizes(backbones, measured, items)
+def fig6(backbones: dict, measured: list[Path], items: int, out_png: Path, out_csv: Path, demo: bool,
+         cache_dtype: str = "auto") -> pl.DataFrame:
+    df = cache_sizes(backbones, measured, items, cache_dtype)
     df = df.filter(pl.col("backbone").is_in([n for n, b in backbones.items() if (b["source"] == "demo") == demo]))
     _save_csv(df, out_csv)
     fig, ax = plt.subplots(figsize=(max(6, 0.7 * df.height), 4))
     xs = range(df.height)
     full = df["computed_full_bytes"] / 2**30
     dropped = df["computed_dropped_bytes"] / 2**30
-    ax.bar([x - 0.2 for x in xs], full.to_list(), 0.4, label="full cache (all L+1 states)")
+    ax.bar([x - 0.2 for x in xs], full.to_list(), 0.4, label="full cache (every stored state)")
     ax.bar([x + 0.2 for x in xs], dropped.to_list(), 0.4, label="dropped cache (LayerDrop states)")
     ax.set_yscale("log")
     ax.set_xticks(list(xs), df["backbone"].to_list(), rotation=45, ha="right", fontsize=8)
-    ax.set_ylabel("GiB (fp16, log scale)")
+    ax.set_ylabel("GiB (stored dtype, log scale)")
     ax.set_title(f"Cache size per backbone, {items:,} items (computed from the registry)")
     ax.legend(fontsize=8)
     _save(fig, out_png)

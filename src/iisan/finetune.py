@@ -2,8 +2,8 @@
 
 `prepare_backbone(model, family, method)` sets which backbone tensors train:
 
-* ``fft``: every weight on the computation path (the pooler and ViT's final LayerNorm are not
-  used: the item encoder reads the last hidden state h[L]).
+* ``fft``: every weight on the computation path, ViT's final LayerNorm included (the item
+  encoder reads the backbone's output state; BERT's pooler is not used).
 * ``adapter``: the authors' adapter blocks (bottleneck 64, ReLU, both projections N(0, 0.01²))
   after the attention-output and FFN-output projections of every layer (for BERT after their
   dropout, as the authors' code); only the adapters train.
@@ -44,8 +44,8 @@ ADAPTER_TARGETS = {"bert": _BERT_ADAPTER, "vit": _VIT_ADAPTER, "llama": _DECODER
 _ENCODER_LORA = ["query", "value", "q_proj", "v_proj"]
 LORA_TARGETS = {"bert": _ENCODER_LORA, "vit": _ENCODER_LORA, "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
                 "gemma": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"]}
-# top-level modules off the computation path when the item encoder reads h[L]
-UNUSED = {"bert": ("pooler.",), "vit": ("pooler.", "layernorm.")}
+# top-level modules off the computation path when the item encoder reads the output state
+UNUSED = {"bert": ("pooler.",), "vit": ("pooler.",)}
 
 
 class HoulsbyAdapter(nn.Module):

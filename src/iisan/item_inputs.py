@@ -13,7 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .backbones import BackboneSpec
+from .backbones import OUTPUT_NORM, BackboneSpec
+
+
+def backbone_states(spec: BackboneSpec, out) -> tuple[torch.Tensor, ...]:
+    """The states a cache stores, h[0..L], then the output state when the family's final norm
+    follows h[L] (`iisan.backbones.output_layer`), from a forward pass with hidden states."""
+    states = tuple(out.hidden_states)
+    return states + (out.last_hidden_state,) if spec.family in OUTPUT_NORM else states
 
 
 def pool_states(hidden_states: tuple[torch.Tensor, ...], pooling: str, mask: torch.Tensor | None) -> torch.Tensor:

@@ -120,17 +120,18 @@ def _inapplicable(scheme: str, num_layers: int, problem: str, valid: list[str]) 
 _STRIDE = re.compile(r"^(stride|eq5-)(\d+)$")
 
 
-def scheme_layers(scheme: str, num_layers: int, include_h0: bool = True) -> list[int]:
+def scheme_layers(scheme: str, num_layers: int, include_h0: bool = True, output: int | None = None) -> list[int]:
     """Hidden-state indices (into h[0..L]) that one tower's scheme uses for an L-layer backbone.
 
-    ``all`` | ``last`` | ``blocks<n>`` (evenly spaced, stride L // n) | ``stride<n>`` (the
+    ``all`` | ``last`` (the output state: `output`, from `iisan.backbones.output_layer`, else
+    h[L]) | ``blocks<n>`` (evenly spaced, stride L // n) | ``stride<n>`` (the
     authors' group LayerDrop: top-anchored stride (L-1) // (n-1)) | ``eq5-<n>`` (the paper's
     eq. 5) | a Table VIII selection (top, down, even_all, even_top12, even_down12)."""
     m = _STRIDE.match(scheme)
     if scheme == "all":
         blocks = list(range(1, num_layers + 1))
     elif scheme == "last":
-        blocks = [num_layers]
+        blocks = [num_layers if output is None else output]
         include_h0 = False
     elif scheme in SELECTIONS:
         blocks = selection(scheme, num_layers)

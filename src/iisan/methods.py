@@ -26,7 +26,8 @@ class Method:
     name: str
     label: str  # row label in the tables
     # side: the IISAN side network over the states a LayerDrop scheme keeps; last: one head per
-    # field on the last hidden state h[L]; id: a learned embedding per item (no content)
+    # field on the backbone's output state (h[L]; for ViT after its final LayerNorm); id: a
+    # learned embedding per item (no content)
     items: str = "side"
     intra: bool = True  # side network: per-field (intra-modal) towers
     inter: bool = True  # side network: the cross-modal tower (with two fields)
@@ -55,7 +56,7 @@ class Method:
 
     @property
     def reads_last(self) -> bool:
-        """Reads h[L] only: its runs use the LayerDrop scheme "last" whatever is asked."""
+        """Reads the output state only: its runs use the LayerDrop scheme "last" whatever is asked."""
         return self.items == "last"
 
     @property

@@ -147,6 +147,21 @@ class Head(nn.Module):
         return self.P(self.F(x))
 
 
+class OutputHead(nn.Module):
+    """GELU(Linear(d -> D)) on a backbone's output state: the item head of the baselines and of
+    the frozen backbone, as the authors' uncached code (the text `fc`, PyTorch's default
+    initialisation; for images ViT's replaced classifier, Xavier-normal with a zero bias)."""
+
+    def __init__(self, d: int, out: int, xavier: bool = False):
+        super().__init__()
+        self.proj = nn.Linear(d, out)
+        if xavier:
+            init_xavier(self.proj)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.gelu(self.proj(x))
+
+
 class ItemEncoder(nn.Module):
     """Cached backbone states of 1 or 2 fields -> one D-dimensional item embedding."""
 
@@ -163,8 +178,8 @@ class ItemEncoder(nn.Module):
         self.inter = None
         self.inter_head = None
         if m.reads_last:
-            # no side network: linear heads on the last hidden state of each field
-            self.heads.extend(Head(d, D, cfg.heads, xavier_p=f == 1) for f, d in enumerate(dims))
+            # no side network: one GELU head per field on the backbone's output state
+            self.heads.extend(OutputHead(d, D, xavier=f == 1) for f, d in enumerate(dims))
         else:
             if m.intra or len(dims) == 1:
                 self.intra.extend(IntraSAN(d, k, r, m.gated, tau) for d, k in zip(dims, n_layers))
@@ -198,8 +213,11 @@ class ItemEncoder(nn.Module):
         """The learning-rate group of each parameter that does not train at the main rate, by
         the authors' name rules (docs/method.md §8): the text (field 0) head's F `text_f`, the
         image (field 1) head's F `image_f`; SANBs (intra and inter) and the image tower's gates
-        `san`. Text and inter gates, DTLs, the P maps, the inter head and the fusion: main."""
+        `san`. Text and inter gates, DTLs, the P maps, the inter head and the fusion: main. The
+        output heads of the last-state methods (baselines, frozen backbone): main."""
         out = {}
+        if self.last_only:
+            return out
         for f, tower in enumerate(self.intra):
             out.update({id(p): "san" for p in tower.blocks.parameters()})
             if tower.gates is not None and f == 1:

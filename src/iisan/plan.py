@@ -8,6 +8,8 @@ tables token, group, params_b, batch_size or seeds.
 
 from __future__ import annotations
 
+import re
+
 from . import methods
 from .cache import ARRAY, MANIFEST
 from .config import Experiment, TowerConfig, backbone_entry
@@ -104,24 +106,37 @@ def check_config(config: dict) -> None:
     for key in ("table3", "efficiency"):
         for i, token in enumerate((config.get(key) or {}).get("methods") or []):
             methods.row(token, f"config key {key}.methods[{i}]")
+    for i, pair in enumerate((config.get("table4") or {}).get("image_scaling") or []):
+        for name, modality in zip(pair, ("text", "image")):
+            if backbone_entry(config, name)["modality"] != modality:
+                raise ValueError(f"config key table4.image_scaling[{i}]: {name!r} is not a {modality} backbone "
+                                 "(each entry is [text encoder, image encoder])")
 
 
 # --- rows of the tables -----------------------------------------------------------------------
+IMAGE_SCALING = "image scaling"  # the group of Table IV's rows with a larger image encoder
+
+
 def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
     return {"label": label, "towers": towers, "method": method, "scheme": scheme, "cache": cache, **extra}
 
 
 def va_scheme(config: dict, text: str, image: str) -> str:
-    """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks); the text
-    tower keeps as many blocks, with the authors' stride (or the paper's eq. 5, `va_stride: eq5`)
-    when its backbone has another layer count, else the same scheme (one name for both)."""
+    """Group LayerDrop of IISAN-VA: the image tower keeps `default_scheme` (n blocks), or n
+    blocks with the authors' stride where that scheme does not fit its layer count (`blocks6` on
+    ViT-huge's 32 layers); the text tower keeps as many blocks, with the authors' stride (or the
+    paper's eq. 5, `va_stride: eq5`) when its backbone has another layer count, else the image
+    tower's scheme. One scheme name when both towers use the same."""
     default = config["default_scheme"]
-    image_layers = backbone_entry(config, image)["layers"]
-    if backbone_entry(config, text)["layers"] == image_layers:
-        return default
-    n = len(scheme_layers(default, image_layers, include_h0=False))
     kind = "eq5-" if config["va_stride"] == "eq5" else "stride"
-    return f"{kind}{n}+{default}"
+    image_layers = backbone_entry(config, image)["layers"]
+    blocks = re.fullmatch(r"blocks(\d+)", default)
+    if blocks and image_layers % int(blocks.group(1)):
+        image_scheme, n = f"{kind}{blocks.group(1)}", int(blocks.group(1))
+    else:
+        image_scheme, n = default, len(scheme_layers(default, image_layers, include_h0=False))
+    text_scheme = image_scheme if backbone_entry(config, text)["layers"] == image_layers else f"{kind}{n}"
+    return text_scheme if text_scheme == image_scheme else f"{text_scheme}+{image_scheme}"
 
 
 def table4_method(config: dict, text: str, image: str) -> str:
@@ -172,14 +187,18 @@ def table_plan(kind: str, config: dict) -> list[dict]:
     if kind == "methods":
         return [method_row(config, m) for m in config.get("methods") or []]
     if kind == "table4":
+        # every text encoder with `image_encoder`, grouped as Fig. 4 (PLM, base LLM, MoE LLM,
+        # 70B); then the image-encoder scaling rows, [text, image] pairs (group "image scaling")
         t4 = config["table4"]
-        image = t4["image_encoder"]
+        pairs = [(text, t4["image_encoder"], None) for text in t4["text_encoders"]]
+        pairs += [(text, image, IMAGE_SCALING) for text, image in t4["image_scaling"]]
         rows = []
-        for text in t4["text_encoders"]:
+        for text, image, group in pairs:
             b = backbone_entry(config, text)
             tw = [{"field": t4["text_field"], "backbone": text}, {"field": t4["image_field"], "backbone": image}]
-            rows.append(_row(text, tw, table4_method(config, text, image), va_scheme(config, text, image),
-                             group=b.get("group", "PLM"), params_b=b.get("params_b")))
+            rows.append(_row(text if group is None else f"{text} + {image}", tw, table4_method(config, text, image),
+                             va_scheme(config, text, image), group=group or b.get("group", "PLM"),
+                             params_b=b.get("params_b"), image=image))
         return rows
     if kind == "table8":
         t8 = config["table8"]

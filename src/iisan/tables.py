@@ -79,7 +79,8 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
     if kind == "methods":
         df = df.select("dataset", header, "hr@10", "ndcg@10")
     elif kind == "table4":
-        # one row per text encoder, HR@10 / NDCG@10 per dataset, then group means
+        # one row per text encoder (then the image-scaling rows), HR@10 / NDCG@10 per dataset,
+        # then the means of the text-encoder groups
         wide = None
         for ds in df["dataset"].unique(maintain_order=True):
             part = df.filter(pl.col("dataset") == ds).select(
@@ -88,7 +89,8 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
             wide = part if wide is None else wide.join(part, on=["group", header], how="left", maintain_order="left")
         metric_cols = [c for c in wide.columns if c not in ("group", header)]
         means = (
-            wide.group_by("group", maintain_order=True)
+            wide.filter(pl.col("group").is_in(GROUP_ORDER))
+            .group_by("group", maintain_order=True)
             .agg(*(pl.col(c).mean().round(2) for c in metric_cols))
             .with_columns(pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header))
             .select(wide.columns)

@@ -39,7 +39,7 @@ rule cache:
         gpu=get_cache_gpus,
     params:
         spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
-        store_dtype=config["cache"]["dtype"],
+        store_dtype=get_cache_dtype,
         batch_size=config["cache"]["batch_size"],
     script:
         "../scripts/cache.py"

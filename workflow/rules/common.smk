@@ -5,6 +5,7 @@ import math
 import re
 
 from iisan import plan
+from iisan.backbones import BackboneSpec, output_layer
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.layerdrop import scheme_layers
@@ -105,10 +106,17 @@ def get_prune_source(wildcards):
     )
 
 
+def get_cache_dtype(wildcards):
+    """The storage dtype of one backbone's cache (config key cache.dtype, resolved per backbone)."""
+    spec = BackboneSpec.from_config(wildcards.backbone, backbone_entry(config, wildcards.backbone))
+    return spec.cache_dtype(config["cache"]["dtype"])
+
+
 def get_prune_layers(wildcards):
     """Hidden-state indices that one tower's scheme keeps."""
-    layers = backbone_entry(config, wildcards.backbone)["layers"]
-    return scheme_layers(wildcards.tscheme, layers, config["include_h0"])
+    entry = backbone_entry(config, wildcards.backbone)
+    output = output_layer(entry["family"], entry["layers"])
+    return scheme_layers(wildcards.tscheme, entry["layers"], config["include_h0"], output)
 
 
 def get_run_inputs(wildcards):
@@ -191,12 +199,12 @@ def get_cache_runtime(wildcards, attempt):
 
 
 def get_train_mem_mb(wildcards, attempt):
-    """Host memory for one training run: the caches it loads (items x states x width x 2 bytes
-    for every tower, full caches when asked) plus 4 GB."""
+    """Host memory for one training run: the caches it loads (items x states x width x 4 bytes,
+    float32 in memory on a CPU, for every tower, full caches when asked) plus 4 GB."""
     items = config["fig6_items"] if config["datasets"] == ["demo"] else 25000
     total = 0
     for t in plan.parse_towers(config, wildcards.towers):
-        layers = t.spec["layers"]
-        states = layers + 1 if wildcards.cache == "full" else min(layers + 1, 25)
-        total += items * states * t.spec["hidden"] * 2
+        stored = output_layer(t.spec["family"], t.spec["layers"]) + 1
+        states = stored if wildcards.cache == "full" else min(stored, 25)
+        total += items * states * t.spec["hidden"] * 4
     return int((4096 + 2 * total / 2**20) * attempt)

@@ -60,6 +60,7 @@ rule fig6:
         backbones=config["backbones"],
         n_items=config["fig6_items"],
         demo=config["fig6_demo"],
+        cache_dtype=config["cache"]["dtype"],
     script:
         "../scripts/fig6.py"
 

@@ -7,4 +7,4 @@ from iisan.jobs import job
 with job(snakemake):
     p = snakemake.params
     manifests = [Path(a).with_name("manifest.json") for a in snakemake.input]
-    fig6(p.backbones, manifests, p.n_items, snakemake.output.png, snakemake.output.csv, demo=p.demo)
+    fig6(p.backbones, manifests, p.n_items, snakemake.output.png, snakemake.output.csv, demo=p.demo, cache_dtype=p.cache_dtype)
