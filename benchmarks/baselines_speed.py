@@ -78,7 +78,7 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
     source, model_method = build(method, data, device, item_slots)
-    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, amp=True, cuda_graphs=True, compile=compile_,
+    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=True, compile=compile_,
                       item_slots=item_slots)
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
     steps_per_epoch = -(-data.n_users // cfg.batch_size)

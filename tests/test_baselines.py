@@ -7,7 +7,7 @@ import math
 import polars as pl
 import pytest
 import torch
-from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, ViTConfig, ViTModel
 
 from iisan.backbones import BackboneSpec, build_standin, output_layer
 from iisan.cache import build_cache, prune_cache, read_manifest
@@ -32,6 +32,12 @@ def bert(layers=2):
                                 vocab_size=100), add_pooling_layer=False).eval()
 
 
+def mpnet(layers=2):
+    torch.manual_seed(0)
+    return MPNetModel(MPNetConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
+                                  vocab_size=100), add_pooling_layer=False).eval()
+
+
 def vit(layers=2):
     torch.manual_seed(0)
     return ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=64,
@@ -42,7 +48,7 @@ def trainable(model):
     return {n for n, p in model.named_parameters() if p.requires_grad}
 
 
-@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (mpnet, "mpnet"), (vit, "vit")])
 def test_trainable_tensors_per_method(make, family):
     names = {n for n, _ in make().named_parameters()}
     # FFT: every weight the backbone's output state depends on, ViT's final LayerNorm included
@@ -58,7 +64,7 @@ def test_trainable_tensors_per_method(make, family):
     adapters = [mod for mod in m.modules() if isinstance(mod, HoulsbyAdapter)]
     assert len(adapters) == 2 * 2 and all(a.adapter_down.out_features == 64 for a in adapters)
     wrapped = {type(a.base) for a in adapters}
-    assert wrapped == ({torch.nn.Dropout} if family == "bert" else {torch.nn.Linear})
+    assert wrapped == ({torch.nn.Linear} if family == "vit" else {torch.nn.Dropout})
     for a in adapters:
         for lin in (a.adapter_down, a.adapter_up):
             assert 0.005 < lin.weight.std().item() < 0.015 and not lin.bias.detach().any()
@@ -70,14 +76,14 @@ def test_trainable_tensors_per_method(make, family):
     lora = trainable(m)
     assert len(lora) == 2 * 2 * 3 and all("lora_A" in n or "lora_B" in n or n.endswith("base_layer.bias") for n in lora)
     targets = {n.split(".lora_")[0].split(".base_layer")[0].rsplit(".", 1)[-1] for n in lora}
-    assert targets <= {"query", "value", "q_proj", "v_proj"}
+    assert targets <= {"query", "value", "q_proj", "v_proj", "q", "v"}
     assert all(p.shape[0] == 8 for n, p in m.named_parameters() if "lora_A" in n)
     assert {mod.scaling["default"] for mod in m.modules() if hasattr(mod, "lora_A")} == {1 / 8}
     # frozen: nothing
     assert trainable(prepare_backbone(make(), family, "frozen")) == set()
 
 
-@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (mpnet, "mpnet"), (vit, "vit")])
 def test_bitfit_layernorm_is_the_same_function_with_the_same_bias_gradients(make, family):
     """BitFit's LayerNorms apply their affine part outside the fused kernel (a CUDA kernel bug
     workaround): outputs, bias gradients and state-dict keys are those of the plain model."""
@@ -86,7 +92,7 @@ def test_bitfit_layernorm_is_the_same_function_with_the_same_bias_gradients(make
         p.requires_grad_(n in trainable(ours))
     assert plain.state_dict().keys() == ours.state_dict().keys()
     assert any(isinstance(m, BiasOnlyLayerNorm) for m in ours.modules())
-    if family == "bert":
+    if family != "vit":
         x = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": torch.ones(3, 7, dtype=torch.long)}
     else:
         x = {"pixel_values": torch.randn(3, 3, 16, 16)}
@@ -101,11 +107,11 @@ def test_bitfit_layernorm_is_the_same_function_with_the_same_bias_gradients(make
         torch.testing.assert_close(outs[0][1][n], outs[1][1][n], msg=n)
 
 
-@pytest.mark.parametrize("make,family", [(bert, "bert"), (vit, "vit")])
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (mpnet, "mpnet"), (vit, "vit")])
 def test_lora_and_adapters_keep_the_pretrained_model(make, family):
     base = make()
     before = {n: p.detach().clone() for n, p in base.named_parameters()}
-    x = {"input_ids": torch.randint(1, 100, (3, 7))} if family == "bert" else {"pixel_values": torch.randn(3, 3, 16, 16)}
+    x = {"input_ids": torch.randint(1, 100, (3, 7))} if family != "vit" else {"pixel_values": torch.randn(3, 3, 16, 16)}
     with torch.no_grad():
         ref = base(**x).last_hidden_state
     for method in ("lora", "adapter"):

@@ -170,8 +170,22 @@ def test_output_state_is_the_backbones_output_for_every_family():
     """`output_layer` and `backbone_states` say where the output state (`last_hidden_state`) is:
     h[L] where transformers lists it last (BERT; decoder LLMs list their last state after the
     final norm), and an extra state L+1 for ViT, whose final LayerNorm follows h[L]."""
-    from transformers import (BertConfig, BertModel, GemmaConfig, GemmaModel, LlamaConfig, LlamaModel, MistralConfig,
-                              MistralModel, MixtralConfig, MixtralModel, ViTConfig, ViTModel)
+    from transformers import (
+        BertConfig,
+        BertModel,
+        GemmaConfig,
+        GemmaModel,
+        LlamaConfig,
+        LlamaModel,
+        MistralConfig,
+        MistralModel,
+        MixtralConfig,
+        MixtralModel,
+        MPNetConfig,
+        MPNetModel,
+        ViTConfig,
+        ViTModel,
+    )
 
     from iisan.backbones import FAMILIES, BackboneSpec, output_layer
     from iisan.item_inputs import backbone_states
@@ -181,6 +195,7 @@ def test_output_state_is_the_backbones_output_for_every_family():
     text = torch.tensor([[1, 2, 3, 4]])
     models = {
         "bert": (BertModel(BertConfig(**small, vocab_size=100), add_pooling_layer=False), dict(input_ids=text)),
+        "mpnet": (MPNetModel(MPNetConfig(**small, vocab_size=100), add_pooling_layer=False), dict(input_ids=text)),
         "vit": (ViTModel(ViTConfig(**small, image_size=16, patch_size=8), add_pooling_layer=False),
                 dict(pixel_values=torch.randn(1, 3, 16, 16))),
         "llama": (LlamaModel(LlamaConfig(**dec)), dict(input_ids=text)),

@@ -2,8 +2,9 @@
 
 A registry entry (config key ``backbones``) maps a short name to:
 ``source`` (a Hugging Face id, a local folder, ``package:<module>`` for a model folder shipped in
-a Python package, or ``demo`` for a generated stand-in), ``family`` (bert | vit | llama | mistral
-| gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
+a Python package, ``pypi-parts:<name>`` for a model folder the workflow assembles from a split zip
+on PyPI (`iisan.parts`), or ``demo`` for a generated stand-in), ``family`` (bert | mpnet | vit |
+llama | mistral | gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
 dtype), ``pooling`` (cls | mean | masked_mean | last), ``quantization`` (none | bnb-4bit |
 bnb-8bit | gptq | 4bit, which means gptq where the gptq extra is installed and bnb-4bit
 otherwise).
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 
 FAMILIES = {
     "bert": "text",
+    "mpnet": "text",
     "vit": "image",
     "llama": "text",
     "mistral": "text",
@@ -111,9 +113,10 @@ def output_layer(family: str, layers: int) -> int:
 def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
     """The folder or hub id that `from_pretrained` should load."""
     src = spec.source
-    if src == "demo":
+    if src == "demo" or src.startswith("pypi-parts:"):
         if standin_dir is None:
-            raise ValueError(f"backbone {spec.name}: a demo stand-in needs its folder")
+            what = "a demo stand-in" if src == "demo" else "a model assembled from PyPI parts"
+            raise ValueError(f"backbone {spec.name}: {what} needs its folder (the workflow makes it)")
         return str(standin_dir)
     if src.startswith("package:"):
         module = src.split(":", 1)[1]
@@ -366,7 +369,7 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
     if spec.quantization == "gptq" or stored == "gptq":
         _require_gptq(spec.name)
     kwargs: dict[str, Any] = {"dtype": dtype}
-    if spec.family in ("bert", "vit"):
+    if spec.family in ("bert", "mpnet", "vit"):
         kwargs["add_pooling_layer"] = False  # the pooler is never read (docs/method.md §2)
     if spec.quantization in ("bnb-4bit", "bnb-8bit") and stored != "bitsandbytes":
         kwargs["quantization_config"] = _bnb_config(spec)

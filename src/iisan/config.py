@@ -57,6 +57,9 @@ class ModelConfig:
     dropout: float = 0.1
 
 
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
 @dataclass
 class TrainConfig:
     batch_size: int = 64
@@ -67,7 +70,10 @@ class TrainConfig:
     lr_text_f: float = 5e-5
     lr_image_f: float = 1e-4  # the image head's F (the authors' image fine-tuning rate)
     seed: int = 12345
-    amp: bool = True  # bf16 autocast on CUDA; ignored on CPU
+    # mixed precision on CUDA (a CPU computes in fp32): bf16 autocast for training and the
+    # encoders at evaluation; fp16 autocast with a GradScaler for training and fp32 evaluation
+    # (the authors'); fp32. Evaluation ranks in fp32 either way.
+    precision: str = "bf16"
     eval_batch: int = 1024
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
     compile: bool = False  # torch.compile the item and user encoders for training on CUDA (speed only)
@@ -88,6 +94,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.item_slots not in ("all", "distinct"):
             raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def result_settings(self) -> dict:
         """The fields that change a run's result: every field but the SPEED_FIELDS."""

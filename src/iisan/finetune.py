@@ -37,15 +37,19 @@ _VIT_ADAPTER = (
     r"layers?\.\d+\.attention\.output\.dense", r"encoder\.layers?\.\d+\.output\.dense",
     r"layers\.\d+\.attention\.o_proj", r"layers\.\d+\.mlp\.fc2",
 )
+# MPNet: the attention block's dropout follows its output projection `attn.o` (not attn.dropout,
+# which drops attention probabilities); the FFN's as in BERT
+_MPNET_ADAPTER = (r"layer\.\d+\.attention\.dropout", r"layer\.\d+\.output\.dropout")
 _DECODER_ADAPTER = (r"layers\.\d+\.self_attn\.o_proj", r"layers\.\d+\.mlp\.down_proj")
-ADAPTER_TARGETS = {"bert": _BERT_ADAPTER, "vit": _VIT_ADAPTER, "llama": _DECODER_ADAPTER,
+ADAPTER_TARGETS = {"bert": _BERT_ADAPTER, "mpnet": _MPNET_ADAPTER, "vit": _VIT_ADAPTER, "llama": _DECODER_ADAPTER,
                    "mistral": _DECODER_ADAPTER, "gemma": _DECODER_ADAPTER}
 # LoRA on query and value of every layer (peft matches these as module-name suffixes)
 _ENCODER_LORA = ["query", "value", "q_proj", "v_proj"]
-LORA_TARGETS = {"bert": _ENCODER_LORA, "vit": _ENCODER_LORA, "llama": ["q_proj", "v_proj"], "mistral": ["q_proj", "v_proj"],
-                "gemma": ["q_proj", "v_proj"], "mixtral": ["q_proj", "v_proj"]}
+_DECODER_LORA = ["q_proj", "v_proj"]
+LORA_TARGETS = {"bert": _ENCODER_LORA, "mpnet": ["attn.q", "attn.v"], "vit": _ENCODER_LORA, "llama": _DECODER_LORA,
+                "mistral": _DECODER_LORA, "gemma": _DECODER_LORA, "mixtral": _DECODER_LORA}
 # top-level modules off the computation path when the item encoder reads the output state
-UNUSED = {"bert": ("pooler.",), "vit": ("pooler.",)}
+UNUSED = {"bert": ("pooler.",), "mpnet": ("pooler.",), "vit": ("pooler.",)}
 
 
 class HoulsbyAdapter(nn.Module):

@@ -95,8 +95,8 @@ def check_config(config: dict) -> None:
     Table III rows against the method registry. Errors name the config key."""
     for i, t in enumerate(config["towers"]):
         TowerConfig.from_config(config, t["field"], t["backbone"], f"config key towers[{i}]")
-    for i, name in enumerate(config.get("methods") or []):
-        methods.get(name, f"config key methods[{i}]")
+    for i, entry in enumerate(config.get("methods") or []):
+        methods_table_row(config, entry, f"config key methods[{i}]")
     for name in config.get("method_train") or {}:
         methods.get(name, f"config key method_train.{name}")
     for name in config.get("dataset_train") or {}:
@@ -155,6 +155,24 @@ def method_row(config: dict, name: str, label: str | None = None, scheme: str | 
                 m.scheme(scheme or config["default_scheme"]), m.default_cache, **extra)
 
 
+def methods_table_row(config: dict, entry: str | dict, where: str = "methods table") -> dict:
+    """A row of the methods table: a method name (on `towers`, the default scheme), or a dict
+    {method, towers, scheme, label}; without `scheme` an asymmetric method on two towers takes
+    `va_scheme`."""
+    if isinstance(entry, str):
+        methods.get(entry, where)
+        return method_row(config, entry)
+    m = methods.get(entry["method"], f"{where}.method")
+    towers = entry.get("towers") or config["towers"]
+    for i, t in enumerate(towers):
+        TowerConfig.from_config(config, t["field"], t["backbone"], f"{where}.towers[{i}]")
+    scheme = entry.get("scheme")
+    if scheme is None and m.asymmetric and len(towers) == 2:
+        scheme = va_scheme(config, towers[0]["backbone"], towers[1]["backbone"])
+    return _row(entry.get("label") or m.label, [] if m.is_id else towers, m.name, m.scheme(scheme or config["default_scheme"]),
+                m.default_cache)
+
+
 def compared_row(config: dict, token: str, seeds: list[int] | None = None) -> dict:
     """One Table III / Fig. 5 row: a row token of the registry on the configured towers
     (BERT-base + ViT-base in the paper); an asymmetric method takes `table3.va_text_encoder` as
@@ -185,7 +203,7 @@ def table_plan(kind: str, config: dict) -> list[dict]:
     if kind == "table7":
         return [method_row(config, m, label, scheme) for label, m, scheme in TABLE7]
     if kind == "methods":
-        return [method_row(config, m) for m in config.get("methods") or []]
+        return [methods_table_row(config, e, f"config key methods[{i}]") for i, e in enumerate(config.get("methods") or [])]
     if kind == "table4":
         # every text encoder with `image_encoder`, grouped as Fig. 4 (PLM, base LLM, MoE LLM,
         # 70B); then the image-encoder scaling rows, [text, image] pairs (group "image scaling")

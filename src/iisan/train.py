@@ -198,21 +198,33 @@ class Trainer:
             capturable=self.graphs,
         )
         self.train_forward = training_forward(self.model, self.device, train_cfg)
-        self.amp = train_cfg.amp and on_cuda
-        if self.amp:
-            self.source.lower_precision(torch.bfloat16)
+        # mixed precision (CUDA only): the autocast dtype of training and of evaluation's encoders
+        self.precision = train_cfg.precision if on_cuda else "fp32"
+        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+        self.eval_dtype = torch.bfloat16 if self.precision == "bf16" else None  # fp16 runs evaluate in fp32
+        if self.amp_dtype is not None:
+            self.source.lower_precision(self.amp_dtype)
+        # fp16 scales the loss (the authors' GradScaler); with the fused Adam its inf check and
+        # update are tensor operations, so they are captured in the CUDA graph with the step
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
         self.train_step = self._step
         if self.graphs:
             features = self._features if self.source.outside_graph else None
             self.train_step = CudaGraphStep(self._step, features, self.device)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
-        self.scaler = None  # bf16 autocast needs no GradScaler; an fp16 one would be checkpointed
         if run_hash is None:
             run_hash = config_hash({"model": asdict(model_cfg), "train": train_cfg.result_settings()})
         self.fingerprint = {"config_hash": run_hash, "item_order_hash": data.item_order_hash, "version": __version__}
 
     def _autocast(self):
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.amp, cache_enabled=False)
+        """Training's autocast (bf16 or fp16 on CUDA, off otherwise)."""
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
+                              cache_enabled=False)
+
+    def _eval_autocast(self):
+        """Evaluation's autocast for the encoders: bf16 under bf16, off under fp16 (the authors
+        evaluate in fp32) and fp32."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.eval_dtype is not None, cache_enabled=False)
 
     def _features(self, ids: torch.Tensor):
         """Features of a batch's windows `ids` (B, S), computed under autocast."""
@@ -225,8 +237,13 @@ class Trainer:
         with self._autocast():
             loss = self.train_forward(ids, self._features(ids) if feats is None else feats)
         self.opt.zero_grad(set_to_none=False)
-        loss.backward()
-        self.opt.step()
+        if self.scaler is None:
+            loss.backward()
+            self.opt.step()
+        else:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
         return loss.detach()
 
     def _batches(self):
@@ -253,7 +270,7 @@ class Trainer:
     def item_table(self) -> torch.Tensor:
         """Embeddings of every item (row 0 = padding), (N+1, D)."""
         self.model.eval()
-        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self._autocast)
+        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self._eval_autocast)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float]:
@@ -264,7 +281,7 @@ class Trainer:
         table = self.item_table()
         hits, ndcgs = [], []
         for s in range(0, inp.shape[0], self.cfg.eval_batch):
-            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self._autocast)  # (b, N+1)
+            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self._eval_autocast)  # (b, N+1)
             rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
             h, n = hr_ndcg(rank, self.cfg.k)
             hits.append(h)

