@@ -275,3 +275,16 @@ def test_checkpoint_interval_saves_less_often_and_resumes_the_same(tmp_path, mon
     resumed = trainer(checkpoint_every_s=10).fit(progress=False, checkpoint=ckpt)
     assert resumed["resumed_from_epoch"] == 3
     assert stable(resumed) == stable(trainer().fit(progress=False))
+
+
+def test_precision_is_checked_and_a_cpu_computes_in_fp32():
+    """`train.precision` is bf16 | fp16 | fp32 and applies on CUDA only: on a CPU every setting
+    trains the same fp32 model, and no GradScaler is made (it would scale fp32 losses)."""
+    with pytest.raises(ValueError, match=r"train.precision: 'fp8' is not one of bf16, fp16, fp32"):
+        TrainConfig(precision="fp8")
+    runs = {}
+    for precision in ("bf16", "fp16", "fp32"):
+        t = trainer(precision=precision, max_epochs=2)
+        assert t.precision == "fp32" and t.amp_dtype is None and t.scaler is None
+        runs[precision] = stable(t.fit(progress=False))
+    assert runs["bf16"] == runs["fp16"] == runs["fp32"]

@@ -169,14 +169,17 @@ def test_demo_structure_is_learnable(root, tmp_path):
     assert result["test"]["hr@10"] > 1.25 * pop["hr@10"], (result["test"], pop)
 
 
-def test_amazon_minilm_config_plans_only_its_own_jobs(root, tmp_path, mirror):
+def test_real_text_config_plans_only_its_own_jobs(root, tmp_path, mirror):
+    """Five runs over two real encoders: MiniLM from its package, MPNet assembled from its PyPI
+    parts (one job), two caches, no stand-in."""
     wd = copy_workflow(root, tmp_path)
-    res = run(SNAKEMAKE + ["-n", "--configfile", "config/amazon-minilm.yaml", "--config", f"mirror={mirror}"], wd)
+    res = run(SNAKEMAKE + ["-n", "--configfile", "config/amazon-real-text.yaml", "--config", f"mirror={mirror}"], wd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
     stats = out[out.index("Job stats"):]
-    assert re.search(r"^train\s+2$", stats, re.M) and re.search(r"^cache\s+1$", stats, re.M), stats
-    assert "build_standin" not in stats and "results/amazon-minilm.csv" in out
+    for rule, n in (("train", 5), ("cache", 2), ("prune", 5), ("assemble_backbone", 1)):
+        assert re.search(rf"^{rule}\s+{n}$", stats, re.M), (rule, stats)
+    assert "build_standin" not in stats and "results/amazon-real-text.csv" in out
 
 
 def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):

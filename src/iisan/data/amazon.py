@@ -3,7 +3,8 @@
 Items file: ``item_id \\t title`` (no header). Users file: ``user_id \\t item item ...``
 (oldest first). Users with fewer than `min_interactions` interactions are dropped, each kept
 user keeps the last `window` items, items are re-indexed 1..N in items-file order keeping only
-those that occur in a kept window (0 is padding).
+those that occur in a kept window (0 is padding). Other datasets with a users file in this
+layout (MicroLens-100k, see microlens.py) reuse `preprocess` with their own titles reader.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import codecs
 import hashlib
 import logging
 import zipfile
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -67,11 +69,11 @@ def _invalid_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
     return f"invalid UTF-8 (byte 0x{raw[err.start]:02x} at column {column})"
 
 
-def _records(path: Path, policy: str, counters: Counters, names: str):
-    """(where, key, value) for each line of a two-column TSV; a leading byte-order mark and
-    CRLF endings are repaired and counted, invalid UTF-8, empty lines and wrong field counts
-    are errors (or skipped and counted). Read in binary so that a bad byte spoils one line
-    (named by file and line), not the whole file."""
+def _lines(path: Path, policy: str, counters: Counters):
+    """(where, line) for each line of a text file, without its ending; a leading byte-order
+    mark and CRLF endings are repaired and counted, invalid UTF-8 and empty lines are errors
+    (or skipped and counted). Read in binary so that a bad byte spoils one line (named by
+    file and line), not the whole file."""
     with open(path, "rb") as fh:
         for lineno, raw in enumerate(_physical_lines(fh), start=1):
             where = f"{path}:{lineno}"
@@ -88,18 +90,31 @@ def _records(path: Path, policy: str, counters: Counters, names: str):
             if not line.strip():
                 _bad(policy, where, "empty line", counters)
                 continue
-            parts = line.split("\t")
-            if len(parts) != 2:
-                _bad(policy, where, f"expected 2 tab-separated fields ({names}), found {len(parts)}", counters)
-                continue
-            yield where, parts[0].strip(), parts[1]
+            yield where, line
+
+
+def _records(path: Path, policy: str, counters: Counters, names: str):
+    """(where, key, value) for each line of a two-column TSV (see `_lines`); wrong field
+    counts are errors (or skipped and counted)."""
+    for where, line in _lines(path, policy, counters):
+        parts = line.split("\t")
+        if len(parts) != 2:
+            _bad(policy, where, f"expected 2 tab-separated fields ({names}), found {len(parts)}", counters)
+            continue
+        yield where, parts[0].strip(), parts[1]
 
 
 def read_items(path: Path, policy: str = "error", counters: Counters | None = None) -> dict[str, str]:
     """item_id -> title, in file order."""
     counters = counters or Counters()
+    return _titles(_records(path, policy, counters, "item_id, title"), path, policy, counters)
+
+
+def _titles(records: Iterable[tuple[str, str, str]], path: Path, policy: str, counters: Counters) -> dict[str, str]:
+    """item_id -> title, in file order, from (where, item_id, title) records of any items
+    file: empty ids, empty titles and duplicate ids are errors (or skipped and counted)."""
     items: dict[str, str] = {}
-    for where, item_id, title in _records(path, policy, counters, "item_id, title"):
+    for where, item_id, title in records:
         if not item_id:
             _bad(policy, where, "empty item id", counters)
             continue
@@ -170,12 +185,15 @@ def preprocess(
     bad_lines: str = "error",
     images: Path | None = None,
     missing_images: str = "error",
+    items_reader: Callable[[Path, str, Counters], dict[str, str]] = read_items,
 ) -> dict:
     """Preprocess one dataset into `out_dir` (items.parquet, sequences.parquet,
-    popularity.parquet, stats.json). Returns the stats."""
+    popularity.parquet, stats.json). Returns the stats. `items_reader(path, bad_lines,
+    counters)` reads the titles file (item_id -> title in file order): `read_items` for the
+    Amazon TSV, `microlens.read_titles_csv` for MicroLens."""
     items_tsv, users_tsv, out_dir = Path(items_tsv), Path(users_tsv), Path(out_dir)
     counters = Counters()
-    titles = read_items(items_tsv, bad_lines, counters)
+    titles = items_reader(items_tsv, bad_lines, counters)
     users = read_users(users_tsv, titles, bad_lines, counters)
 
     kept = [(u, seq[-window:]) for u, seq in users if len(seq) >= min_interactions]
@@ -244,6 +262,7 @@ def preprocess(
         "interactions": sum(len(s) for s in seqs),
         "raw_users": len(users),
         "raw_items": len(titles),
+        "raw_interactions": sum(len(seq) for _, seq in users),  # Table I counts raw users, items, interactions
         "skipped_lines": len(counters.skipped_lines),
         "repaired_lines": len(counters.repaired_lines),
         "skipped": counters.skipped_lines[:100],

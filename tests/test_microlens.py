@@ -1,0 +1,132 @@
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from iisan.data.amazon import Counters, DataError
+from iisan.data.microlens import TABLE_I, preprocess, read_titles_csv
+
+from conftest import ROOT, write
+
+FIXTURE = Path(__file__).parent / "fixtures" / "microlens"
+PAIRS, TITLES = "MicroLens-100k_pairs.tsv", "MicroLens-100k_title_en.csv"
+
+# Hand-computed from the fixture. Items-file order of the 16 surviving items (120: only user 2,
+# who has 4 < 5 items; 117: only before user 1's last 13) -> 1..16.
+ORDER = ["109", "103", "112", "105", "107", "101", "102", "104", "106", "108", "110", "111", "113", "114", "115", "116"]
+SEQUENCES = {  # user id -> re-indexed window
+    "1": [6, 7, 2, 8, 4, 9, 5, 10, 1, 11, 12, 3, 13],  # 101..113, the last 13 of 15
+    "3": [16, 2, 3, 4, 15],  # exactly 5
+    "4": [14, 1, 6, 5, 7, 1],  # a repeated item stays repeated
+}
+# training counts (each window less its last 2) of items 1..16; 13 and 15 are only targets
+COUNTS = [2, 2, 1, 1, 2, 2, 1, 1, 1, 1, 1, 1, 0, 1, 0, 1]
+
+
+def test_fixture_counts_and_outputs(tmp_path):
+    stats = preprocess(FIXTURE / PAIRS, FIXTURE / TITLES, tmp_path)
+    assert (stats["raw_users"], stats["raw_items"], stats["raw_interactions"]) == (4, 18, 15 + 4 + 5 + 6)
+    assert (stats["users"], stats["items"], stats["interactions"]) == (3, 16, 13 + 5 + 6)
+    assert stats["skipped_lines"] == stats["repaired_lines"] == 0
+    assert json.loads((tmp_path / "stats.json").read_text()) == stats
+
+    items = pl.read_parquet(tmp_path / "items.parquet")
+    assert items["item"].to_list() == list(range(1, 17))
+    assert items["item_id"].to_list() == ORDER  # items-file order, not id or first-seen order
+    titles = dict(zip(items["item_id"], items["title"]))
+    assert titles["103"] == "Cooking, baking, and more"  # everything after the first comma
+    assert titles["104"] == "Travel vlog: Paris, France"
+    assert titles["112"] == '"Quoted title, with comma"'  # quotes kept literally
+    assert titles["107"] == '"Just quotes"'
+
+    seqs = pl.read_parquet(tmp_path / "sequences.parquet")
+    assert seqs["user"].to_list() == [1, 2, 3]
+    assert dict(zip(seqs["user_id"], seqs["sequence"].to_list())) == SEQUENCES
+    row = seqs.row(0, named=True)
+    s = SEQUENCES["1"]
+    assert row["train"] == s[:-2] and row["valid_input"] == s[-12:-2] and row["test_input"] == s[-11:-1]
+    assert (row["valid_target"], row["test_target"]) == (3, 13)
+    assert seqs.row(2, named=True)["test_target"] == 1 and seqs.row(1, named=True)["valid_input"] == [16, 2, 3]
+
+    pop = pl.read_parquet(tmp_path / "popularity.parquet")
+    assert pop["count"].to_list() == [0] + COUNTS
+    assert pop["p"].to_list() == [1.0] + [c / 18 for c in COUNTS]
+
+
+def test_crlf_and_byte_order_mark_give_the_same_outputs(tmp_path):
+    clean = preprocess(FIXTURE / PAIRS, FIXTURE / TITLES, tmp_path / "clean")
+    pairs = tmp_path / "raw" / PAIRS
+    titles = tmp_path / "raw" / TITLES
+    write(pairs, (FIXTURE / PAIRS).read_text().replace("\n", "\r\n"))
+    titles.write_bytes(b"\xef\xbb\xbf" + (FIXTURE / TITLES).read_bytes().replace(b"\n", b"\r\n"))
+    stats = preprocess(pairs, titles, tmp_path / "crlf")
+    assert stats["repaired_lines"] == 4 + 18 + 1 and stats["skipped_lines"] == 0
+    assert f"{titles}:1: UTF-8 byte-order mark removed" in stats["repaired"]
+    for name in ("items.parquet", "sequences.parquet", "popularity.parquet"):
+        assert pl.read_parquet(tmp_path / "crlf" / name).equals(pl.read_parquet(tmp_path / "clean" / name))
+    assert stats["item_order_hash"] == clean["item_order_hash"]
+
+
+def test_title_is_everything_after_the_first_comma(tmp_path):
+    path = write(tmp_path / "t.csv", '123,Hello, world\n 7 ,  spaced ,\n8,"a, b"\n')
+    assert read_titles_csv(path) == {"123": "Hello, world", "7": "  spaced ,", "8": '"a, b"'}
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [
+        (b"101,ok\n102 no comma\n", "t.csv:2: no comma between item id and title"),
+        (b"101,ok\n,title\n", "t.csv:2: empty item id"),
+        (b"101,ok\n102,  \n", "t.csv:2: empty title for item '102'"),
+        (b"101,ok\n101,again\n", "t.csv:2: duplicate item id '101'"),
+        (b"101,ok\n102,caf\xff\n", "t.csv:2: invalid UTF-8 (byte 0xff at column 8)"),
+        (b"101,ok\n\n102,b\n", "t.csv:2: empty line"),
+    ],
+)
+def test_bad_title_lines_are_errors_naming_file_and_line(tmp_path, text, message):
+    path = tmp_path / "t.csv"
+    path.write_bytes(text)
+    with pytest.raises(DataError) as err:
+        read_titles_csv(path)
+    assert message in str(err.value) and "bad_lines: skip" in str(err.value)
+
+
+def test_bad_title_lines_skipped_and_counted(tmp_path):
+    titles = tmp_path / TITLES
+    titles.write_bytes((FIXTURE / TITLES).read_bytes() + b"no comma\n118,\n,orphan\n101,Duplicate\n119,caf\xff\n")
+    stats = preprocess(FIXTURE / PAIRS, titles, tmp_path / "out", bad_lines="skip")
+    assert stats["skipped_lines"] == 5 and stats["raw_items"] == 18
+    assert [s.split(": ", 1)[0] for s in stats["skipped"]] == [f"{titles}:{n}" for n in range(19, 24)]
+    assert pl.read_parquet(tmp_path / "out" / "items.parquet")["item_id"].to_list() == ORDER
+    counters = Counters()
+    read_titles_csv(titles, "skip", counters)
+    assert len(counters.skipped_lines) == 5
+    with pytest.raises(DataError, match=f"{titles}:19: no comma"):
+        preprocess(FIXTURE / PAIRS, titles, tmp_path / "err")
+
+
+def test_covers_matched_by_file_stem(tmp_path):
+    archive = tmp_path / "covers.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in ORDER:
+            zf.writestr(f"MicroLens-100k_covers/{i}.jpg", b"not needed here")
+    stats = preprocess(FIXTURE / PAIRS, FIXTURE / TITLES, tmp_path / "out", images=archive)
+    assert stats["blank_images"] == 0
+    images = pl.read_parquet(tmp_path / "out" / "items.parquet")["image"].to_list()
+    assert images == [f"MicroLens-100k_covers/{i}.jpg" for i in ORDER]
+
+
+def test_table_one_raw_counts(tmp_path):
+    """Against the published files, when present (MICROLENS_DIR, default ../shared/data/microlens)."""
+    root = Path(os.environ.get("MICROLENS_DIR", ROOT.parent / "shared" / "data" / "microlens"))
+    if not ((root / PAIRS).is_file() and (root / TITLES).is_file()):
+        pytest.skip(f"no MicroLens-100k files at {root} (set MICROLENS_DIR)")
+    stats = preprocess(root / PAIRS, root / TITLES, tmp_path)
+    assert (stats["raw_users"], stats["raw_items"], stats["raw_interactions"]) == (
+        TABLE_I["users"],
+        TABLE_I["items"],
+        TABLE_I["interactions"],
+    )
