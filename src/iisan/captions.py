@@ -1,0 +1,543 @@
+"""LLaVA-NeXT captions of item images: covers (one image slot) and videos (three frames as three
+image slots of ONE prompt), used as text item fields (paper Table IX).
+
+`caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
+the image tokens), bf16 on CUDA and fp32 on a CPU. It is resumable in the discipline of
+`iisan.cache`: every finished batch is appended to ``<out>.partial.jsonl`` beside the output,
+and ``<out>.partial.json`` holds the settings key (model, revision or weights fingerprint, prompt
+sha256, decoding settings, the caller's input settings such as frame positions); a rerun under
+the same key skips finished items, one under another key discards them with a log line. The
+Parquet (``item_id``, ``caption``) is written atomically, then ``<stem>.manifest.json`` with
+the settings and the Parquet's checksum; `load_captions` refuses a caption set whose settings
+differ from the expected ones, naming each difference.
+
+`build_captioner_standin` makes the demo's stand-in: the real architecture
+(`LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Mistral or Llama text
+model, any-resolution tiling) at a tiny size with random weights; its captions carry no signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .io import atomic_path, read_json, write_json, write_parquet
+
+log = logging.getLogger(__name__)
+
+COLUMNS = ("item_id", "caption")
+
+# Stand-in geometry: the real models tile 336 px inputs on the grid below (scaled by 336 / 32).
+STANDIN_TILE = 32
+STANDIN_PATCH = 8
+STANDIN_PINPOINTS = [[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]]
+STANDIN_INIT_STD = 0.2  # wider than a trained model's init so that the image visibly steers the random captions
+
+# Chat templates of the stand-ins, after those of the llava-hf checkpoints: Mistral's [INST]
+# turns (llava-v1.6-mistral-7b-hf) and the ChatML turns of llava-v1.6-34b-hf (Yi-34B, a Llama
+# architecture). Image slots come first in a user turn, then its text, as in the originals.
+CHAT_TEMPLATES = {
+    "mistral": (
+        "{% for message in messages %}"
+        "{% if message['role'] == 'user' %}[INST] "
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+        " [/INST]"
+        "{% elif message['role'] == 'assistant' %} {{ message['content'][0]['text'] }}</s>"
+        "{% endif %}{% endfor %}"
+    ),
+    "llama": (
+        "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+        "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>\n{% endif %}{% endfor %}"
+        "{% for c in message['content'] %}{% if c['type'] == 'text' %}{{ c['text'] }}{% endif %}{% endfor %}"
+        "<|im_end|>\n{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    ),
+}
+TURN_TOKENS = {"mistral": ["[INST]", "[/INST]"], "llama": ["<|im_start|>", "<|im_end|>"]}
+# Greedy decoding with every setting that a checkpoint's generation_config.json could otherwise
+# fill in (transformers takes unset fields from it) pinned to its neutral value.
+GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
+# end-of-turn tokens that stop a caption besides the tokenizer's and generation config's EOS
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
+
+
+class CaptionError(ValueError):
+    """A caption set that cannot be used as it is (missing or damaged files)."""
+
+
+class CaptionMismatch(CaptionError):
+    """A sound caption set made under other settings than the expected ones."""
+
+
+# ---------------------------------------------------------------------------------------------
+# prompts
+
+
+def load_prompts(path: str | os.PathLike) -> dict[str, dict[str, Any]]:
+    """The prompt entries of `path` (config/prompts/captions.yaml), checked: each has a
+    non-empty `text` and a positive `images` count."""
+    import yaml
+
+    entries = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected a mapping of prompt names to entries")
+    for name, entry in entries.items():
+        if not isinstance(entry, dict) or not isinstance(entry.get("text"), str) or not entry["text"].strip():
+            raise ValueError(f"{path}: prompt {name!r} needs a non-empty `text`")
+        if not isinstance(entry.get("images"), int) or entry["images"] < 1:
+            raise ValueError(f"{path}: prompt {name!r} needs `images`, a positive image-slot count")
+    return entries
+
+
+def prompt_sha256(prompt: str) -> str:
+    return hashlib.sha256(prompt.encode("utf-8")).hexdigest()
+
+
+def conversation(prompt: str, n_images: int) -> list[dict]:
+    """One user turn: `n_images` image slots (a video's frames in chronological order), then the prompt."""
+    return [{"role": "user", "content": [{"type": "image"}] * n_images + [{"type": "text", "text": prompt}]}]
+
+
+# ---------------------------------------------------------------------------------------------
+# stand-in
+
+
+def build_captioner_standin(
+    out_dir: str | os.PathLike,
+    texts: Iterable[str],
+    seed: int = 0,
+    *,
+    text_family: str = "mistral",
+    vocab_size: int = 2000,
+    hidden: int = 64,
+    layers: int = 2,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+) -> None:
+    """Save a random-weight LLaVA-NeXT stand-in to `out_dir` (model, tokenizer, processor with
+    `LlavaNextImageProcessorPil`, chat template), loadable offline with ``from_pretrained``.
+
+    The architecture is the real one at a tiny size: a CLIP vision tower on 32 px tiles of
+    8 px patches, any-resolution tiling on grid pinpoints up to 96 px, the two-layer projector,
+    and a Mistral (GQA, like llava-v1.6-mistral-7b) or Llama (like the Yi-34B of
+    llava-v1.6-34b) text model with its chat template. The word-level tokenizer is trained
+    offline on `texts` (pass the item titles AND the prompts, or the prompt's words are <unk>),
+    plus the special ``<image>`` token and the template's turn tokens. The LM-head rows of all
+    special tokens are zero, so the stand-in never emits one: every caption runs to
+    ``max_new_tokens`` words of the vocabulary (a random model would otherwise often stop at
+    once or emit only image tokens, which decode to nothing)."""
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+        MistralConfig,
+    )
+
+    from .backbones import train_bpe_tokenizer
+
+    if text_family not in CHAT_TEMPLATES:
+        raise ValueError(f"text_family {text_family!r}: expected one of {sorted(CHAT_TEMPLATES)}")
+    out_dir = Path(out_dir)
+    tokenizer = train_bpe_tokenizer(list(texts), vocab_size=vocab_size)
+    tokenizer.add_special_tokens({"extra_special_tokens": ["<image>", *TURN_TOKENS[text_family]]})
+    image_token_id = tokenizer.convert_tokens_to_ids("<image>")
+
+    text_kwargs = dict(
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    text_config = MistralConfig(**text_kwargs, sliding_window=None) if text_family == "mistral" else LlamaConfig(**text_kwargs)
+    vision_config = CLIPVisionConfig(
+        hidden_size=vision_hidden,
+        intermediate_size=2 * vision_hidden,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=2,
+        image_size=STANDIN_TILE,
+        patch_size=STANDIN_PATCH,
+        projection_dim=vision_hidden,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision_config,
+        text_config=text_config,
+        image_token_index=image_token_id,
+        image_grid_pinpoints=STANDIN_PINPOINTS,
+        vision_feature_select_strategy="default",
+        vision_feature_layer=-2,
+        image_seq_length=(STANDIN_TILE // STANDIN_PATCH) ** 2,
+    )
+    torch.manual_seed(seed)
+    model = LlavaNextForConditionalGeneration(config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=gen) * STANDIN_INIT_STD)
+        model.lm_head.weight[tokenizer.all_special_ids] = 0
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+    image_processor = LlavaNextImageProcessorPil(
+        size={"shortest_edge": STANDIN_TILE},
+        crop_size={"height": STANDIN_TILE, "width": STANDIN_TILE},
+        image_grid_pinpoints=STANDIN_PINPOINTS,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=STANDIN_PATCH,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATES[text_family],
+        image_token="<image>",
+        num_additional_image_tokens=1,  # CLIP's CLS token
+    )
+    tmp = out_dir.with_name(out_dir.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# settings
+
+
+def compute_dtype(device: str | torch.device | None) -> torch.dtype:
+    """bf16 on CUDA (the paper's GPUs), fp32 on a CPU (bf16 matmuls are slow or missing there)."""
+    return torch.bfloat16 if _device(device).type == "cuda" else torch.float32
+
+
+def _device(device: str | torch.device | None) -> torch.device:
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj))
+
+
+def caption_settings(
+    model_path: str | os.PathLike,
+    prompt: str,
+    *,
+    max_new_tokens: int = 300,
+    device: str | torch.device | None = None,
+    revision: str | None = None,
+    settings: dict | None = None,
+) -> dict:
+    """Everything that determines a caption set, computed without loading the model: the model
+    (path or hub id), its revision, a fingerprint of its files (`iisan.cache.weights_fingerprint`:
+    weights, tokenizer, processor and chat template of a local folder; the id and revision of a
+    hub model), the prompt's sha256, the decoding settings, the compute dtype, and the caller's
+    `settings` (what `images_for` feeds the model: frame positions, image source, ...)."""
+    from .cache import weights_fingerprint
+
+    model_path = str(model_path)
+    computed = {
+        "model": model_path,
+        "revision": revision,
+        "weights": weights_fingerprint(model_path, revision),
+        "prompt_sha256": prompt_sha256(prompt),
+        "decoding": {**GREEDY, "max_new_tokens": int(max_new_tokens), "stop": "eos+end_of_turn", "padding_side": "left"},
+        "dtype": str(compute_dtype(device)).removeprefix("torch."),
+    }
+    extra = _jsonable(settings or {})
+    clash = sorted(set(extra) & set(computed))
+    if clash:
+        raise ValueError(f"caption settings {clash} are computed by caption_settings; the caller's settings may not set them")
+    return {**computed, **extra}
+
+
+def partial_paths(out_parquet: Path) -> tuple[Path, Path]:
+    """(records of finished items, settings key) of an unfinished caption run."""
+    return out_parquet.with_name(out_parquet.name + ".partial.jsonl"), out_parquet.with_name(out_parquet.name + ".partial.json")
+
+
+def manifest_path(out_parquet: str | os.PathLike) -> Path:
+    out_parquet = Path(out_parquet)
+    return out_parquet.with_name(out_parquet.stem + ".manifest.json")
+
+
+def _differences(stored: dict, expected: dict, keys: Iterable[str]) -> list[str]:
+    def short(v: Any) -> str:
+        s = json.dumps(v)
+        return s if len(s) <= 80 else s[:77] + "..."
+
+    missing = object()
+    out = []
+    for k in sorted(keys):
+        if stored.get(k, missing) != expected.get(k, missing):
+            have = short(stored[k]) if k in stored else "absent"
+            want = short(expected[k]) if k in expected else "absent"
+            out.append(f"{k} is {have}, expected {want}")
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# captioning
+
+
+def load_captioner(model_path: str, device: str | torch.device | None = None, revision: str | None = None):
+    """(model in eval mode, processor with left padding) of a LLaVA-NeXT checkpoint. On CUDA
+    the model is bf16 and spread over the job's GPUs (`device_map="auto"`: the 34B model needs
+    ~70 GB); on a CPU fp32."""
+    from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
+
+    dev = _device(device)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(dev), "revision": revision}
+    if dev.type == "cuda":
+        kwargs["device_map"] = "auto"
+    model = LlavaNextForConditionalGeneration.from_pretrained(model_path, **kwargs)
+    model.eval()
+    if dev.type != "cuda":
+        model.to(dev)
+    processor = LlavaNextProcessor.from_pretrained(model_path, revision=revision)
+    tok = processor.tokenizer
+    tok.padding_side = "left"
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, processor
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """EOS of the generation config and of the tokenizer, and the end-of-turn tokens the
+    tokenizer knows (ChatML's <|im_end|> for llava-v1.6-34b)."""
+    ids: set[int] = set()
+    eos = model.generation_config.eos_token_id
+    ids.update(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    vocab = tokenizer.get_vocab()
+    ids.update(vocab[t] for t in END_OF_TURN if t in vocab)
+    return sorted(ids)
+
+
+def prompt_lengths(processor, rendered: dict[int, str], sizes: Sequence[Sequence[tuple[int, int]]]) -> list[int]:
+    """Token count of each item's prompt with its image tokens expanded, from the image sizes
+    (height, width) alone: text tokens of the rendered chat, minus each <image> slot, plus the
+    features the any-resolution tiling gives each image."""
+    text_len = {k: len(processor.tokenizer(t)["input_ids"]) for k, t in rendered.items()}
+    out = []
+    for s in sizes:
+        feats = processor._get_num_multimodal_tokens(image_sizes=[list(hw) for hw in s]).num_image_tokens
+        out.append(text_len[len(s)] - len(s) + sum(feats))
+    return out
+
+
+def _caption_batch(model, processor, texts: list[str], images: list, generation_config) -> tuple[list[str], list[bool]]:
+    """Captions of one left-padded batch (images flattened in prompt order) and whether each
+    stopped on a stop token (False: cut at max_new_tokens)."""
+    enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    enc = enc.to(model.device)
+    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    with torch.inference_mode():
+        out = model.generate(**enc, generation_config=generation_config)
+    new = out[:, enc["input_ids"].shape[1]:].cpu()
+    stops = torch.tensor(generation_config.eos_token_id)
+    stopped = torch.isin(new, stops).any(dim=1).tolist()
+    captions = [c.strip() for c in processor.batch_decode(new, skip_special_tokens=True)]
+    return captions, stopped
+
+
+def _plain_id(item_id: Any) -> Any:
+    """An item id as JSON and Parquet hold it (numpy scalars become Python ones)."""
+    return item_id.item() if hasattr(item_id, "item") else item_id
+
+
+def _read_partial(partial: Path, key_path: Path, key: dict, wanted: set) -> dict | None:
+    """{item_id: (caption, stopped)} of an interrupted run under exactly `key`, or None (no
+    partial, or one from other settings or unreadable: discarded, logged). A torn last line
+    (a crash mid-append) is dropped."""
+    if not partial.exists():
+        return None
+    try:
+        old = read_json(key_path)
+    except (OSError, ValueError) as err:
+        log.warning("discarding the partial captions %s: its settings key is unreadable (%s)", partial, err)
+        return None
+    if old != key:
+        differ = _differences(old if isinstance(old, dict) else {}, key,
+                              set(key) | set(old if isinstance(old, dict) else {}))
+        log.warning("discarding the partial captions %s: made under other settings (%s)", partial, "; ".join(differ))
+        return None
+    lines = partial.read_text(encoding="utf-8").splitlines()
+    done = {}
+    for n, line in enumerate(lines):
+        try:
+            rec = json.loads(line)
+            done[rec["item_id"]] = (rec["caption"], bool(rec["stopped"]))
+        except (ValueError, KeyError, TypeError) as err:
+            if n == len(lines) - 1:
+                log.warning("%s: dropping a torn last record (%s)", partial, err)
+                break
+            log.warning("discarding the partial captions %s: record %d is unreadable (%s)", partial, n + 1, err)
+            return None
+    return {i: v for i, v in done.items() if i in wanted}
+
+
+def caption_items(
+    model_path: str | os.PathLike,
+    item_ids: Sequence,
+    images_for: Callable[[Any], list],
+    prompt: str,
+    out_parquet: str | os.PathLike,
+    *,
+    batch_size: int,
+    max_new_tokens: int = 300,
+    device: str | torch.device | None = None,
+    settings: dict,
+    revision: str | None = None,
+    progress: bool | None = None,
+) -> dict:
+    """Caption every item of `item_ids` with LLaVA-NeXT and write ``out_parquet`` (``item_id``,
+    ``caption``, in the order of `item_ids`) and its manifest; returns the manifest.
+
+    ``images_for(item_id)`` gives the item's PIL images: one cover, or a video's frames in
+    chronological order, which fill that many image slots of one prompt; it is called twice per
+    item (image sizes for the batch order, then the batch). `settings` names what
+    `images_for` does (frame positions, image source) and joins the settings key. Decoding is
+    greedy; batches are left-padded and taken longest prompt first. Resumable (module docstring)."""
+    import polars as pl
+    from tqdm.auto import tqdm
+    from transformers import GenerationConfig
+
+    out_parquet = Path(out_parquet)
+    model_path = str(model_path)
+    ids = [_plain_id(i) for i in item_ids]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise ValueError(f"item ids repeat (e.g. {dup!r})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size is {batch_size}, expected at least 1")
+    dev = _device(device)
+    if not Path(model_path).is_dir() and revision is None:
+        log.warning("captioning with hub model %s without a pinned revision: the settings cannot tell its versions apart", model_path)
+    key = caption_settings(model_path, prompt, max_new_tokens=max_new_tokens, device=dev, revision=revision, settings=settings)
+    partial, key_path = partial_paths(out_parquet)
+    out_parquet.parent.mkdir(parents=True, exist_ok=True)
+
+    done = _read_partial(partial, key_path, key, set(ids))
+    if done is None:
+        partial.unlink(missing_ok=True)
+        write_json(key_path, key)
+        done = {}
+    else:
+        log.info("resuming %s: %d of %d items captioned already", partial, len(done), len(ids))
+    # rewrite the partial with its sound records only (drops a torn line before appending)
+    with atomic_path(partial, ".jsonl") as tmp:
+        tmp.write_text("".join(_record(i, *done[i]) for i in ids if i in done), encoding="utf-8")
+
+    todo = [i for i in ids if i not in done]
+    if todo:
+        model, processor = load_captioner(model_path, dev, revision)
+        generation_config = GenerationConfig(
+            **GREEDY, max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(model, processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
+        )
+        sizes = []
+        for i in todo:
+            imgs = images_for(i)
+            if not imgs:
+                raise ValueError(f"item {i!r}: images_for gave no image")
+            sizes.append([(im.height, im.width) for im in imgs])
+        rendered = {k: processor.apply_chat_template(conversation(prompt, k), add_generation_prompt=True)
+                    for k in sorted({len(s) for s in sizes})}
+        lengths = prompt_lengths(processor, rendered, sizes)
+        order = sorted(range(len(todo)), key=lambda j: (-lengths[j], j))
+        batches = [[todo[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+        with open(partial, "a", encoding="utf-8") as fh:
+            for batch in tqdm(batches, desc=f"captions {out_parquet.name}", disable=None if progress is None else not progress):
+                images, texts = [], []
+                for i in batch:
+                    imgs = images_for(i)
+                    images.extend(imgs)
+                    texts.append(rendered[len(imgs)])
+                captions, stopped = _caption_batch(model, processor, texts, images, generation_config)
+                fh.write("".join(_record(i, c, s) for i, c, s in zip(batch, captions, stopped)))
+                fh.flush()
+                os.fsync(fh.fileno())
+                done.update({i: (c, s) for i, c, s in zip(batch, captions, stopped)})
+
+    manifest_file = manifest_path(out_parquet)
+    manifest_file.unlink(missing_ok=True)  # a stale manifest must not vouch for the new Parquet
+    frame = pl.DataFrame({"item_id": ids, "caption": [done[i][0] for i in ids]})
+    write_parquet(frame, out_parquet)
+    from .cache import file_checksum
+
+    manifest = {
+        "settings": key,
+        "items": len(ids),
+        "columns": list(COLUMNS),
+        "truncated": sum(not done[i][1] for i in ids),  # cut at max_new_tokens
+        "empty": sum(not done[i][0] for i in ids),
+        "batch_size": batch_size,
+        "device": str(dev),
+        "library_version": __version__,
+        "bytes": out_parquet.stat().st_size,
+        "checksum": file_checksum(out_parquet),
+    }
+    write_json(manifest_file, manifest)
+    partial.unlink(missing_ok=True)
+    key_path.unlink(missing_ok=True)
+    if manifest["truncated"]:
+        log.info("%s: %d of %d captions reached max_new_tokens=%d", out_parquet, manifest["truncated"], len(ids), max_new_tokens)
+    return manifest
+
+
+def _record(item_id: Any, caption: str, stopped: bool) -> str:
+    return json.dumps({"item_id": item_id, "caption": caption, "stopped": stopped}, ensure_ascii=False) + "\n"
+
+
+def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
+    """The caption table (``item_id``, ``caption``) of `out_parquet` after checking its manifest:
+    the Parquet's size and checksum, and every key of `expected_settings` (usually
+    `caption_settings(...)`; a key it leaves out is not checked, e.g. ``dtype`` when the
+    reader runs elsewhere). Raises `CaptionMismatch` naming each setting that differs."""
+    import polars as pl
+
+    from .cache import file_checksum
+
+    out_parquet = Path(out_parquet)
+    mpath = manifest_path(out_parquet)
+    if not mpath.is_file():
+        raise CaptionError(f"{out_parquet}: no manifest {mpath.name}; rerun the captioning to rebuild it")
+    try:
+        m = read_json(mpath)
+    except ValueError as err:
+        raise CaptionError(f"{mpath}: not valid JSON ({err}); rerun the captioning to rebuild it") from None
+    if not isinstance(m, dict) or not isinstance(m.get("settings"), dict):
+        raise CaptionError(f"{mpath}: no `settings` object; rerun the captioning to rebuild it")
+    if not out_parquet.is_file():
+        raise CaptionError(f"{out_parquet}: missing ({mpath.name} describes it); rerun the captioning")
+    if out_parquet.stat().st_size != m.get("bytes") or file_checksum(out_parquet) != m.get("checksum"):
+        raise CaptionError(f"{out_parquet}: its content does not match the checksum in {mpath.name} (replaced or damaged)")
+    expected = _jsonable(expected_settings)
+    differ = _differences(m["settings"], expected, expected.keys())
+    if differ:
+        raise CaptionMismatch(f"captions {out_parquet} were made under other settings: " + "; ".join(differ))
+    frame = pl.read_parquet(out_parquet)
+    if tuple(frame.columns) != COLUMNS or frame.height != m.get("items"):
+        raise CaptionError(f"{out_parquet}: columns {frame.columns} and {frame.height} rows, "
+                           f"the manifest says {list(COLUMNS)} and {m.get('items')}")
+    return frame
