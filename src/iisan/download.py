@@ -13,6 +13,10 @@ from .io import atomic_path
 log = logging.getLogger(__name__)
 
 
+# Some hosts (the MicroLens site) refuse Python's default user agent
+USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/126.0 Safari/537.36"
+
+
 class ChecksumError(ValueError):
     pass
 
@@ -39,7 +43,8 @@ def fetch(relpath: str, dest: Path, *, base_url: str, mirror: str | None = None,
         else:
             url = f"{base_url.rstrip('/')}/{relpath}"
             log.info("downloading %s", url)
-            with urllib.request.urlopen(url, timeout=120) as resp, open(tmp, "wb") as out:
+            request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT})
+            with urllib.request.urlopen(request, timeout=120) as resp, open(tmp, "wb") as out:
                 shutil.copyfileobj(resp, out)
             origin = url
         digest = sha256(tmp)

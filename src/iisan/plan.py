@@ -18,6 +18,9 @@ from .layerdrop import scheme_layers, tower_schemes
 # --- path templates (the rules' outputs) -------------------------------------------------------
 RAW = "resources/raw/{dataset}/{kind}.tsv"  # kind: items | users
 RAW_IMAGES = "resources/raw/{dataset}/images.zip"  # the demo's generated covers
+# MicroLens datasets keep the published names (iisan.data.microlens)
+MICROLENS_RAW = "resources/raw/{dataset}/{name}"  # name: MicroLens-100k_pairs.tsv | _title_en.csv | covers.zip
+MICROLENS_VIDEOS = "resources/raw/{dataset}/MicroLens-100k_videos"
 DATASET_DIR = "resources/{dataset}"
 ITEMS = f"{DATASET_DIR}/items.parquet"
 SEQUENCES = f"{DATASET_DIR}/sequences.parquet"

@@ -8,6 +8,7 @@ from iisan import plan
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
+from iisan.data import microlens
 from iisan.layerdrop import scheme_layers
 
 plan.check_config(config)
@@ -45,12 +46,45 @@ def get_datasets_of_kind(kind):
     return "|".join(names) if names else "(?!x)x"
 
 
+# MicroLens files by config key (dataset_sources.<name>.pairs | titles | covers)
+MICROLENS_FILES = {
+    "pairs": microlens.PAIRS,
+    "titles": microlens.TITLES,
+    "covers": microlens.COVERS,
+}
+
+
 def get_images(dataset):
     """The dataset's cover archive, if it has one: {"images": path} or {}."""
     src = get_dataset_source(dataset)
     if src["kind"] == "demo":
         return {"images": plan.RAW_IMAGES.format(dataset=dataset)}
+    if src["kind"] == "microlens-demo" or (
+        src["kind"] == "microlens" and src.get("covers")
+    ):
+        return {
+            "images": plan.MICROLENS_RAW.format(dataset=dataset, name=microlens.COVERS)
+        }
     return {"images": src["images"]} if src.get("images") else {}
+
+
+def get_microlens_key(wildcards):
+    return next(k for k, n in MICROLENS_FILES.items() if n == wildcards.name)
+
+
+def get_microlens_relpath(wildcards):
+    src, key = get_dataset_source(wildcards.dataset), get_microlens_key(wildcards)
+    if key not in src:
+        raise ValueError(
+            f"config key dataset_sources.{wildcards.dataset}.{key}: the path of "
+            f"{wildcards.name} below the url or mirror is missing"
+        )
+    return src[key]
+
+
+def get_microlens_sha256(wildcards):
+    src = get_dataset_source(wildcards.dataset)
+    return src.get("sha256", {}).get(get_microlens_key(wildcards))
 
 
 def get_standin(backbone):
@@ -95,11 +129,19 @@ def get_targets():
 
 # --- inputs and params ------------------------------------------------------------------------
 def get_preprocess_inputs(wildcards):
-    return {
-        "items_tsv": plan.RAW.format(dataset=wildcards.dataset, kind="items"),
-        "users_tsv": plan.RAW.format(dataset=wildcards.dataset, kind="users"),
-        **get_images(wildcards.dataset),
-    }
+    """Amazon format (items and users TSVs) or MicroLens format (pairs TSV, titles CSV)."""
+    ds = wildcards.dataset
+    if get_dataset_source(ds)["kind"].startswith("microlens"):
+        raw = {
+            "pairs": plan.MICROLENS_RAW.format(dataset=ds, name=microlens.PAIRS),
+            "titles": plan.MICROLENS_RAW.format(dataset=ds, name=microlens.TITLES),
+        }
+    else:
+        raw = {
+            "items_tsv": plan.RAW.format(dataset=ds, kind="items"),
+            "users_tsv": plan.RAW.format(dataset=ds, kind="users"),
+        }
+    return {**raw, **get_images(ds)}
 
 
 def get_cache_inputs(wildcards):

@@ -1,4 +1,5 @@
-# Data stage: generate the demo dataset or fetch the authors' TSVs, then preprocess (docs/method.md §1).
+# Data stage: generate a demo dataset (Amazon or MicroLens format) or fetch the published files,
+# then preprocess (docs/method.md §1).
 
 
 rule generate_demo:
@@ -43,6 +44,55 @@ rule fetch_amazon:
         .get(wildcards.kind),
         mirror=config["mirror"],
         base_url=config["download_url"],
+    script:
+        "../scripts/fetch.py"
+
+
+rule generate_microlens_demo:
+    output:
+        pairs=plan.MICROLENS_RAW.replace("{name}", microlens.PAIRS),
+        titles=plan.MICROLENS_RAW.replace("{name}", microlens.TITLES),
+        covers=plan.MICROLENS_RAW.replace("{name}", microlens.COVERS),
+        videos=directory(plan.MICROLENS_VIDEOS),
+    log:
+        "logs/data/{dataset}/generate.log",
+    wildcard_constraints:
+        dataset=get_datasets_of_kind("microlens-demo"),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=10,
+    params:
+        spec=lambda wildcards: get_dataset_source(wildcards.dataset).get(
+            "microlens_demo", {}
+        ),
+    script:
+        "../scripts/microlens_demo.py"
+
+
+rule fetch_microlens:
+    output:
+        plan.MICROLENS_RAW,
+    log:
+        "logs/data/{dataset}/fetch_{name}.log",
+    wildcard_constraints:
+        dataset=get_datasets_of_kind("microlens"),
+        name="|".join(re.escape(n) for n in MICROLENS_FILES.values()),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=120,
+    params:
+        relpath=get_microlens_relpath,
+        sha256=get_microlens_sha256,
+        mirror=config["mirror"],
+        base_url=lambda wildcards: get_dataset_source(wildcards.dataset).get(
+            "url", microlens.SITE
+        ),
     script:
         "../scripts/fetch.py"
 

@@ -18,6 +18,15 @@ from pathlib import Path
 from .amazon import Counters, _bad, _lines, _titles
 from .amazon import preprocess as _preprocess
 
+# The published file names (the workflow keeps them under resources/raw/<dataset>/; covers in a
+# zip archive of MicroLens-100k_covers/<item_id>.jpg)
+PAIRS = "MicroLens-100k_pairs.tsv"
+TITLES = "MicroLens-100k_title_en.csv"
+COVERS = "covers.zip"
+COVERS_DIR = "MicroLens-100k_covers"
+VIDEOS = "MicroLens-100k_videos"
+SITE = "https://recsys.westlake.edu.cn/MicroLens-100k-Dataset"
+
 # The paper's Table I for MicroLens-100k: raw users, items and interactions (stats.json's
 # raw_users, raw_items, raw_interactions).
 TABLE_I = {"users": 100_000, "items": 19_738, "interactions": 719_405}

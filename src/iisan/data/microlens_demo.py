@@ -66,12 +66,7 @@ from PIL import Image, ImageDraw
 
 from ..io import atomic_path, current_umask
 from .demo import _SHAPES, _image, _words
-
-PAIRS = "MicroLens-100k_pairs.tsv"
-TITLES = "MicroLens-100k_title_en.csv"
-COVERS = "covers.zip"
-COVERS_DIR = "MicroLens-100k_covers"  # the folder inside covers.zip
-VIDEOS = "MicroLens-100k_videos"
+from .microlens import COVERS, COVERS_DIR, PAIRS, TITLES, VIDEOS  # the published names
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp: the same seed gives the same archive
 
