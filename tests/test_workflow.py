@@ -169,21 +169,34 @@ def test_demo_structure_is_learnable(root, tmp_path):
     assert result["test"]["hr@10"] > 1.25 * pop["hr@10"], (result["test"], pop)
 
 
-def test_microlens_demo_twin_is_generated_and_preprocessed(root, tmp_path):
-    """The MicroLens-format twin goes through the MicroLens readers: raw counts as generated, every
-    item with its cover, and the published files planned for download for a MicroLens dataset."""
+def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_path):
+    """The MicroLens-format twin goes through the MicroLens readers (raw counts as generated, every
+    item with its cover); its videos' frames and covers are captioned by the LLaVA-NeXT stand-ins
+    and a caption field is cached like a title; a MicroLens dataset plans the published files."""
+    import polars as pl
+
     from iisan.data.microlens_demo import plan as demo_plan
 
     wd = copy_workflow(root, tmp_path)
-    spec = {"n_items": 60, "n_users": 80, "video": {"min_frames": 8, "max_frames": 12}}
+    spec = {"n_items": 40, "n_users": 60, "video": {"min_frames": 8, "max_frames": 12}}
     over = f"dataset_sources={{mldemo: {{kind: microlens-demo, microlens_demo: {json.dumps(spec)}}}}}"
-    res = run(SNAKEMAKE + ["--cores", "1", "--config", over, "--", "resources/mldemo/stats.json"], wd)
+    targets = ["resources/mldemo/stats.json", "resources/cache/mldemo/video_caption/bert-demo/cache.npy",
+               "resources/mldemo/captions/cover.parquet"]
+    res = run(SNAKEMAKE + ["--cores", "2", "--config", over, "captions={max_new_tokens: 4}", "--", *targets], wd)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     stats = json.loads((wd / "resources/mldemo/stats.json").read_text())
     truth = demo_plan(spec)
-    assert (stats["raw_users"], stats["raw_items"]) == (80, 60)
+    assert (stats["raw_users"], stats["raw_items"]) == (60, 40)
     assert stats["raw_interactions"] == sum(len(s) for _, s in truth.users)
     assert stats["blank_images"] == 0 and (wd / "resources/raw/mldemo/MicroLens-100k_videos").is_dir()
+    items = pl.read_parquet(wd / "resources/mldemo/items.parquet")["item_id"].to_list()
+    for source in ("cover", "video"):
+        captions = pl.read_parquet(wd / f"resources/mldemo/captions/{source}.parquet")
+        assert captions["item_id"].to_list() == items and all(c.strip() for c in captions["caption"])
+    frames = json.loads((wd / "resources/mldemo/frames.json").read_text())
+    assert frames["positions"] == [0.1, 0.5, 0.9] and frames["extracted"] == len(items)
+    manifest = json.loads((wd / "resources/cache/mldemo/video_caption/bert-demo/manifest.json").read_text())
+    assert manifest["field"] == "video_caption" and manifest["items"] == len(items)
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml", "--config", "mirror=/nonexistent", "--",
                            "resources/MicroLens/stats.json"], wd)
     out = res.stdout + res.stderr

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from . import __version__
 from .backbones import BackboneSpec, checkpoint_quantization, load_backbone
+from .data import item_texts
 from .io import atomic_path, read_json, write_json
 from .item_inputs import backbone_states, encode_texts, load_images, pool_states
 
@@ -323,9 +324,7 @@ def build_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(store_dtype)
     if spec.modality == "text":
-        if field not in items.columns:
-            raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns})")
-        values = items[field].to_list()
+        values = item_texts(items_parquet, field)
         order = np.argsort(_token_lengths(pre, values, spec.max_tokens), kind="stable")
     else:
         if images_archive is None:

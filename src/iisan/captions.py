@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+import zipfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -541,3 +542,57 @@ def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
         raise CaptionError(f"{out_parquet}: columns {frame.columns} and {frame.height} rows, "
                            f"the manifest says {list(COLUMNS)} and {m.get('items')}")
     return frame
+
+
+# ---------------------------------------------------------------------------------------------
+# the workflow's caption job
+
+
+def _zip_images(archive: Path, members: list[str | None], blank: int = 32) -> list:
+    """RGB images of zip `members` at their own size (a black square for None)."""
+    from PIL import Image
+
+    with zipfile.ZipFile(archive) as zf:
+        out = []
+        for m in members:
+            if m is None:
+                out.append(Image.new("RGB", (blank, blank)))
+            else:
+                with zf.open(m) as fh:
+                    out.append(Image.open(fh).convert("RGB"))
+        return out
+
+
+def caption_dataset(items_parquet: Path, source: str, images_archive: Path, model_path: str, prompts_file: Path,
+                    out_parquet: Path, *, positions: Sequence[float] = (), batch_size: int = 8, max_new_tokens: int = 300,
+                    device: str | None = None, revision: str | None = None) -> dict:
+    """Caption every item of a preprocessed dataset: `source` "cover" reads each item's cover from
+    the dataset's image archive (items.parquet's `image` member; an item without one gets a black
+    image), "video" its frames from the frames archive (``<item_id>_<k>.jpg``, k over
+    `positions`; an item whose video was skipped gets black frames). The prompt is the
+    `source` entry of `prompts_file`; the settings record the source and the frame positions."""
+    import polars as pl
+
+    prompt = load_prompts(prompts_file)[source]
+    items = pl.read_parquet(items_parquet)
+    ids = items["item_id"].to_list()
+    if source == "cover":
+        members = dict(zip(ids, items["image"].to_list()))
+
+        def images_for(item_id):
+            return _zip_images(images_archive, [members[item_id]])
+    elif source == "video":
+        with zipfile.ZipFile(images_archive) as zf:
+            present = set(zf.namelist())
+        n = len(positions)
+        if n != prompt["images"]:
+            raise ValueError(f"{prompts_file}: the video prompt has {prompt['images']} image slots, the frames are {n} per video")
+
+        def images_for(item_id):
+            names = [f"{item_id}_{k}.jpg" for k in range(n)]
+            return _zip_images(images_archive, [m if m in present else None for m in names])
+    else:
+        raise ValueError(f"unknown caption source {source!r} (cover, video)")
+    settings = {"source": source, "frame_positions": list(positions) if source == "video" else None}
+    return caption_items(model_path, ids, images_for, prompt["text"], out_parquet, batch_size=batch_size,
+                         max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from .backbones import OUTPUT_NORM, BackboneSpec
+from .data import item_texts
 
 
 def backbone_states(spec: BackboneSpec, out) -> tuple[torch.Tensor, ...]:
@@ -77,9 +78,7 @@ def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images
 
     items = pl.read_parquet(items_parquet)
     if spec.modality == "text":
-        if field not in items.columns:
-            raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns})")
-        texts = [""] + items[field].to_list()
+        texts = [""] + item_texts(items_parquet, field)
         enc = encode_texts(spec, pre, texts, torch.device("cpu"))
         return enc, (None, None)
     if images_archive is None:

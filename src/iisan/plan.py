@@ -21,6 +21,11 @@ RAW_IMAGES = "resources/raw/{dataset}/images.zip"  # the demo's generated covers
 # MicroLens datasets keep the published names (iisan.data.microlens)
 MICROLENS_RAW = "resources/raw/{dataset}/{name}"  # name: MicroLens-100k_pairs.tsv | _title_en.csv | covers.zip
 MICROLENS_VIDEOS = "resources/raw/{dataset}/MicroLens-100k_videos"
+FRAMES = "resources/{dataset}/frames.zip"  # three frames per video (iisan.frames)
+FRAMES_MANIFEST = "resources/{dataset}/frames.json"
+CAPTIONS = "resources/{dataset}/captions/{source}.parquet"  # iisan.data.CAPTIONS, beside items.parquet
+CAPTIONER_DIR = "resources/captioners/{captioner}"  # a captioner stand-in
+CAPTIONER = f"{CAPTIONER_DIR}/config.json"
 DATASET_DIR = "resources/{dataset}"
 ITEMS = f"{DATASET_DIR}/items.parquet"
 SEQUENCES = f"{DATASET_DIR}/sequences.parquet"

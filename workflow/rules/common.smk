@@ -8,7 +8,7 @@ from iisan import plan
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
-from iisan.data import microlens
+from iisan.data import CAPTION_FIELDS, microlens
 from iisan.layerdrop import scheme_layers
 
 plan.check_config(config)
@@ -146,10 +146,53 @@ def get_preprocess_inputs(wildcards):
 
 def get_cache_inputs(wildcards):
     inputs = {"item_table": plan.ITEMS.format(dataset=wildcards.dataset)}
+    inputs.update(get_caption_files(wildcards.dataset, [wildcards.field]))
     inputs.update(get_standin(wildcards.backbone))
     if backbone_entry(config, wildcards.backbone)["modality"] == "image":
         inputs.update(get_images(wildcards.dataset))
     return inputs
+
+
+def get_captioner(wildcards):
+    """The registry entry of the captioner of a caption source (config key captions.<source>)."""
+    name = config["captions"].get(wildcards.source)
+    if name is None or name not in config["captioners"]:
+        raise ValueError(
+            f"config key captions.{wildcards.source}: {name!r} is not a captioner under captioners "
+            f"(known: {', '.join(config['captioners']) or 'none'})"
+        )
+    return dict(config["captioners"][name], name=name)
+
+
+def get_caption_inputs(wildcards):
+    """Items, the images (covers, or the frames of the videos) and the captioner stand-in."""
+    ds = wildcards.dataset
+    inputs = {
+        "item_table": plan.ITEMS.format(dataset=ds),
+        "prompts": config["captions"]["prompts"],
+    }
+    if wildcards.source == "video":
+        inputs["images"] = plan.FRAMES.format(dataset=ds)
+    else:
+        covers = get_images(ds)
+        if not covers:
+            raise ValueError(
+                f"dataset {ds!r}: cover captions need its cover archive (dataset_sources.{ds})"
+            )
+        inputs["images"] = covers["images"]
+    captioner = get_captioner(wildcards)
+    if captioner["source"] == "demo":
+        inputs["captioner"] = plan.CAPTIONER.format(captioner=captioner["name"])
+    return inputs
+
+
+def get_caption_files(dataset, fields):
+    """{"captions<i>": path} for the caption fields among `fields` (text fields read beside items)."""
+    return {
+        f"captions{i}": plan.CAPTIONS.format(dataset=dataset, source=CAPTION_FIELDS[f])
+        for i, f in enumerate(fields)
+        if f in CAPTION_FIELDS
+    }
 
 
 def get_prune_source(wildcards):
@@ -185,7 +228,9 @@ def get_run_inputs(wildcards):
         inputs["caches"] = [plan.array(c) for c in caches]
     elif w.cache == "none" and w.towers != "id":
         inputs["item_table"] = plan.ITEMS.format(dataset=w.dataset)
-        for i, t in enumerate(plan.parse_towers(config, w.towers)):
+        towers = plan.parse_towers(config, w.towers)
+        inputs.update(get_caption_files(w.dataset, [t.field for t in towers]))
+        for i, t in enumerate(towers):
             inputs.update({f"{k}{i}": v for k, v in get_standin(t.backbone).items()})
             if t.spec["modality"] == "image":
                 inputs.update(get_images(w.dataset))
@@ -236,6 +281,20 @@ def get_backbone_weight_gb(name):
 def get_cache_mem_mb(wildcards, attempt):
     """Host memory to load a backbone: its weights plus 8 GB, more on each retry."""
     return int((8 + 1.2 * get_backbone_weight_gb(wildcards.backbone)) * 1024 * attempt)
+
+
+def get_caption_gpus(wildcards):
+    """GPUs for a captioner: none for a stand-in; enough 80 GB cards for its bf16 weights."""
+    c = get_captioner(wildcards)
+    if GPUS == 0 or c["source"] == "demo":
+        return 0
+    return max(GPUS, math.ceil(2 * c.get("params_b", 8) * 1.2 / 75))
+
+
+def get_caption_mem_mb(wildcards, attempt):
+    c = get_captioner(wildcards)
+    gb = 2 if c["source"] == "demo" else 8 + 2.2 * c.get("params_b", 8)
+    return int(gb * 1024 * attempt)
 
 
 def get_cache_gpus(wildcards):
