@@ -33,3 +33,21 @@ def test_missing_hash_is_allowed_and_logged(tmp_path, caplog):
     write(tmp_path / "m/a.tsv", "x\n")
     fetch("a.tsv", tmp_path / "a.tsv", base_url="http://unused.invalid", mirror=str(tmp_path / "m"))
     assert "no sha256" in caplog.text
+
+
+def test_fetch_many_resumes_and_skips_what_is_there(tmp_path):
+    """Videos are fetched one file at a time, each atomically: a rerun fetches only the missing."""
+    from iisan.download import fetch_many
+
+    mirror = tmp_path / "mirror" / "videos"
+    mirror.mkdir(parents=True)
+    for i in ("1", "2", "3"):
+        (mirror / f"{i}.mp4").write_bytes(i.encode() * 10)
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "2.mp4").write_bytes(b"22222222222")  # already fetched
+    got = fetch_many([f"videos/{i}.mp4" for i in ("1", "2", "3")], dest, base_url="http://unused", mirror=str(tmp_path / "mirror"))
+    assert got["2.mp4"] is None and got["1.mp4"] and got["3.mp4"]
+    assert (dest / "3.mp4").read_bytes() == b"3" * 10 and sorted(p.name for p in dest.iterdir()) == ["1.mp4", "2.mp4", "3.mp4"]
+    with pytest.raises(FileNotFoundError, match="no file videos/4.mp4"):
+        fetch_many(["videos/4.mp4"], dest, base_url="http://unused", mirror=str(tmp_path / "mirror"))

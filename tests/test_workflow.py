@@ -198,10 +198,11 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     manifest = json.loads((wd / "resources/cache/mldemo/video_caption/bert-demo/manifest.json").read_text())
     assert manifest["field"] == "video_caption" and manifest["items"] == len(items)
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml", "--config", "mirror=/nonexistent", "--",
-                           "resources/MicroLens/stats.json"], wd)
+                           "resources/MicroLens/captions/video.parquet", "resources/MicroLens/captions/cover.parquet"], wd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    assert re.search(r"^fetch_microlens\s+3$", out, re.M), out[-2000:]
+    for rule, n in (("fetch_microlens", 3), ("fetch_videos", 1), ("frames", 1), ("caption", 2)):
+        assert re.search(rf"^{rule}\s+{n}$", out, re.M), (rule, out[-2000:])
 
 
 def test_real_text_config_plans_only_its_own_jobs(root, tmp_path, mirror):

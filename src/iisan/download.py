@@ -29,6 +29,19 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def fetch_many(relpaths: list[str], dest_dir: Path, *, base_url: str, mirror: str | None = None) -> dict:
+    """Fetch every file of `relpaths` into `dest_dir` under its own name, skipping those already
+    there (each file is written atomically, so one that exists is complete): an interrupted run
+    resumes where it stopped. Returns {name: sha256 or None for files already present}."""
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    out = {}
+    for rel in relpaths:
+        dest = dest_dir / Path(rel).name
+        out[dest.name] = None if dest.exists() else fetch(rel, dest, base_url=base_url, mirror=mirror)
+    return out
+
+
 def fetch(relpath: str, dest: Path, *, base_url: str, mirror: str | None = None, expected_sha256: str | None = None) -> str:
     """Copy `mirror/relpath` (when a mirror is given) or download `base_url/relpath` to `dest`,
     verifying the sha256 when one is known. Returns the file's sha256."""

@@ -21,6 +21,7 @@ RAW_IMAGES = "resources/raw/{dataset}/images.zip"  # the demo's generated covers
 # MicroLens datasets keep the published names (iisan.data.microlens)
 MICROLENS_RAW = "resources/raw/{dataset}/{name}"  # name: MicroLens-100k_pairs.tsv | _title_en.csv | covers.zip
 MICROLENS_VIDEOS = "resources/raw/{dataset}/MicroLens-100k_videos"
+MICROLENS_VIDEOS_FETCHED = "resources/raw/{dataset}/videos.json"  # a MicroLens dataset's fetched videos
 FRAMES = "resources/{dataset}/frames.zip"  # three frames per video (iisan.frames)
 FRAMES_MANIFEST = "resources/{dataset}/frames.json"
 CAPTIONS = "resources/{dataset}/captions/{source}.parquet"  # iisan.data.CAPTIONS, beside items.parquet

@@ -2,10 +2,35 @@
 # cover_caption and video_caption), and the captioner stand-ins of the demo.
 
 
+rule fetch_videos:
+    input:
+        item_table=plan.ITEMS,
+    output:
+        plan.MICROLENS_VIDEOS_FETCHED,
+    log:
+        "logs/data/{dataset}/fetch_videos.log",
+    wildcard_constraints:
+        dataset=get_datasets_of_kind("microlens"),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=24 * 60,
+    params:
+        folder=get_videos_relpath,
+        base_url=lambda wildcards: get_dataset_source(wildcards.dataset).get(
+            "url", microlens.SITE
+        ),
+        mirror=config["mirror"],
+    script:
+        "../scripts/fetch_videos.py"
+
+
 rule frames:
     input:
         item_table=plan.ITEMS,
-        videos=plan.MICROLENS_VIDEOS,
+        videos=get_videos,
     output:
         frames=plan.FRAMES,
         manifest=plan.FRAMES_MANIFEST,

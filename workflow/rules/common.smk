@@ -153,6 +153,24 @@ def get_cache_inputs(wildcards):
     return inputs
 
 
+def get_videos(wildcards):
+    """A MicroLens dataset's videos: the twin's generated folder, or the record of the fetched
+    ones (downloaded into the same folder, only for the kept items)."""
+    if get_dataset_source(wildcards.dataset)["kind"] == "microlens":
+        return plan.MICROLENS_VIDEOS_FETCHED.format(dataset=wildcards.dataset)
+    return plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset)
+
+
+def get_videos_relpath(wildcards):
+    src = get_dataset_source(wildcards.dataset)
+    if "videos" not in src:
+        raise ValueError(
+            f"config key dataset_sources.{wildcards.dataset}.videos: the videos' folder below "
+            "the url or mirror is missing (video captions need it)"
+        )
+    return src["videos"]
+
+
 def get_captioner(wildcards):
     """The registry entry of the captioner of a caption source (config key captions.<source>)."""
     name = config["captions"].get(wildcards.source)

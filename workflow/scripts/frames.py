@@ -3,6 +3,7 @@ from pathlib import Path
 
 import polars as pl
 
+from iisan import plan
 from iisan.frames import extract_all
 from iisan.io import write_json
 from iisan.jobs import job
@@ -10,5 +11,6 @@ from iisan.jobs import job
 with job(snakemake):
     i, p = snakemake.input, snakemake.params
     ids = pl.read_parquet(i.item_table)["item_id"].to_list()
-    manifest = extract_all(ids, Path(i.videos), Path(snakemake.output.frames), p.positions, missing=p.missing)
+    videos = Path(plan.MICROLENS_VIDEOS.format(dataset=snakemake.wildcards.dataset))
+    manifest = extract_all(ids, videos, Path(snakemake.output.frames), p.positions, missing=p.missing)
     write_json(Path(snakemake.output.manifest), manifest)
