@@ -182,7 +182,7 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     over = f"dataset_sources={{mldemo: {{kind: microlens-demo, microlens_demo: {json.dumps(spec)}}}}}"
     targets = ["resources/mldemo/stats.json", "resources/cache/mldemo/video_caption/bert-demo/cache.npy",
                "resources/mldemo/captions/cover.parquet"]
-    res = run(SNAKEMAKE + ["--cores", "2", "--config", over, "captions={max_new_tokens: 4}", "--", *targets], wd)
+    res = run(SNAKEMAKE + ["--cores", "2", "--config", over, "captions={max_new_tokens: 4}", "standin_corpus=mldemo", "--", *targets], wd)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     stats = json.loads((wd / "resources/mldemo/stats.json").read_text())
     truth = demo_plan(spec)
