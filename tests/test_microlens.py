@@ -130,3 +130,21 @@ def test_table_one_raw_counts(tmp_path):
         TABLE_I["items"],
         TABLE_I["interactions"],
     )
+
+
+def test_table9_rows_are_the_papers_inputs():
+    """Table IX: FFT on each text (title, video caption, cover caption), IISAN-Versa with the
+    title twice, with each pair of texts through two BERT towers, and with title + image; on
+    the MicroLens dataset only."""
+    from iisan.plan import plan_runs, table_plan
+
+    from conftest import ROOT, workflow_config
+
+    cfg = workflow_config(ROOT, "config/paper.yaml")
+    rows = table_plan("table9", cfg)
+    assert [[t["field"] for t in r["towers"]] for r in rows] == [
+        ["title"], ["video_caption"], ["cover_caption"], ["title", "title"], ["title", "video_caption"],
+        ["title", "cover_caption"], ["video_caption", "cover_caption"], ["title", "image"]]
+    assert [r["method"] for r in rows] == ["fft"] * 3 + ["iisan"] * 5  # BERT-base and ViT-base have one shape
+    assert all(t["backbone"] == ("vit-base" if t["field"] == "image" else "bert-base") for r in rows for t in r["towers"])
+    assert {r["dataset"] for r, _ in plan_runs("table9", cfg)} == {"MicroLens"}

@@ -51,7 +51,7 @@ def array(cache_folder: str) -> str:
     """The array file of a cache folder."""
     return f"{cache_folder}/{ARRAY}"
 
-TABLES = ("table3", "table4", "table6", "table7", "table8", "methods")
+TABLES = ("table3", "table4", "table6", "table7", "table8", "table9", "methods")
 KINDS = (*TABLES, "efficiency", "fig7")
 
 # Table VI (ablations) and Table VII (LayerDrop blocks): (label or None for the method's, method,
@@ -227,6 +227,8 @@ def table_plan(kind: str, config: dict) -> list[dict]:
                              va_scheme(config, text, image), group=group or b.get("group", "PLM"),
                              params_b=b.get("params_b"), image=image))
         return rows
+    if kind == "table9":
+        return table9_rows(config)
     if kind == "table8":
         t8 = config["table8"]
         tw = [{"field": t8["text_field"], "backbone": t8["text_encoder"]}, {"field": t8["image_field"], "backbone": t8["image_encoder"]}]
@@ -245,6 +247,38 @@ def table_plan(kind: str, config: dict) -> list[dict]:
             out += [_row(text, tw, "iisan-va", va_scheme(config, text, image), cache=c) for c in ("full", "dropped")]
         return out
     raise KeyError(f"unknown table {kind!r} (known: {', '.join(KINDS)})")
+
+
+FIELD_NAMES = {"title": "title", "video_caption": "video caption", "cover_caption": "cover caption", "image": "image"}
+
+
+def table9_rows(config: dict) -> list[dict]:
+    """Table IX (multimodal text, MicroLens): FFT on each single text; IISAN-Versa with the same
+    text in both towers; with two different texts (title, video and cover captions) through two
+    text towers of `text_encoder`; and with the title and the cover image. IISAN-Versa is the
+    IISAN-VS model where the two backbones have one shape, else IISAN-VA (as Table IV)."""
+    from .data import ITEM_FIELDS
+
+    t9 = config["table9"]
+
+    def towers(*fields):
+        return [{"field": f, "backbone": t9["text_encoder" if ITEM_FIELDS[f] == "text" else "image_encoder"]} for f in fields]
+
+    def versa(label, fields, group):
+        tw = towers(*fields)
+        a, b = (t["backbone"] for t in tw)
+        return _row(label, tw, table4_method(config, a, b), va_scheme(config, a, b), group=group)
+
+    rows = [_row(f"FFT: {FIELD_NAMES[f]}", towers(f), "fft", "last", "none", group="single text") for f in t9["single"]]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[f]} x2", (f, f), "same input x2") for f in t9["same_twice"]]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[a]} + {FIELD_NAMES[b]}", (a, b), "multimodal text") for a, b in t9["pairs"]]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[t9['text_field']]} + image", (t9["text_field"], "image"), "text + image")]
+    return rows
+
+
+def table_datasets(config: dict, kind: str) -> list[str]:
+    """The datasets of a table: Table IX runs on its own (MicroLens) dataset, the others on `datasets`."""
+    return [config["table9"]["dataset"]] if kind == "table9" else config["datasets"]
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -266,7 +300,7 @@ def profile_path(dataset: str, row: dict) -> str:
 def plan_runs(kind: str, config: dict) -> list[tuple[dict, str]]:
     """[(row description, metrics path)] for every dataset, row and seed of a table or figure."""
     out = []
-    for dataset in config["datasets"]:
+    for dataset in table_datasets(config, kind):
         for row in table_plan(kind, config):
             for seed in row.get("seeds") or config["seeds"]:
                 desc = {k: v for k, v in row.items() if k not in ("towers", "seeds")}

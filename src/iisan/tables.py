@@ -11,6 +11,7 @@ from . import methods
 from .io import atomic_path, read_json
 
 ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table6": "variant", "table7": "blocks", "table8": "selection",
+               "table9": "input",
                "methods": "method"}
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 
@@ -78,6 +79,8 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
     df = aggregate(rows, metrics, header)
     if kind == "methods":
         df = df.select("dataset", header, "hr@10", "ndcg@10")
+    elif kind == "table9":
+        df = df.select("dataset", "group", header, "hr@10", "ndcg@10", "trainable_params")
     elif kind == "table4":
         # one row per text encoder (then the image-scaling rows), HR@10 / NDCG@10 per dataset,
         # then the means of the text-encoder groups
