@@ -148,3 +148,18 @@ def test_table9_rows_are_the_papers_inputs():
     assert [r["method"] for r in rows] == ["fft"] * 3 + ["iisan"] * 5  # BERT-base and ViT-base have one shape
     assert all(t["backbone"] == ("vit-base" if t["field"] == "image" else "bert-base") for r in rows for t in r["towers"])
     assert {r["dataset"] for r, _ in plan_runs("table9", cfg)} == {"MicroLens"}
+
+
+def test_paper_config_trains_microlens_as_the_authors_script():
+    from iisan.backbones import BackboneSpec
+    from iisan.config import Experiment, TowerConfig
+    from iisan.data.microlens import TRAINING_DEFAULTS
+
+    from conftest import ROOT, workflow_config
+
+    cfg = workflow_config(ROOT, "config/paper.yaml")
+    towers = [TowerConfig.from_config(cfg, "title", "bert-base", "t")]
+    exp = Experiment.from_config(cfg, "MicroLens", towers, "iisan", "blocks6", "dropped", 12345)
+    want = {k: v for k, v in TRAINING_DEFAULTS.items() if k != "max_tokens"}
+    assert {k: getattr(exp.train, k) for k in want} == want
+    assert BackboneSpec.from_config("bert-base", towers[0].spec).max_tokens == TRAINING_DEFAULTS["max_tokens"]
