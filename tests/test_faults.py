@@ -57,7 +57,8 @@ def test_a_damaged_cache_is_rebuilt_not_reused(faulted):
 @pytest.mark.parametrize(
     "config,message",
     [
-        ("towers=[{field: titel, backbone: bert-demo}]", "config key towers[0]: unknown item field 'titel' (item fields: title, image)"),
+        ("towers=[{field: titel, backbone: bert-demo}]",
+         "config key towers[0]: unknown item field 'titel' (item fields: title, image, cover_caption, video_caption)"),
         ("towers=[{field: image, backbone: bert-demo}]", "field 'image' holds image, but backbone 'bert-demo' is a text backbone"),
         ("default_scheme=blocks24", "LayerDrop scheme 'blocks24' cannot be applied to a 12-layer backbone"),
     ],

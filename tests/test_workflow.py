@@ -80,12 +80,14 @@ def test_demo_workflow_end_to_end(tiny_workflow):
                 "time_per_epoch_with_eval_s", "peak_memory_mb", "device", "seed", "config_hash"):
         assert key in m
     assert m["layers"] == [[0, 2, 4, 6, 8, 10, 12]] * 2
-    # Table IV: one row per text encoder, then the group means
+    # Table IV: one row per text encoder, the image-scaling row, then the text-encoder group means
     with open(wd / "results/table4.csv") as fh:
         t4 = list(csv.DictReader(fh))
     assert [r["text encoder"] for r in t4] == ["bert-demo", "bert-large-tiny", "llama-tiny", "llama70b-tiny",
-                                               "mean (PLM)", "mean (base LLM)", "mean (70B)"]
-    assert float(t4[4]["demo hr@10"]) == pytest.approx((float(t4[0]["demo hr@10"]) + float(t4[1]["demo hr@10"])) / 2, abs=0.011)
+                                               "bert-demo + vit-huge-tiny", "mean (PLM)", "mean (base LLM)", "mean (70B)"]
+    assert float(t4[5]["demo hr@10"]) == pytest.approx((float(t4[0]["demo hr@10"]) + float(t4[1]["demo hr@10"])) / 2, abs=0.011)
+    huge = "title@bert-demo+image@vit-huge-tiny/iisan-va/stride6/dropped/seed12345/metrics.json"
+    assert json.loads((wd / "results/runs/demo" / huge).read_text())["layers"] == [[0, 2, 4, 6, 8, 10, 12], [0, 2, 8, 14, 20, 26, 32]]
     va_run = "title@llama70b-tiny+image@vit-demo/iisan-va/stride6+blocks6/dropped/seed12345/metrics.json"
     va = json.loads((wd / "results/runs/demo" / va_run).read_text())
     assert va["layers"] == [[0, 5, 20, 35, 50, 65, 80], [0, 2, 4, 6, 8, 10, 12]]
