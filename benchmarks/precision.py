@@ -22,9 +22,11 @@ import time
 import numpy as np
 import torch
 
-from iisan.data.sequences import SequenceData, left_pad
+from iisan.data.sequences import SequenceData
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
+
+from train_speed import sequence_data  # benchmarks/, the script's own folder
 
 
 def structured(users=12076, items=20314, groups=200, states=7, d=768, seed=0) -> tuple[SequenceData, list[np.ndarray]]:
@@ -42,23 +44,7 @@ def structured(users=12076, items=20314, groups=200, states=7, d=768, seed=0) ->
             s.append(int(rng.choice(members[g], p=zipf[g])))
             g = (g + 1) % groups if rng.random() < 0.7 else int(rng.integers(groups))
         seqs.append(s)
-    counts = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=items + 1).astype(float)
-    p = counts / counts[1:].sum()
-    p[0] = 1.0
-    with np.errstate(divide="ignore"):
-        logp = np.log(p).astype(np.float32)
-    t = torch.from_numpy
-    data = SequenceData(
-        n_items=items, item_order_hash="structured",
-        train=t(left_pad([s[:-2] for s in seqs], 11)),
-        valid_input=t(left_pad([s[-12:-2] for s in seqs], 10)),
-        valid_target=t(np.array([s[-2] for s in seqs], dtype=np.int64)),
-        valid_history=t(left_pad([s[:-2] for s in seqs], 13)),
-        test_input=t(left_pad([s[-11:-1] for s in seqs], 10)),
-        test_target=t(np.array([s[-1] for s in seqs], dtype=np.int64)),
-        test_history=t(left_pad([s[:-1] for s in seqs], 13)),
-        log_pop=t(logp), pop_count=t(counts.astype(np.int64)),
-    )
+    data = sequence_data(seqs, items, "structured")
     zg = rng.standard_normal((groups, 32), dtype=np.float32)
     zi = rng.standard_normal((items + 1, 32), dtype=np.float32)
     caches = []

@@ -27,6 +27,12 @@ def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceD
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.poisson(interactions / users - 5, size=users) + 5, 5, 13)
     seqs = [list(rng.integers(1, items + 1, size=n)) for n in lengths]
+    return sequence_data(seqs, items, "synthetic")
+
+
+def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> SequenceData:
+    """Leave-one-out windows, histories and popularity of full item sequences (as preprocessing
+    and load_sequences make them)."""
     counts = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=items + 1).astype(float)
     p = counts / counts[1:].sum()
     p[0] = 1.0
@@ -34,7 +40,7 @@ def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceD
         logp = np.log(p).astype(np.float32)
     t = torch.from_numpy
     return SequenceData(
-        n_items=items, item_order_hash="synthetic",
+        n_items=items, item_order_hash=item_order_hash,
         train=t(left_pad([s[:-2] for s in seqs], 11)),
         valid_input=t(left_pad([s[-12:-2] for s in seqs], 10)),
         valid_target=t(np.array([s[-2] for s in seqs], dtype=np.int64)),

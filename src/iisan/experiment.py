@@ -60,7 +60,7 @@ def backbone_source(exp: Experiment, dataset_dir: Path, standins: list | None, i
         if spec.source == "demo" and not standin:
             raise ValueError(f"tower {t} ({tower.backbone}): an uncached run of a demo stand-in needs its folder")
         towers.append(Tower(spec=spec, path=resolve_source(spec, Path(standin) if standin else None), field=tower.field,
-                            layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype or "auto")))
+                            layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype)))
         layers.append(want)
     source = build_backbone_features(
         towers, Path(dataset_dir) / "items.parquet", exp.spec.finetune, images_archive=Path(images) if images else None,

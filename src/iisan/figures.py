@@ -65,7 +65,7 @@ def cache_sizes(backbones: dict, measured: list[Path], items: int, cache_dtype: 
 
     sizes = {}
     for name, b in backbones.items():
-        spec = BackboneSpec.from_config(name, {k: v for k, v in b.items() if k not in ("group", "params_b")})
+        spec = BackboneSpec.from_config(name, b)
         L, d = spec.layers, spec.hidden
         dtype = spec.cache_dtype(cache_dtype)
         width = np.dtype(dtype).itemsize

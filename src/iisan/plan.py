@@ -13,25 +13,27 @@ import re
 from . import methods
 from .cache import ARRAY, MANIFEST
 from .config import Experiment, TowerConfig, backbone_entry
+from .data import CAPTIONS as CAPTIONS_FILE
+from .data.microlens import VIDEOS
 from .layerdrop import scheme_layers, tower_schemes
 
 # --- path templates (the rules' outputs) -------------------------------------------------------
 RAW = "resources/raw/{dataset}/{kind}.tsv"  # kind: items | users
 RAW_IMAGES = "resources/raw/{dataset}/images.zip"  # the demo's generated covers
-# MicroLens datasets keep the published names (iisan.data.microlens)
-MICROLENS_RAW = "resources/raw/{dataset}/{name}"  # name: MicroLens-100k_pairs.tsv | _title_en.csv | covers.zip
-MICROLENS_VIDEOS = "resources/raw/{dataset}/MicroLens-100k_videos"
-MICROLENS_VIDEOS_FETCHED = "resources/raw/{dataset}/videos.json"  # a MicroLens dataset's fetched videos
-FRAMES = "resources/{dataset}/frames.zip"  # three frames per video (iisan.frames)
-FRAMES_MANIFEST = "resources/{dataset}/frames.json"
-CAPTIONS = "resources/{dataset}/captions/{source}.parquet"  # iisan.data.CAPTIONS, beside items.parquet
-CAPTIONER_DIR = "resources/captioners/{captioner}"  # a captioner stand-in
-CAPTIONER = f"{CAPTIONER_DIR}/config.json"
 DATASET_DIR = "resources/{dataset}"
 ITEMS = f"{DATASET_DIR}/items.parquet"
 SEQUENCES = f"{DATASET_DIR}/sequences.parquet"
 POPULARITY = f"{DATASET_DIR}/popularity.parquet"
 STATS = f"{DATASET_DIR}/stats.json"
+# MicroLens datasets keep the published names (iisan.data.microlens)
+MICROLENS_RAW = "resources/raw/{dataset}/{name}"  # name: MicroLens-100k_pairs.tsv | _title_en.csv | covers.zip
+MICROLENS_VIDEOS = f"resources/raw/{{dataset}}/{VIDEOS}"
+MICROLENS_VIDEOS_FETCHED = "resources/raw/{dataset}/videos.json"  # a MicroLens dataset's fetched videos
+FRAMES = f"{DATASET_DIR}/frames.zip"  # three frames per video (iisan.frames)
+FRAMES_MANIFEST = f"{DATASET_DIR}/frames.json"
+CAPTIONS = f"{DATASET_DIR}/{CAPTIONS_FILE}"  # beside items.parquet, where iisan.data.item_texts reads them
+CAPTIONER_DIR = "resources/captioners/{captioner}"  # a captioner stand-in
+CAPTIONER = f"{CAPTIONER_DIR}/config.json"
 STANDIN_DIR = "resources/backbones/{backbone}"
 STANDIN = f"{STANDIN_DIR}/config.json"
 CACHE_DIR = "resources/cache/{dataset}/{field}/{backbone}"

@@ -70,6 +70,45 @@ def _image(rng: np.random.Generator, size: int, group: int, n_groups: int, sub: 
     return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
 
 
+def planted_sequences(rng: np.random.Generator, group: np.ndarray, sub: np.ndarray, G: int, spec) -> list[list[int]]:
+    """`spec.n_users` item sequences (indices into `group`) following the planted structure: a
+    random first group; then the same sub-group with probability `p_stay`, the next group with
+    `p_next_group`, else a random group; items within a group by a Zipf popularity (`zipf`) over
+    a random ranking. Shared by both demo generators (`spec`: n_users, min_len, max_len, p_stay,
+    p_next_group, zipf); `G` groups."""
+    members = [np.flatnonzero(group == g) for g in range(G)]
+    weights = []
+    for g in range(G):
+        ranks = rng.permutation(len(members[g])) + 1
+        w = ranks.astype(float) ** -spec.zipf
+        weights.append(w / w.sum())
+
+    def pick(g: int, s: int | None = None) -> int:
+        cand, w = members[g], weights[g]
+        if s is not None:
+            keep = sub[cand] == s
+            if keep.any():
+                cand, w = cand[keep], w[keep] / w[keep].sum()
+        return int(rng.choice(cand, p=w))
+
+    seqs = []
+    for _ in range(spec.n_users):
+        length = int(rng.integers(spec.min_len, spec.max_len + 1))
+        item = pick(int(rng.integers(0, G)))
+        seq = [item]
+        for _ in range(length - 1):
+            r = rng.random()
+            if r < spec.p_stay:
+                item = pick(int(group[item]), int(sub[item]))
+            elif r < spec.p_stay + spec.p_next_group:
+                item = pick((int(group[item]) + 1) % G)
+            else:
+                item = pick(int(rng.integers(0, G)))
+            seq.append(item)
+        seqs.append(seq)
+    return seqs
+
+
 def generate(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
     """Write items.tsv, users.tsv and images.zip into `out_dir`; return their paths."""
     spec = spec or DemoSpec()
@@ -94,38 +133,7 @@ def generate(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
         rng.shuffle(words)
         titles.append(" ".join(words) + f" {int(rng.integers(1, 100))}")
 
-    # within-group Zipf popularity
-    members = [np.flatnonzero(group == g) for g in range(G)]
-    weights = []
-    for g in range(G):
-        ranks = rng.permutation(len(members[g])) + 1
-        w = ranks.astype(float) ** -spec.zipf
-        weights.append(w / w.sum())
-
-    def pick(g: int, s: int | None = None) -> int:
-        cand, w = members[g], weights[g]
-        if s is not None:
-            keep = sub[cand] == s
-            if keep.any():
-                cand, w = cand[keep], w[keep] / w[keep].sum()
-        return int(rng.choice(cand, p=w))
-
-    users = []
-    for u in range(spec.n_users):
-        length = int(rng.integers(spec.min_len, spec.max_len + 1))
-        g = int(rng.integers(0, G))
-        item = pick(g)
-        seq = [item]
-        for _ in range(length - 1):
-            r = rng.random()
-            if r < spec.p_stay:
-                item = pick(int(group[item]), int(sub[item]))
-            elif r < spec.p_stay + spec.p_next_group:
-                item = pick((int(group[item]) + 1) % G)
-            else:
-                item = pick(int(rng.integers(0, G)))
-            seq.append(item)
-        users.append((f"U{u:06d}", seq))
+    users = [(f"U{u:06d}", seq) for u, seq in enumerate(planted_sequences(rng, group, sub, G, spec))]
 
     paths = {"items": out_dir / "items.tsv", "users": out_dir / "users.tsv", "images": out_dir / "images.zip"}
     with atomic_path(paths["items"]) as tmp:

@@ -65,7 +65,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from ..io import atomic_path, current_umask
-from .demo import _SHAPES, _image, _words
+from .demo import _SHAPES, _image, _words, planted_sequences
 from .microlens import COVERS, COVERS_DIR, PAIRS, TITLES, VIDEOS  # the published names
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp: the same seed gives the same archive
@@ -168,36 +168,7 @@ def plan(spec: MicroLensDemoSpec | dict | None = None) -> Plan:
             title = f'"{title}"'
         titles.append(title)
 
-    members = [np.flatnonzero(group == g) for g in range(G)]
-    weights = []
-    for g in range(G):
-        ranks = rng.permutation(len(members[g])) + 1
-        w = ranks.astype(float) ** -spec.zipf
-        weights.append(w / w.sum())
-
-    def pick(g: int, s: int | None = None) -> int:
-        cand, w = members[g], weights[g]
-        if s is not None:
-            keep = sub[cand] == s
-            if keep.any():
-                cand, w = cand[keep], w[keep] / w[keep].sum()
-        return int(rng.choice(cand, p=w))
-
-    users = []
-    for u in range(spec.n_users):
-        length = int(rng.integers(spec.min_len, spec.max_len + 1))
-        item = pick(int(rng.integers(0, G)))
-        seq = [item]
-        for _ in range(length - 1):
-            r = rng.random()
-            if r < spec.p_stay:
-                item = pick(int(group[item]), int(sub[item]))
-            elif r < spec.p_stay + spec.p_next_group:
-                item = pick((int(group[item]) + 1) % G)
-            else:
-                item = pick(int(rng.integers(0, G)))
-            seq.append(item)
-        users.append((str(u + 1), seq))
+    users = [(str(u + 1), seq) for u, seq in enumerate(planted_sequences(rng, group, sub, G, spec))]
     return Plan(item_ids, titles, group, sub, users)
 
 
