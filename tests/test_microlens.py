@@ -150,6 +150,70 @@ def test_table9_rows_are_the_papers_inputs():
     assert {r["dataset"] for r, _ in plan_runs("table9", cfg)} == {"MicroLens"}
 
 
+def test_table5_rows_are_the_papers():
+    """Table V: multimodal FFT, ID-based SASRec and GRU4Rec, IISAN-VS on BERT-base + ViT-base and
+    IISAN-VA on BERT-large + ViT-base, on MicroLens only; the published rows come from the cited file."""
+    from iisan.plan import plan_runs, table_plan
+    from iisan.tables import read_cited
+
+    from conftest import ROOT, workflow_config
+
+    cfg = workflow_config(ROOT, "config/paper.yaml")
+    rows = table_plan("table5", cfg)
+    assert [r["label"] for r in rows] == ["FFT", "SASRec (ID)", "GRU4Rec (ID)", "IISAN-VS", "IISAN-VA"]
+    towers = {r["method"]: [(t["field"], t["backbone"]) for t in r["towers"]] for r in rows}
+    assert towers["iisan"] == towers["fft"] == [("title", "bert-base"), ("image", "vit-base")]
+    assert towers["iisan-va"] == [("title", "bert-large"), ("image", "vit-base")]
+    assert towers["sasrec-id"] == towers["gru4rec"] == []
+    runs = plan_runs("table5", cfg)
+    assert {r["dataset"] for r, _ in runs} == {"MicroLens"} and len(runs) == 5
+    cited = read_cited(ROOT / cfg["table5"]["cited"])
+    published = {r["method"]: (r["hr@10"], r["ndcg@10"]) for r in cited["rows"]}
+    assert published["SASRec"] == (9.09, 5.17) and published["GRU4Rec_V"] == (9.54, 5.17)  # the paper's Table V
+
+
+@pytest.mark.parametrize("text, error", [
+    ("source: x\ndataset: y\nrows: [{group: IDRec, method: A, hr@10: 101, ndcg@10: 1}]", r"rows\[0\]\.hr@10: expected a percentage"),
+    ("source: x\ndataset: y\nrows: [{group: IDRec, method: A, hr@10: 1}]", r"rows\[0\]: expected exactly the keys"),
+    ("dataset: y\nrows: []", "expected a mapping with the strings 'source' and 'dataset'"),
+    ("source: x\ndataset: y\nrows: {a: 1}", "'rows' must be a list"),
+    ("source: [x\n", "cannot read the cited rows"),
+])
+def test_cited_rows_errors_name_the_file_and_row(tmp_path, text, error):
+    from iisan.tables import read_cited
+
+    path = tmp_path / "cited.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=error) as info:
+        read_cited(path)
+    assert str(path) in str(info.value)
+
+
+def test_table5_prints_published_rows_first_and_marked(tmp_path):
+    import json
+
+    import polars as pl
+
+    from iisan.tables import build_table
+
+    cited = tmp_path / "cited.yaml"
+    cited.write_text("source: Someone 2023\ndataset: Real (published)\nrows: [{group: IDRec, method: SASRec, hr@10: 9.09, ndcg@10: 5.17}]\n")
+    metrics = []
+    for i, hr in enumerate((0.2, 0.3)):
+        m = {"test": {"hr@10": hr, "ndcg@10": hr / 2}, "trainable_params": 10 + i, "best_epoch": 1, "time_per_epoch_train_s": 1.0,
+             "peak_memory_mb": 1.0, "peak_memory_kind": "cpu-rss", "seed": 1}
+        metrics.append(tmp_path / f"m{i}.json")
+        metrics[-1].write_text(json.dumps(m))
+    rows = [{"dataset": "twin", "label": "IISAN-VS", "seed": 1}, {"dataset": "twin", "label": "IISAN-VA", "seed": 1}]
+    df = build_table("table5", rows, metrics, tmp_path / "t5.csv", cited=cited)
+    assert df.equals(pl.read_csv(tmp_path / "t5.csv"))
+    assert df["method"].to_list() == ["SASRec", "IISAN-VS", "IISAN-VA"]
+    assert df["source"].to_list() == ["cited: Someone 2023", "rerun here", "rerun here"]
+    assert df["dataset"].to_list() == ["Real (published)", "twin", "twin"]
+    assert df["hr@10"].to_list() == [9.09, 20.0, 30.0]
+    assert build_table("table5", rows, metrics, tmp_path / "t5b.csv")["method"].to_list() == ["IISAN-VS", "IISAN-VA"]
+
+
 def test_paper_config_trains_microlens_as_the_authors_script():
     from iisan.backbones import BackboneSpec
     from iisan.config import Experiment, TowerConfig

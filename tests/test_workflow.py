@@ -174,7 +174,8 @@ def test_demo_structure_is_learnable(root, tmp_path):
 def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_path):
     """The MicroLens-format twin goes through the MicroLens readers (raw counts as generated, every
     item with its cover); its videos' frames and covers are captioned by the LLaVA-NeXT stand-ins
-    and a caption field is cached like a title; a MicroLens dataset plans the published files."""
+    and a caption field is cached like a title; Tables V and IX are built on it; a MicroLens
+    dataset plans the published files."""
     import polars as pl
 
     from iisan.data.microlens_demo import plan as demo_plan
@@ -185,7 +186,7 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     fft = "results/runs/mldemo/cover_caption@bert-demo/fft/last/none/seed12345/metrics.json"
     targets = ["resources/mldemo/stats.json", "resources/cache/mldemo/video_caption/bert-demo/cache.npy", fft]
     overrides = [over, "captions={max_new_tokens: 4}", "standin_corpus=mldemo", "table9={dataset: mldemo}",
-                 "method_train={fft: {max_epochs: 1, item_slots: distinct}}"]
+                 "table5={dataset: mldemo}", "train={max_epochs: 2}", "method_train={fft: {max_epochs: 1, item_slots: distinct}}"]
     res = run(SNAKEMAKE + ["--cores", "2", "--config", *overrides, "--", *targets], wd)
     assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
     stats = json.loads((wd / "resources/mldemo/stats.json").read_text())
@@ -202,12 +203,27 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     manifest = json.loads((wd / "resources/cache/mldemo/video_caption/bert-demo/manifest.json").read_text())
     assert manifest["field"] == "video_caption" and manifest["items"] == len(items)
     assert json.loads((wd / fft).read_text())["epochs_run"] == 1  # FFT on a caption field, backbone in the loop
-    # Table IX plans its eight runs on the MicroLens dataset, with both caption sources
-    res = run(SNAKEMAKE + ["-n", "--cores", "2", "--config", *overrides, "--", "results/table9.csv"], wd)
+    # Tables IX (eight runs: the FFT run on the cover caption is done) and V (five runs, one shared
+    # with Table IX: IISAN-VS on title + image) built end to end on the twin
+    tables = ["results/table9.csv", "results/table5.csv"]
+    res = run(SNAKEMAKE + ["--cores", "2", "--config", *overrides, "--", *tables], wd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    for rule, n in (("train", 7), ("table", 1)):  # the FFT run on the cover caption is done
-        assert re.search(rf"^{rule}\s+{n}$", out, re.M), (rule, out[-2000:])
+    assert re.search(r"^train\s+11$", out, re.M), out[-2000:]
+    with open(wd / "results/table9.csv") as fh:
+        t9 = list(csv.DictReader(fh))
+    config = workflow_config(root, **dict(o.split("=", 1) for o in overrides))
+    assert [r["input"] for r in t9] == [r["label"] for r in plan.table_plan("table9", config)]
+    assert {r["dataset"] for r in t9} == {"mldemo"} and all(0 <= float(r["hr@10"]) <= 100 for r in t9)
+    with open(wd / "results/table5.csv") as fh:
+        t5 = list(csv.DictReader(fh))
+    cited, ours = [r for r in t5 if r["source"].startswith("cited: ")], [r for r in t5 if r["source"] == "rerun here"]
+    assert len(cited) + len(ours) == len(t5) and cited and t5[:len(cited)] == cited  # published rows first, marked
+    assert {r["dataset"] for r in cited} == {"MicroLens-100k (published)"} and {r["dataset"] for r in ours} == {"mldemo"}
+    assert [r["method"] for r in ours] == ["FFT", "SASRec (ID)", "GRU4Rec (ID)", "IISAN-VS", "IISAN-VA"]
+    vs = next(r for r in ours if r["method"] == "IISAN-VS")
+    versa = next(r for r in t9 if r["input"] == "IISAN-Versa: title + image")
+    assert (vs["hr@10"], vs["ndcg@10"]) == (versa["hr@10"], versa["ndcg@10"])  # one run, two tables
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml", "--config", "mirror=/nonexistent", "--",
                            "resources/MicroLens/captions/video.parquet", "resources/MicroLens/captions/cover.parquet"], wd)
     out = res.stdout + res.stderr

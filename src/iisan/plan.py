@@ -53,7 +53,9 @@ def array(cache_folder: str) -> str:
     """The array file of a cache folder."""
     return f"{cache_folder}/{ARRAY}"
 
-TABLES = ("table3", "table4", "table6", "table7", "table8", "table9", "methods")
+TABLES = ("table3", "table4", "table5", "table6", "table7", "table8", "table9", "methods")
+# tables that run on their own (MicroLens) dataset, `<table>.dataset`, instead of `datasets`
+OWN_DATASET = ("table5", "table9")
 KINDS = (*TABLES, "efficiency", "fig7")
 
 # Table VI (ablations) and Table VII (LayerDrop blocks): (label or None for the method's, method,
@@ -114,9 +116,17 @@ def check_config(config: dict) -> None:
         if name not in config["dataset_sources"]:
             raise ValueError(f"config key dataset_train.{name}: no such dataset under dataset_sources "
                              f"(known: {', '.join(config['dataset_sources'])})")
-    for key in ("table3", "efficiency"):
+    for key in ("table3", "table5", "efficiency"):
         for i, token in enumerate((config.get(key) or {}).get("methods") or []):
             methods.row(token, f"config key {key}.methods[{i}]")
+    for kind in OWN_DATASET:
+        own = config.get(kind)
+        if own and own["dataset"] not in config["dataset_sources"]:
+            raise ValueError(f"config key {kind}.dataset: no such dataset {own['dataset']!r} under dataset_sources "
+                             f"(known: {', '.join(config['dataset_sources'])})")
+    va_text = (config.get("table5") or {}).get("va_text_encoder")
+    if va_text and backbone_entry(config, va_text)["modality"] != "text":
+        raise ValueError(f"config key table5.va_text_encoder: {va_text!r} is not a text backbone")
     for i, pair in enumerate((config.get("table4") or {}).get("image_scaling") or []):
         for name, modality in zip(pair, ("text", "image")):
             if backbone_entry(config, name)["modality"] != modality:
@@ -184,15 +194,15 @@ def methods_table_row(config: dict, entry: str | dict, where: str = "methods tab
                 m.default_cache)
 
 
-def compared_row(config: dict, token: str, seeds: list[int] | None = None) -> dict:
-    """One Table III / Fig. 5 row: a row token of the registry on the configured towers
-    (BERT-base + ViT-base in the paper); an asymmetric method takes `table3.va_text_encoder` as
-    its text tower and `va_scheme`."""
+def compared_row(config: dict, token: str, seeds: list[int] | None = None, table: str = "table3") -> dict:
+    """One Table III / Table V / Fig. 5 row: a row token of the registry on the configured
+    towers (BERT-base + ViT-base in the paper); an asymmetric method takes
+    `<table>.va_text_encoder` (BERT-large in the paper) as its text tower and `va_scheme`."""
     m, label, cache = methods.row(token)
     row = dict(method_row(config, m.name, label), cache=cache, token=token)
     if m.asymmetric:
         towers = config["towers"]
-        text = (config.get("table3") or {}).get("va_text_encoder", towers[0]["backbone"])
+        text = (config.get(table) or {}).get("va_text_encoder", towers[0]["backbone"])
         image = towers[-1]["backbone"]
         row.update(towers=[dict(towers[0], backbone=text), towers[-1]], scheme=va_scheme(config, text, image))
     if seeds:
@@ -206,6 +216,9 @@ def table_plan(kind: str, config: dict) -> list[dict]:
         t3 = config.get("table3") or {}
         sig = t3.get("significance_seeds")
         return [compared_row(config, t, sig if t in ("iisan", "iisan-va") else None) for t in t3.get("methods", [])]
+    if kind == "table5":
+        # our rows on MicroLens; the benchmark's published rows are cited beside them (tables.py)
+        return [compared_row(config, t, table="table5") for t in config["table5"]["methods"]]
     if kind == "efficiency":
         eff = config.get("efficiency") or {}
         return [dict(compared_row(config, t), batch_size=b) for t in eff.get("methods", []) for b in eff.get("batch_sizes", [])]
@@ -279,8 +292,8 @@ def table9_rows(config: dict) -> list[dict]:
 
 
 def table_datasets(config: dict, kind: str) -> list[str]:
-    """The datasets of a table: Table IX runs on its own (MicroLens) dataset, the others on `datasets`."""
-    return [config["table9"]["dataset"]] if kind == "table9" else config["datasets"]
+    """The datasets of a table: Tables V and IX run on their own (MicroLens) dataset, the others on `datasets`."""
+    return [config[kind]["dataset"]] if kind in OWN_DATASET else config["datasets"]
 
 
 # --- runs -------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import polars as pl
 from . import methods
 from .io import atomic_path, read_json
 
-ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table6": "variant", "table7": "blocks", "table8": "selection",
+ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table5": "method", "table6": "variant", "table7": "blocks", "table8": "selection",
                "table9": "input",
                "methods": "method"}
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
@@ -69,14 +69,19 @@ def _write_csv(df: pl.DataFrame, out: Path) -> None:
         df.write_csv(tmp)
 
 
-def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> pl.DataFrame:
-    """rows[i] = {dataset, label, ...} describes metrics[i]; values are test-set percentages."""
+def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path, cited: Path | None = None) -> pl.DataFrame:
+    """rows[i] = {dataset, label, ...} describes metrics[i]; values are test-set percentages.
+    Table V also takes the file of its published (cited) rows, `cited`."""
     header = ROW_HEADERS.get(kind, "row")
     if kind == "table3":
         df = build_table3(rows, metrics)
         _write_csv(df, out)
         return df
     df = aggregate(rows, metrics, header)
+    if kind == "table5":
+        df = build_table5(df, read_cited(cited) if cited else None)
+        _write_csv(df, out)
+        return df
     if kind == "methods":
         df = df.select("dataset", header, "hr@10", "ndcg@10")
     elif kind == "table9":
@@ -112,6 +117,55 @@ def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path) -> 
         df = df.select("dataset", header, "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seconds_per_epoch", "seeds")
     _write_csv(df, out)
     return df
+
+
+# --- Table V: our MicroLens runs beside the benchmark's published rows -------------------------
+RERUN = "rerun here"  # the source column of the rows this workflow trained
+CITED_KEYS = ("group", "method", "hr@10", "ndcg@10")
+
+
+def read_cited(path: str | Path) -> dict:
+    """A file of published rows (config/cited/table5.yaml): `source` (where the numbers are
+    printed), `dataset` (what they were measured on) and `rows`, each {group, method, hr@10,
+    ndcg@10} in percent. Errors name the file and the row."""
+    import yaml
+
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as err:
+        raise ValueError(f"{path}: cannot read the cited rows ({err})") from err
+    if not isinstance(data, dict) or not all(isinstance(data.get(k), str) and data[k] for k in ("source", "dataset")):
+        raise ValueError(f"{path}: expected a mapping with the strings 'source' and 'dataset' and a list 'rows'")
+    rows = data.get("rows")
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: 'rows' must be a list of {{{', '.join(CITED_KEYS)}}}")
+    for i, r in enumerate(rows):
+        where = f"{path}: rows[{i}]"
+        if not isinstance(r, dict) or set(r) != set(CITED_KEYS):
+            raise ValueError(f"{where}: expected exactly the keys {', '.join(CITED_KEYS)}, got {r!r}")
+        for k in ("hr@10", "ndcg@10"):
+            v = r[k]
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v <= 100:
+                raise ValueError(f"{where}.{k}: expected a percentage between 0 and 100, got {v!r}")
+    return data
+
+
+def build_table5(ours: pl.DataFrame, cited: dict | None) -> pl.DataFrame:
+    """Table V: the benchmark's published rows (source: the citation; dataset: the published
+    one), then this workflow's reruns on the configured MicroLens dataset (source: rerun here)."""
+    header = ROW_HEADERS["table5"]
+    ours = ours.select(
+        "dataset", pl.lit(RERUN).alias("group"), header, "hr@10", "ndcg@10", pl.lit(RERUN).alias("source"),
+        "trainable_params", "best_epoch", "seeds",
+    )
+    if not cited or not cited["rows"]:
+        return ours
+    published = pl.DataFrame(
+        [{"dataset": cited["dataset"], "group": r["group"], header: r["method"], "hr@10": float(r["hr@10"]),
+          "ndcg@10": float(r["ndcg@10"]), "source": f"cited: {cited['source']}"} for r in cited["rows"]]
+    )
+    return pl.concat([published, ours], how="diagonal_relaxed").select(ours.columns)
 
 
 # --- Table III and Fig. 5: baselines and efficiency (docs/method.md §8-9) ----------------------

@@ -118,6 +118,16 @@ def get_plan_inputs(kind):
     return [p for _, p in plan.plan_runs(kind, config)]
 
 
+def get_cited_input(wildcards):
+    """Table V's file of published rows (`table5.cited`); nothing for the other tables."""
+    kind = get_table_kind(wildcards)
+    return (
+        [config[kind]["cited"]]
+        if kind == "table5" and config[kind].get("cited")
+        else []
+    )
+
+
 def get_plan_rows(kind):
     """The row of each of those runs (aligned with get_plan_inputs)."""
     return [r for r, _ in plan.plan_runs(kind, config)]

@@ -3,7 +3,8 @@
 
 rule table:
     input:
-        lambda wildcards: get_plan_inputs(get_table_kind(wildcards)),
+        metrics=lambda wildcards: get_plan_inputs(get_table_kind(wildcards)),
+        cited=get_cited_input,
     output:
         report(plan.TABLE, caption="../report/table.rst", category="Tables"),
     log:

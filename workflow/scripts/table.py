@@ -3,4 +3,6 @@ from iisan.jobs import job
 from iisan.tables import build_table
 
 with job(snakemake):
-    build_table(snakemake.params.kind, snakemake.params.rows, snakemake.input, snakemake.output[0])
+    cited = snakemake.input.cited
+    build_table(snakemake.params.kind, snakemake.params.rows, snakemake.input.metrics, snakemake.output[0],
+                cited=cited[0] if cited else None)
