@@ -269,13 +269,17 @@ def test_paper_config_plans_table3_and_fig5_on_three_datasets(root, tmp_path):
         parts = path.split("/")
         exp = plan.experiment(config, *parts[2:7], seed=int(parts[7][4:]))
         text = [t.backbone for t in exp.towers if t.field == "title"]
-        llm = "Scientific" if parts[2] == "Scientific" else "other"
+        llm = parts[2] if parts[2] in ("Scientific", "MicroLens") else "other"
         batches.setdefault((text[0] if text else "id", exp.method, llm), set()).add(exp.train.batch_size)
     for ds in ("Scientific", "other"):
         big = 512 if ds == "Scientific" else 64
         assert batches[("llama3-8b", "iisan-va", ds)] == {big} and batches[("llama3-70b-gptq", "iisan-va", ds)] == {big}
         assert batches[("bert-large", "iisan-va", ds)] == {64} and batches[("bert-base", "iisan", ds)] == {64}
         assert batches[("bert-base", "fft", ds)] == {32} and batches[("id", "sasrec-id", ds)] == {64}
+    # Tables V and IX on MicroLens, IISAN trained as the authors' MicroLens script (batch 512)
+    assert "results/table5.csv" in out and "results/table9.csv" in out
+    assert batches[("bert-base", "iisan", "MicroLens")] == batches[("bert-large", "iisan-va", "MicroLens")] == {512}
+    assert batches[("id", "gru4rec", "MicroLens")] == {512}
 
 
 def test_tiny_outputs_equal_the_golden_ones(tiny_workflow):
