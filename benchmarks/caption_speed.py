@@ -145,6 +145,34 @@ def run_batch(model, processor, texts, images, gen, device):
     return time.perf_counter() - t, captions
 
 
+def profile_decode(model, processor, texts, images, gen_config, n, device, kind, b, cache):
+    """GPU kernel time against wall time over the decode steps, and the kernels that take it."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"  # on a CPU (--tiny smoke test) the "kernels" are the ops' own CPU time
+    kind_of = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+
+    def kernels(steps):
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+            wall, _ = run_batch(model, processor, texts, images, gen_config(steps), device)
+        events = [e for e in prof.events() if e.device_type == kind_of]
+        return wall, [(e.name, e.device_time if cuda else e.self_cpu_time_total) for e in events]
+
+    w1, e1 = kernels(1)
+    wn, en = kernels(n + 1)
+    busy = sum(t for _, t in en) - sum(t for _, t in e1)
+    by_name: dict[str, list[float]] = {}
+    for name, t in en[len(e1):]:
+        by_name.setdefault(name[:60], []).append(t)
+    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
+    print(json.dumps({
+        "profile": kind, "batch": b, "cache": cache, "decode_steps": n,
+        "step_ms": round((wn - w1) / n * 1e3, 2), "gpu_busy_ms_per_step": round(busy / n / 1e3, 2),
+        "kernels_per_step": round((len(en) - len(e1)) / n, 1),
+        "top": [[k, len(v) // n, round(sum(v) / n / 1e3, 3)] for k, v in top],  # name, launches, ms per step
+    }), flush=True)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tiny", action="store_true")
@@ -153,6 +181,8 @@ def main():
     ap.add_argument("--video-batches", default="4,8,16")
     ap.add_argument("--new-tokens", type=int, default=300)
     ap.add_argument("--caches", default="dynamic,static", help="KV caches to time: dynamic (eager decode), static (compiled decode)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after timing, profile N decode steps: GPU busy fraction and the kernels that dominate")
     args = ap.parse_args()
     from PIL import Image
     from transformers import GenerationConfig
@@ -227,6 +257,8 @@ def main():
                     "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
                     "caption_words": len(caps[0].split()),
                 }), flush=True)
+                if args.profile:
+                    profile_decode(model, processor, texts, images, gen_config, args.profile, device, kind, b, cache)
 
 
 if __name__ == "__main__":
