@@ -224,7 +224,7 @@ def main():
             for cache in args.caches.split(","):
                 extra = {"cache_implementation": "static"} if cache == "static" else {}
 
-                def gen_config(n):
+                def gen_config(n, stop=stop, extra=extra):
                     return GenerationConfig(**GREEDY, max_new_tokens=n, min_new_tokens=n, eos_token_id=[stop],
                                             pad_token_id=processor.tokenizer.pad_token_id, **extra)
 
