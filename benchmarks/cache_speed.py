@@ -17,22 +17,10 @@ import time
 
 import numpy as np
 import torch
+from caption_speed import matmul_tflops  # one measured matmul rate for the GPU benchmarks
 
 from iisan.backbones import BackboneSpec, train_bpe_tokenizer
 from iisan.cache import encode_batches
-
-
-def matmul_tflops(n=8192, reps=50) -> float:
-    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    for _ in range(5):
-        a @ b
-    torch.cuda.synchronize()
-    t = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    torch.cuda.synchronize()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e12
 
 
 def titles(n: int, seed=0) -> list[str]:
@@ -82,7 +70,7 @@ def main():
     args = ap.parse_args()
     from transformers import LlamaConfig, LlamaModel
 
-    peak = matmul_tflops()
+    peak = matmul_tflops(torch.device("cuda"), torch.bfloat16)
     texts = titles(args.items)
     tok = train_bpe_tokenizer(texts, vocab_size=8000)
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
