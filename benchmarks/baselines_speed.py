@@ -62,14 +62,34 @@ def build(method: str, data, device, item_slots: str = "distinct"):
     text_inputs = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
     pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
     towers = [
-        BackboneTower(Tower(text_spec, "", "title", want), bert, text_inputs),
-        BackboneTower(Tower(image_spec, "", "image", want), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),
+        BackboneTower(Tower(text_spec, "", "title", want, "float16"), bert, text_inputs),
+        BackboneTower(Tower(image_spec, "", "image", want, "float16"), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),
     ]
     model_method = "iisan" if finetune == "frozen" else method
-    return BackboneFeatures(towers, finetune, "float16", item_slots), model_method
+    return BackboneFeatures(towers, finetune, item_slots), model_method
 
 
-def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct") -> dict:
+def step_flops(trainer, n: int = 3) -> float:
+    """Mean FLOPs (matmuls, attention; torch's FlopCounterMode) of one training step's forward
+    and backward over n batches, counted eagerly before any timing (one real step each)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    batches, total = trainer._batches(), 0
+    for _ in range(n):
+        ids = next(batches)
+        with FlopCounterMode(display=False) as fc:
+            with trainer._autocast():
+                loss = trainer.model(ids, trainer._features(ids))
+            loss.backward()
+        trainer.opt.zero_grad(set_to_none=False)
+        total += fc.get_total_flops()
+    return total / n
+
+
+def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
+            compile_backbones: bool = False) -> dict:
+    from caption_speed import matmul_tflops
+
     from iisan.model import ModelConfig
     from iisan.train import TrainConfig, Trainer
 
@@ -82,16 +102,25 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
                       item_slots=item_slots)
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
     steps_per_epoch = -(-data.n_users // cfg.batch_size)
+    flops = step_flops(trainer)
+    if compile_backbones and source.module is not None:
+        for tower in source.towers:
+            tower.backbone.compile()
+    peak_tflops = matmul_tflops(device, torch.bfloat16, n=256 if SMOKE else 8192)
     timed = steps_per_epoch if method == "iisan" else steps
     prof = trainer.profile(steps=timed)
-    trainer._sync()
-    t0 = time.perf_counter()
-    trainer.evaluate("valid")
-    trainer._sync()
-    eval_s = time.perf_counter() - t0
+    eval_s = None
+    if validation:
+        trainer._sync()
+        t0 = time.perf_counter()
+        trainer.evaluate("valid")
+        trainer._sync()
+        eval_s = round(time.perf_counter() - t0, 2)
+    achieved = flops / prof["seconds_per_step"] / 1e12
     return {
         "method": method,
         "compile": compile_,
+        "compile_backbones": compile_backbones,
         "item_slots": item_slots,
         "device": prof["device"],
         "torch": torch.__version__,
@@ -99,9 +128,13 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
         "steps_timed": timed,
         "steps_per_epoch": steps_per_epoch,
         "seconds_per_step": round(prof["seconds_per_step"], 5),
+        "step_tflop": round(flops / 1e12, 3),
+        "achieved_tflops": round(achieved, 1),
+        "matmul_tflops": round(peak_tflops, 1),
+        "fraction_of_matmul_rate": round(achieved / peak_tflops, 3),
         "epoch_train_s": round(prof["time_per_epoch_train_s"], 2),
-        "validation_s": round(eval_s, 2),
-        "epoch_with_validation_s": round(prof["time_per_epoch_train_s"] + eval_s, 2),
+        "validation_s": eval_s,
+        "epoch_with_validation_s": None if eval_s is None else round(prof["time_per_epoch_train_s"] + eval_s, 2),
         "peak_memory_gib": round(prof["peak_memory_mb"] / 1024, 2),
         "peak_memory_kind": prof["peak_memory_kind"],
         "trainable_params": prof["trainable_params"],
@@ -117,6 +150,8 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the item and user encoders")
     ap.add_argument("--methods", default=",".join(METHODS), help="with --all: which methods")
+    ap.add_argument("--no-validation", action="store_true", help="skip the timed validation pass")
+    ap.add_argument("--compile-backbones", action="store_true", help="also torch.compile the backbones in the loop")
     ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
                     help="backbones in the loop run every item slot (the authors' code) or each distinct item once")
     args = ap.parse_args()
@@ -125,7 +160,8 @@ def main():
     if args.all:
         rows = []
         for m in args.methods.split(","):
-            flags = (["--smoke"] if SMOKE else []) + (["--compile"] if args.compile else []) + ["--item-slots", args.item_slots]
+            flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
+                                     ("--compile-backbones", args.compile_backbones)) if on] + ["--item-slots", args.item_slots]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
                 print(json.dumps({"method": m, "error": out.stderr[-1500:]}), flush=True)
@@ -141,7 +177,8 @@ def main():
                 summary["uncached_speedup_vs_fft"] = round(fft["epoch_train_s"] / by["iisan-uncached"]["epoch_train_s"], 2)
             print(json.dumps(summary), flush=True)
         return
-    print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots)), flush=True)
+    print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
+                             args.compile_backbones)), flush=True)
     gc.collect()
 
 

@@ -27,6 +27,8 @@ import torch
 
 from iisan.captions import CHAT_TEMPLATES, GREEDY, TURN_TOKENS, _caption_batch, conversation
 
+from gpu_profile import kernels, summary
+
 MICROLENS_ITEMS = 19_738
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 grid
 
@@ -146,31 +148,18 @@ def run_batch(model, processor, texts, images, gen, device):
 
 
 def profile_decode(model, processor, texts, images, gen_config, n, device, kind, b, cache):
-    """GPU kernel time against wall time over the decode steps, and the kernels that take it."""
-    from torch.profiler import ProfilerActivity, profile
+    """GPU kernel time against wall time over the decode steps, and the kernels that take it:
+    a 1-token and an (n+1)-token generation, the difference is n decode steps."""
+    def run(steps):
+        return kernels(lambda: run_batch(model, processor, texts, images, gen_config(steps), device), device)
 
-    cuda = device.type == "cuda"  # on a CPU (--tiny smoke test) the "kernels" are the ops' own CPU time
-    kind_of = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-
-    def kernels(steps):
-        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
-            wall, _ = run_batch(model, processor, texts, images, gen_config(steps), device)
-        events = [e for e in prof.events() if e.device_type == kind_of]
-        return wall, [(e.name, e.device_time if cuda else e.self_cpu_time_total) for e in events]
-
-    w1, e1 = kernels(1)
-    wn, en = kernels(n + 1)
-    busy = sum(t for _, t in en) - sum(t for _, t in e1)
-    by_name: dict[str, list[float]] = {}
-    for name, t in en[len(e1):]:
-        by_name.setdefault(name[:60], []).append(t)
-    top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:8]
-    print(json.dumps({
-        "profile": kind, "batch": b, "cache": cache, "decode_steps": n,
-        "step_ms": round((wn - w1) / n * 1e3, 2), "gpu_busy_ms_per_step": round(busy / n / 1e3, 2),
-        "kernels_per_step": round((len(en) - len(e1)) / n, 1),
-        "top": [[k, len(v) // n, round(sum(v) / n / 1e3, 3)] for k, v in top],  # name, launches, ms per step
-    }), flush=True)
+    w1, e1 = run(1)
+    wn, en = run(n + 1)
+    decode = summary(en[len(e1):], n)
+    decode["gpu_busy_ms_per_step"] = round((sum(t for _, t in en) - sum(t for _, t in e1)) / n / 1e3, 2)
+    decode["kernels_per_step"] = round((len(en) - len(e1)) / n, 1)
+    print(json.dumps({"profile": kind, "batch": b, "cache": cache, "decode_steps": n,
+                      "step_ms": round((wn - w1) / n * 1e3, 2), **decode}), flush=True)
 
 
 def main():

@@ -5,12 +5,13 @@ Synthetic data with the real shapes: 12,076 users (window lengths 5..13 averagin
 scheme blocks6 (7 states per field), batch 64. Values are random: speed and memory do not depend
 on them. Prints one JSON line per setting.
 
-    PYTHONPATH=src python benchmarks/train_speed.py [--epochs 3] [--no-graphs]
+    PYTHONPATH=src python benchmarks/train_speed.py [--epochs 3] [--variants graph1+compile,graph8+compile] [--profile]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import time
 
@@ -22,12 +23,18 @@ from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
+from gpu_profile import kernels, summary
 
-def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceData:
+
+def synthetic_sequences(users=12076, items=20314, interactions=81711, seed=0) -> list[list[int]]:
+    """Item sequences of Scientific's shape (window lengths 5..13, 81,711 interactions in all)."""
     rng = np.random.default_rng(seed)
     lengths = np.clip(rng.poisson(interactions / users - 5, size=users) + 5, 5, 13)
-    seqs = [list(rng.integers(1, items + 1, size=n)) for n in lengths]
-    return sequence_data(seqs, items, "synthetic")
+    return [[int(i) for i in rng.integers(1, items + 1, size=n)] for n in lengths]
+
+
+def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceData:
+    return sequence_data(synthetic_sequences(users, items, interactions, seed), items, "synthetic")
 
 
 def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> SequenceData:
@@ -52,43 +59,72 @@ def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> Se
     )
 
 
+def variants(text: str) -> list[dict]:
+    """--variants: comma-separated settings, each `eager`, `graph` (one step per replay) or
+    `graphK` (K steps per replay), with `+compile` for compiled encoders: graph1+compile."""
+    out = []
+    for v in text.split(","):
+        base, _, extra = v.partition("+")
+        if base == "eager":
+            graphs, k = False, 1
+        elif base.startswith("graph"):
+            graphs, k = True, int(base[5:] or 1)
+        else:
+            raise SystemExit(f"--variants: {v!r} is not eager, graph or graphK (+compile)")
+        out.append({"name": v, "cuda_graphs": graphs, "steps_per_graph": k, "compile": extra == "compile"})
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--graphs", choices=["on", "off", "both"], default="both")
+    ap.add_argument("--variants", default="eager,graph1",
+                    help="settings to time side by side, e.g. graph1+compile,graph8+compile (see variants())")
     ap.add_argument("--method", default="iisan")
+    ap.add_argument("--profile", action="store_true", help="after timing, profile one epoch: GPU busy time and top kernels")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()
-    data = synthetic()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    data = synthetic(users=300, items=500, interactions=2000) if args.smoke else synthetic()
     rng = np.random.default_rng(1)
     layers = scheme_layers("blocks6", 12)
-    full = [rng.standard_normal((data.n_items + 1, 13, 768), dtype=np.float32).astype(np.float16) for _ in range(2)]
+    width = 32 if args.smoke else 768
+    full = [rng.standard_normal((data.n_items + 1, 13, width), dtype=np.float32).astype(np.float16) for _ in range(2)]
     caches = [c[:, layers] for c in full]
-    settings = {"on": [True], "off": [False], "both": [False, True]}[args.graphs]
-    for graphs in settings:
-        cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=graphs)
-        trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg)
-        torch.cuda.reset_peak_memory_stats()
+    for v in variants(args.variants):
+        cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=v["cuda_graphs"],
+                          steps_per_graph=v["steps_per_graph"], compile=v["compile"])
+        trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device))
+        sync = trainer._sync
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         times, losses = [], []
         for _ in range(args.epochs):
-            torch.cuda.synchronize()
+            sync()
             t0 = time.perf_counter()
             losses.append(trainer.train_epoch())
-            torch.cuda.synchronize()
+            sync()
             times.append(time.perf_counter() - t0)
         t0 = time.perf_counter()
         val = trainer.evaluate("valid")
-        torch.cuda.synchronize()
+        sync()
         eval_s = time.perf_counter() - t0
         steps = -(-data.n_users // cfg.batch_size)
-        print(json.dumps({
-            "device": torch.cuda.get_device_name(), "torch": torch.__version__, "method": args.method,
-            "cuda_graphs": graphs, "batch": cfg.batch_size, "steps_per_epoch": steps,
-            "epoch_seconds": [round(t, 3) for t in times],
-            "steady_epoch_seconds": round(float(np.median(times[1:] if len(times) > 1 else times)), 3),
-            "ms_per_step": round(1000 * float(np.median(times[1:] if len(times) > 1 else times)) / steps, 2),
-            "eval_seconds": round(eval_s, 3), "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
-            "losses": [round(l, 4) for l in losses], "valid": val,
-        }), flush=True)
+        steady = float(np.median(times[1:] if len(times) > 1 else times))
+        row = {
+            "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+            "method": args.method, "variant": v["name"], "batch": cfg.batch_size, "steps_per_epoch": steps,
+            "epoch_seconds": [round(t, 3) for t in times], "steady_epoch_seconds": round(steady, 3),
+            "ms_per_step": round(1000 * steady / steps, 3), "eval_seconds": round(eval_s, 3),
+            "peak_mem_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if device.type == "cuda" else None,
+            "losses": [round(l, 5) for l in losses], "valid": val,
+        }
+        if args.profile:
+            wall, events = kernels(trainer.train_epoch, device)
+            row["profile"] = {"epoch_seconds": round(wall, 3), **summary(events, steps, top=12)}
+        print(json.dumps(row), flush=True)
+        del trainer
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -1,0 +1,42 @@
+"""GPU kernel profile of a piece of work (torch profiler): what the benchmarks' `--profile` prints.
+
+`kernels(fn)` runs `fn()` under the profiler and returns its wall time and every kernel (name,
+GPU time in µs); `summary` turns the kernels of n steps into busy time, launches and the top
+kernels per step. On a CPU the "kernels" are the operators' own CPU time (a smoke test).
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+
+def kernels(fn, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        if cuda:
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.events() if e.device_type == kind]
+    return wall, [(e.name, e.device_time if cuda else e.self_cpu_time_total) for e in events]
+
+
+def summary(events: list[tuple[str, float]], n: int, top: int = 8, width: int = 60) -> dict:
+    """Per step of n: GPU busy ms, kernel launches, and the `top` kernels [name, launches, ms]."""
+    by_name: dict[str, list[float]] = {}
+    for name, t in events:
+        by_name.setdefault(name[:width], []).append(t)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "gpu_busy_ms_per_step": round(sum(t for _, t in events) / n / 1e3, 3),
+        "kernels_per_step": round(len(events) / n, 1),
+        "top": [[k, round(len(v) / n, 1), round(sum(v) / n / 1e3, 4)] for k, v in ranked],
+    }
