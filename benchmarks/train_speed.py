@@ -5,7 +5,7 @@ Synthetic data with the real shapes: 12,076 users (window lengths 5..13 averagin
 scheme blocks6 (7 states per field), batch 64. Values are random: speed and memory do not depend
 on them. Prints one JSON line per setting.
 
-    PYTHONPATH=src python benchmarks/train_speed.py [--epochs 3] [--variants graph1+compile,graph8+compile] [--profile]
+    PYTHONPATH=src python benchmarks/train_speed.py [--epochs 3] [--variants eager,graph,graph+compile] [--profile]
 """
 
 from __future__ import annotations
@@ -60,28 +60,25 @@ def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> Se
 
 
 def variants(text: str) -> list[dict]:
-    """--variants: comma-separated settings, each `eager`, `graph` (one step per replay) or
-    `graphK` (K steps per replay), with `+compile` for compiled encoders: graph1+compile."""
+    """--variants: comma-separated settings, each `eager` or `graph` (the whole step as one CUDA
+    graph), with `+compile` for compiled encoders: eager,graph+compile."""
     out = []
     for v in text.split(","):
         base, _, extra = v.partition("+")
-        if base == "eager":
-            graphs, k = False, 1
-        elif base.startswith("graph"):
-            graphs, k = True, int(base[5:] or 1)
-        else:
-            raise SystemExit(f"--variants: {v!r} is not eager, graph or graphK (+compile)")
-        out.append({"name": v, "cuda_graphs": graphs, "steps_per_graph": k, "compile": extra == "compile"})
+        if base not in ("eager", "graph") or extra not in ("", "compile"):
+            raise SystemExit(f"--variants: {v!r} is not eager or graph, with or without +compile")
+        out.append({"name": v, "cuda_graphs": base == "graph", "compile": extra == "compile"})
     return out
 
 
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--variants", default="eager,graph1",
-                    help="settings to time side by side, e.g. graph1+compile,graph8+compile (see variants())")
+    ap.add_argument("--variants", default="eager,graph",
+                    help="settings to time side by side, e.g. graph,graph+compile (see variants())")
     ap.add_argument("--method", default="iisan")
     ap.add_argument("--profile", action="store_true", help="after timing, profile one epoch: GPU busy time and top kernels")
+    ap.add_argument("--top", type=int, default=25, help="kernels listed by --profile")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, to check the script")
     args = ap.parse_args()
     device = torch.device("cpu" if args.smoke else "cuda")
@@ -93,7 +90,7 @@ def main():
     caches = [c[:, layers] for c in full]
     for v in variants(args.variants):
         cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=v["cuda_graphs"],
-                          steps_per_graph=v["steps_per_graph"], compile=v["compile"])
+                          compile=v["compile"])
         trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device))
         sync = trainer._sync
         if device.type == "cuda":
@@ -121,7 +118,7 @@ def main():
         }
         if args.profile:
             wall, events = kernels(trainer.train_epoch, device)
-            row["profile"] = {"epoch_seconds": round(wall, 3), **summary(events, steps, top=12)}
+            row["profile"] = {"epoch_seconds": round(wall, 3), **summary(events, steps, top=args.top)}
         print(json.dumps(row), flush=True)
         del trainer
         gc.collect()

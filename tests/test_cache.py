@@ -78,3 +78,19 @@ def test_mismatched_cache_is_refused(minilm_cache, tmp_path):
     prune_cache(out, tmp_path / "p", [0, 6])
     with pytest.raises(CacheMismatch, match=r"layers \[2\] are not stored"):
         load_cache(tmp_path / "p", backbone="minilm-l6", layers=[0, 2], item_order_hash=h)
+
+
+def test_read_layers_matches_numpy(tmp_path):
+    """read_layers (one read, or row blocks through a buffer) gives exactly the selected states."""
+    from iisan.cache import CacheError, read_layers
+
+    arr = np.random.default_rng(0).standard_normal((37, 5, 6)).astype(np.float16)
+    path = tmp_path / "cache.npy"
+    np.save(path, arr)
+    assert np.array_equal(read_layers(path, [0, 1, 2, 3, 4]), arr)
+    for cols in ([1, 3], [4], [0, 2, 4]):
+        got = read_layers(path, cols, chunk_bytes=5 * 6 * 2 * 4)  # blocks of 4 rows, the last one short
+        assert got.flags["C_CONTIGUOUS"] and np.array_equal(got, arr[:, cols])
+    path.write_bytes(path.read_bytes()[:-10])
+    with pytest.raises(CacheError, match="truncated"):
+        read_layers(path, [1, 3])

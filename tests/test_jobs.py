@@ -1,5 +1,6 @@
 """A job's output goes to its rule's log; with keep_attempts, every attempt of a job stays in it."""
 
+import os
 import subprocess
 import sys
 
@@ -31,3 +32,23 @@ def test_every_attempt_of_a_job_stays_in_its_log(tmp_path):
         assert part in text, (part, text)
     assert text.index("attempt 1 ==") < text.index("attempt 2 ==")
     assert (tmp_path / "logs" / "run.log.attempts").read_text() == text
+
+
+def test_jobs_share_the_compile_cache_folder(tmp_path):
+    """A job points TORCHINDUCTOR_CACHE_DIR at the config's compile_cache before torch loads; a
+    value already in the environment wins."""
+    code = """
+import os, sys
+from types import SimpleNamespace
+from iisan.jobs import job
+
+snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0, config={"compile_cache": "cc"})
+with job(snakemake):
+    print(os.environ.get("TORCHINDUCTOR_CACHE_DIR"), "torch" in sys.modules)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_CACHE_DIR"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "a.log")], cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "a.log").read_text().split()[-2:] == [str((tmp_path / "cc").resolve()), "False"]
+    env["TORCHINDUCTOR_CACHE_DIR"] = "/elsewhere"
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.log")], cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "b.log").read_text().split()[-2:] == ["/elsewhere", "False"]

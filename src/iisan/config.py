@@ -77,8 +77,6 @@ class TrainConfig:
     eval_batch: int = 1024
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
     compile: bool = False  # torch.compile the item and user encoders for training on CUDA (speed only)
-    # with cuda_graphs and cached features: training steps per graph replay (speed only)
-    steps_per_graph: int = 1
     # write the fit checkpoint after an epoch only once this many seconds have passed since the
     # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
     checkpoint_every_s: float = 0.0
@@ -96,8 +94,6 @@ class TrainConfig:
     def __post_init__(self):
         if self.item_slots not in ("all", "distinct"):
             raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
-        if self.steps_per_graph < 1:
-            raise ValueError(f"speed.steps_per_graph: {self.steps_per_graph} must be at least 1")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
@@ -108,7 +104,7 @@ class TrainConfig:
 
 # TrainConfig fields that change speed, not results (the workflow's `speed` section): they are
 # kept out of an experiment's identity, so changing them reruns nothing
-SPEED_FIELDS = ("cuda_graphs", "compile", "steps_per_graph", "eval_batch", "checkpoint_every_s")
+SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
 
 
 @dataclass

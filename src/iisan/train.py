@@ -118,7 +118,6 @@ class CudaGraphStep:
         self.step, self.features, self.device = step, features, device
         self.graph, self.warm = None, 0
         self.ids = self.feats = self.loss = None  # static buffers of the captured step
-        self.multi = {}  # k -> (graph of k steps, its (k, B, S) input buffer, its loss total)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         feats = self.features(ids) if self.features is not None else None
@@ -148,30 +147,6 @@ class CudaGraphStep:
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.loss = self.step(self.ids, self.feats)
-
-    def many(self, chunk: torch.Tensor, total: torch.Tensor) -> None:
-        """Steps on the k windows batches of `chunk` (k, B, S) in order, each loss added to
-        `total` in turn (the same float32 additions as `total += step(ids)` one by one), as one
-        replay of a k-step graph: one launch and one input copy for k steps. Only for features
-        from memory (`features` None). The first chunks run step by step until the one-step
-        graph is captured."""
-        if self.graph is None:
-            for ids in chunk:
-                total += self(ids)
-            return
-        k = chunk.shape[0]
-        if k not in self.multi:
-            buf = chunk.clone()
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                for i in range(k):
-                    total += self.step(buf[i], None)
-            self.multi[k] = (g, buf, total)
-        g, buf, acc = self.multi[k]
-        if acc is not total:
-            raise ValueError("CudaGraphStep.many: a k-step graph adds into the total buffer it was captured with")
-        buf.copy_(chunk)
-        g.replay()
 
 
 class Trainer:
@@ -236,7 +211,6 @@ class Trainer:
         if self.graphs:
             features = self._features if self.source.outside_graph else None
             self.train_step = CudaGraphStep(self._step, features, self.device)
-        self._loss_total = None  # the loss total a k-step graph adds into (train_epoch)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
         if run_hash is None:
             run_hash = config_hash({"model": asdict(model_cfg), "train": train_cfg.result_settings()})
@@ -262,7 +236,7 @@ class Trainer:
         outside the step (a CUDA graph's frozen backbones)."""
         with self._autocast():
             loss = self.train_forward(ids, self._features(ids) if feats is None else feats)
-        self.opt.zero_grad(set_to_none=False)
+        self.opt.zero_grad(set_to_none=True)  # no zeroing kernels, no accumulation adds: backward writes each gradient
         if self.scaler is None:
             loss.backward()
             self.opt.step()
@@ -287,29 +261,11 @@ class Trainer:
 
     def train_epoch(self) -> float:
         self.model.train()
-        k = self.cfg.steps_per_graph
-        if isinstance(self.train_step, CudaGraphStep) and self.train_step.features is None and k > 1:
-            return self._train_epoch_chunked(k)
         total, steps = torch.zeros((), device=self.device), 0
         for ids in self._batches():
             total += self.train_step(ids)
             steps += 1
         return float(total) / max(steps, 1)
-
-    def _train_epoch_chunked(self, k: int) -> float:
-        """`train_epoch` with k steps per CUDA-graph replay: the same batches in the same order
-        (gathered for the whole epoch at once), the same steps, the same loss total; the
-        remainder of an epoch that is not a multiple of k replays the one-step graph."""
-        if self._loss_total is None:
-            self._loss_total = torch.zeros((), device=self.device)
-        total = self._loss_total.zero_()
-        ids = torch.stack(list(self._batches()))  # (steps, B, S): views of one gathered tensor
-        n = ids.shape[0]
-        for s in range(0, n - n % k, k):
-            self.train_step.many(ids[s : s + k], total)
-        for s in range(n - n % k, n):
-            total += self.train_step(ids[s])
-        return float(total) / max(n, 1)
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
