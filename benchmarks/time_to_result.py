@@ -108,7 +108,7 @@ def prepare(work: Path, cfg: dict) -> None:
         })
 
 
-def child(work: Path, out: Path, epochs: int, speed: dict) -> None:
+def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = False) -> None:
     """One run, timed from process start (what a train job does after Snakemake starts it):
     `iisan.experiment.run_experiment`'s steps with a clock between them."""
     marks = {"interpreter_start_to_script": round(process_age() - (time.time() - T_PROCESS), 3)}
@@ -139,7 +139,15 @@ def child(work: Path, out: Path, epochs: int, speed: dict) -> None:
     marks["load_caches (checked, checksums)"] = round(time.time() - t, 3)
     t = time.time()
     set_seed(exp.train.seed)
-    trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
+    if profile_init:  # where the trainer's construction spends its time (cProfile, top 25 by cumulative time)
+        import cProfile
+        import pstats
+
+        with cProfile.Profile() as prof:
+            trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
+        pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
+    else:
+        trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
     trainer._sync()
     marks["trainer (to GPU, model)"] = round(time.time() - t, 3)
     t = time.time()
@@ -180,11 +188,12 @@ def main():
     ap.add_argument("--epochs", type=int, default=100)
     ap.add_argument("--speed", default="{}", help="speed settings over the config's, as JSON")
     ap.add_argument("--compile-cache", type=Path, help="inductor cache folder (default: WORK/compile-cache, emptied first)")
+    ap.add_argument("--profile-init", action="store_true", help="cProfile the trainer's construction (to stderr)")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     speed = json.loads(args.speed)
     if args.child:
-        child(args.work, args.work / "metrics.json", args.epochs, speed)
+        child(args.work, args.work / "metrics.json", args.epochs, speed, args.profile_init)
         return
     t = time.time()
     prepare(args.work, config())
@@ -195,7 +204,7 @@ def main():
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
     for _ in range(args.runs):
         subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--epochs", str(args.epochs),
-                        "--speed", args.speed], env=env, check=True)
+                        "--speed", args.speed] + ["--profile-init"] * args.profile_init, env=env, check=True)
 
 
 if __name__ == "__main__":
