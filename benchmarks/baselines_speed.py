@@ -87,7 +87,7 @@ def step_flops(trainer, n: int = 3) -> float:
 
 
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
-            compile_backbones: bool = False) -> dict:
+            compile_backbones: bool = False, profile: int = 0) -> dict:
     from caption_speed import matmul_tflops
 
     from iisan.model import ModelConfig
@@ -117,6 +117,13 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
         trainer._sync()
         eval_s = round(time.perf_counter() - t0, 2)
     achieved = flops / prof["seconds_per_step"] / 1e12
+    kernel_profile = None
+    if profile:
+        from gpu_profile import kernels, summary
+
+        batches = trainer._batches()
+        wall, events = kernels(lambda: [trainer.train_step(next(batches)) for _ in range(profile)], device)
+        kernel_profile = {"step_seconds": round(wall / profile, 4), **summary(events, profile, top=15)}
     return {
         "method": method,
         "compile": compile_,
@@ -139,6 +146,7 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
         "peak_memory_kind": prof["peak_memory_kind"],
         "trainable_params": prof["trainable_params"],
         "total_params": prof["total_params"],
+        "profile": kernel_profile,
     }
 
 
@@ -150,6 +158,7 @@ def main():
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the item and user encoders")
     ap.add_argument("--methods", default=",".join(METHODS), help="with --all: which methods")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (GPU time by kernel family)")
     ap.add_argument("--no-validation", action="store_true", help="skip the timed validation pass")
     ap.add_argument("--compile-backbones", action="store_true", help="also torch.compile the backbones in the loop")
     ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
@@ -161,7 +170,8 @@ def main():
         rows = []
         for m in args.methods.split(","):
             flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
-                                     ("--compile-backbones", args.compile_backbones)) if on] + ["--item-slots", args.item_slots]
+                                     ("--compile-backbones", args.compile_backbones)) if on] + ["--item-slots", args.item_slots,
+                                                                                      "--profile", str(args.profile)]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
                 print(json.dumps({"method": m, "error": out.stderr[-1500:]}), flush=True)
@@ -178,7 +188,7 @@ def main():
             print(json.dumps(summary), flush=True)
         return
     print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
-                             args.compile_backbones)), flush=True)
+                             args.compile_backbones, args.profile)), flush=True)
     gc.collect()
 
 

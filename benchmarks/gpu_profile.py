@@ -7,9 +7,19 @@ kernels per step. On a CPU the "kernels" are the operators' own CPU time (a smok
 
 from __future__ import annotations
 
+import re
 import time
 
 import torch
+
+# kernel families by name (first match wins): what a step's GPU time goes to
+FAMILIES = [
+    ("attention", r"sdpa|flash|fmha|attention|compute_dot_do_o"),
+    ("matmul", r"gemm|nvjet|cutlass|cublas|matmul|xmma|wgmma|convolve"),
+    ("optimizer", r"multi_tensor_apply|adam"),
+    ("layernorm/softmax/reduce", r"norm|softmax|reduce|red_fused|per_fused"),
+    ("elementwise/copy", r"elementwise|poi_fused|copy|fill|cat|index|gather|scatter|memcpy|memset"),
+]
 
 
 def kernels(fn, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
@@ -35,7 +45,12 @@ def summary(events: list[tuple[str, float]], n: int, top: int = 8, width: int = 
     for name, t in events:
         by_name.setdefault(name[:width], []).append(t)
     ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    family: dict[str, float] = {}
+    for name, t in events:
+        kind = next((f for f, pattern in FAMILIES if re.search(pattern, name, re.I)), "other")
+        family[kind] = family.get(kind, 0.0) + t
     return {
+        "ms_per_step_by_family": {k: round(v / n / 1e3, 3) for k, v in sorted(family.items(), key=lambda kv: -kv[1])},
         "gpu_busy_ms_per_step": round(sum(t for _, t in events) / n / 1e3, 3),
         "kernels_per_step": round(len(events) / n, 1),
         "top": [[k, round(len(v) / n, 1), round(sum(v) / n / 1e3, 4)] for k, v in ranked],
