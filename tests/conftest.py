@@ -44,18 +44,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
-    """The config a run of the Snakefile sees: config/config.yaml, then `files`, then the
-    `--config` overrides read as YAML, validated with the schema's defaults filled in."""
-    import yaml
-    from snakemake.utils import update_config, validate
+    """The config a run of the Snakefile sees (iisan.config.workflow_config)."""
+    from iisan.config import workflow_config as load
 
-    from iisan.config import typed
-    from iisan.plan import check_config
-
-    config = {}
-    for f in ("config/config.yaml", *files):
-        update_config(config, yaml.safe_load((root / f).read_text()))
-    update_config(config, typed(overrides))
-    validate(config, str(root / "config/schemas/config.schema.yaml"))
-    check_config(config)
-    return config
+    return load(root, files, overrides)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -253,3 +254,26 @@ class Experiment:
 
 def config_hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] = (), overrides: dict | None = None) -> dict:
+    """The config a run of the Snakefile in `root` sees: config/config.yaml, then the `files`
+    (--configfile), then the `overrides` (--config key=value, read as YAML), validated against the
+    schema with its defaults filled in and checked by iisan.plan.check_config. Needs Snakemake
+    (the `workflow` extra)."""
+    import yaml
+    from snakemake.utils import update_config, validate
+
+    from .plan import check_config
+
+    root = Path(root)
+    config: dict = {}
+    for f in ("config/config.yaml", *files):
+        path = Path(f) if Path(f).is_absolute() else root / f
+        if not path.is_file():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        update_config(config, yaml.safe_load(path.read_text()) or {})
+    update_config(config, typed(overrides or {}))
+    validate(config, str(root / "config/schemas/config.schema.yaml"))
+    check_config(config)
+    return config

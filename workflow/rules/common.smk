@@ -6,6 +6,7 @@ import re
 
 from iisan import plan
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
+from iisan.budget import weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -294,16 +295,8 @@ GPUS = _gpus_per_job()
 
 
 def get_backbone_weight_gb(name):
-    b = backbone_entry(config, name)
-    if b["source"] == "demo":
-        # a stand-in: about 12 L d^2 parameters (its params_b is the real model's)
-        params_b = 12 * b["layers"] * b["hidden"] ** 2 * b.get("experts", 1) / 1e9
-    else:
-        params_b = b.get("params_b") or 0.5
-    quantized = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}
-    if b.get("quantization") in quantized:
-        return params_b * quantized[b["quantization"]]
-    return params_b * (4.0 if b.get("dtype", "float32") == "float32" else 2.0)
+    """GB the backbone's weights take in memory (iisan.budget.weight_gb)."""
+    return weight_gb(backbone_entry(config, name))
 
 
 def get_cache_mem_mb(wildcards, attempt):

@@ -1,0 +1,52 @@
+"""`iisan` command line: `iisan plan` prints the GPU-hour budget of a workflow config before a run.
+
+    iisan plan --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+
+def plan(args: argparse.Namespace) -> int:
+    from .budget import Budget, load_rates, render, write_jobs
+    from .config import workflow_config
+
+    overrides = {}
+    for item in args.config or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise SystemExit(f"iisan plan: --config {item!r}: expected KEY=VALUE")
+        overrides[key] = value
+    os.chdir(args.directory)  # the workflow's folder: its config/ and resources/ (dataset sizes)
+    try:
+        config = workflow_config(".", args.configfile or [], overrides)
+    except Exception as err:  # a missing file, a schema or registry error: say which and stop
+        print(f"iisan plan: {err}", file=sys.stderr)
+        return 2
+    budget = Budget(config, load_rates(args.rates)).build()
+    print(render(budget))
+    if args.jobs:
+        write_jobs(budget, args.jobs)
+        print(f"every job: {args.jobs}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="iisan", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("plan", help="GPU hours and peak GPU memory of every job a config's targets need, per table and in total")
+    p.add_argument("--configfile", nargs="+", help="config files over config/config.yaml, as snakemake --configfile")
+    p.add_argument("--config", nargs="+", metavar="KEY=VALUE", help="config overrides, as snakemake --config")
+    p.add_argument("--rates", type=Path, help="measured rates (default: the package's rates.yaml, an H200)")
+    p.add_argument("--jobs", type=Path, help="also write every job (kind, output, GPU hours, peak GiB, tables) to this CSV")
+    p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
+    args = ap.parse_args(argv)
+    return {"plan": plan}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

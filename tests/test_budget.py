@@ -1,0 +1,107 @@
+"""GPU-hour budget (`iisan plan`): every GPU job the targets need, priced from the rates file."""
+
+import csv
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from iisan import plan
+from iisan.budget import RATES, Budget, load_rates, weight_gb
+
+from conftest import ROOT, workflow_config
+
+
+def paper():
+    return workflow_config(ROOT, "config/paper.yaml")
+
+
+def test_budget_has_every_gpu_job_the_targets_need():
+    """Training runs and profiles are exactly the plan's; caches exactly the full caches those runs
+    (and Fig. 6) read; captions for the caption fields of Table IX."""
+    cfg = paper()
+    budget = Budget(cfg).build()
+    kinds = {k: {j.name for j in budget.jobs.values() if j.kind == k} for k in ("train", "profile", "cache", "caption")}
+    figures = {"fig4": "table4", "fig7": "fig7"}
+    runs = {p for k in cfg["tables"] + [figures[f] for f in cfg["figures"] if f in figures] for _, p in plan.plan_runs(k, cfg)}
+    assert kinds["train"] == runs
+    assert kinds["profile"] == {p for _, p in plan.efficiency_plan(cfg)}
+    caches = set()
+    for k in cfg["tables"] + ["fig7"]:
+        for dataset in plan.table_datasets(cfg, k):
+            for row in plan.table_plan(k, cfg):
+                w = plan.run_wildcards(dataset, row)
+                if w["cache"] != "none":
+                    caches |= {plan.CACHE_ARRAY.format(dataset=dataset, field=t.field, backbone=t.backbone)
+                               for t in plan.parse_towers(cfg, w["towers"])}
+    caches |= {plan.array(c) for c in plan.fig6_caches(cfg) if "pruned-" not in c}
+    assert kinds["cache"] == caches
+    assert kinds["caption"] == {plan.CAPTIONS.format(dataset="MicroLens", source=s) for s in ("cover", "video")}
+    total = budget.summary()[-1]
+    assert total["group"] == "total" and total["jobs"] == len(budget.jobs)
+    assert total["gpu_hours"] <= sum(r["gpu_hours"] for r in budget.summary()[:-1])  # shared jobs once
+
+
+def test_budget_scales_with_the_rates_and_the_config():
+    """A run is priced at max_epochs from the measured step time: twice the step time or twice the
+    epochs, about twice the hours; FFT (every weight trains) needs more memory than BitFit."""
+    cfg = paper()
+    rates = load_rates()
+    row = plan.compared_row(cfg, "fft")
+    base = Budget(cfg, rates).train("Scientific", row, 12345)
+    slow = yaml.safe_load(RATES.read_text())
+    slow["in_loop"]["step_s"]["fft"] *= 2
+    assert Budget(cfg, slow).train("Scientific", row, 12345).seconds > 1.9 * base.seconds - 2 * rates["in_loop"]["startup_s"]
+    steps = -(-12076 // 32)  # Table I users, batch 32
+    assert abs(base.seconds - 100 * steps * rates["in_loop"]["step_s"]["fft"]) / base.seconds < 0.1
+    cfg["method_train"]["fft"]["max_epochs"] = 50
+    assert abs(Budget(cfg, rates).train("Scientific", row, 12345).seconds / base.seconds - 0.5) < 0.05
+    bitfit = Budget(paper(), rates).train("Scientific", plan.compared_row(cfg, "bitfit"), 12345)
+    assert base.peak_gib > bitfit.peak_gib
+    # a cached run holds its cache on the GPU: the 70B full cache needs more memory than the dropped one
+    fig7 = {(r["label"], r["cache"]): r for r in plan.table_plan("fig7", cfg)}
+    full, dropped = (Budget(cfg, rates).train("Scientific", fig7[("llama3-70b-gptq", c)], 12345) for c in ("full", "dropped"))
+    assert full.peak_gib > dropped.peak_gib + 15
+
+
+def test_weight_size_of_quantised_and_demo_backbones():
+    cfg = paper()
+    assert weight_gb(cfg["backbones"]["bert-base"]) == 0.11 * 4
+    assert weight_gb(cfg["backbones"]["llama3-70b-gptq"]) == 70.6 * 0.55
+    demo = workflow_config()["backbones"]["bert-demo"]  # a stand-in: its own size (12 L d^2), not the real model's
+    assert demo["source"] == "demo"
+    assert weight_gb(demo) == 12 * demo["layers"] * demo["hidden"] ** 2 / 1e9 * 4
+
+
+def test_dataset_size_from_stats_table_i_or_demo_spec(tmp_path, monkeypatch):
+    from iisan.budget import dataset_size
+
+    demo = workflow_config()
+    spec = demo["dataset_sources"]["demo"]["demo"]
+    monkeypatch.chdir(tmp_path)
+    assert dataset_size(demo, "demo") == (spec["n_users"], spec["n_items"])
+    assert dataset_size(demo, "Scientific") == (12076, 20314)
+    (tmp_path / "resources/demo").mkdir(parents=True)
+    (tmp_path / "resources/demo/stats.json").write_text('{"users": 7, "items": 9}')
+    assert dataset_size(demo, "demo") == (7, 9)
+    demo["dataset_sources"]["mine"] = {"kind": "amazon"}
+    with pytest.raises(ValueError, match="resources/mine/stats.json"):
+        dataset_size(demo, "mine")
+
+
+def test_iisan_plan_command(tmp_path):
+    """`iisan plan` prints a row per table and figure and the total, and writes every job."""
+    jobs = tmp_path / "jobs.csv"
+    out = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--configfile", "config/paper.yaml", "--jobs", str(jobs)],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    for name in ("table3", "table4", "table5", "table9", "fig5", "fig7", "total"):
+        assert any(line.startswith(name) for line in lines), name
+    rows = list(csv.DictReader(jobs.open()))
+    assert len(rows) == Budget(paper()).build().summary()[-1]["jobs"]
+    assert {r["kind"] for r in rows} == {"caption", "cache", "train", "profile"}
+    bad = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--config", "tables=[table42]"], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and "table42" in bad.stderr and "Traceback" not in bad.stderr
