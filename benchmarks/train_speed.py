@@ -21,7 +21,7 @@ import torch
 from iisan.data.sequences import SequenceData, left_pad
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.train import TrainConfig, Trainer, compile_for_training
 
 from gpu_profile import kernels, summary
 
@@ -61,13 +61,14 @@ def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> Se
 
 def variants(text: str) -> list[dict]:
     """--variants: comma-separated settings, each `eager` or `graph` (the whole step as one CUDA
-    graph), with `+compile` for compiled encoders: eager,graph+compile."""
+    graph), with `+compile` for compiled encoders (the library's `speed.compile`) or `+compile-all`
+    for the whole forward, loss included, compiled as one (an experiment): eager,graph+compile."""
     out = []
     for v in text.split(","):
         base, _, extra = v.partition("+")
-        if base not in ("eager", "graph") or extra not in ("", "compile"):
-            raise SystemExit(f"--variants: {v!r} is not eager or graph, with or without +compile")
-        out.append({"name": v, "cuda_graphs": base == "graph", "compile": extra == "compile"})
+        if base not in ("eager", "graph") or extra not in ("", "compile", "compile-all"):
+            raise SystemExit(f"--variants: {v!r} is not eager or graph, with or without +compile or +compile-all")
+        out.append({"name": v, "cuda_graphs": base == "graph", "compile": extra == "compile", "compile_all": extra == "compile-all"})
     return out
 
 
@@ -92,6 +93,8 @@ def main():
         cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=v["cuda_graphs"],
                           compile=v["compile"])
         trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device))
+        if v["compile_all"]:  # the step's forward (encoders and loss) as one compiled function
+            trainer.train_forward = compile_for_training(trainer.model)
         sync = trainer._sync
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
