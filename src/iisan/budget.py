@@ -255,10 +255,11 @@ def _group_order(name: str):
 def render(budget: Budget) -> str:
     """The summary as a fixed-width table (shared jobs count once in the total)."""
     rows = budget.summary()
-    head = f"{'table/figure':<14}{'GPU jobs':>9}{'caption':>9}{'cache':>7}{'train':>7}{'profile':>9}{'GPU hours':>11}{'peak GiB':>10}  largest job"
+    w = max(14, *(len(r["group"]) + 2 for r in rows))
+    head = f"{'table/figure':<{w}}{'GPU jobs':>9}{'caption':>9}{'cache':>7}{'train':>7}{'profile':>9}{'GPU hours':>11}{'peak GiB':>10}  largest job"
     lines = [f"GPU-hour budget (upper bound: every run to max_epochs) from rates measured on {budget.rates['device']}", head]
     for r in rows:
-        lines.append(f"{r['group']:<14}{r['jobs']:>9}{r['caption']:>9}{r['cache']:>7}{r['train']:>7}{r['profile']:>9}"
+        lines.append(f"{r['group']:<{w}}{r['jobs']:>9}{r['caption']:>9}{r['cache']:>7}{r['train']:>7}{r['profile']:>9}"
                      f"{r['gpu_hours']:>11.1f}{r['peak_gib']:>10.1f}  {r['peak_job']}")
     lines.append("A job shared by several tables counts in each of them and once in the total.")
     return "\n".join(lines)
