@@ -40,16 +40,10 @@ def process_age() -> float:
 
 
 def config() -> dict:
-    """config/config.yaml under config/paper.yaml (key by key, as Snakemake merges config files)."""
-    import yaml
+    """config/config.yaml under config/paper.yaml, merged as Snakemake merges config files."""
+    from methods_table import load_config
 
-    def merge(a, b):
-        for k, v in b.items():
-            a[k] = merge(dict(a[k]), v) if isinstance(v, dict) and isinstance(a.get(k), dict) else v
-        return a
-
-    cfg = yaml.safe_load((ROOT / "config/config.yaml").read_text())
-    return merge(cfg, yaml.safe_load((ROOT / "config/paper.yaml").read_text()))
+    return load_config(["config/paper.yaml"])
 
 
 def experiment(cfg: dict, epochs: int, speed: dict):

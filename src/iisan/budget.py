@@ -22,13 +22,13 @@ from . import methods, plan
 from .backbones import output_layer
 from .config import backbone_entry
 from .data import CAPTION_FIELDS
+from .data.amazon import TABLE_I as AMAZON_TABLE_I
 from .data.microlens import TABLE_I as MICROLENS_TABLE_I
 
 RATES = Path(__file__).with_name("rates.yaml")
 
 # Table I: (users, items) of the paper's datasets, for datasets not preprocessed yet
-TABLE_I = {"Scientific": (12076, 20314), "Instrument": (10000, 19246), "Office": (10000, 22785),
-           "MicroLens": (MICROLENS_TABLE_I["users"], MICROLENS_TABLE_I["items"])}
+TABLE_I = {name: (t["users"], t["items"]) for name, t in {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}.items()}
 QUANTIZED_BYTES = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}  # bytes per parameter
 
 
@@ -50,6 +50,12 @@ def weight_gb(entry: dict) -> float:
     if entry.get("quantization") in QUANTIZED_BYTES:
         return params_b(entry) * QUANTIZED_BYTES[entry["quantization"]]
     return params_b(entry) * (4.0 if entry.get("dtype", "float32") == "float32" else 2.0)
+
+
+def captioner_gb(entry: dict) -> float:
+    """GB of GPU memory a captioner's bf16 weights take, with 20 % for the vision tower's and the
+    prompt's activations (`params_b`, 8 when the registry leaves it out)."""
+    return 2 * entry.get("params_b", 8) * 1.2
 
 
 def tokens(entry: dict, config: dict) -> int:
@@ -134,10 +140,11 @@ class Budget:
             widths = [len(exp.tower_layers(t)) * tw.spec["hidden"] for t, tw in enumerate(exp.towers)]
             states = [len(exp.tower_layers(t)) if exp.cache != "full" else
                       output_layer(tw.spec["family"], tw.spec["layers"]) + 1 for t, tw in enumerate(exp.towers)]
-            units = B * S * (sum(widths) if widths else 64)
+            width = sum(widths) or exp.model.embed_dim  # ID models: their embeddings
+            units = B * S * width
             step = r["step_fixed_s"] + r["step_per_unit_s"] * units
             ref = self.rates["reference"]
-            eval_s = r["eval_s"] * max(items * (sum(widths) or 64), 1) / (ref["items"] * 2 * 7 * 768)
+            eval_s = r["eval_s"] * items * width / (ref["items"] * ref["side_width"])
             cache_bytes = sum(items * k * tw.spec["hidden"] * (2 if tw.backbone_spec().cache_dtype(exp.cache_dtype) == "float16" else 4)
                               for k, tw in zip(states, exp.towers))
             trainable = self._side_params(exp)
@@ -183,9 +190,10 @@ class Budget:
         cap = self.config["captioners"][self.config["captions"][source]]
         _, items = dataset_size(self.config, dataset)
         r = self.rates["captions"]
-        size = cap.get("params_b", r["params_b"]) if cap.get("source") != "demo" else 0.01
+        demo = cap.get("source") == "demo"
+        size = 0.01 if demo else cap.get("params_b", 8)
         seconds = items * r[f"{source}_item_s"] * size / r["params_b"]
-        peak = (2 * size * 1.2 + 4) * 1e9 / 2**30
+        peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
         return Job("caption", plan.CAPTIONS.format(dataset=dataset, source=source), seconds, peak,
                    f"{items} items, {self.config['captions'][source]}", tuple(groups))
 

@@ -119,9 +119,7 @@ def check_array(cache_dir: Path, m: dict, *, checksum: bool = False) -> None:
         raise CacheError(f"{path}: {size} bytes, but field 'bytes' of {where} says {m['bytes']} (truncated or replaced)")
     try:
         with open(path, "rb") as fh:
-            version = np.lib.format.read_magic(fh)
-            read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, _, dtype = read(fh)
+            shape, _, dtype = _npy_header(fh)
     except ValueError as err:
         raise CacheError(f"{path}: not a readable .npy array ({err})") from None
     if list(shape) != m["shape"]:
@@ -486,9 +484,7 @@ def read_layers(path: Path, cols: list[int], chunk_bytes: int = 64 << 20) -> np.
     array in one read when `cols` is every state, else row blocks of about `chunk_bytes` through
     one buffer (a memory-mapped fancy index and a contiguous copy took 3x as long)."""
     with open(path, "rb") as fh:
-        version = np.lib.format.read_magic(fh)
-        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, fortran, dtype = read(fh)
+        shape, fortran, dtype = _npy_header(fh)
         if fortran or len(shape) != 3:
             raise CacheError(f"{path}: expected a C-ordered (items + 1, states, hidden) array, found shape {shape}")
         dtype = np.dtype(dtype)
@@ -503,6 +499,13 @@ def read_layers(path: Path, cols: list[int], chunk_bytes: int = 64 << 20) -> np.
             _read_into(fh, buf[:n], path)
             out[start : start + n] = buf[:n, cols]
     return out
+
+
+def _npy_header(fh) -> tuple[tuple, bool, np.dtype]:
+    """(shape, fortran order, dtype) of the .npy file open at its start; leaves it at the data."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)
 
 
 def _read_into(fh, arr: np.ndarray, path: Path) -> None:

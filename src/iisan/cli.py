@@ -19,7 +19,8 @@ def plan(args: argparse.Namespace) -> int:
     for item in args.config or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
-            raise SystemExit(f"iisan plan: --config {item!r}: expected KEY=VALUE")
+            print(f"iisan plan: --config {item!r}: expected KEY=VALUE", file=sys.stderr)
+            return 2
         overrides[key] = value
     os.chdir(args.directory)  # the workflow's folder: its config/ and resources/ (dataset sizes)
     try:

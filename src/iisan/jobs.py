@@ -67,8 +67,8 @@ def job(snakemake, keep_attempts: bool = False):
 def compile_cache(config: dict) -> None:
     """Point torch.compile's on-disk cache (inductor and Triton kernels, compiled graphs) at the
     config's `compile_cache` folder, shared by every job of the workflow, also across the nodes of
-    a cluster, so that only the first run of a model shape compiles (34 s to 5 s of a cached run's
-    start-up on an H200, docs/benchmarks.md). A TORCHINDUCTOR_CACHE_DIR already set wins; must run
+    a cluster, so that only the first run of a model shape compiles (about 30 s; later runs 3 s on an H200,
+    docs/benchmarks.md). A TORCHINDUCTOR_CACHE_DIR already set wins; must run
     before torch is imported."""
     folder = config.get("compile_cache")
     if folder and "TORCHINDUCTOR_CACHE_DIR" not in os.environ:

@@ -6,7 +6,7 @@ import re
 
 from iisan import plan
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
-from iisan.budget import weight_gb
+from iisan.budget import captioner_gb, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -309,7 +309,7 @@ def get_caption_gpus(wildcards):
     c = get_captioner(wildcards)
     if GPUS == 0 or c["source"] == "demo":
         return 0
-    return max(GPUS, math.ceil(2 * c.get("params_b", 8) * 1.2 / 75))
+    return max(GPUS, math.ceil(captioner_gb(c) / 75))
 
 
 def get_caption_mem_mb(wildcards, attempt):
