@@ -183,6 +183,8 @@ def main():
     ap.add_argument("--speed", default="{}", help="speed settings over the config's, as JSON")
     ap.add_argument("--compile-cache", type=Path, help="inductor cache folder (default: WORK/compile-cache, emptied first)")
     ap.add_argument("--profile-init", action="store_true", help="cProfile the trainer's construction (to stderr)")
+    ap.add_argument("--importtime", type=Path, metavar="FILE",
+                    help="run the last run under python -X importtime, its log to FILE; print where import time goes")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     speed = json.loads(args.speed)
@@ -196,9 +198,28 @@ def main():
     if args.compile_cache is None:
         subprocess.run(["rm", "-rf", str(cache)], check=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
-    for _ in range(args.runs):
-        subprocess.run([sys.executable, __file__, "--child", "--work", str(args.work), "--epochs", str(args.epochs),
-                        "--speed", args.speed] + ["--profile-init"] * args.profile_init, env=env, check=True)
+    for run in range(args.runs):
+        trace = args.importtime is not None and run == args.runs - 1
+        with open(args.importtime if trace else os.devnull, "w") as log:
+            subprocess.run([sys.executable] + ["-X", "importtime"] * trace + [__file__, "--child", "--work", str(args.work),
+                            "--epochs", str(args.epochs), "--speed", args.speed] + ["--profile-init"] * args.profile_init,
+                           env=env, check=True, stderr=log if trace else None)
+    if args.importtime is not None:
+        print(json.dumps(import_summary(args.importtime.read_text())), flush=True)
+
+
+def import_summary(log: str, top: int = 25) -> dict:
+    """From a `python -X importtime` log: seconds of import by top-level package (self times
+    summed), and the `top` modules with the largest cumulative time."""
+    by_package, modules = {}, []
+    for line in log.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, cumulative_us, name = line[len("import time:"):].split("|")
+        by_package[name.strip().split(".")[0]] = by_package.get(name.strip().split(".")[0], 0) + int(self_us)
+        modules.append((int(cumulative_us), name.rstrip()))
+    return {"import_s_by_package": {k: round(v / 1e6, 2) for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])[:top]},
+            "import_s_by_module_cumulative": {n: round(c / 1e6, 2) for c, n in sorted(modules, reverse=True)[:top]}}
 
 
 if __name__ == "__main__":

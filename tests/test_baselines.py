@@ -15,7 +15,7 @@ from iisan.config import Experiment, ModelConfig, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.experiment import make_trainer, run_experiment
-from iisan.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, prepare_backbone
+from iisan.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, compile_layers, prepare_backbone, repeated_blocks
 from iisan.layerdrop import scheme_layers
 from iisan.tables import build_table3, paired_ttest, tpme
 
@@ -123,6 +123,28 @@ def test_lora_and_adapters_keep_the_pretrained_model(make, family):
         with torch.no_grad():  # LoRA's B = 0: unchanged; the adapters' N(0, 0.01^2) weights: nearly
             out = m(**x).last_hidden_state
             assert torch.equal(out, ref) if method == "lora" else (out - ref).abs().max() < 0.01 * ref.abs().max(), method
+
+
+@pytest.mark.parametrize("make,family", [(bert, "bert"), (mpnet, "mpnet"), (vit, "vit")])
+@pytest.mark.parametrize("method", ["fft", "lora", "adapter"])
+def test_backbone_layers_compile_in_place_whole_graph(make, family, method):
+    """speed.compile compiles each layer of a backbone in the loop (`compile_layers`): the layers
+    are found whatever the method inserted, each traces as one graph (fullgraph: no break that
+    would leave its pointwise work unfused), and outputs and state-dict keys are unchanged."""
+    torch._dynamo.reset()
+    plain, m = prepare_backbone(make(3), family, method), prepare_backbone(make(3), family, method)
+    blocks = repeated_blocks(m)
+    assert len(blocks) == 3 and all(type(b).__name__.endswith("Layer") for b in blocks)
+    x = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": (torch.arange(7) < torch.tensor([[7], [5], [2]])).long()} \
+        if family != "vit" else {"pixel_values": torch.randn(3, 3, 16, 16)}
+    assert compile_layers(m, backend="eager", fullgraph=True) == 3
+    assert m.state_dict().keys() == plain.state_dict().keys()
+    with torch.no_grad():
+        torch.testing.assert_close(m(**x).last_hidden_state, plain(**x).last_hidden_state)
+    no_stack = torch.nn.Linear(2, 2)
+    no_stack.config = plain.config
+    with pytest.raises(ValueError, match="no stack of 3 layers found in Linear"):
+        repeated_blocks(no_stack)
 
 
 def test_lora_without_a_target_module_fails_loudly():

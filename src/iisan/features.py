@@ -175,6 +175,9 @@ class BackboneFeatures(nn.Module, FeatureSource):
     tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | distinct, the training config's)
     is fixed when the source is built (see `gather`)."""
 
+    # Not one CUDA graph even where the shapes are fixed (every item slot): capturing the step
+    # makes transformers build a full attention mask where it otherwise passes none (it treats a
+    # capture as tracing), so attention leaves the flash kernels (docs/benchmarks.md)
     static = False
     chunk_size = 256
     # On CUDA the distinct items of a step are padded up to a multiple of this, so the backbones
@@ -192,6 +195,13 @@ class BackboneFeatures(nn.Module, FeatureSource):
     @property
     def module(self) -> nn.Module:
         return self
+
+    def compile_backbones(self) -> None:
+        """torch.compile each transformer layer of every backbone (`iisan.finetune.compile_layers`)."""
+        from .finetune import compile_layers
+
+        for t in self.towers:
+            compile_layers(t.backbone)
 
     @property
     def dims(self) -> list[int]:

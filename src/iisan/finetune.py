@@ -129,6 +129,27 @@ class BiasOnlyLayerNorm(nn.LayerNorm):
         return y + self.bias if self.bias is not None else y
 
 
+def repeated_blocks(model: nn.Module) -> nn.ModuleList:
+    """The backbone's stack of transformer layers: its first ModuleList with one entry per layer
+    (`config.num_hidden_layers`)."""
+    n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for m in model.modules():
+        if isinstance(m, nn.ModuleList) and len(m) == n:
+            return m
+    raise ValueError(f"no stack of {n} layers found in {type(model).__name__}")
+
+
+def compile_layers(model: nn.Module, **options) -> int:
+    """torch.compile each transformer layer of a backbone in place (regional compilation: one
+    graph for a layer's code, reused by all of them; parameter names and state-dict keys stay as
+    they were), so each layer's pointwise work (casts, dropout, residual adds, LayerNorm, GELU)
+    runs in a few fused kernels. `options` go to torch.compile. Returns how many layers."""
+    blocks = repeated_blocks(model)
+    for layer in blocks:
+        layer.compile(**options)
+    return len(blocks)
+
+
 def prepare_backbone(model: nn.Module, family: str, method: str, settings: FinetuneConfig | None = None) -> nn.Module:
     """Insert the method's modules (sizes from `settings`) and set requires_grad on exactly the
     tensors that train."""

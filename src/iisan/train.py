@@ -85,11 +85,16 @@ def _can_compile() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.nn.Module:
-    """``torch.compile`` for the training step; a compile that fails falls back to eager."""
+def _fall_back_to_eager() -> None:
+    """A compile that fails runs the code eagerly instead (speed only, never the result)."""
     import torch._dynamo as dynamo
 
     dynamo.config.suppress_errors = True
+
+
+def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.nn.Module:
+    """``torch.compile`` for the training step; a compile that fails falls back to eager."""
+    _fall_back_to_eager()
     return torch.compile(module, backend=backend)
 
 
@@ -102,6 +107,14 @@ def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig)
     if device.type == "cuda" and cfg.compile and _can_compile():
         return functools.partial(model, encoders=(compile_for_training(model.items), compile_for_training(model.user)))
     return model
+
+
+def compile_backbones(source: FeatureSource, device: torch.device, cfg: TrainConfig) -> None:
+    """On CUDA with `cfg.compile`: backbones in the loop get each transformer layer compiled in
+    place (their pointwise work fused; they run so in training and evaluation)."""
+    if device.type == "cuda" and cfg.compile and _can_compile() and hasattr(source, "compile_backbones"):
+        _fall_back_to_eager()
+        source.compile_backbones()
 
 
 class CudaGraphStep:
@@ -198,6 +211,7 @@ class Trainer:
             capturable=self.graphs,
         )
         self.train_forward = training_forward(self.model, self.device, train_cfg)
+        compile_backbones(self.source, self.device, train_cfg)
         # mixed precision (CUDA only): the autocast dtype of training and of evaluation's encoders
         self.precision = train_cfg.precision if on_cuda else "fp32"
         self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
