@@ -77,7 +77,7 @@ class TrainConfig:
     precision: str = "bf16"
     eval_batch: int = 1024
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
-    compile: bool = False  # torch.compile the item and user encoders for training on CUDA (speed only)
+    compile: bool = False  # torch.compile the item and user encoders, and backbone layers in the loop, on CUDA (speed only)
     # write the fit checkpoint after an epoch only once this many seconds have passed since the
     # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
     checkpoint_every_s: float = 0.0
