@@ -65,6 +65,19 @@ def test_budget_scales_with_the_rates_and_the_config():
     assert full.peak_gib > dropped.peak_gib + 15
 
 
+def test_captions_are_priced_at_the_rate_of_their_kv_cache():
+    """captions.kv_cache: static prices the captions at the static cache's measured rate (per item,
+    scaled by the captioner's parameters), dynamic at the dynamic one's."""
+    rates = load_rates()
+    cfg = paper()
+    dynamic = Budget(cfg, rates).caption("MicroLens", "video")
+    cfg["captions"]["kv_cache"] = "static"
+    static = Budget(cfg, rates).caption("MicroLens", "video")
+    r = rates["captions"]
+    assert static.seconds / dynamic.seconds == pytest.approx(r["static"]["video_item_s"] / r["video_item_s"])
+    assert static.peak_gib == dynamic.peak_gib
+
+
 def test_weight_size_of_quantised_and_demo_backbones():
     cfg = paper()
     assert weight_gb(cfg["backbones"]["bert-base"]) == 0.11 * 4

@@ -105,6 +105,31 @@ def test_images_steer_the_captions(reference):
     assert pl.read_parquet(reference[0])["caption"].n_unique() == len(COVERS)
 
 
+def test_static_kv_cache_gives_the_same_captions_under_its_own_key(reference, standins, prompts, tmp_path, monkeypatch):
+    """captions.kv_cache = static: prompts padded to a multiple of STATIC_BUCKET tokens, the short
+    last batch filled with its last item (4 covers, batch 3: batches of 3 and 1 + 2 fillers);
+    greedy captions equal the dynamic cache's, the settings key names the cache (the dynamic
+    default stays out of it, so older caption sets keep theirs), and an unknown cache is refused."""
+    seen = []
+    real = captions._caption_batch
+
+    def spy(model, processor, texts, images, generation_config, pad_to_multiple_of=None):
+        seen.append((len(texts), pad_to_multiple_of, generation_config.cache_implementation))
+        return real(model, processor, texts, images, generation_config, pad_to_multiple_of)
+
+    monkeypatch.setattr(captions, "_caption_batch", spy)
+    out = tmp_path / "static.parquet"
+    manifest = _run(standins, prompts, out, kv_cache="static")
+    assert seen == [(3, captions.STATIC_BUCKET, "static")] * 2
+    assert pl.read_parquet(out).equals(pl.read_parquet(reference[0]))
+    assert manifest["settings"]["decoding"]["kv_cache"] == "static"
+    assert "kv_cache" not in reference[1]["settings"]["decoding"]
+    assert {k: v for k, v in manifest["settings"].items() if k != "decoding"} == \
+        {k: v for k, v in reference[1]["settings"].items() if k != "decoding"}
+    with pytest.raises(ValueError, match="captions.kv_cache: 'paged' is not one of dynamic, static"):
+        _run(standins, prompts, tmp_path / "x.parquet", kv_cache="paged")
+
+
 def test_batch_size_does_not_change_captions(reference, standins, prompts, tmp_path):
     one = tmp_path / "one.parquet"
     _run(standins, prompts, one, batch_size=1)
@@ -177,9 +202,9 @@ def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tm
     seen = []
     real = captions._caption_batch
 
-    def spy(model, processor, texts, images, config):
+    def spy(model, processor, texts, images, config, pad_to_multiple_of=None):
         seen.append((len(texts), len(images), [t.count("<image>") for t in texts]))
-        return real(model, processor, texts, images, config)
+        return real(model, processor, texts, images, config, pad_to_multiple_of)
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     out = tmp_path / "videos.parquet"

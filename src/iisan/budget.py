@@ -192,7 +192,8 @@ class Budget:
         r = self.rates["captions"]
         demo = cap.get("source") == "demo"
         size = 0.01 if demo else cap.get("params_b", 8)
-        seconds = items * r[f"{source}_item_s"] * size / r["params_b"]
+        per_item = (r["static"] if self.config["captions"].get("kv_cache") == "static" else r)[f"{source}_item_s"]
+        seconds = items * per_item * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
         return Job("caption", plan.CAPTIONS.format(dataset=dataset, source=source), seconds, peak,
                    f"{items} items, {self.config['captions'][source]}", tuple(groups))

@@ -68,6 +68,13 @@ TURN_TOKENS = {"mistral": ["[INST]", "[/INST]"], "llama": ["<|im_start|>", "<|im
 # Greedy decoding with every setting that a checkpoint's generation_config.json could otherwise
 # fill in (transformers takes unset fields from it) pinned to its neutral value.
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
+# KV caches for decoding: transformers' default (dynamic, grown every step, eager) or a static one
+# allocated for prompt + max_new_tokens, whose decode step transformers compiles on CUDA (4-10x
+# faster decode on an H200, docs/benchmarks.md). Under the static cache prompts are left-padded
+# to a multiple of STATIC_BUCKET tokens and the last batch is filled up to the batch size, so a
+# job compiles for a few cache shapes only (each new shape compiles again).
+KV_CACHES = ("dynamic", "static")
+STATIC_BUCKET = 128
 # end-of-turn tokens that stop a caption besides the tokenizer's and generation config's EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
 
@@ -246,21 +253,29 @@ def caption_settings(
     device: str | torch.device | None = None,
     revision: str | None = None,
     settings: dict | None = None,
+    kv_cache: str = "dynamic",
 ) -> dict:
     """Everything that determines a caption set, computed without loading the model: the model
     (path or hub id), its revision, a fingerprint of its files (`iisan.cache.weights_fingerprint`:
     weights, tokenizer, processor and chat template of a local folder; the id and revision of a
-    hub model), the prompt's sha256, the decoding settings, the compute dtype, and the caller's
-    `settings` (what `images_for` feeds the model: frame positions, image source, ...)."""
+    hub model), the prompt's sha256, the decoding settings (with the KV cache when it is not the
+    default dynamic one: greedy decoding over another cache and padding may round differently),
+    the compute dtype, and the caller's `settings` (what `images_for` feeds the model: frame
+    positions, image source, ...)."""
     from .cache import weights_fingerprint
 
+    if kv_cache not in KV_CACHES:
+        raise ValueError(f"captions.kv_cache: {kv_cache!r} is not one of {', '.join(KV_CACHES)}")
     model_path = str(model_path)
+    decoding = {**GREEDY, "max_new_tokens": int(max_new_tokens), "stop": "eos+end_of_turn", "padding_side": "left"}
+    if kv_cache != "dynamic":  # the default stays out, so caption sets made before the option keep their key
+        decoding.update(kv_cache=kv_cache, pad_to_multiple_of=STATIC_BUCKET)
     computed = {
         "model": model_path,
         "revision": revision,
         "weights": weights_fingerprint(model_path, revision),
         "prompt_sha256": prompt_sha256(prompt),
-        "decoding": {**GREEDY, "max_new_tokens": int(max_new_tokens), "stop": "eos+end_of_turn", "padding_side": "left"},
+        "decoding": decoding,
         "dtype": str(compute_dtype(device)).removeprefix("torch."),
     }
     extra = _jsonable(settings or {})
@@ -346,10 +361,12 @@ def prompt_lengths(processor, rendered: dict[int, str], sizes: Sequence[Sequence
     return out
 
 
-def _caption_batch(model, processor, texts: list[str], images: list, generation_config) -> tuple[list[str], list[bool]]:
+def _caption_batch(model, processor, texts: list[str], images: list, generation_config,
+                   pad_to_multiple_of: int | None = None) -> tuple[list[str], list[bool]]:
     """Captions of one left-padded batch (images flattened in prompt order) and whether each
     stopped on a stop token (False: cut at max_new_tokens)."""
-    enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    pad = {"pad_to_multiple_of": pad_to_multiple_of} if pad_to_multiple_of else {}
+    enc = processor(images=images, text=texts, padding=True, return_tensors="pt", **pad)
     enc = enc.to(model.device)
     enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
     with torch.inference_mode():
@@ -410,6 +427,7 @@ def caption_items(
     settings: dict,
     revision: str | None = None,
     progress: bool | None = None,
+    kv_cache: str = "dynamic",
 ) -> dict:
     """Caption every item of `item_ids` with LLaVA-NeXT and write ``out_parquet`` (``item_id``,
     ``caption``, in the order of `item_ids`) and its manifest; returns the manifest.
@@ -418,7 +436,8 @@ def caption_items(
     chronological order, which fill that many image slots of one prompt; it is called twice per
     item (image sizes for the batch order, then the batch). `settings` names what
     `images_for` does (frame positions, image source) and joins the settings key. Decoding is
-    greedy; batches are left-padded and taken longest prompt first. Resumable (module docstring)."""
+    greedy; batches are left-padded and taken longest prompt first; `kv_cache` is one of
+    `KV_CACHES`. Resumable (module docstring)."""
     import polars as pl
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -434,7 +453,9 @@ def caption_items(
     dev = _device(device)
     if not Path(model_path).is_dir() and revision is None:
         log.warning("captioning with hub model %s without a pinned revision: the settings cannot tell its versions apart", model_path)
-    key = caption_settings(model_path, prompt, max_new_tokens=max_new_tokens, device=dev, revision=revision, settings=settings)
+    key = caption_settings(model_path, prompt, max_new_tokens=max_new_tokens, device=dev, revision=revision, settings=settings,
+                           kv_cache=kv_cache)
+    static = kv_cache == "static"
     partial, key_path = partial_paths(out_parquet)
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
 
@@ -455,6 +476,7 @@ def caption_items(
         generation_config = GenerationConfig(
             **GREEDY, max_new_tokens=max_new_tokens,
             eos_token_id=stop_token_ids(model, processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
+            **({"cache_implementation": "static"} if static else {}),
         )
         sizes = []
         for i in todo:
@@ -470,11 +492,14 @@ def caption_items(
         with open(partial, "a", encoding="utf-8") as fh:
             for batch in tqdm(batches, desc=f"captions {out_parquet.name}", disable=None if progress is None else not progress):
                 images, texts = [], []
-                for i in batch:
+                # a short last batch is filled with its last item (the static cache's shapes stay few)
+                fill = batch_size - len(batch) if static else 0
+                for i in batch + batch[-1:] * fill:
                     imgs = images_for(i)
                     images.extend(imgs)
                     texts.append(rendered[len(imgs)])
-                captions, stopped = _caption_batch(model, processor, texts, images, generation_config)
+                captions, stopped = _caption_batch(model, processor, texts, images, generation_config,
+                                                   STATIC_BUCKET if static else None)
                 fh.write("".join(_record(i, c, s) for i, c, s in zip(batch, captions, stopped)))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -565,7 +590,7 @@ def _zip_images(archive: Path, members: list[str | None], blank: int = 32) -> li
 
 def caption_dataset(items_parquet: Path, source: str, images_archive: Path, model_path: str, prompts_file: Path,
                     out_parquet: Path, *, positions: Sequence[float] = (), batch_size: int = 8, max_new_tokens: int = 300,
-                    device: str | None = None, revision: str | None = None) -> dict:
+                    device: str | None = None, revision: str | None = None, kv_cache: str = "dynamic") -> dict:
     """Caption every item of a preprocessed dataset: `source` "cover" reads each item's cover from
     the dataset's image archive (items.parquet's `image` member; an item without one gets a black
     image), "video" its frames from the frames archive (``<item_id>_<k>.jpg``, k over
@@ -595,4 +620,4 @@ def caption_dataset(items_parquet: Path, source: str, images_archive: Path, mode
         raise ValueError(f"unknown caption source {source!r} (cover, video)")
     settings = {"source": source, "frame_positions": list(positions) if source == "video" else None}
     return caption_items(model_path, ids, images_for, prompt["text"], out_parquet, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision)
+                         max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision, kv_cache=kv_cache)

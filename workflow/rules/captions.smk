@@ -90,5 +90,6 @@ rule caption:
         positions=config["captions"]["frames"],
         max_new_tokens=config["captions"]["max_new_tokens"],
         batch_size=config["captions"]["batch_size"],
+        kv_cache=config["captions"]["kv_cache"],
     script:
         "../scripts/caption.py"
