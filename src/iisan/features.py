@@ -69,6 +69,9 @@ class FeatureSource:
     def lower_precision(self, dtype: torch.dtype = torch.bfloat16) -> None:
         """Under mixed precision: hold what never trains in `dtype` (nothing by default)."""
 
+    def compile_backbones(self) -> None:
+        """Under speed.compile on CUDA: compile the backbones this source runs (none by default)."""
+
 
 class CachedFeatures(FeatureSource):
     """Per field an (N+1, K, d) cache held on the training device; `layer_index[f]` selects the
@@ -197,7 +200,7 @@ class BackboneFeatures(nn.Module, FeatureSource):
         return self
 
     def compile_backbones(self) -> None:
-        """torch.compile each transformer layer of every backbone (`iisan.finetune.compile_layers`)."""
+        """torch.compile each transformer layer of every backbone in place (`iisan.finetune.compile_layers`)."""
         from .finetune import compile_layers
 
         for t in self.towers:

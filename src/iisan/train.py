@@ -112,7 +112,7 @@ def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig)
 def compile_backbones(source: FeatureSource, device: torch.device, cfg: TrainConfig) -> None:
     """On CUDA with `cfg.compile`: backbones in the loop get each transformer layer compiled in
     place (their pointwise work fused; they run so in training and evaluation)."""
-    if device.type == "cuda" and cfg.compile and _can_compile() and hasattr(source, "compile_backbones"):
+    if device.type == "cuda" and cfg.compile and _can_compile() and source.module is not None:
         _fall_back_to_eager()
         source.compile_backbones()
 
