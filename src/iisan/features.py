@@ -179,8 +179,9 @@ class BackboneFeatures(nn.Module, FeatureSource):
     is fixed when the source is built (see `gather`)."""
 
     # Not one CUDA graph even where the shapes are fixed (every item slot): capturing the step
-    # makes transformers build a full attention mask where it otherwise passes none (it treats a
-    # capture as tracing), so attention leaves the flash kernels (docs/benchmarks.md)
+    # made transformers 5.17 build a full attention mask for ViT where it otherwise passes none
+    # (it treated a capture as tracing), so attention left the flash kernels (docs/benchmarks.md;
+    # transformers 5.25 skips the mask-free case even in a capture: not yet measured on a GPU)
     static = False
     chunk_size = 256
     # On CUDA the distinct items of a step are padded up to a multiple of this, so the backbones
