@@ -87,7 +87,7 @@ def step_flops(trainer, n: int = 3) -> float:
 
 
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
-            graphs: bool = True, profile: int = 0) -> dict:
+            graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False) -> dict:
     from caption_speed import matmul_tflops
 
     from iisan.model import ModelConfig
@@ -98,6 +98,8 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
     source, model_method = build(method, data, device, item_slots)
+    if graphs_in_loop:  # trainable backbones inside the step's CUDA graph (fixed shapes: every item slot)
+        source.static = True
     cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=graphs, compile=compile_,
                       item_slots=item_slots)
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
@@ -160,6 +162,8 @@ def main():
     ap.add_argument("--profile", type=int, default=0, metavar="N", help="after timing, profile N steps (GPU time by kernel family)")
     ap.add_argument("--no-validation", action="store_true", help="skip the timed validation pass")
     ap.add_argument("--no-graphs", action="store_true", help="no CUDA graph step even where shapes are fixed")
+    ap.add_argument("--graphs-in-loop", action="store_true",
+                    help="experimental: capture trainable backbones in the step's CUDA graph (needs --item-slots all)")
     ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
                     help="backbones in the loop run every item slot (the authors' code) or each distinct item once")
     args = ap.parse_args()
@@ -169,7 +173,7 @@ def main():
         rows = []
         for m in args.methods.split(","):
             flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
-                                     ("--no-graphs", args.no_graphs)) if on]
+                                     ("--no-graphs", args.no_graphs), ("--graphs-in-loop", args.graphs_in_loop)) if on]
             flags += ["--item-slots", args.item_slots, "--profile", str(args.profile)]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
@@ -187,7 +191,7 @@ def main():
             print(json.dumps(summary), flush=True)
         return
     print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
-                             not args.no_graphs, args.profile)), flush=True)
+                             not args.no_graphs, args.profile, args.graphs_in_loop)), flush=True)
     gc.collect()
 
 
