@@ -216,7 +216,8 @@ def import_summary(log: str, top: int = 25) -> dict:
         if not line.startswith("import time:") or "self [us]" in line:
             continue
         self_us, cumulative_us, name = line[len("import time:"):].split("|")
-        by_package[name.strip().split(".")[0]] = by_package.get(name.strip().split(".")[0], 0) + int(self_us)
+        package = name.strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0) + int(self_us)
         modules.append((int(cumulative_us), name.rstrip()))
     return {"import_s_by_package": {k: round(v / 1e6, 2) for k, v in sorted(by_package.items(), key=lambda kv: -kv[1])[:top]},
             "import_s_by_module_cumulative": {n: round(c / 1e6, 2) for c, n in sorted(modules, reverse=True)[:top]}}

@@ -261,7 +261,6 @@ def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] =
     (--configfile), then the `overrides` (--config key=value, read as YAML), validated against the
     schema with its defaults filled in and checked by iisan.plan.check_config. Needs Snakemake
     (the `workflow` extra)."""
-    import yaml
     from snakemake.utils import update_config, validate
 
     from .plan import check_config

@@ -79,10 +79,11 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def _can_compile() -> bool:
+def _compiles(device: torch.device, cfg: TrainConfig) -> bool:
+    """Whether training compiles: `cfg.compile` on CUDA with triton installed."""
     import importlib.util
 
-    return importlib.util.find_spec("triton") is not None
+    return device.type == "cuda" and cfg.compile and importlib.util.find_spec("triton") is not None
 
 
 def _fall_back_to_eager() -> None:
@@ -104,7 +105,7 @@ def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig)
     speed only; the loss stays eager, as before the model had a forward, so compiled runs give
     the numbers they gave then). Evaluation always runs the plain encoders (their varying shapes
     would recompile), and checkpoints read the plain model."""
-    if device.type == "cuda" and cfg.compile and _can_compile():
+    if _compiles(device, cfg):
         return functools.partial(model, encoders=(compile_for_training(model.items), compile_for_training(model.user)))
     return model
 
@@ -112,7 +113,7 @@ def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig)
 def compile_backbones(source: FeatureSource, device: torch.device, cfg: TrainConfig) -> None:
     """On CUDA with `cfg.compile`: backbones in the loop get each transformer layer compiled in
     place (their pointwise work fused; they run so in training and evaluation)."""
-    if device.type == "cuda" and cfg.compile and _can_compile() and source.module is not None:
+    if _compiles(device, cfg):
         _fall_back_to_eager()
         source.compile_backbones()
 
