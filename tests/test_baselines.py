@@ -138,6 +138,8 @@ def test_backbone_layers_compile_in_place_whole_graph(make, family, method):
     x = {"input_ids": torch.randint(1, 100, (3, 7)), "attention_mask": (torch.arange(7) < torch.tensor([[7], [5], [2]])).long()} \
         if family != "vit" else {"pixel_values": torch.randn(3, 3, 16, 16)}
     assert compile_layers(m, backend="eager", fullgraph=True) == 3
+    assert all(b._compiled_call_impl is not None for b in blocks)  # each layer runs through torch.compile
+    assert all(getattr(mod, "_compiled_call_impl", None) is None for mod in m.modules() if mod not in set(blocks))
     assert m.state_dict().keys() == plain.state_dict().keys()
     with torch.no_grad():
         torch.testing.assert_close(m(**x).last_hidden_state, plain(**x).last_hidden_state)
