@@ -12,7 +12,7 @@ first run compiles and the next ones read compiled kernels from that cache. Pati
 epoch count so every run trains all epochs. Prints one JSON line per run with the breakdown:
 
     PYTHONPATH=src:benchmarks python benchmarks/time_to_result.py --work /tmp/ttr [--runs 2] [--epochs 100]
-        [--speed '{"compile": false}']
+        [--speed '{"compile": false}'] [--worker]
 """
 
 from __future__ import annotations
@@ -27,6 +27,8 @@ import os  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
+
+from iisan.worker import ENV  # noqa: E402 - light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = [("title", "bert-base"), ("image", "vit-base")]
@@ -102,10 +104,16 @@ def prepare(work: Path, cfg: dict) -> None:
         })
 
 
-def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = False) -> None:
+def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = False,
+          script_start: float | None = None, interpreter: float | None = None) -> None:
     """One run, timed from process start (what a train job does after Snakemake starts it):
-    `iisan.experiment.run_experiment`'s steps with a clock between them."""
-    marks = {"interpreter_start_to_script": round(process_age() - (time.time() - T_PROCESS), 3)}
+    `iisan.experiment.run_experiment`'s steps with a clock between them. script_start (time.time()
+    when the job's script started) and interpreter (seconds from process start to then) are the job
+    process's when a warm worker runs this (`--worker`)."""
+    script_start = T_PROCESS if script_start is None else script_start
+    if interpreter is None:
+        interpreter = process_age() - (time.time() - script_start)
+    marks = {"interpreter_start_to_script": round(interpreter, 3)}
     import torch
 
     from iisan.config import SPEED_FIELDS
@@ -117,7 +125,7 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
     cfg = config()
     exp = experiment(cfg, epochs, speed)
     t = time.time()
-    marks["imports"] = round(t - T_PROCESS, 3)
+    marks["imports"] = round(t - script_start, 3)
     caches = [work / "cache" / f / b for f, b in TOWERS]
     # make_trainer's steps, each timed
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -164,11 +172,14 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
         "all_epochs_with_validation": round(sum(e["epoch_seconds"] for e in h), 3),
         "final_evaluation": round(fit_s - sum(e["epoch_seconds"] for e in h), 3),
     })
-    total = process_age()
+    total = time.time() - script_start + interpreter
     marks["start_up (process start to steady training)"] = round(
         marks["interpreter_start_to_script"] + marks["imports"] + marks["cuda_init"] + marks["load_dataset"]
         + marks["load_caches (checked, checksums)"] + marks["trainer (to GPU, model)"]
         + marks["first_epoch_overhead (compile, capture)"], 3)
+    marks["process_start_to_first_step"] = round(
+        marks["interpreter_start_to_script"] + marks["imports"] + marks["cuda_init"] + marks["load_dataset"]
+        + marks["load_caches (checked, checksums)"] + marks["trainer (to GPU, model)"], 3)
     marks["process_start_to_metrics"] = round(total, 3)
     speed = {k: getattr(exp.train, k) for k in SPEED_FIELDS}
     print(json.dumps({"device": result["device"], "torch": torch.__version__, "speed": speed,
@@ -185,12 +196,16 @@ def main():
     ap.add_argument("--profile-init", action="store_true", help="cProfile the trainer's construction (to stderr)")
     ap.add_argument("--importtime", type=Path, metavar="FILE",
                     help="run the last run under python -X importtime, its log to FILE; print where import time goes")
+    ap.add_argument("--worker", action="store_true", help="start an `iisan worker` first; the runs go through it")
     ap.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
     speed = json.loads(args.speed)
     if args.child:
-        child(args.work, args.work / "metrics.json", args.epochs, speed, args.profile_init)
-        return
+        from iisan.worker import run  # in a warm worker when IISAN_WORKER is set (--worker), else here
+
+        interpreter = process_age() - (time.time() - T_PROCESS)
+        sys.exit(run("time_to_result:child", args.work, args.work / "metrics.json", args.epochs, speed,
+                     args.profile_init, T_PROCESS, interpreter))
     t = time.time()
     prepare(args.work, config())
     print(json.dumps({"prepared_s": round(time.time() - t, 1)}), flush=True)
@@ -198,12 +213,22 @@ def main():
     if args.compile_cache is None:
         subprocess.run(["rm", "-rf", str(cache)], check=True)
     env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
+    worker = None
+    if args.worker:  # one warm worker for all runs, started as a user would before snakemake
+        sock = args.work / "worker.sock"
+        worker = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env,
+                                  stderr=subprocess.PIPE, text=True)
+        print(json.dumps({"worker": worker.stderr.readline().strip()}), flush=True)  # once it listens
+        env[ENV] = str(sock)
     for run in range(args.runs):
         trace = args.importtime is not None and run == args.runs - 1
         with open(args.importtime if trace else os.devnull, "w") as log:
             subprocess.run([sys.executable] + ["-X", "importtime"] * trace + [__file__, "--child", "--work", str(args.work),
                             "--epochs", str(args.epochs), "--speed", args.speed] + ["--profile-init"] * args.profile_init,
                            env=env, check=True, stderr=log if trace else None)
+    if worker is not None:
+        worker.terminate()
+        worker.wait()
     if args.importtime is not None:
         print(json.dumps(import_summary(args.importtime.read_text())), flush=True)
 

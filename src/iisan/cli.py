@@ -1,6 +1,7 @@
-"""`iisan` command line: `iisan plan` prints the GPU-hour budget of a workflow config before a run.
+"""`iisan` command line: a config's GPU-hour budget (plan) and a warm worker for train jobs (worker).
 
     iisan plan --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv]
+    iisan worker [--socket PATH]
 """
 
 from __future__ import annotations
@@ -36,6 +37,17 @@ def plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker(args: argparse.Namespace) -> int:
+    from .worker import PRELOAD, serve
+
+    try:
+        serve(args.socket.resolve(), preload=PRELOAD + tuple(args.preload or ()))
+    except (RuntimeError, ValueError) as err:
+        print(err, file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="iisan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -45,8 +57,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rates", type=Path, help="measured rates (default: the package's rates.yaml, an H200)")
     p.add_argument("--jobs", type=Path, help="also write every job (kind, output, GPU hours, peak GiB, tables) to this CSV")
     p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
+    from .worker import ENV, default_socket
+
+    w = sub.add_parser("worker", help="import torch, the compiler and this library once and run each train job "
+                       f"that finds it (through ${ENV}) in a forked child, without those imports")
+    w.add_argument("--socket", type=Path, default=default_socket(), help="where to listen (default: %(default)s)")
+    w.add_argument("--preload", nargs="+", metavar="MODULE", help="more modules to import first (your own backbone or dataset code)")
     args = ap.parse_args(argv)
-    return {"plan": plan}[args.command](args)
+    return {"plan": plan, "worker": worker}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -75,6 +75,21 @@ def compile_cache(config: dict) -> None:
         os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path(folder).resolve())
 
 
+def run_job(snakemake) -> None:
+    """A train job (trains and evaluates one experiment; resumes from checkpoint.pt beside its
+    output when restarted) or a profile job (times a few training steps at one batch size, Fig. 5):
+    the body of workflow/scripts/run.py, in the job's process or in a warm worker (iisan.worker)."""
+    with job(snakemake, keep_attempts=snakemake.rule == "train"):
+        from .experiment import profile_experiment, run_experiment
+
+        exp, paths = run_inputs(snakemake)
+        if snakemake.rule == "profile":
+            profile_experiment(exp, **paths, out=snakemake.output[0], batch_size=int(snakemake.wildcards.batch),
+                               steps=snakemake.params.steps)
+        else:
+            run_experiment(exp, **paths, out=snakemake.output[0], keep_checkpoint=snakemake.config["keep_checkpoints"])
+
+
 def run_inputs(snakemake):
     """(experiment, paths) of a train or profile job: the experiment from the rule's params with
     the config's speed settings, and the dataset, cache folders, stand-in folders and image

@@ -1,0 +1,174 @@
+"""The warm worker (`iisan worker`, iisan.worker): a job it runs behaves as the job's own process
+would (directory, environment, umask, stdin/stdout/stderr, exit status, signals, results), and a
+job it cannot run exactly so runs in its own process and says why."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from iisan.worker import ENV
+
+TESTS = Path(__file__).resolve().parent
+SRC = TESTS.parent / "src"
+
+
+def env(**extra) -> dict:
+    e = {k: v for k, v in os.environ.items() if k != ENV}
+    e["PYTHONPATH"] = os.pathsep.join([str(SRC), str(TESTS)])
+    return {**e, **extra}
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    """One worker for the module, with this module's job functions (and a probe module) preloaded."""
+    home = tmp_path_factory.mktemp("worker")
+    (home / "stale_probe.py").write_text("X = 1\n")
+    sock = home / "w.sock"
+    proc = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock),
+                             "--preload", "worker_jobs", "stale_probe"],
+                            env=env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(home)])),
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()
+    assert "listening at" in line, line + proc.stderr.read()
+    yield {"sock": sock, "home": home, "proc": proc}
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def job(worker, target: str, *args, via_worker=True, wait=True, stdin="", cwd=None, **extra):
+    """A job process as a workflow script is one: it calls iisan.worker.run(target, *args)."""
+    code = f"import sys; from iisan.worker import run; sys.exit(run({target!r}, *{args!r}))"
+    e = env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(worker["home"])]), **extra)
+    if via_worker:
+        e[ENV] = str(worker["sock"])
+    proc = subprocess.Popen([sys.executable, "-c", code, "an-argument"], env=e, cwd=cwd, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if not wait:
+        return proc
+    out, err = proc.communicate(stdin, timeout=120)
+    return proc, out, err
+
+
+def test_a_job_runs_in_the_worker_as_in_its_own_process(worker, tmp_path):
+    out = tmp_path / "report.json"
+    old = os.umask(0o027)  # what the job process has, the job gets
+    try:
+        proc, stdout, stderr = job(worker, "worker_jobs:report", str(out), stdin="some input",
+                                   cwd=tmp_path, CUDA_VISIBLE_DEVICES="3", JOB_MARKER="m1")
+    finally:
+        os.umask(old)
+    assert proc.returncode == 0, stderr
+    r = json.loads(out.read_text())
+    assert r["pid"] != proc.pid and r["torch_was_imported"]  # ran in a child of the warm worker
+    assert r["cwd"] == str(tmp_path) and r["cuda_visible"] == "3" and r["marker"] == "m1"
+    assert r["umask"] == 0o027 and r["stdin"] == "some input" and r["argv"] == ["-c", "an-argument"]
+    assert "hello from the job on stdout" in stdout and "hello from the job on stderr" in stderr
+    assert "iisan:" not in stderr  # nothing said about running elsewhere
+
+    # without IISAN_WORKER the same call runs in the job's process
+    proc, _, stderr = job(worker, "worker_jobs:report", str(out), via_worker=False, cwd=tmp_path)
+    assert proc.returncode == 0, stderr
+    r = json.loads(out.read_text())
+    assert r["pid"] == proc.pid and not r["torch_was_imported"]
+
+
+@pytest.mark.parametrize(("arg", "status", "says"), [("raise", 1, "ValueError: the job failed on purpose"),
+                                                     (3, 3, ""), ("a message", 1, "a message")])
+def test_exit_status_and_traceback_are_the_jobs(worker, arg, status, says):
+    for via_worker in (True, False):
+        proc, _, stderr = job(worker, "worker_jobs:fail", arg, via_worker=via_worker)
+        assert proc.returncode == status and says in stderr, (via_worker, stderr)
+
+
+def pid_from(marker: Path, proc) -> int:
+    for _ in range(600):
+        if marker.exists() and marker.read_text():
+            return int(marker.read_text())
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError("the job did not start")
+
+
+def gone(pid: int, seconds: float = 20) -> bool:
+    for _ in range(int(seconds / 0.05)):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL])
+def test_stopping_the_job_process_stops_the_job(worker, tmp_path, how):
+    """SIGTERM and SIGINT are passed on (the job process then ends as the job did); SIGKILL, which
+    cannot be, ends the connection and with it the job."""
+    marker = tmp_path / "pid"
+    proc = job(worker, "worker_jobs:wait", str(marker), wait=False)
+    child = pid_from(marker, proc)
+    assert child != proc.pid
+    proc.send_signal(how)
+    proc.wait(timeout=60)
+    assert gone(child)
+    assert proc.returncode == {signal.SIGTERM: -signal.SIGTERM, signal.SIGINT: -signal.SIGINT,
+                               signal.SIGKILL: -signal.SIGKILL}[how]
+
+
+def test_training_in_the_worker_gives_the_same_result(worker, tmp_path):
+    results = []
+    for via_worker in (True, False):
+        out = tmp_path / f"result-{via_worker}.json"
+        proc, _, stderr = job(worker, "worker_jobs:train", str(out), via_worker=via_worker)
+        assert proc.returncode == 0, stderr
+        results.append(json.loads(out.read_text()))
+    assert results[0] == results[1] and results[0]["epochs_run"] == 4
+
+
+def test_a_job_the_worker_cannot_run_exactly_runs_in_its_own_process(worker, tmp_path):
+    out = tmp_path / "report.json"
+    # a variable read when torch or transformers is imported, which the worker read without it
+    proc, _, stderr = job(worker, "worker_jobs:report", str(out), HF_HUB_OFFLINE="1")
+    assert proc.returncode == 0 and json.loads(out.read_text())["pid"] == proc.pid
+    assert "did not take the job (environment variable HF_HUB_OFFLINE is '1' for the job, None for the worker" in stderr
+
+    # a module the worker imported has changed on disk since
+    probe = worker["home"] / "stale_probe.py"
+    st = probe.stat()
+    os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+    try:
+        proc, _, stderr = job(worker, "worker_jobs:report", str(out))
+        assert proc.returncode == 0 and json.loads(out.read_text())["pid"] == proc.pid
+        assert f"{probe} has changed since the worker started; restart it" in stderr
+    finally:
+        os.utime(probe, ns=(st.st_atime_ns, st.st_mtime_ns))
+    proc, _, stderr = job(worker, "worker_jobs:report", str(out))
+    assert json.loads(out.read_text())["pid"] != proc.pid  # as it was: the worker takes it again
+
+
+def test_no_worker_there_runs_the_job_in_its_own_process(tmp_path):
+    out = tmp_path / "report.json"
+    proc, _, stderr = job({"sock": tmp_path / "none.sock", "home": tmp_path}, "worker_jobs:report", str(out))
+    assert proc.returncode == 0 and json.loads(out.read_text())["pid"] == proc.pid
+    assert f"no worker at {tmp_path / 'none.sock'}" in stderr
+
+
+def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
+    sock = tmp_path / "w.sock"
+    first = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env(),
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening at" in first.stderr.readline()
+        assert (sock.stat().st_mode & 0o777) & 0o077 == 0  # only its user can connect
+        second = subprocess.run([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env(),
+                                capture_output=True, text=True, timeout=120)
+        assert second.returncode == 1 and f"another worker already listens at {sock}" in second.stderr
+    finally:
+        first.terminate()
+        assert first.wait(timeout=30) == 0
+    assert not sock.exists()
