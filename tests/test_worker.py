@@ -4,6 +4,7 @@ job it cannot run exactly so runs in its own process and says why."""
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -172,3 +173,25 @@ def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
         first.terminate()
         assert first.wait(timeout=30) == 0
     assert not sock.exists()
+
+
+def test_a_workflow_train_job_through_the_worker_equals_its_own_run(worker, tiny_workflow, tmp_path):
+    """A train job of the tiny workflow, forced again with IISAN_WORKER set: the job process only
+    waits (it never imports torch) and the metrics equal those of the job run on its own."""
+    from fault_suite import CONFIG, _strip
+    from test_workflow import SNAKEMAKE
+
+    wd = tmp_path / "wd"  # a copy (hard links: Snakemake replaces what it rewrites) of the finished workflow
+    shutil.copytree(tiny_workflow, wd, copy_function=os.link, ignore=shutil.ignore_patterns(".snakemake"))
+    rel = sorted((wd / "results" / "runs").rglob("metrics.json"))[0].relative_to(wd)
+    e = env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(worker["home"])]))
+    e[ENV] = str(worker["sock"])
+    res = subprocess.run(SNAKEMAKE + ["--cores", "2", *CONFIG, "--config", f"mirror={wd / 'mirror'}",
+                                      "--forcerun", str(rel), "--", str(rel)], cwd=wd, env=e, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "iisan:" not in res.stderr, res.stderr[-3000:]  # nothing ran elsewhere
+    assert _strip(json.loads((wd / rel).read_text())) == _strip(json.loads((tiny_workflow / rel).read_text()))
+    run = rel.parent.relative_to("results/runs")
+    bench = wd / "results" / "benchmarks" / "train" / run.parent / f"{run.name}.tsv"
+    rss_mb = float(bench.read_text().splitlines()[1].split("\t")[2])
+    assert rss_mb < 150, f"the job process itself used {rss_mb} MB: it ran the job"

@@ -47,8 +47,9 @@ PRELOAD = ("iisan.experiment", "iisan.jobs", "iisan.train", "torch.optim", "torc
 # variables read when a library is imported: a job whose environment differs from the worker's
 # in one of these runs in its own process (CUDA_VISIBLE_DEVICES is read when CUDA starts, in the
 # job; TORCHINDUCTOR_CACHE_DIR when torch.compile writes, in the job)
+# (polars reads its jemalloc settings, _RJEM_MALLOC_CONF, when it is imported: in the job, see PRELOAD)
 IMPORT_TIME_ENV = ("PYTHON", "TORCH", "PYTORCH", "TRITON", "CUDA", "NVIDIA", "NCCL", "OMP_", "MKL_", "KMP_",
-                   "OPENBLAS", "LD_", "HF_", "TRANSFORMERS", "TOKENIZERS", "POLARS", "MALLOC", "_RJEM")
+                   "OPENBLAS", "LD_", "HF_", "TRANSFORMERS", "TOKENIZERS", "POLARS", "MALLOC")
 READ_AT_USE = ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "PYTHONUNBUFFERED",
                # thread counts, which Snakemake sets per job to its threads: a job sets torch's itself
                # (iisan.jobs.job); numpy's BLAS keeps the worker's, which changes speed, not results
@@ -204,7 +205,7 @@ def _import_env(env: dict) -> dict:
 def _why_not(request: dict, start_env: dict, snapshot: dict) -> str | None:
     """Why this worker cannot run the request exactly as its own process would, or None.
     start_env: the worker's environment before its imports; a variable that an import set there
-    (polars sets jemalloc's _RJEM_MALLOC_CONF) may be in the job's with the same value."""
+    may be in the job's with the same value (the job's script may have made the same import)."""
     if request["executable"] != os.path.realpath(sys.executable):
         return f"the job runs {request['executable']}, the worker {os.path.realpath(sys.executable)}"
     if request["package"] != _package():
