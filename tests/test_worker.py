@@ -42,13 +42,13 @@ def worker(tmp_path_factory):
     proc.wait(timeout=30)
 
 
-def job(worker, target: str, *args, via_worker=True, wait=True, stdin="", cwd=None, **extra):
+def job(worker, target: str, *args, via_worker=True, wait=True, stdin="", cwd=None, flags=(), **extra):
     """A job process as a workflow script is one: it calls iisan.worker.run(target, *args)."""
     code = f"import sys; from iisan.worker import run; sys.exit(run({target!r}, *{args!r}))"
     e = env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(worker["home"])]), **extra)
     if via_worker:
         e[ENV] = str(worker["sock"])
-    proc = subprocess.Popen([sys.executable, "-c", code, "an-argument"], env=e, cwd=cwd, stdin=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, *flags, "-c", code, "an-argument"], env=e, cwd=cwd, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     if not wait:
         return proc
@@ -75,8 +75,9 @@ def test_a_job_runs_in_the_worker_as_in_its_own_process(worker, tmp_path):
     # without IISAN_WORKER the same call runs in the job's process
     proc, _, stderr = job(worker, "worker_jobs:report", str(out), via_worker=False, cwd=tmp_path)
     assert proc.returncode == 0, stderr
-    r = json.loads(out.read_text())
-    assert r["pid"] == proc.pid and not r["torch_was_imported"]
+    own = json.loads(out.read_text())
+    assert own["pid"] == proc.pid and not own["torch_was_imported"]
+    assert own["path"] == r["path"]  # the job script's import path, not the worker's
 
 
 @pytest.mark.parametrize(("arg", "status", "says"), [("raise", 1, "ValueError: the job failed on purpose"),
@@ -137,6 +138,11 @@ def test_a_job_the_worker_cannot_run_exactly_runs_in_its_own_process(worker, tmp
     proc, _, stderr = job(worker, "worker_jobs:report", str(out), HF_HUB_OFFLINE="1")
     assert proc.returncode == 0 and json.loads(out.read_text())["pid"] == proc.pid
     assert "did not take the job (environment variable HF_HUB_OFFLINE is '1' for the job, None for the worker" in stderr
+
+    # other interpreter options (-O drops asserts)
+    proc, _, stderr = job(worker, "worker_jobs:report", str(out), flags=("-O",))
+    assert proc.returncode == 0 and json.loads(out.read_text())["pid"] == proc.pid
+    assert "did not take the job (the job's interpreter options differ from the worker's" in stderr
 
     # a module the worker imported has changed on disk since
     probe = worker["home"] / "stale_probe.py"

@@ -50,7 +50,8 @@ PRELOAD = ("iisan.experiment", "iisan.jobs", "iisan.train", "torch.optim", "torc
 # (polars reads its jemalloc settings, _RJEM_MALLOC_CONF, when it is imported: in the job, see PRELOAD)
 IMPORT_TIME_ENV = ("PYTHON", "TORCH", "PYTORCH", "TRITON", "CUDA", "NVIDIA", "NCCL", "OMP_", "MKL_", "KMP_",
                    "OPENBLAS", "LD_", "HF_", "TRANSFORMERS", "TOKENIZERS", "POLARS", "MALLOC")
-READ_AT_USE = ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR", "PYTHONUNBUFFERED",
+READ_AT_USE = ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
+               "PYTHONUNBUFFERED",  # only how output is buffered (a job's output goes to its log unbuffered)
                # thread counts, which Snakemake sets per job to its threads: a job sets torch's itself
                # (iisan.jobs.job); numpy's BLAS keeps the worker's, which changes speed, not results
                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
@@ -133,7 +134,8 @@ def _delegate(path: Path, target: str, args: tuple) -> int | None:
         sock.close()
         return None
     request = {"target": target, "args": args, "cwd": os.getcwd(), "env": dict(os.environ), "umask": _umask(),
-               "argv": sys.argv, "executable": os.path.realpath(sys.executable), "package": _package()}
+               "argv": sys.argv, "path": sys.path, "flags": tuple(sys.flags),
+               "executable": os.path.realpath(sys.executable), "package": _package()}
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     with sock:
@@ -208,6 +210,8 @@ def _why_not(request: dict, start_env: dict, snapshot: dict) -> str | None:
     may be in the job's with the same value (the job's script may have made the same import)."""
     if request["executable"] != os.path.realpath(sys.executable):
         return f"the job runs {request['executable']}, the worker {os.path.realpath(sys.executable)}"
+    if request["flags"] != tuple(sys.flags):
+        return f"the job's interpreter options differ from the worker's ({request['flags']} against {tuple(sys.flags)})"
     if request["package"] != _package():
         return f"the job uses the library at {request['package']}, the worker {_package()}"
     mine, theirs = _import_env(start_env), _import_env(request["env"])
@@ -246,6 +250,7 @@ def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
     os.chdir(request["cwd"])
     os.umask(request["umask"])
     sys.argv = request["argv"]
+    sys.path[:] = request["path"]  # the job script's folder first, and what Snakemake's preamble added
     for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGCHLD):
         signal.signal(s, signal.default_int_handler if s == signal.SIGINT else signal.SIG_DFL)
 
