@@ -1,6 +1,7 @@
 # IISAN-Versa reproducibility workflow. See README.md; the stages live in workflow/rules/.
 from snakemake.utils import min_version, update_config, validate
 
+import iisan.worker
 from iisan.config import typed
 
 min_version("9.0")
@@ -24,6 +25,24 @@ include: "workflow/rules/captions.smk"
 include: "workflow/rules/cache.smk"
 include: "workflow/rules/train.smk"
 include: "workflow/rules/tables.smk"
+
+
+# config `worker: true`: one warm worker for this run's local train and profile jobs (iisan.worker)
+WORKER = {}
+
+
+onstart:
+    WORKER["process"] = iisan.worker.start_for_workflow(
+        config["worker"], workflow.local_exec
+    )
+
+
+onsuccess:
+    iisan.worker.stop_for_workflow(WORKER.get("process"))
+
+
+onerror:
+    iisan.worker.stop_for_workflow(WORKER.get("process"))
 
 
 rule all:

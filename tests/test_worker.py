@@ -98,10 +98,12 @@ def pid_from(marker: Path, proc) -> int:
 
 
 def gone(pid: int, seconds: float = 20) -> bool:
+    """Whether process `pid` ends (or is a zombie nobody reaps) within `seconds`."""
     for _ in range(int(seconds / 0.05)):
         try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+            if Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                return True
+        except (FileNotFoundError, ProcessLookupError):
             return True
         time.sleep(0.05)
     return False
@@ -181,21 +183,41 @@ def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
     assert not sock.exists()
 
 
-def test_a_workflow_train_job_through_the_worker_equals_its_own_run(worker, tiny_workflow, tmp_path):
-    """A train job of the tiny workflow, forced again with IISAN_WORKER set: the job process only
-    waits (it never imports torch) and the metrics equal those of the job run on its own."""
+def test_a_worker_started_by_snakemake_does_not_outlive_it(tmp_path):
+    """`--exit-with-parent` (how start_for_workflow starts one): Snakemake killed outright, the
+    worker stops by itself and removes its socket."""
+    sock = tmp_path / "w.sock"
+    starter = ("import subprocess, sys, time; p = subprocess.Popen([sys.executable, '-m', 'iisan.cli', 'worker', "
+               "'--socket', sys.argv[1], '--exit-with-parent']); print(p.pid, flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", starter, str(sock)], env=env(), stdout=subprocess.PIPE, text=True)
+    pid = int(parent.stdout.readline())
+    for _ in range(1200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    assert sock.exists()
+    parent.kill()
+    parent.wait()
+    assert gone(pid, 30) and not sock.exists()
+
+
+def test_a_workflow_train_job_through_the_worker_equals_its_own_run(tiny_workflow, tmp_path):
+    """A train job of the tiny workflow, forced again with `worker: true` (Snakemake starts a worker
+    for the run and stops it): the job process only waits (it never imports torch) and the metrics
+    equal those of the job run on its own."""
     from fault_suite import CONFIG, _strip
     from test_workflow import SNAKEMAKE
 
     wd = tmp_path / "wd"  # a copy (hard links: Snakemake replaces what it rewrites) of the finished workflow
     shutil.copytree(tiny_workflow, wd, copy_function=os.link, ignore=shutil.ignore_patterns(".snakemake"))
     rel = sorted((wd / "results" / "runs").rglob("metrics.json"))[0].relative_to(wd)
-    e = env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(worker["home"])]))
-    e[ENV] = str(worker["sock"])
-    res = subprocess.run(SNAKEMAKE + ["--cores", "2", *CONFIG, "--config", f"mirror={wd / 'mirror'}",
-                                      "--forcerun", str(rel), "--", str(rel)], cwd=wd, env=e, capture_output=True, text=True)
+    res = subprocess.run(SNAKEMAKE + ["--cores", "2", *CONFIG, "--config", f"mirror={wd / 'mirror'}", "worker=true",
+                                      "--forcerun", str(rel), "--", str(rel)], cwd=wd, env=env(), capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "iisan:" not in res.stderr, res.stderr[-3000:]  # nothing ran elsewhere
+    listening = [line for line in res.stderr.splitlines() if "listening at" in line]
+    assert len(listening) == 1, res.stderr[-3000:]
+    assert "iisan: " not in res.stderr, res.stderr[-3000:]  # nothing ran elsewhere
+    assert not Path(listening[0].split("listening at ")[1].split(" ")[0]).exists()  # stopped with the run
     assert _strip(json.loads((wd / rel).read_text())) == _strip(json.loads((tiny_workflow / rel).read_text()))
     run = rel.parent.relative_to("results/runs")
     bench = wd / "results" / "benchmarks" / "train" / run.parent / f"{run.name}.tsv"

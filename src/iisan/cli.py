@@ -41,7 +41,7 @@ def worker(args: argparse.Namespace) -> int:
     from .worker import PRELOAD, serve
 
     try:
-        serve(args.socket.resolve(), preload=PRELOAD + tuple(args.preload or ()))
+        serve(args.socket.resolve(), preload=PRELOAD + tuple(args.preload or ()), exit_with_parent=args.exit_with_parent)
     except (RuntimeError, ValueError) as err:
         print(err, file=sys.stderr)
         return 1
@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                        f"that finds it (through ${ENV}) in a forked child, without those imports")
     w.add_argument("--socket", type=Path, default=default_socket(), help="where to listen (default: %(default)s)")
     w.add_argument("--preload", nargs="+", metavar="MODULE", help="more modules to import first (your own backbone or dataset code)")
+    w.add_argument("--exit-with-parent", action="store_true", help="stop when the process that started it ends (how Snakemake starts one)")
     args = ap.parse_args(argv)
     return {"plan": plan, "worker": worker}[args.command](args)
 

@@ -288,9 +288,11 @@ def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
     return max(status, 0)
 
 
-def serve(path: Path, preload=PRELOAD, ready=None) -> None:
+def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = False) -> None:
     """Import `preload`, listen at `path` and run each job that connects in a forked child, until
-    SIGINT or SIGTERM. `ready` (for tests) is called once it listens."""
+    SIGINT or SIGTERM (or, with exit_with_parent, until the process that started it has gone).
+    `ready` (for tests) is called once it listens."""
+    parent = os.getppid()
     start_env = dict(os.environ)  # before the imports, some of which set variables (as they will in a job)
     for name in preload:
         try:
@@ -320,6 +322,8 @@ def serve(path: Path, preload=PRELOAD, ready=None) -> None:
     finally:
         os.umask(old)
     listener.listen(64)
+    if exit_with_parent:
+        listener.settimeout(1.0)
     jobs: dict[int, socket.socket] = {}
 
     def reap(*_):  # each finished job's status to its job process, as waitpid gives it
@@ -353,7 +357,13 @@ def serve(path: Path, preload=PRELOAD, ready=None) -> None:
         ready()
     try:
         while True:
-            conn, _ = listener.accept()
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                if os.getppid() != parent:  # Snakemake was killed outright: do not outlive it
+                    break
+                continue
+            conn.settimeout(None)
             signal.pthread_sigmask(signal.SIG_BLOCK, [signal.SIGCHLD])
             try:
                 pid = os.fork()
@@ -383,3 +393,36 @@ def serve(path: Path, preload=PRELOAD, ready=None) -> None:
         listener.close()
         path.unlink(missing_ok=True)
         print(f"iisan worker {os.getpid()}: stopped; {len(jobs)} running job(s) go on", file=sys.stderr, flush=True)
+
+
+# --- one worker per Snakemake run (config `worker: true`) ----------------------------------------
+
+def start_for_workflow(enabled: bool, local: bool):
+    """The Snakefile's onstart: with `enabled` and jobs that run on this machine (`local`), start
+    a worker for this run's jobs and point them at it (IISAN_WORKER in this process's environment,
+    which local jobs inherit). Nothing when IISAN_WORKER is already set (a worker of your own).
+    Returns the worker process for stop_for_workflow."""
+    if not enabled or not local or os.environ.get(ENV):
+        return None
+    import subprocess
+
+    path = default_socket().with_name(f"worker-{os.getpid()}.sock")
+    proc = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(path), "--exit-with-parent"],
+                            stdin=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    line = proc.stderr.readline()  # once it listens
+    if "listening at" not in line:
+        proc.wait()
+        print(f"iisan: the worker did not start ({line.strip() or proc.stderr.read().strip()}); jobs run on their own",
+              file=sys.stderr, flush=True)
+        return None
+    print(line.strip(), file=sys.stderr, flush=True)
+    os.environ[ENV] = str(path)
+    return proc
+
+
+def stop_for_workflow(proc) -> None:
+    """The Snakefile's onsuccess and onerror: stop the run's worker."""
+    if proc is not None and proc.poll() is None:
+        os.environ.pop(ENV, None)
+        proc.terminate()
+        proc.wait()
