@@ -1,8 +1,8 @@
 """A warm worker: jobs that start in milliseconds instead of seconds.
 
 Every train job is a fresh Python process, and before its first step it imports torch, the
-compiler (torch._dynamo, inductor: sympy, networkx, FSDP) and this library: 3 s on a laptop
-core, 9 s on a GPU node whose site-packages sit on a network disk (docs/benchmarks.md). A
+compiler (torch._dynamo, inductor: sympy, networkx, FSDP) and this library: 2 s on the 2-core
+CPU of our CI, 8.8 s on the H200 node of docs/benchmarks.md. A
 workflow of Table VIII's 66 short runs pays that 66 times. `iisan worker` pays it once: it imports
 all of that, never touches the GPU, and forks a child per job. The child is the job: it takes
 over the job process's working directory, environment (so also CUDA_VISIBLE_DEVICES, set per
