@@ -167,6 +167,24 @@ def test_no_worker_there_runs_the_job_in_its_own_process(tmp_path):
     assert f"no worker at {tmp_path / 'none.sock'}" in stderr
 
 
+def test_a_hung_worker_does_not_hold_the_job(worker, tmp_path):
+    """A worker that does not answer (stopped here): the job runs in its own process after
+    IISAN_WORKER_TIMEOUT seconds, and not a second time when the worker wakes up."""
+    out = tmp_path / "report.json"
+    worker["proc"].send_signal(signal.SIGSTOP)
+    try:
+        proc, _, stderr = job(worker, "worker_jobs:report", str(out), IISAN_WORKER_TIMEOUT="1")
+    finally:
+        worker["proc"].send_signal(signal.SIGCONT)
+    assert proc.returncode == 0 and "did not take the job (no answer within 1 s)" in stderr
+    ran = json.loads(out.read_text())
+    assert ran["pid"] == proc.pid
+    time.sleep(2)  # the woken worker forks a child for the old connection; its answer fails
+    assert json.loads(out.read_text()) == ran
+    proc, _, stderr = job(worker, "worker_jobs:report", str(out))
+    assert json.loads(out.read_text())["pid"] != proc.pid, stderr  # and it takes the next job
+
+
 def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
     sock = tmp_path / "w.sock"
     first = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env(),

@@ -19,7 +19,9 @@ unset, nothing answers there (a SLURM job on another node), the worker runs anot
 another copy of this library, the job's environment differs from the worker's in a variable
 that libraries read when imported (TORCH*, CUDA*, OMP_*, ...: the worker's imports would not
 match it), or a module the worker imported has changed on disk since (restart the worker after
-editing the library). Stopping the worker (Ctrl-C, SIGTERM) leaves running jobs running.
+editing the library); also when the worker does not answer within IISAN_WORKER_TIMEOUT seconds
+(default 30: a stopped or hung worker). Stopping the worker (Ctrl-C, SIGTERM) leaves running jobs
+running.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import traceback
 from pathlib import Path
 
 ENV = "IISAN_WORKER"
+TIMEOUT_ENV, REPLY_TIMEOUT_S = "IISAN_WORKER_TIMEOUT", 30  # seconds a job waits for the worker to take it
 # what a train or profile job imports, most of it on first use (the optimizer, torch.compile). Not
 # polars (0.1 s): importing it starts threads (jemalloc's, an out-of-core cleaner) that a forked
 # child would not have; nor Triton, whose driver could start CUDA, which a fork cannot carry over.
@@ -66,7 +69,7 @@ def default_socket() -> Path:
     return folder / "worker.sock"
 
 
-# --- messages: a 4-byte length and a pickle, file descriptors alongside the first -----------------
+# --- messages: a 4-byte length and a pickle, file descriptors alongside one of them ----------------
 
 def _send(sock: socket.socket, obj, fds=()) -> None:
     data = pickle.dumps(obj)
@@ -139,8 +142,20 @@ def _delegate(path: Path, target: str, args: tuple) -> int | None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     with sock:
-        _send(sock, request, fds=(0, 1, 2))
-        reply = _recv(sock)
+        # a stopped or hung worker still completes connections (the listen backlog): wait for its
+        # answer only so long; if it answers later, its send fails on the closed socket and the job
+        # does not run twice. The job's streams go only to a worker that has taken the job.
+        sock.settimeout(float(os.environ.get(TIMEOUT_ENV, REPLY_TIMEOUT_S)))
+        try:
+            _send(sock, request)
+            reply = _recv(sock)
+            if reply is not None and "accepted" in reply:
+                _send(sock, {"streams": "stdin, stdout, stderr"}, fds=(0, 1, 2))
+        except TimeoutError:
+            reply = {"declined": f"no answer within {sock.gettimeout():g} s"}
+        except OSError as err:
+            reply = {"declined": err.strerror or str(err)}
+        sock.settimeout(None)
         if reply is None or "declined" in reply:
             why = "it closed the connection" if reply is None else reply["declined"]
             print(f"iisan: the worker at {path} did not take the job ({why}); running it in this process",
@@ -231,9 +246,8 @@ def _why_not(request: dict, start_env: dict, snapshot: dict) -> str | None:
 
 def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
     """In the forked child: take the job over and run it; the return value is its exit status."""
-    fds: list[int] = []
-    request = _recv(conn, fds)
-    if request is None or len(fds) != 3:
+    request = _recv(conn)
+    if request is None:
         return 2
     uid = struct.unpack("3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))[1]
     why = "the job runs as another user" if uid != os.getuid() else _why_not(request, start_env, snapshot)
@@ -241,6 +255,9 @@ def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
         _send(conn, {"declined": why})
         return 0
     _send(conn, {"accepted": os.getpid()})
+    fds: list[int] = []  # the job process's stdin, stdout, stderr, sent once it knows it is taken
+    if _recv(conn, fds) is None or len(fds) != 3:
+        return 2
     os.setsid()  # the worker's Ctrl-C is not the job's; the job's signals come from its process
     for i, fd in enumerate(fds):
         os.dup2(fd, i)
