@@ -28,7 +28,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from iisan.worker import ENV  # noqa: E402 - light: no torch
+from iisan.worker import start_for_workflow, stop_for_workflow  # noqa: E402 - light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = [("title", "bert-base"), ("image", "vit-base")]
@@ -173,13 +173,10 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
         "final_evaluation": round(fit_s - sum(e["epoch_seconds"] for e in h), 3),
     })
     total = time.time() - script_start + interpreter
-    marks["start_up (process start to steady training)"] = round(
-        marks["interpreter_start_to_script"] + marks["imports"] + marks["cuda_init"] + marks["load_dataset"]
-        + marks["load_caches (checked, checksums)"] + marks["trainer (to GPU, model)"]
-        + marks["first_epoch_overhead (compile, capture)"], 3)
-    marks["process_start_to_first_step"] = round(
-        marks["interpreter_start_to_script"] + marks["imports"] + marks["cuda_init"] + marks["load_dataset"]
-        + marks["load_caches (checked, checksums)"] + marks["trainer (to GPU, model)"], 3)
+    first_step = (marks["interpreter_start_to_script"] + marks["imports"] + marks["cuda_init"] + marks["load_dataset"]
+                  + marks["load_caches (checked, checksums)"] + marks["trainer (to GPU, model)"])
+    marks["start_up (process start to steady training)"] = round(first_step + marks["first_epoch_overhead (compile, capture)"], 3)
+    marks["process_start_to_first_step"] = round(first_step, 3)
     marks["process_start_to_metrics"] = round(total, 3)
     speed = {k: getattr(exp.train, k) for k in SPEED_FIELDS}
     print(json.dumps({"device": result["device"], "torch": torch.__version__, "speed": speed,
@@ -212,23 +209,17 @@ def main():
     cache = args.compile_cache or args.work / "compile-cache"
     if args.compile_cache is None:
         subprocess.run(["rm", "-rf", str(cache)], check=True)
-    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(cache))
-    worker = None
-    if args.worker:  # one warm worker for all runs, started as a user would before snakemake
-        sock = args.work / "worker.sock"
-        worker = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env,
-                                  stderr=subprocess.PIPE, text=True)
-        print(json.dumps({"worker": worker.stderr.readline().strip()}), flush=True)  # once it listens
-        env[ENV] = str(sock)
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache)
+    # one warm worker for all runs, as `worker: true` starts one for a workflow's run (sets IISAN_WORKER)
+    worker = start_for_workflow(args.worker, local=True)
+    env = dict(os.environ)
     for run in range(args.runs):
         trace = args.importtime is not None and run == args.runs - 1
         with open(args.importtime if trace else os.devnull, "w") as log:
             subprocess.run([sys.executable] + ["-X", "importtime"] * trace + [__file__, "--child", "--work", str(args.work),
                             "--epochs", str(args.epochs), "--speed", args.speed] + ["--profile-init"] * args.profile_init,
                            env=env, check=True, stderr=log if trace else None)
-    if worker is not None:
-        worker.terminate()
-        worker.wait()
+    stop_for_workflow(worker)
     if args.importtime is not None:
         print(json.dumps(import_summary(args.importtime.read_text())), flush=True)
 

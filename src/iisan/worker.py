@@ -161,10 +161,7 @@ def _delegate(path: Path, target: str, args: tuple) -> int | None:
             print(f"iisan: the worker at {path} did not take the job ({why}); running it in this process",
                   file=sys.stderr, flush=True)
             return None
-        forwarded = []
-
         def forward(signum, frame):
-            forwarded.append(signum)
             try:
                 _send(sock, {"signal": signum})
             except OSError:
