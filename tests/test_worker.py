@@ -68,6 +68,7 @@ def test_a_job_runs_in_the_worker_as_in_its_own_process(worker, tmp_path):
     r = json.loads(out.read_text())
     assert r["pid"] != proc.pid and r["torch_was_imported"]  # ran in a child of the warm worker
     assert r["cwd"] == str(tmp_path) and r["cuda_visible"] == "3" and r["marker"] == "m1"
+    assert r["nvml_check"] is None  # the worker's imports asked NVML; the job has its own environment
     assert r["umask"] == 0o027 and r["stdin"] == "some input" and r["argv"] == ["-c", "an-argument"]
     assert "hello from the job on stdout" in stdout and "hello from the job on stderr" in stderr
     assert "iisan:" not in stderr  # nothing said about running elsewhere
@@ -199,6 +200,26 @@ def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
         first.terminate()
         assert first.wait(timeout=30) == 0
     assert not sock.exists()
+
+
+def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
+    """A worker whose imports asked the CUDA driver anything could not serve GPU jobs (torch marks
+    its forked children unable to start CUDA): it refuses to start, and a workflow's jobs then run
+    on their own. A site module stands in for such a library (this CPU has no CUDA)."""
+    (tmp_path / "sitecustomize.py").write_text(
+        "import os\nimport torch\n"
+        "os.register_at_fork(after_in_child=lambda: setattr(torch.cuda, '_is_in_bad_fork', lambda: True))\n")
+    e = env(PYTHONPATH=os.pathsep.join([str(tmp_path), str(SRC), str(TESTS)]))
+    sock = tmp_path / "w.sock"
+    alone = subprocess.run([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=e,
+                           capture_output=True, text=True, timeout=120)
+    assert alone.returncode == 1 and "asked the CUDA driver" in alone.stderr and not sock.exists()
+    code = ("import os; from iisan import worker; p = worker.start_for_workflow(True, local=True); "
+            "print(p, os.environ.get(worker.ENV))")
+    done = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["None", "None"]  # no worker, no IISAN_WORKER: jobs run in their own processes
+    assert "the worker did not start" in done.stderr and "asked the CUDA driver" in done.stderr
 
 
 def test_a_worker_started_by_snakemake_does_not_outlive_it(tmp_path):

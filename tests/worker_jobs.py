@@ -14,6 +14,7 @@ def report(out: str) -> None:
     Path(out).write_text(json.dumps({
         "pid": os.getpid(), "cwd": os.getcwd(), "umask": os.umask(0o022), "argv": sys.argv,
         "cuda_visible": os.environ.get("CUDA_VISIBLE_DEVICES"), "marker": os.environ.get("JOB_MARKER"),
+        "nvml_check": os.environ.get("PYTORCH_NVML_BASED_CUDA_CHECK"),
         "torch_was_imported": "torch._dynamo" in sys.modules, "path": sys.path, "stdin": sys.stdin.read(),
     }))
 

@@ -59,6 +59,7 @@ READ_AT_USE = ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
                # (iisan.jobs.job); numpy's BLAS keeps the worker's, which changes speed, not results
                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS", "GOTO_NUM_THREADS")
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -302,12 +303,34 @@ def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
     return max(status, 0)
 
 
+def _fork_poisoned() -> bool:
+    """Whether a child forked now could not start CUDA (torch.cuda._is_in_bad_fork() in the child):
+    torch marks the children of a process that has asked the CUDA driver anything, even whether a GPU
+    is there, and the driver could not serve them. A fork of the worker, ended at once, says."""
+    torch = sys.modules.get("torch")
+    if torch is None:
+        return False
+    pid = os.fork()
+    if pid == 0:
+        try:
+            bad = bool(torch.cuda._is_in_bad_fork())
+        except BaseException:  # noqa: BLE001 - whatever stops the probe counts against forking
+            bad = True
+        os._exit(1 if bad else 0)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status) != 0
+
+
 def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = False) -> None:
     """Import `preload`, listen at `path` and run each job that connects in a forked child, until
     SIGINT or SIGTERM (or, with exit_with_parent, until the process that started it has gone).
     `ready` (for tests) is called once it listens."""
     parent = os.getppid()
     start_env = dict(os.environ)  # before the imports, some of which set variables (as they will in a job)
+    # torch.cuda.is_available() (transformers calls it when imported) asks the CUDA driver unless told
+    # to ask NVML; once the driver has been asked anything, torch marks every forked child unable to
+    # start CUDA. Read when called, so the job's own value holds in the job.
+    os.environ.setdefault(NVML_CHECK, "1")
     for name in preload:
         try:
             importlib.import_module(name)
@@ -317,6 +340,9 @@ def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = Fals
         raise RuntimeError("iisan worker: CUDA started while importing; a forked job could not use the GPU")
     if threading.active_count() > 1:
         raise RuntimeError(f"iisan worker: {threading.active_count()} threads after importing; forking would be unsafe")
+    if _fork_poisoned():
+        raise RuntimeError("iisan worker: importing asked the CUDA driver for its devices; a forked job could not use "
+                           f"the GPU ({NVML_CHECK}=1 keeps torch.cuda.is_available() off the driver)")
     snapshot = _snapshot()
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     if len(os.fsencode(path)) > 100:
