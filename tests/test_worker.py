@@ -198,8 +198,9 @@ def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
         assert second.returncode == 1 and f"another worker already listens at {sock}" in second.stderr
     finally:
         first.terminate()
+        first.terminate()  # a second SIGTERM during the cleanup changes nothing
         assert first.wait(timeout=30) == 0
-    assert not sock.exists()
+    assert not sock.exists() and "Traceback" not in first.stderr.read()
 
 
 def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
@@ -220,6 +221,18 @@ def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.split() == ["None", "None"]  # no worker, no IISAN_WORKER: jobs run in their own processes
     assert "the worker did not start" in done.stderr and "asked the CUDA driver" in done.stderr
+
+
+def test_worker_refuses_when_an_import_started_a_thread(tmp_path):
+    """A thread started while preloading (inductor's compile pool, polars' jemalloc) would be
+    missing in each forked job, with whatever locks it held: the worker refuses to start."""
+    (tmp_path / "starts_thread.py").write_text("import threading, time\n"
+                                               "threading.Thread(target=time.sleep, args=(600,), daemon=True).start()\n")
+    sock = tmp_path / "w.sock"
+    done = subprocess.run([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock), "--preload", "starts_thread"],
+                          env=env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(tmp_path)])),
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "1 more threads after importing" in done.stderr and not sock.exists()
 
 
 def test_a_worker_started_by_snakemake_does_not_outlive_it(tmp_path):
