@@ -21,7 +21,8 @@ that libraries read when imported (TORCH*, CUDA*, OMP_*, ...: the worker's impor
 match it), or a module the worker imported has changed on disk since (restart the worker after
 editing the library); also when the worker does not answer within IISAN_WORKER_TIMEOUT seconds
 (default 30: a stopped or hung worker). Stopping the worker (Ctrl-C, SIGTERM) leaves running jobs
-running.
+running. The worker refuses to start when its imports started a thread or asked the CUDA driver
+anything (torch then marks forked children unable to start CUDA): neither survives a fork.
 """
 
 from __future__ import annotations
