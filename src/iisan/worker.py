@@ -60,7 +60,7 @@ READ_AT_USE = ("CUDA_VISIBLE_DEVICES", "TORCHINDUCTOR_CACHE_DIR",
                # (iisan.jobs.job); numpy's BLAS keeps the worker's, which changes speed, not results
                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "VECLIB_MAXIMUM_THREADS",
                "NUMEXPR_NUM_THREADS", "GOTO_NUM_THREADS")
-NVML_CHECK, WARM_POOL = "PYTORCH_NVML_BASED_CUDA_CHECK", "TORCH_WARM_POOL"  # set while preloading (serve)
+NVML_CHECK = "PYTORCH_NVML_BASED_CUDA_CHECK"  # set while preloading (serve)
 FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
@@ -304,14 +304,6 @@ def _child(conn: socket.socket, start_env: dict, snapshot: dict) -> int:
     return max(status, 0)
 
 
-def _threads() -> int:
-    """This process's threads, native ones too (Linux: /proc/self/task), else Python's."""
-    try:
-        return len(os.listdir("/proc/self/task"))
-    except OSError:
-        return threading.active_count()
-
-
 def _fork_poisoned() -> bool:
     """Whether a child forked now could not start CUDA (torch.cuda._is_in_bad_fork() in the child):
     torch marks the children of a process that has asked the CUDA driver anything, even whether a GPU
@@ -340,15 +332,6 @@ def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = Fals
     # to ask NVML; once the driver has been asked anything, torch marks every forked child unable to
     # start CUDA. Read when called, so the job's own value holds in the job.
     os.environ.setdefault(NVML_CHECK, "1")
-    # nor start inductor's pool of compile processes (its threads would not survive the fork; a job
-    # starts its own pool when it first compiles)
-    os.environ.setdefault(WARM_POOL, "0")
-    own = _threads()  # torch's own threads, if importing it starts any (its fork handlers look after them)
-    try:
-        import torch  # noqa: F401
-        own = _threads()
-    except ImportError:
-        pass
     for name in preload:
         try:
             importlib.import_module(name)
@@ -356,8 +339,12 @@ def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = Fals
             pass
     if "torch" in sys.modules and sys.modules["torch"].cuda.is_initialized():
         raise RuntimeError("iisan worker: CUDA started while importing; a forked job could not use the GPU")
-    if _threads() > own:  # a thread some import started would be missing in the forked job
-        raise RuntimeError(f"iisan worker: {_threads() - own} more threads after importing; forking would be unsafe")
+    # a Python thread some import started would be missing in each forked job, with any lock it held.
+    # (Native threads are not counted: on an H200 the preloaded process had some, and jobs forked
+    # from it ran correctly, docs/benchmarks.md.)
+    if threading.active_count() > 1:
+        raise RuntimeError(f"iisan worker: {threading.active_count() - 1} more threads after importing; "
+                           "forking would be unsafe")
     if _fork_poisoned():
         raise RuntimeError("iisan worker: importing asked the CUDA driver for its devices; a forked job could not use "
                            f"the GPU ({NVML_CHECK}=1 keeps torch.cuda.is_available() off the driver)")
