@@ -86,8 +86,28 @@ def step_flops(trainer, n: int = 3) -> float:
     return total / n
 
 
+def use_layer_mode(mode: str) -> None:
+    """Experiment: compile each backbone layer with torch.compile's `mode` (reduce-overhead: CUDA
+    graph trees around each layer's forward and backward; max-autotune-no-cudagraphs: Triton
+    matmul templates with fused epilogues where faster) instead of the default."""
+    import functools
+
+    import iisan.finetune as ft
+    from iisan.train import Trainer
+
+    ft.compile_layers = functools.partial(ft.compile_layers, mode=mode)
+    if "cudagraphs" not in mode:  # graph trees: each training step starts a new generation
+        step = Trainer._step
+
+        def marked(self, *a, **k):
+            torch.compiler.cudagraph_mark_step_begin()
+            return step(self, *a, **k)
+
+        Trainer._step = marked
+
+
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
-            graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False) -> dict:
+            graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default") -> dict:
     from caption_speed import matmul_tflops
 
     from iisan.model import ModelConfig
@@ -95,6 +115,8 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
 
     from train_speed import synthetic
 
+    if layer_mode != "default":
+        use_layer_mode(layer_mode)
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
     source, model_method = build(method, data, device, item_slots)
@@ -127,6 +149,7 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     return {
         "method": method,
         "compile": compile_,
+        "layer_mode": layer_mode,
         "cuda_graph_step": trainer.graphs,
         "item_slots": item_slots,
         "device": prof["device"],
@@ -164,6 +187,9 @@ def main():
     ap.add_argument("--no-graphs", action="store_true", help="no CUDA graph step even where shapes are fixed")
     ap.add_argument("--graphs-in-loop", action="store_true",
                     help="experimental: capture trainable backbones in the step's CUDA graph (needs --item-slots all)")
+    ap.add_argument("--layer-mode", default="default",
+                    choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
+                    help="experimental, with --compile: torch.compile mode for each backbone layer")
     ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
                     help="backbones in the loop run every item slot (the authors' code) or each distinct item once")
     args = ap.parse_args()
@@ -174,7 +200,7 @@ def main():
         for m in args.methods.split(","):
             flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
                                      ("--no-graphs", args.no_graphs), ("--graphs-in-loop", args.graphs_in_loop)) if on]
-            flags += ["--item-slots", args.item_slots, "--profile", str(args.profile)]
+            flags += ["--item-slots", args.item_slots, "--profile", str(args.profile), "--layer-mode", args.layer_mode]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
                 print(json.dumps({"method": m, "error": out.stderr[-1500:]}), flush=True)
@@ -191,7 +217,7 @@ def main():
             print(json.dumps(summary), flush=True)
         return
     print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
-                             not args.no_graphs, args.profile, args.graphs_in_loop)), flush=True)
+                             not args.no_graphs, args.profile, args.graphs_in_loop, args.layer_mode)), flush=True)
     gc.collect()
 
 

@@ -1,0 +1,62 @@
+"""Does a torch.compile mode for the backbone layers keep the results, and what does it do to the
+validation pass? (issue: time to result, target 3). BERT-base + ViT-base with random weights at
+Scientific size (`baselines_speed.build`), batch 32 with every item slot, bf16, compiled as with
+`--compile`: 12 training steps (their losses), two validation passes (metrics and seconds), then
+10 more training steps (seconds per step) and the peak GPU memory.
+
+    PYTHONPATH=src:benchmarks python benchmarks/layer_mode_check.py MODE METHOD  # MODE: default | reduce-overhead
+    SMOKE=1 PYTHONPATH=src:benchmarks python benchmarks/layer_mode_check.py reduce-overhead bitfit  # CPU check
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import baselines_speed as bs
+import torch
+
+from iisan.model import ModelConfig
+from iisan.train import TrainConfig, Trainer
+
+from train_speed import synthetic
+
+
+def main(mode: str, method: str) -> dict:
+    smoke = os.environ.get("SMOKE") == "1"
+    bs.SMOKE = smoke
+    if mode != "default":
+        bs.use_layer_mode(mode)
+    dev = "cpu" if smoke else "cuda"
+    torch.manual_seed(0)
+    data = synthetic(users=300, items=500, interactions=2000) if smoke else synthetic()
+    source, model_method = bs.build(method, data, torch.device(dev), "all")
+    cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=True, compile=True, item_slots="all")
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=dev)
+
+    def batches():
+        while True:
+            yield from trainer._batches()
+
+    def timed(fn):
+        trainer._sync()
+        t0 = time.perf_counter()
+        out = fn()
+        trainer._sync()
+        return out, round(time.perf_counter() - t0, 4)
+
+    b = batches()
+    losses, first = timed(lambda: [float(trainer.train_step(next(b))) for _ in range(12)])
+    metrics, eval_s = timed(lambda: trainer.evaluate("valid"))
+    metrics2, eval2_s = timed(lambda: trainer.evaluate("valid"))
+    trainer.model.train()
+    _, ten = timed(lambda: [trainer.train_step(next(b)) for _ in range(10)])
+    peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if dev == "cuda" else None
+    return {"mode": mode, "method": method, "losses": losses, "metrics": metrics, "metrics2": metrics2,
+            "first12_s": first, "eval_s": eval_s, "eval2_s": eval2_s, "step_after_eval_s": round(ten / 10, 4), "peak_gib": peak}
+
+
+if __name__ == "__main__":
+    print(json.dumps(main(sys.argv[1], sys.argv[2])), flush=True)
