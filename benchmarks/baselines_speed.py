@@ -30,12 +30,33 @@ METHODS = ["fft", "adapter", "lora", "bitfit", "iisan-uncached", "iisan"]
 SMOKE = False  # --smoke: tiny widths on the CPU, to check the script before spending GPU time
 
 
-def build(method: str, data, device, item_slots: str = "distinct"):
+def backbones(finetune: str, smoke: bool = False):
+    """BERT-base and ViT-base with random weights (tiny widths with `smoke`) prepared for
+    `finetune`, and the image size."""
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
+    from iisan.finetune import prepare_backbone
+
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if smoke else {}
+    size = 32 if smoke else 224
+    bert = prepare_backbone(BertModel(BertConfig(**small), add_pooling_layer=False), "bert", finetune)
+    vit = prepare_backbone(ViTModel(ViTConfig(image_size=size, **small), add_pooling_layer=False), "vit", finetune)
+    return bert, vit, size
+
+
+def item_inputs(n: int, size: int, g: torch.Generator):
+    """Synthetic inputs of n items: 30-token titles of 8-30 real tokens, uint8 images."""
+    lengths = torch.randint(8, 31, (n,), generator=g)
+    ids = torch.randint(1000, 30000, (n, 30), generator=g)
+    mask = (torch.arange(30).unsqueeze(0) < lengths.unsqueeze(1)).long()
+    text = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    return text, pixels
+
+
+def build(method: str, data, device, item_slots: str = "distinct"):
     from iisan.backbones import BackboneSpec
     from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, Tower
-    from iisan.finetune import prepare_backbone
     from iisan.layerdrop import scheme_layers
 
     n = data.n_items + 1
@@ -50,17 +71,9 @@ def build(method: str, data, device, item_slots: str = "distinct"):
     text_spec = BackboneSpec.from_config("bert-base", {"source": "random", "family": "bert", "modality": "text", "layers": 12, "hidden": 768})
     image_spec = BackboneSpec.from_config("vit-base", {"source": "random", "family": "vit", "modality": "image", "layers": 12, "hidden": 768})
     want = layers if finetune == "frozen" else [12]
-    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if SMOKE else {}
-    size = 32 if SMOKE else 224
-    d = 32 if SMOKE else 768
-    text_spec.hidden = image_spec.hidden = d
-    bert = prepare_backbone(BertModel(BertConfig(**small), add_pooling_layer=False), "bert", finetune)
-    vit = prepare_backbone(ViTModel(ViTConfig(image_size=size, **small), add_pooling_layer=False), "vit", finetune)
-    lengths = torch.randint(8, 31, (n,), generator=g)
-    ids = torch.randint(1000, 30000, (n, 30), generator=g)
-    mask = (torch.arange(30).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    text_inputs = {"input_ids": ids * mask, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
-    pixels = torch.randint(0, 256, (n, 3, size, size), dtype=torch.uint8, generator=g)
+    text_spec.hidden = image_spec.hidden = 32 if SMOKE else 768
+    bert, vit, size = backbones(finetune, SMOKE)
+    text_inputs, pixels = item_inputs(n, size, g)
     towers = [
         BackboneTower(Tower(text_spec, "", "title", want, "float16"), bert, text_inputs),
         BackboneTower(Tower(image_spec, "", "image", want, "float16"), vit, {"pixels": pixels}, [0.5] * 3, [0.5] * 3),

@@ -25,24 +25,17 @@ import torch
 
 
 def build(method: str, pure: bool, smoke: bool, device: torch.device):
-    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+    from baselines_speed import backbones, item_inputs
 
-    from iisan.finetune import compile_layers, prepare_backbone
+    from iisan.finetune import compile_layers
 
-    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if smoke else {}
-    size = 32 if smoke else 224
     torch.manual_seed(0)
-    bert = prepare_backbone(BertModel(BertConfig(**small), add_pooling_layer=False), "bert", method)
-    vit = prepare_backbone(ViTModel(ViTConfig(image_size=size, **small), add_pooling_layer=False), "vit", method)
+    bert, vit, size = backbones(method, smoke)
     dtype = torch.bfloat16 if pure else torch.float32
     bert, vit = bert.to(device, dtype), vit.to(device, dtype)
-    n = 352
-    g = torch.Generator().manual_seed(0)
-    lengths = torch.randint(8, 31, (n,), generator=g)
-    mask = (torch.arange(30).unsqueeze(0) < lengths.unsqueeze(1)).long()
-    ids = torch.randint(1000, 30000, (n, 30), generator=g) * mask
-    text = {"input_ids": ids.to(device), "attention_mask": mask.to(device), "token_type_ids": torch.zeros_like(ids).to(device)}
-    pixels = torch.randn(n, 3, size, size, generator=g).to(device, dtype)
+    text, pixels = item_inputs(352, size, torch.Generator().manual_seed(0))
+    text = {k: v.to(device) for k, v in text.items()}
+    pixels = pixels.to(device, dtype) / 127.5 - 1
     params = [p for m in (bert, vit) for p in m.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4)
     bert.train(), vit.train()
