@@ -1,8 +1,9 @@
 # IISAN-Versa reproducibility workflow. See README.md; the stages live in workflow/rules/.
-from snakemake.utils import min_version, update_config, validate
+from snakemake.utils import min_version, update_config
 
 import iisan.worker
 from iisan.config import typed
+from iisan.workflow import check_config, validate
 
 min_version("9.0")
 
@@ -16,7 +17,10 @@ report: "workflow/report/workflow.rst"
 # `--config key=value` values arrive as strings: read them as YAML, like the config files
 update_config(config, typed(dict(workflow.config_settings.config)))
 
-validate(config, "config/schemas/config.schema.yaml")
+# the schema (config/schemas/, with each table's section from the table registry), its defaults,
+# and the checks no schema can make; an error names the key
+validate(config, workflow.basedir)
+check_config(config)
 
 
 include: "workflow/rules/common.smk"

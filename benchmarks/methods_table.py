@@ -18,9 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from iisan import plan
+from iisan import plan, tables
 from iisan.backbones import BackboneSpec, output_layer
 from iisan.layerdrop import scheme_layers, tower_schemes
+from iisan.workflow import check_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -39,7 +40,7 @@ def load_config(files: list[str]) -> dict:
         cfg = merge(cfg, yaml.safe_load((ROOT / f).read_text()))
     cfg.setdefault("va_stride", "authors")  # schema defaults the files leave out
     cfg.setdefault("keep_checkpoints", False)
-    plan.check_config(cfg)
+    check_config(cfg)
     return cfg
 
 
@@ -55,8 +56,8 @@ def main():
     models = dict(m.split("=", 1) for m in args.model)
     work = Path(args.work)
     (dataset,) = cfg["datasets"]
-    runs = plan.plan_runs("methods", cfg)
-    rows = plan.table_plan("methods", cfg)
+    runs = tables.plan_runs("methods", cfg)
+    rows = tables.table_plan("methods", cfg)
     jobs = []
     for row in rows:
         w = plan.run_wildcards(dataset, row)
@@ -102,7 +103,7 @@ def main():
             run_experiment(exp, ds_dir, [work / c for c in caches], out)
             timings[f"run {desc['label']}_s"] = round(time.perf_counter() - t0, 1)
         metrics.append(out)
-    table = work / plan.table_file(cfg, "methods")
+    table = work / tables.table_file(cfg, "methods")
     df = build_table("methods", [d for d, _ in runs], metrics, table)
     print(df, flush=True)
     print(json.dumps({"timings": timings, "table": str(table)}), flush=True)

@@ -44,7 +44,7 @@ def write(path: Path, text: str) -> Path:
 
 
 def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
-    """The config a run of the Snakefile sees (iisan.config.workflow_config)."""
-    from iisan.config import workflow_config as load
+    """The config a run of the Snakefile sees (iisan.workflow.workflow_config)."""
+    from iisan.workflow import workflow_config as load
 
     return load(root, files, overrides)

@@ -7,7 +7,7 @@ import sys
 import pytest
 import yaml
 
-from iisan import plan
+from iisan import plan, tables
 from iisan.budget import RATES, Budget, load_rates, weight_gb
 
 from conftest import ROOT, workflow_config
@@ -24,18 +24,18 @@ def test_budget_has_every_gpu_job_the_targets_need():
     budget = Budget(cfg).build()
     kinds = {k: {j.name for j in budget.jobs.values() if j.kind == k} for k in ("train", "profile", "cache", "caption")}
     figures = {"fig4": "table4", "fig7": "fig7"}
-    runs = {p for k in cfg["tables"] + [figures[f] for f in cfg["figures"] if f in figures] for _, p in plan.plan_runs(k, cfg)}
+    runs = {p for k in cfg["tables"] + [figures[f] for f in cfg["figures"] if f in figures] for _, p in tables.plan_runs(k, cfg)}
     assert kinds["train"] == runs
-    assert kinds["profile"] == {p for _, p in plan.efficiency_plan(cfg)}
+    assert kinds["profile"] == {p for _, p in tables.efficiency_plan(cfg)}
     caches = set()
     for k in cfg["tables"] + ["fig7"]:
-        for dataset in plan.table_datasets(cfg, k):
-            for row in plan.table_plan(k, cfg):
+        for dataset in tables.table_datasets(cfg, k):
+            for row in tables.table_plan(k, cfg):
                 w = plan.run_wildcards(dataset, row)
                 if w["cache"] != "none":
                     caches |= {plan.CACHE_ARRAY.format(dataset=dataset, field=t.field, backbone=t.backbone)
                                for t in plan.parse_towers(cfg, w["towers"])}
-    caches |= {plan.array(c) for c in plan.fig6_caches(cfg) if "pruned-" not in c}
+    caches |= {plan.array(c) for c in tables.fig6_caches(cfg) if "pruned-" not in c}
     assert kinds["cache"] == caches
     assert kinds["caption"] == {plan.CAPTIONS.format(dataset="MicroLens", source=s) for s in ("cover", "video")}
     total = budget.summary()[-1]
@@ -60,7 +60,7 @@ def test_budget_scales_with_the_rates_and_the_config():
     bitfit = Budget(paper(), rates).train("Scientific", plan.compared_row(cfg, "bitfit"), 12345)
     assert base.peak_gib > bitfit.peak_gib
     # a cached run holds its cache on the GPU: the 70B full cache needs more memory than the dropped one
-    fig7 = {(r["label"], r["cache"]): r for r in plan.table_plan("fig7", cfg)}
+    fig7 = {(r["label"], r["cache"]): r for r in tables.table_plan("fig7", cfg)}
     full, dropped = (Budget(cfg, rates).train("Scientific", fig7[("llama3-70b-gptq", c)], 12345) for c in ("full", "dropped"))
     assert full.peak_gib > dropped.peak_gib + 15
 

@@ -7,7 +7,8 @@ from torch import nn
 
 from iisan.layerdrop import scheme_layers
 from iisan.model import ItemEncoder, ModelConfig, OutputHead, Recommender, TransformerBlock, UserEncoder
-from iisan.plan import table_plan, va_scheme
+from iisan.plan import va_scheme
+from iisan.tables import table_plan
 
 from conftest import ROOT, workflow_config
 

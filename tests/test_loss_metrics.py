@@ -46,6 +46,30 @@ def test_loss_matches_brute_force():
         assert math.isclose(float(got), brute_force_loss(U, E, ids, log_pop), rel_tol=1e-9), trial
 
 
+def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
+    """docs/method.md §6: under autocast the encoders' bf16 outputs are cast to fp32 before the
+    matmul, so the logits are the fp32 products (not bf16 ones widened afterwards)."""
+    import iisan.loss as loss_mod
+
+    g = torch.Generator().manual_seed(0)
+    B, S, D, N = 4, 6, 16, 30
+    ids = torch.randint(1, N + 1, (B, S), generator=g)
+    log_pop = torch.log(torch.rand(N + 1, generator=g) + 0.01)
+    U = torch.randn(B, S - 1, D, generator=g).bfloat16()
+    E = torch.randn(B, S, D, generator=g).bfloat16()
+    seen = []
+    real = loss_mod.F.cross_entropy
+    monkeypatch.setattr(loss_mod.F, "cross_entropy", lambda logits, *a, **k: seen.append(logits) or real(logits, *a, **k))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = inbatch_debiased_ce(U, E, ids, log_pop)
+    logits = seen[0]
+    assert logits.dtype == torch.float32 and loss.dtype == torch.float32
+    want = U.reshape(-1, D).float() @ E.reshape(-1, D).float().T - log_pop[ids.reshape(-1)]
+    kept = logits != -1e4
+    assert torch.equal(logits[kept], want[kept])
+    assert not torch.equal(logits[kept], logits[kept].bfloat16().float())  # not a bf16 matmul's output
+
+
 def test_loss_masks_repeated_positive_of_other_user():
     # user 1 holds the positive item of user 0 -> that column must not act as a negative
     ids = torch.tensor([[0, 1, 2], [0, 2, 3]])

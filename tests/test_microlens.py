@@ -133,19 +133,20 @@ def test_table_one_raw_counts(tmp_path):
 
 
 def test_table9_rows_are_the_papers_inputs():
-    """Table IX: FFT on each text (title, video caption, cover caption), IISAN-Versa with the
-    title twice, with each pair of texts through two BERT towers, and with title + image; on
+    """Table IX: FFT on each text (title, video caption, cover caption), IISAN-Versa with each
+    text twice, with each pair of texts through two BERT towers, and with title + image; on
     the MicroLens dataset only."""
-    from iisan.plan import plan_runs, table_plan
+    from iisan.tables import plan_runs, table_plan
 
     from conftest import ROOT, workflow_config
 
     cfg = workflow_config(ROOT, "config/paper.yaml")
     rows = table_plan("table9", cfg)
     assert [[t["field"] for t in r["towers"]] for r in rows] == [
-        ["title"], ["video_caption"], ["cover_caption"], ["title", "title"], ["title", "video_caption"],
-        ["title", "cover_caption"], ["video_caption", "cover_caption"], ["title", "image"]]
-    assert [r["method"] for r in rows] == ["fft"] * 3 + ["iisan"] * 5  # BERT-base and ViT-base have one shape
+        ["title"], ["video_caption"], ["cover_caption"], ["title", "title"], ["video_caption", "video_caption"],
+        ["cover_caption", "cover_caption"], ["title", "video_caption"], ["title", "cover_caption"], ["video_caption", "cover_caption"],
+        ["title", "image"]]
+    assert [r["method"] for r in rows] == ["fft"] * 3 + ["iisan"] * 7  # BERT-base and ViT-base have one shape
     assert all(t["backbone"] == ("vit-base" if t["field"] == "image" else "bert-base") for r in rows for t in r["towers"])
     assert {r["dataset"] for r, _ in plan_runs("table9", cfg)} == {"MicroLens"}
 
@@ -153,8 +154,7 @@ def test_table9_rows_are_the_papers_inputs():
 def test_table5_rows_are_the_papers():
     """Table V: multimodal FFT, ID-based SASRec and GRU4Rec, IISAN-VS on BERT-base + ViT-base and
     IISAN-VA on BERT-large + ViT-base, on MicroLens only; the published rows come from the cited file."""
-    from iisan.plan import plan_runs, table_plan
-    from iisan.tables import read_cited
+    from iisan.tables import plan_runs, read_cited, table_plan
 
     from conftest import ROOT, workflow_config
 
@@ -205,7 +205,7 @@ def test_table5_prints_published_rows_first_and_marked(tmp_path):
         metrics.append(tmp_path / f"m{i}.json")
         metrics[-1].write_text(json.dumps(m))
     rows = [{"dataset": "twin", "label": "IISAN-VS", "seed": 1}, {"dataset": "twin", "label": "IISAN-VA", "seed": 1}]
-    df = build_table("table5", rows, metrics, tmp_path / "t5.csv", cited=cited)
+    df = build_table("table5", rows, metrics, tmp_path / "t5.csv", extra=[cited])
     assert df.equals(pl.read_csv(tmp_path / "t5.csv"))
     assert df["method"].to_list() == ["SASRec", "IISAN-VS", "IISAN-VA"]
     assert df["source"].to_list() == ["cited: Someone 2023", "rerun here", "rerun here"]

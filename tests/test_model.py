@@ -70,6 +70,27 @@ def test_item_encoder_variants(method, dims, fusion_in):
     assert (len(gates) == 0) == (method in ("no-gate", "frozen"))
 
 
+@pytest.mark.parametrize(
+    "dims,image,inter,expected",
+    [
+        ([32, 32], None, None, (64, 64, 64)),
+        ([32, 32], 512, None, (64, 512, 64)),  # equal widths: the inter tower takes the text's r
+        ([48, 32], 512, None, (64, 512, 512)),  # text wider: the image's (Code_Cached_Asym)
+        ([32, 48], 512, None, (64, 512, 64)),  # image wider: the text's
+        ([48, 32], 512, 16, (64, 512, 16)),
+    ],
+)
+def test_bottleneck_per_tower(dims, image, inter, expected):
+    """bottleneck sizes the text (field 0) tower's SANBs, bottleneck_image the image (field 1)
+    tower's, bottleneck_inter (or the authors' rule) the inter tower's; nothing else changes."""
+    enc = ItemEncoder(ModelConfig(bottleneck_image=image, bottleneck_inter=inter), dims, [7, 7])
+    for tower, r, d in zip((*enc.intra, enc.inter), expected, (*dims, min(dims))):
+        assert {(b.down.in_features, b.down.out_features, b.up.in_features, b.up.out_features) for b in tower.blocks} == {(d, r, r, d)}
+    assert len(enc.inter.blocks) == 7 and enc.fusion.in_features == 192
+    alone = ItemEncoder(ModelConfig(bottleneck_image=512), [32], [7])  # one field: field 0's r
+    assert alone.intra[0].blocks[0].down.out_features == 64
+
+
 def test_vs_heads_and_learning_rate_groups():
     """The authors' name rules (Code_Cached/run.py): text head F (`fc_bert`) 5e-5, image head F
     (`fc_cv`) and image gates (`side_gate_params_cv`) at the image rate 1e-4, SANBs at the adapter

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iisan import methods, plan
+from iisan import methods, plan, tables
 from iisan.config import SPEED_FIELDS, Experiment, FinetuneConfig, ModelConfig, TowerConfig, TrainConfig
 from iisan.tables import build_table
 
@@ -33,10 +33,10 @@ def fake_method():
 
 def test_a_method_added_to_the_registry_alone_is_planned_trained_and_tabulated(fake_method, tmp_path):
     cfg = config(methods=["iisan", "fake-side"], table3={"methods": ["fft", "fake-side", "fake-side-uncached"]})
-    runs = plan.plan_runs("methods", cfg)
+    runs = tables.plan_runs("methods", cfg)
     assert [r["label"] for r, _ in runs] == ["IISAN-VS", "Fake side net"]
     assert runs[1][1] == "results/runs/demo/title@bert-demo+image@vit-demo/fake-side/blocks6/dropped/seed12345/metrics.json"
-    t3 = {r["token"]: (r, p) for r, p in plan.plan_runs("table3", cfg)}
+    t3 = {r["token"]: (r, p) for r, p in tables.plan_runs("table3", cfg)}
     assert t3["fake-side-uncached"][0]["label"] == "Fake side net (uncached)"
     assert "/fake-side/blocks6/none/" in t3["fake-side-uncached"][1]
     # the run's experiment and model come from the registry entry
@@ -84,7 +84,7 @@ def test_schema_sections_of_dataclasses_hold_no_defaults_and_only_their_fields()
     for everything else."""
     schema = yaml.safe_load((ROOT / "config/schemas/config.schema.yaml").read_text())
     props = schema["properties"]
-    sections = {"model": (props["model"], ModelConfig), "train": (schema["definitions"]["train"], TrainConfig),
+    sections = {"model": (schema["definitions"]["model"], ModelConfig), "train": (schema["definitions"]["train"], TrainConfig),
                 "speed": (props["speed"], TrainConfig), "finetune": (props["finetune"], FinetuneConfig)}
     for name, (section, cls) in sections.items():
         fields = {f.name for f in dataclasses.fields(cls)}
@@ -109,10 +109,31 @@ def test_experiment_carries_finetune_settings_and_tower_pooling():
     back = Experiment.from_dict(json.loads(json.dumps(exp.to_dict())))
     assert back == dataclasses.replace(exp, train=dataclasses.replace(exp.train)) and back.hash() == exp.hash()
     assert not set(SPEED_FIELDS) & set(exp.to_dict()["train"])
-    from snakemake.exceptions import WorkflowError
-
-    with pytest.raises(WorkflowError, match="lora_rank"):
+    with pytest.raises(ValueError, match="config key finetune.lora_rank: 0 is less than the minimum of 1"):
         config(finetune={"lora_rank": 0})
+
+
+def test_dataset_model_overrides_one_datasets_model_and_identity():
+    """dataset_model.<dataset> is merged over model for that dataset's runs only (before a
+    method's heads: IISAN-VS takes it, IISAN-VA keeps va) and is part of their identity."""
+    towers = "title@bert-demo+image@vit-demo"
+    base = config()
+    cfg = config(dataset_model={"microlens-demo": {"bottleneck_image": 512, "heads": "va"}})
+
+    def exp(c, dataset, method="iisan"):
+        return plan.experiment(c, dataset, towers, method, "blocks6", "dropped", 1)
+
+    assert exp(cfg, "demo") == exp(base, "demo") and exp(cfg, "demo").hash() == exp(base, "demo").hash()
+    assert "bottleneck_image" not in exp(base, "demo").to_dict()["model"]  # None stays out of the identity
+    ml, ml_base = exp(cfg, "microlens-demo"), exp(base, "microlens-demo")
+    assert (ml.model.bottleneck_image, ml.model.heads, ml.model.bottleneck) == (512, "va", 64)
+    assert ml.hash() != ml_base.hash() and ml.to_dict()["model"]["bottleneck_image"] == 512
+    assert Experiment.from_dict(json.loads(json.dumps(ml.to_dict()))) == ml
+    assert exp(config(dataset_model={"demo": {"heads": "vs"}}), "demo", "iisan-va").model.heads == "va"
+    with pytest.raises(Exception, match="bottlenek"):
+        config(dataset_model={"demo": {"bottlenek": 8}})
+    with pytest.raises(ValueError, match=r"dataset_model\.nowhere: no such dataset"):
+        config(dataset_model={"nowhere": {"bottleneck": 8}})
 
 
 def test_finetune_settings_reach_the_backbone(tmp_path):

@@ -16,7 +16,8 @@ from iisan.data.demo import DemoSpec, generate
 from iisan.experiment import run_experiment
 from iisan.layerdrop import SchemeError, scheme_layers, tower_schemes
 from iisan.model import ItemEncoder, ModelConfig
-from iisan.plan import table_plan, va_scheme
+from iisan.plan import va_scheme
+from iisan.tables import table_plan
 
 from conftest import workflow_config
 
@@ -100,6 +101,23 @@ def test_dtl_shapes_for_every_demo_pair():
             assert len(enc.inter.map_a) == len(enc.inter.blocks)
             assert all((m.proj.in_features, m.proj.out_features) == (t["hidden"], image["hidden"]) for m in enc.inter.map_a)
         assert enc.heads[0].F.out_features == 64 and enc.heads[0].P.in_features == 64  # VA heads
+
+
+@pytest.mark.parametrize("method", ["iisan-va", "iisan"])
+def test_va_heads_keep_the_default_init_for_the_image_projection(method):
+    """Code_Cached_Asym/model/model.py draws cv_pre_fc = nn.Linear(64, 64) (PyTorch's default:
+    U(-1/sqrt(64), 1/sqrt(64)) weights and biases), where the symmetric code reuses ViT's Xavier
+    classifier; so the VA image head's P is default-initialised, for IISAN-VS with VA heads too."""
+    import math
+
+    torch.manual_seed(0)
+    enc = ItemEncoder(ModelConfig(method=method, heads="va"), [96, 48], [7, 7])
+    bound = 1 / math.sqrt(64)
+    for head in enc.heads:
+        assert head.P.weight.abs().max().item() <= bound and head.P.bias.detach().any()
+        assert head.P.bias.abs().max().item() <= bound
+    # Xavier-normal would have std sqrt(2 / (64 + 64)) = 0.125; the default's is bound / sqrt(3) = 0.072
+    assert abs(enc.heads[1].P.weight.std().item() - bound / math.sqrt(3)) < 0.006
 
 
 def test_decoder_pooled_three_ways(demo):

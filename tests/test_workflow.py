@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan import plan
+from iisan import plan, tables
 from iisan.backbones import BackboneSpec, build_standin
 from iisan.cache import build_cache, load_cache
 from iisan.data.amazon import preprocess
@@ -46,7 +46,7 @@ def test_config_overrides_on_the_command_line_are_typed(root, tmp_path):
     assert res.returncode == 0, out[-3000:]
     assert "/seed1/metrics.json" in out and "/seed2/metrics.json" in out and "/seed12345/" not in out
     config = workflow_config(root, **overrides)
-    runs = plan.plan_runs("table6", config)
+    runs = tables.plan_runs("table6", config)
     assert {r["seed"] for r, _ in runs} == {1, 2}
     for row, path in runs:
         w = re.match(r"results/runs/" + plan.RUN.replace("{", "(?P<").replace("}", ">[^/]+)") + r"/seed(?P<seed>\d+)/", path)
@@ -213,7 +213,7 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     with open(wd / "results/table9.csv") as fh:
         t9 = list(csv.DictReader(fh))
     config = workflow_config(root, **dict(o.split("=", 1) for o in overrides))
-    assert [r["input"] for r in t9] == [r["label"] for r in plan.table_plan("table9", config)]
+    assert [r["input"] for r in t9] == [r["label"] for r in tables.table_plan("table9", config)]
     assert {r["dataset"] for r in t9} == {"mldemo"} and all(0 <= float(r["hr@10"]) <= 100 for r in t9)
     with open(wd / "results/table5.csv") as fh:
         t5 = list(csv.DictReader(fh))

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import yaml
 
-from . import methods, plan
+from . import methods, plan, tables
 from .backbones import output_layer
 from .config import backbone_entry
 from .data import CAPTION_FIELDS
@@ -219,25 +219,27 @@ class Budget:
                 self._add(self.cache(dataset, t.field, t.backbone), group)
 
     def build(self) -> Budget:
+        """Every GPU job of the configured tables and figures, each priced once (the registry says
+        what a table runs: training runs, Fig. 5's profiles or Fig. 6's caches)."""
         cfg = self.config
-        groups = [(k, plan.table_name(cfg, k)) for k in cfg.get("tables") or []]
-        figures = cfg.get("figures") or []
-        groups += [(k, f) for f, k in (("fig4", "table4"), ("fig7", "fig7")) if f in figures]
-        for kind, group in groups:
-            for dataset in plan.table_datasets(cfg, kind):
-                for row in plan.table_plan(kind, cfg):
-                    for seed in row.get("seeds") or cfg["seeds"]:
-                        self._add(self.train(dataset, row, seed), group)
-                    self._needs(dataset, row, group)
-        if "fig5" in figures:
-            for row, _path in plan.efficiency_plan(cfg):
-                self._add(self.train(row["dataset"], row, cfg["seeds"][0], profile_batch=row["batch_size"]), "fig5")
-                self._needs(row["dataset"], row, "fig5")
-        if "fig6" in figures:
-            for folder in plan.fig6_caches(cfg):
-                parts = Path(folder).parts  # resources/cache/{dataset}/{field}/{backbone}[/pruned-...]
-                if not parts[-1].startswith("pruned-"):
-                    self._add(self.cache(parts[2], parts[3], parts[4]), "fig6")
+        for name in [*(cfg.get("tables") or []), *(cfg.get("figures") or [])]:
+            group = tables.table_name(cfg, name)
+            kind = tables.runs_entry(name).runs
+            if kind == "profile":
+                for row, _path in tables.efficiency_plan(cfg):
+                    self._add(self.train(row["dataset"], row, cfg["seeds"][0], profile_batch=row["batch_size"]), group)
+                    self._needs(row["dataset"], row, group)
+            elif kind == "cache":
+                for folder in tables.fig6_caches(cfg):
+                    parts = Path(folder).parts  # resources/cache/{dataset}/{field}/{backbone}[/pruned-...]
+                    if not parts[-1].startswith("pruned-"):
+                        self._add(self.cache(parts[2], parts[3], parts[4]), group)
+            else:
+                for dataset in tables.table_datasets(cfg, name):
+                    for row in tables.table_plan(name, cfg):
+                        for seed in row.get("seeds") or cfg["seeds"]:
+                            self._add(self.train(dataset, row, seed), group)
+                        self._needs(dataset, row, group)
         return self
 
     # --- report -----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from pathlib import Path
 
 def plan(args: argparse.Namespace) -> int:
     from .budget import Budget, load_rates, render, write_jobs
-    from .config import workflow_config
+    from .workflow import workflow_config
 
     overrides = {}
     for item in args.config or []:

@@ -3,8 +3,8 @@
 Defaults live in one place each: a field of the dataclasses below (model, training, fine-tuning,
 speed) has its default here and nowhere else (the config schema lists these fields without
 defaults); every other config key has its default in `config/schemas/config.schema.yaml`, which
-`validate` fills in. `Experiment.from_config` is the only code that reads the config's training
-and model sections.
+`iisan.workflow.validate` fills in. `Experiment.from_config` is the only code that reads the
+config's training and model sections.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -49,7 +48,11 @@ def typed(value: Any) -> Any:
 class ModelConfig:
     method: str = "iisan"  # a name of the method registry (iisan.methods): what the model is made of
     heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
-    bottleneck: int = 64
+    bottleneck: int = 64  # r of the SANBs of the text (field 0) tower, and of the others unless set below
+    bottleneck_image: int | None = None  # r of the image (field 1) intra tower; None: bottleneck
+    # r of the inter tower; None: the authors' rule, the image tower's r when the text is wider,
+    # else the text tower's (Code_Cached_Asym/model/model.py; docs/method.md §4)
+    bottleneck_inter: int | None = None
     embed_dim: int = 64  # D
     gate_temperature: float = 0.1
     max_len: int = 10  # T
@@ -102,6 +105,9 @@ class TrainConfig:
         """The fields that change a run's result: every field but the SPEED_FIELDS."""
         return {k: v for k, v in asdict(self).items() if k not in SPEED_FIELDS}
 
+
+# ModelConfig fields whose None (the default) is left out of an experiment's identity
+OPTIONAL_MODEL_FIELDS = ("bottleneck_image", "bottleneck_inter")
 
 # TrainConfig fields that change speed, not results (the workflow's `speed` section): they are
 # kept out of an experiment's identity, so changing them reruns nothing
@@ -193,7 +199,8 @@ class Experiment:
     def from_config(cls, config: dict, dataset: str, towers: list[TowerConfig], method: str, scheme: str,
                     cache: str, seed: int) -> Experiment:
         """train <- decoder_train (runs whose text tower is a decoder LLM) <- dataset_train[dataset]
-        <- method_train[method], then the seed; model <- the method's heads."""
+        <- method_train[method], then the seed; model <- dataset_model[dataset] <- the method's
+        heads."""
         from .backbones import DECODERS
 
         m = methods.get(method)
@@ -204,19 +211,23 @@ class Experiment:
         train.update((config.get("method_train") or {}).get(method) or {})
         train["seed"] = int(seed)
         model = dict(config.get("model") or {}, method=method)
+        model.update((config.get("dataset_model") or {}).get(dataset) or {})
         if m.heads:
             model["heads"] = m.heads
         return cls(
             dataset=dataset, towers=list(towers), method=method, scheme=scheme, cache=cache,
             include_h0=config["include_h0"], cache_dtype=None if m.is_id else config["cache"]["dtype"],
-            model=_build(ModelConfig, model, "config key model"),
+            model=_build(ModelConfig, model, f"config key model (or dataset_model.{dataset})"),
             train=_build(TrainConfig, train, f"training config of {method}"),
             finetune=_build(FinetuneConfig, dict(config.get("finetune") or {}), "config key finetune"),
         )
 
     def to_dict(self) -> dict:
-        """Everything that changes the result (the speed fields of `train` left out)."""
-        return dict(asdict(self), train=self.train.result_settings())
+        """Everything that changes the result (the speed fields of `train` left out; so are the
+        model fields left at None, the per-tower bottlenecks, so that adding them kept the
+        identity of every run that does not set them)."""
+        model = {k: v for k, v in asdict(self.model).items() if v is not None or k not in OPTIONAL_MODEL_FIELDS}
+        return dict(asdict(self), model=model, train=self.train.result_settings())
 
     @classmethod
     def from_dict(cls, d: dict, speed: dict | None = None) -> Experiment:
@@ -254,25 +265,3 @@ class Experiment:
 
 def config_hash(obj: dict) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] = (), overrides: dict | None = None) -> dict:
-    """The config a run of the Snakefile in `root` sees: config/config.yaml, then the `files`
-    (--configfile), then the `overrides` (--config key=value, read as YAML), validated against the
-    schema with its defaults filled in and checked by iisan.plan.check_config. Needs Snakemake
-    (the `workflow` extra)."""
-    from snakemake.utils import update_config, validate
-
-    from .plan import check_config
-
-    root = Path(root)
-    config: dict = {}
-    for f in ("config/config.yaml", *files):
-        path = Path(f) if Path(f).is_absolute() else root / f
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        update_config(config, yaml.safe_load(path.read_text()) or {})
-    update_config(config, typed(overrides or {}))
-    validate(config, str(root / "config/schemas/config.schema.yaml"))
-    check_config(config)
-    return config

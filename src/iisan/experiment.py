@@ -98,10 +98,14 @@ def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], o
                    standins: list | None = None, images: str | None = None, keep_checkpoint: bool = False) -> dict:
     """Train, evaluate and write `out` (metrics.json). Training checkpoints to `checkpoint.pt`
     beside `out` and resumes from it when restarted (a killed run continues where it stopped);
-    the checkpoint is deleted once `out` is written unless `keep_checkpoint`."""
+    the checkpoint is deleted once `out` is written unless `keep_checkpoint`. Its "gates" are
+    the learned gate values of the best validation epoch's model (`Recommender.gate_values`,
+    towers named by their item fields; {} for models without gates)."""
     trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images)
     checkpoint = Path(out).parent / "checkpoint.pt"
     result = trainer.fit(checkpoint=checkpoint)
+    # the model now holds the best validation epoch's weights, whose test metrics are reported
+    result["gates"] = trainer.model.gate_values([t.field for t in exp.towers])
     result.update({"experiment": exp.to_dict(), "layers": layers, "caches": info, "cache_bytes": _cache_bytes(info),
                    "cache": exp.cache, "config_hash": exp.hash(), "dataset": str(dataset_dir)})
     write_json(out, result)

@@ -23,9 +23,11 @@ def inbatch_debiased_ce(
     U = user.reshape(B * T, D)
     E = items.reshape(B * S, D)
     col_ids = ids.reshape(B * S)  # (B*S,)
-    logits = U @ E.T - log_pop[col_ids].to(U.dtype)  # (B*T, B*S)
-    if logits.dtype in (torch.float16, torch.bfloat16):
-        logits = logits.float()  # -1e4 masking and the softmax in fp32 under autocast
+    # the logits, the -1e4 masking and the softmax in fp32 (fp64 inputs stay fp64), under autocast
+    # too: the inputs are cast before the matmul, which runs with autocast off (docs/method.md §6)
+    dt = torch.promote_types(torch.promote_types(U.dtype, E.dtype), torch.float32)
+    with torch.autocast(U.device.type, enabled=False):
+        logits = U.to(dt) @ E.to(dt).T - log_pop[col_ids].to(dt)  # (B*T, B*S)
     # column c is in user i's window if its item occurs among user i's S ids
     in_window = (ids.unsqueeze(2) == col_ids.view(1, 1, -1)).any(dim=1)  # (B, B*S)
     masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (B*T, B*S)

@@ -74,6 +74,17 @@ class Gate(nn.Module):
     def forward(self) -> torch.Tensor:
         return torch.sigmoid(self.w / self.temperature)
 
+    @torch.no_grad()
+    def value(self) -> float:
+        """g as a plain float: `forward()`'s value, the one the towers multiply by."""
+        return float(self())
+
+
+def gate_record(gates: nn.ModuleList) -> dict:
+    """{"values": [g_t per block], "mean": their mean} of one tower's gates."""
+    values = [gate.value() for gate in gates]
+    return {"values": values, "mean": sum(values) / len(values)}
+
 
 class IntraSAN(nn.Module):
     """s = 0; for t: s = SANB_t(g_t h[l_t] + (1 - g_t) s)   (without gates: SANB_t(h[l_t] + s))."""
@@ -132,8 +143,9 @@ class InterSAN(nn.Module):
 
 class Head(nn.Module):
     """P(F x): VS F = Linear(d, d), P = Linear(d, D); VA F = Linear(d, D), P = Linear(D, D).
-    PyTorch's default initialisation, except the image head's P (`xavier_p`): Xavier-normal
-    weights and a zero bias, as the authors' code draws ViT's replaced classifier."""
+    PyTorch's default initialisation, except the image head's P of the VS heads (`xavier_p`):
+    Xavier-normal weights and a zero bias, as the authors' symmetric code (Code_Cached) reuses
+    ViT's replaced classifier; their asymmetric code, the VA heads', draws a new Linear."""
 
     def __init__(self, d: int, out: int, kind: str = "vs", xavier_p: bool = False):
         super().__init__()
@@ -173,6 +185,10 @@ class ItemEncoder(nn.Module):
         m = methods.get(cfg.method, "model.method")
         self.last_only = m.reads_last
         D, r, tau = cfg.embed_dim, cfg.bottleneck, cfg.gate_temperature
+        # SANB bottleneck per tower: field 0 (text) `bottleneck`, field 1 (image) `bottleneck_image`
+        # (None: bottleneck); inter `bottleneck_inter`, None: the image tower's when the text is
+        # wider, else the text tower's (Code_Cached_Asym/model/model.py)
+        rs = [r, r if cfg.bottleneck_image is None else cfg.bottleneck_image][: len(dims)]
         self.intra = nn.ModuleList()
         self.heads = nn.ModuleList()
         self.inter = None
@@ -182,12 +198,13 @@ class ItemEncoder(nn.Module):
             self.heads.extend(OutputHead(d, D, xavier=f == 1) for f, d in enumerate(dims))
         else:
             if m.intra or len(dims) == 1:
-                self.intra.extend(IntraSAN(d, k, r, m.gated, tau) for d, k in zip(dims, n_layers))
-                self.heads.extend(Head(d, D, cfg.heads, xavier_p=f == 1) for f, d in enumerate(dims))
+                self.intra.extend(IntraSAN(d, k, r_f, m.gated, tau) for d, k, r_f in zip(dims, n_layers, rs))
+                self.heads.extend(Head(d, D, cfg.heads, xavier_p=f == 1 and cfg.heads == "vs") for f, d in enumerate(dims))
             if len(dims) == 2 and m.inter:
                 # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
-                self.inter = InterSAN(dims[0], dims[1], k, r, m.gated, tau)
+                r_inter = rs[1 if dims[0] > dims[1] else 0] if cfg.bottleneck_inter is None else cfg.bottleneck_inter
+                self.inter = InterSAN(dims[0], dims[1], k, r_inter, m.gated, tau)
                 # the inter head is Linear(d, d) then Linear(d, D) for VS and VA alike (the
                 # authors' fc_mm and fc_mm_down, Code_Cached_Asym)
                 self.inter_head = Head(self.inter.d, D, "vs")
@@ -208,6 +225,36 @@ class ItemEncoder(nn.Module):
         if len(parts) >= 2 and len(self.heads) == 2:
             parts[0], parts[1] = parts[1], parts[0]
         return self.fusion(torch.cat(parts, dim=-1))
+
+    def gate_values(self, fields: list[str] | None = None) -> dict[str, dict]:
+        """The learned gates g_t = sigmoid(w_t / temperature), as plain floats, per block.
+
+        `{name: {"values": [g_0, g_1, ...], "mean": m}}` for each intra tower, named by its item
+        field (`fields[f]`, default `field<f>`; a field that feeds both towers is `<field>[f]`),
+        and for the inter tower under "inter", which also says which field g weighs
+        (`"g_weighs"`: field 1) and which 1 - g weighs (`"1-g_weighs"`: field 0). Blocks run in
+        order, block 0 on h[0] (or the lowest kept state). Empty for a model without gates
+        (no-gate) or without a side network (frozen backbone, fine-tuning baselines).
+
+        The two kinds of gate mean different things. An intra gate mixes one modality with
+        itself: g_t weighs the backbone state h[l_t], 1 - g_t the tower's running side state.
+        Only the inter gate weighs one modality against the other: z = SANB_t(z + g_t x_img[t]
+        + (1 - g_t) X_txt[t]) (the authors' `side_gate_params_mm`: `gate * hidden_states_cv +
+        (1 - gate) * hidden_states_text`), so it is the paper's "visual modality gate weight"
+        (RQ5, Gated Fusion: above 0.5 leans to the image side; the paper reports 0.2-0.4): the
+        inter tower's values, with field 1 the image field."""
+        names = list(fields) if fields is not None else ["field0", "field1"]
+        if len(names) < max(len(self.intra), 2 if self.inter is not None else 0):
+            raise ValueError(f"gate_values: {len(names)} field names for a model of more fields")
+        if len(names) == 2 and names[0] == names[1]:
+            names = [f"{n}[{f}]" for f, n in enumerate(names)]
+        out: dict[str, dict] = {}
+        for name, tower in zip(names, self.intra):
+            if tower.gates is not None:
+                out[name] = gate_record(tower.gates)
+        if self.inter is not None and self.inter.gates is not None:
+            out["inter"] = {**gate_record(self.inter.gates), "g_weighs": names[1], "1-g_weighs": names[0]}
+        return out
 
     def lr_groups(self) -> dict[int, str]:
         """The learning-rate group of each parameter that does not train at the main rate, by
@@ -294,6 +341,9 @@ class IdItemEncoder(nn.Module):
     def lr_groups(self) -> dict[int, str]:
         return {}  # the embedding trains at the main rate
 
+    def gate_values(self, fields: list[str] | None = None) -> dict[str, dict]:
+        return {}  # no side network, no gates
+
 
 class GRU4RecEncoder(nn.Module):
     """GRU4Rec user encoder: embedding dropout, one GRU layer (hidden D), a linear output layer;
@@ -367,6 +417,11 @@ class Recommender(nn.Module):
         with autocast():
             u = self.user(table[inputs], inputs != 0)[:, -1].float()  # (b, D)
         return u @ table.T
+
+    def gate_values(self, fields: list[str] | None = None) -> dict[str, dict]:
+        """The item encoder's learned gates as plain floats (`ItemEncoder.gate_values`; {} for
+        models without gates), from the model's current weights."""
+        return self.items.gate_values(fields)
 
     def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_image_f: float | None = None,
                      lr_backbone: tuple[float, float] = (TrainConfig.lr_backbone_text, TrainConfig.lr_backbone_image),

@@ -1,9 +1,10 @@
-"""Planning: which runs each table and figure needs, where every file lives, and the experiment
-of each run. The workflow's input functions (`workflow/rules/common.smk`) call these; the path
-templates below are the rules' outputs.
+"""Planning below the tables: where every file lives, the rows the tables are made of, and the
+experiment of each run. The table registry (`iisan.tables`) builds its rows from these; the
+workflow's input functions (`workflow/rules/common.smk`) call both. The path templates below are
+the rules' outputs.
 
-A table *row* is a dict: label, towers ([{field, backbone}]), method, scheme, cache, and for some
-tables token, group, params_b, batch_size or seeds.
+A row is a dict: label, key, towers ([{field, backbone}]), method, scheme, cache, and for some
+tables token, group, column, params_b, batch_size or seeds.
 """
 
 from __future__ import annotations
@@ -53,25 +54,6 @@ def array(cache_folder: str) -> str:
     """The array file of a cache folder."""
     return f"{cache_folder}/{ARRAY}"
 
-TABLES = ("table3", "table4", "table5", "table6", "table7", "table8", "table9", "methods")
-# tables that run on their own (MicroLens) dataset, `<table>.dataset`, instead of `datasets`
-OWN_DATASET = ("table5", "table9")
-KINDS = (*TABLES, "efficiency", "fig7")
-
-# Table VI (ablations) and Table VII (LayerDrop blocks): (label or None for the method's, method,
-# scheme or None for the config's default_scheme)
-TABLE6 = [
-    (None, "iisan", None),
-    ("w/o LayerDrop", "iisan", "all"),
-    (None, "no-gate", None),
-    (None, "frozen", None),
-    (None, "no-inter", None),
-    (None, "no-intra", None),
-]
-TABLE7 = [("2 blocks", "iisan", "blocks2"), ("3 blocks", "iisan", "blocks3"), ("4 blocks", "iisan", "blocks4"),
-          ("6 blocks", "iisan", "blocks6"), ("12 blocks", "iisan", "all")]
-
-
 def cache_dir(dataset: str, field: str, backbone: str, scheme: str | None = None) -> str:
     """A backbone's full cache folder, or (with `scheme`) the one pruned to a tower scheme."""
     if scheme is None:
@@ -103,43 +85,11 @@ def parse_towers(config: dict, text: str) -> list[TowerConfig]:
     return out
 
 
-def check_config(config: dict) -> None:
-    """What the schema cannot check: tower fields against backbone modalities, method names and
-    Table III rows against the method registry. Errors name the config key."""
-    for i, t in enumerate(config["towers"]):
-        TowerConfig.from_config(config, t["field"], t["backbone"], f"config key towers[{i}]")
-    for i, entry in enumerate(config.get("methods") or []):
-        methods_table_row(config, entry, f"config key methods[{i}]")
-    for name in config.get("method_train") or {}:
-        methods.get(name, f"config key method_train.{name}")
-    for name in config.get("dataset_train") or {}:
-        if name not in config["dataset_sources"]:
-            raise ValueError(f"config key dataset_train.{name}: no such dataset under dataset_sources "
-                             f"(known: {', '.join(config['dataset_sources'])})")
-    for key in ("table3", "table5", "efficiency"):
-        for i, token in enumerate((config.get(key) or {}).get("methods") or []):
-            methods.row(token, f"config key {key}.methods[{i}]")
-    for kind in OWN_DATASET:
-        own = config.get(kind)
-        if own and own["dataset"] not in config["dataset_sources"]:
-            raise ValueError(f"config key {kind}.dataset: no such dataset {own['dataset']!r} under dataset_sources "
-                             f"(known: {', '.join(config['dataset_sources'])})")
-    va_text = (config.get("table5") or {}).get("va_text_encoder")
-    if va_text and backbone_entry(config, va_text)["modality"] != "text":
-        raise ValueError(f"config key table5.va_text_encoder: {va_text!r} is not a text backbone")
-    for i, pair in enumerate((config.get("table4") or {}).get("image_scaling") or []):
-        for name, modality in zip(pair, ("text", "image")):
-            if backbone_entry(config, name)["modality"] != modality:
-                raise ValueError(f"config key table4.image_scaling[{i}]: {name!r} is not a {modality} backbone "
-                                 "(each entry is [text encoder, image encoder])")
-
-
 # --- rows of the tables -----------------------------------------------------------------------
-IMAGE_SCALING = "image scaling"  # the group of Table IV's rows with a larger image encoder
-
-
-def _row(label, towers, method, scheme, cache="dropped", **extra) -> dict:
-    return {"label": label, "towers": towers, "method": method, "scheme": scheme, "cache": cache, **extra}
+def row(label, towers, method, scheme, cache="dropped", key=None, **extra) -> dict:
+    """A planned row; `key` names it in the paper's numbers (default: its label)."""
+    return {"label": label, "key": label if key is None else key, "towers": towers, "method": method, "scheme": scheme,
+            "cache": cache, **extra}
 
 
 def va_scheme(config: dict, text: str, image: str) -> str:
@@ -172,8 +122,8 @@ def method_row(config: dict, name: str, label: str | None = None, scheme: str | 
     """A row of `name` on the configured towers with the config's default scheme (or the one the
     method forces: last for last-state methods, none for ID models) and its default cache."""
     m = methods.get(name)
-    return _row(label or m.label, [] if m.is_id else config["towers"], name,
-                m.scheme(scheme or config["default_scheme"]), m.default_cache, **extra)
+    return row(label or m.label, [] if m.is_id else config["towers"], name,
+               m.scheme(scheme or config["default_scheme"]), m.default_cache, **extra)
 
 
 def methods_table_row(config: dict, entry: str | dict, where: str = "methods table") -> dict:
@@ -190,8 +140,8 @@ def methods_table_row(config: dict, entry: str | dict, where: str = "methods tab
     scheme = entry.get("scheme")
     if scheme is None and m.asymmetric and len(towers) == 2:
         scheme = va_scheme(config, towers[0]["backbone"], towers[1]["backbone"])
-    return _row(entry.get("label") or m.label, [] if m.is_id else towers, m.name, m.scheme(scheme or config["default_scheme"]),
-                m.default_cache)
+    return row(entry.get("label") or m.label, [] if m.is_id else towers, m.name, m.scheme(scheme or config["default_scheme"]),
+               m.default_cache)
 
 
 def compared_row(config: dict, token: str, seeds: list[int] | None = None, table: str = "table3") -> dict:
@@ -199,101 +149,19 @@ def compared_row(config: dict, token: str, seeds: list[int] | None = None, table
     towers (BERT-base + ViT-base in the paper); an asymmetric method takes
     `<table>.va_text_encoder` (BERT-large in the paper) as its text tower and `va_scheme`."""
     m, label, cache = methods.row(token)
-    row = dict(method_row(config, m.name, label), cache=cache, token=token)
+    out = dict(method_row(config, m.name, label), cache=cache, token=token, key=token)
     if m.asymmetric:
-        towers = config["towers"]
-        text = (config.get(table) or {}).get("va_text_encoder", towers[0]["backbone"])
-        image = towers[-1]["backbone"]
-        row.update(towers=[dict(towers[0], backbone=text), towers[-1]], scheme=va_scheme(config, text, image))
+        text = (config.get(table) or {}).get("va_text_encoder") or config["towers"][0]["backbone"]
+        out.update(va_towers(config, text), scheme=va_scheme(config, text, config["towers"][-1]["backbone"]))
     if seeds:
-        row["seeds"] = list(seeds)
-    return row
+        out["seeds"] = list(seeds)
+    return out
 
 
-def table_plan(kind: str, config: dict) -> list[dict]:
-    """Rows of table (or figure) `kind`."""
-    if kind == "table3":
-        t3 = config.get("table3") or {}
-        sig = t3.get("significance_seeds")
-        return [compared_row(config, t, sig if t in ("iisan", "iisan-va") else None) for t in t3.get("methods", [])]
-    if kind == "table5":
-        # our rows on MicroLens; the benchmark's published rows are cited beside them (tables.py)
-        return [compared_row(config, t, table="table5") for t in config["table5"]["methods"]]
-    if kind == "efficiency":
-        eff = config.get("efficiency") or {}
-        return [dict(compared_row(config, t), batch_size=b) for t in eff.get("methods", []) for b in eff.get("batch_sizes", [])]
-    if kind == "table6":
-        return [method_row(config, m, label, scheme) for label, m, scheme in TABLE6]
-    if kind == "table7":
-        return [method_row(config, m, label, scheme) for label, m, scheme in TABLE7]
-    if kind == "methods":
-        return [methods_table_row(config, e, f"config key methods[{i}]") for i, e in enumerate(config.get("methods") or [])]
-    if kind == "table4":
-        # every text encoder with `image_encoder`, grouped as Fig. 4 (PLM, base LLM, MoE LLM,
-        # 70B); then the image-encoder scaling rows, [text, image] pairs (group "image scaling")
-        t4 = config["table4"]
-        pairs = [(text, t4["image_encoder"], None) for text in t4["text_encoders"]]
-        pairs += [(text, image, IMAGE_SCALING) for text, image in t4["image_scaling"]]
-        rows = []
-        for text, image, group in pairs:
-            b = backbone_entry(config, text)
-            tw = [{"field": t4["text_field"], "backbone": text}, {"field": t4["image_field"], "backbone": image}]
-            rows.append(_row(text if group is None else f"{text} + {image}", tw, table4_method(config, text, image),
-                             va_scheme(config, text, image), group=group or b.get("group", "PLM"),
-                             params_b=b.get("params_b"), image=image))
-        return rows
-    if kind == "table9":
-        return table9_rows(config)
-    if kind == "table8":
-        t8 = config["table8"]
-        tw = [{"field": t8["text_field"], "backbone": t8["text_encoder"]}, {"field": t8["image_field"], "backbone": t8["image_encoder"]}]
-        sizes = [backbone_entry(config, t["backbone"])["layers"] for t in tw]
-
-        def group(text, image):  # blocks kept per tower, e.g. "12+6"
-            return "+".join(str(len(scheme_layers(s, n, include_h0=False))) for s, n in zip((text, image), sizes))
-
-        return [_row(f"text {text} / image {image}", tw, "iisan-va", f"{text}+{image}", text=text, image=image,
-                     group=group(text, image)) for text, image in t8["rows"]]
-    if kind == "fig7":
-        image = config["table4"]["image_encoder"]
-        out = []
-        for text in config["fig7"]["text_encoders"]:
-            tw = [{"field": "title", "backbone": text}, {"field": "image", "backbone": image}]
-            out += [_row(text, tw, "iisan-va", va_scheme(config, text, image), cache=c) for c in ("full", "dropped")]
-        return out
-    raise KeyError(f"unknown table {kind!r} (known: {', '.join(KINDS)})")
-
-
-FIELD_NAMES = {"title": "title", "video_caption": "video caption", "cover_caption": "cover caption", "image": "image"}
-
-
-def table9_rows(config: dict) -> list[dict]:
-    """Table IX (multimodal text, MicroLens): FFT on each single text; IISAN-Versa with the same
-    text in both towers; with two different texts (title, video and cover captions) through two
-    text towers of `text_encoder`; and with the title and the cover image. IISAN-Versa is the
-    IISAN-VS model where the two backbones have one shape, else IISAN-VA (as Table IV)."""
-    from .data import ITEM_FIELDS
-
-    t9 = config["table9"]
-
-    def towers(*fields):
-        return [{"field": f, "backbone": t9["text_encoder" if ITEM_FIELDS[f] == "text" else "image_encoder"]} for f in fields]
-
-    def versa(label, fields, group):
-        tw = towers(*fields)
-        a, b = (t["backbone"] for t in tw)
-        return _row(label, tw, table4_method(config, a, b), va_scheme(config, a, b), group=group)
-
-    rows = [_row(f"FFT: {FIELD_NAMES[f]}", towers(f), "fft", "last", "none", group="single text") for f in t9["single"]]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[f]} x2", (f, f), "same input x2") for f in t9["same_twice"]]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[a]} + {FIELD_NAMES[b]}", (a, b), "multimodal text") for a, b in t9["pairs"]]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[t9['text_field']]} + image", (t9["text_field"], "image"), "text + image")]
-    return rows
-
-
-def table_datasets(config: dict, kind: str) -> list[str]:
-    """The datasets of a table: Tables V and IX run on their own (MicroLens) dataset, the others on `datasets`."""
-    return [config[kind]["dataset"]] if kind in OWN_DATASET else config["datasets"]
+def va_towers(config: dict, text: str) -> dict:
+    """{"towers": ...}: the configured towers with `text` as the text tower's backbone."""
+    towers = config["towers"]
+    return {"towers": [dict(towers[0], backbone=text), towers[-1]]}
 
 
 # --- runs -------------------------------------------------------------------------------------
@@ -312,23 +180,6 @@ def profile_path(dataset: str, row: dict) -> str:
     return PROFILE.format(**run_wildcards(dataset, row), batch=row["batch_size"])
 
 
-def plan_runs(kind: str, config: dict) -> list[tuple[dict, str]]:
-    """[(row description, metrics path)] for every dataset, row and seed of a table or figure."""
-    out = []
-    for dataset in table_datasets(config, kind):
-        for row in table_plan(kind, config):
-            for seed in row.get("seeds") or config["seeds"]:
-                desc = {k: v for k, v in row.items() if k not in ("towers", "seeds")}
-                out.append((dict(desc, dataset=dataset, seed=seed), run_path(dataset, row, seed)))
-    return out
-
-
-def efficiency_plan(config: dict) -> list[tuple[dict, str]]:
-    """[(row, profile path)]: every efficiency method x batch size on the first dataset."""
-    dataset = config["datasets"][0]
-    return [(dict(row, dataset=dataset), profile_path(dataset, row)) for row in table_plan("efficiency", config)]
-
-
 def experiment(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str, seed: int) -> Experiment:
     """The experiment of one run folder (the train rule's wildcards)."""
     return Experiment.from_config(config, dataset, parse_towers(config, towers), method, scheme, cache, seed)
@@ -342,32 +193,3 @@ def run_caches(config: dict, dataset: str, towers: str, method: str, scheme: str
     tw = parse_towers(config, towers)
     schemes = tower_schemes(methods.get(method).scheme(scheme), len(tw))
     return [cache_dir(dataset, t.field, t.backbone, None if cache == "full" else s) for t, s in zip(tw, schemes)]
-
-
-def fig6_caches(config: dict) -> list[str]:
-    """Every cache folder (full and dropped) of the Table IV runs, for measured sizes."""
-    out = set()
-    for dataset in config["datasets"]:
-        for row in table_plan("table4", config):
-            for t, s in zip(row["towers"], tower_schemes(row["scheme"], len(row["towers"]))):
-                out.update(cache_dir(dataset, t["field"], t["backbone"], scheme) for scheme in (None, s))
-    return sorted(out)
-
-
-# --- tables and targets -----------------------------------------------------------------------
-def table_name(config: dict, kind: str) -> str:
-    """The file name (results/<name>.csv) of table `kind`: the methods table's is configurable."""
-    return config["methods_table"] if kind == "methods" else kind
-
-
-def table_file(config: dict, kind: str) -> str:
-    return TABLE.format(table=table_name(config, kind))
-
-
-def table_kind(config: dict, name: str) -> str:
-    """The table kind of results/<name>.csv (the methods table's file name is configurable)."""
-    return "methods" if name == config["methods_table"] else name
-
-
-def targets(config: dict) -> list[str]:
-    return [table_file(config, k) for k in config["tables"]] + [FIGURE.format(figure=f) for f in config["figures"]]

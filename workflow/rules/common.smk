@@ -4,7 +4,7 @@
 import math
 import re
 
-from iisan import plan
+from iisan import plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.budget import captioner_gb, weight_gb
 from iisan.cache import set_aside_damaged
@@ -12,7 +12,6 @@ from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.layerdrop import scheme_layers
 
-plan.check_config(config)
 # Before the job graph is built (an error raised by an input function cannot stop a run:
 # Snakemake then takes the job's existing outputs as source files).
 set_aside_damaged("resources/cache")
@@ -107,35 +106,43 @@ def get_backbone_names(kind):
 
 # --- planning ---------------------------------------------------------------------------------
 def get_table_names():
-    return "|".join(re.escape(plan.table_name(config, k)) for k in plan.TABLES)
+    return "|".join(
+        re.escape(tables.table_name(config, k)) for k in tables.names(figures=False)
+    )
 
 
 def get_table_kind(wildcards):
-    return plan.table_kind(config, wildcards.table)
+    return tables.table_kind(config, wildcards.table)
 
 
 def get_plan_inputs(kind):
     """The metrics files of every run of table or figure `kind`."""
-    return [p for _, p in plan.plan_runs(kind, config)]
+    return [p for _, p in tables.plan_runs(kind, config)]
 
 
-def get_cited_input(wildcards):
-    """Table V's file of published rows (`table5.cited`); nothing for the other tables."""
-    kind = get_table_kind(wildcards)
-    return (
-        [config[kind]["cited"]]
-        if kind == "table5" and config[kind].get("cited")
-        else []
-    )
+def get_table_extra_inputs(wildcards):
+    """Files a table's builder reads besides the runs (Table V: its cited rows)."""
+    t = tables.get(get_table_kind(wildcards))
+    return t.extra_inputs(config) if t.extra_inputs else []
+
+
+def get_claims_inputs():
+    """The tables and the efficiency CSV this run builds, which the claims are decided on."""
+    out = {k: tables.table_file(config, k) for k in config["tables"]}
+    if "fig5" in config["figures"]:
+        out["efficiency"] = "results/efficiency.csv"
+    if "fig7" in config["figures"]:
+        out["fig7"] = "results/fig7.csv"
+    return out
 
 
 def get_plan_rows(kind):
     """The row of each of those runs (aligned with get_plan_inputs)."""
-    return [r for r, _ in plan.plan_runs(kind, config)]
+    return [r for r, _ in tables.plan_runs(kind, config)]
 
 
 def get_targets():
-    return plan.targets(config)
+    return tables.targets(config)
 
 
 # --- inputs and params ------------------------------------------------------------------------

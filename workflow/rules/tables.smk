@@ -4,7 +4,7 @@
 rule table:
     input:
         metrics=lambda wildcards: get_plan_inputs(get_table_kind(wildcards)),
-        cited=get_cited_input,
+        extra=get_table_extra_inputs,
     output:
         report(plan.TABLE, caption="../report/table.rst", category="Tables"),
     log:
@@ -20,6 +20,7 @@ rule table:
     params:
         kind=get_table_kind,
         rows=lambda wildcards: get_plan_rows(get_table_kind(wildcards)),
+        paper=lambda wildcards: tables.compares_to_paper(config, get_table_kind(wildcards)),
     script:
         "../scripts/table.py"
 
@@ -45,7 +46,7 @@ rule fig4:
 
 rule fig6:
     input:
-        [plan.array(c) for c in plan.fig6_caches(config)],
+        [plan.array(c) for c in tables.fig6_caches(config)],
     output:
         png=report("results/fig6.png", caption="../report/fig6.rst", category="Figures"),
         csv="results/fig6.csv",
@@ -88,7 +89,7 @@ rule fig7:
 
 rule efficiency:
     input:
-        [p for _, p in plan.efficiency_plan(config)],
+        [p for _, p in tables.efficiency_plan(config)],
     output:
         csv="results/efficiency.csv",
         png=report("results/fig5.png", caption="../report/fig5.rst", category="Figures"),
@@ -101,6 +102,25 @@ rule efficiency:
         mem_mb=1000,
         runtime=5,
     params:
-        rows=[r for r, _ in plan.efficiency_plan(config)],
+        rows=[r for r, _ in tables.efficiency_plan(config)],
     script:
         "../scripts/efficiency.py"
+
+
+rule claims:
+    input:
+        unpack(lambda wildcards: get_claims_inputs()),
+    output:
+        report(tables.CLAIMS, caption="../report/claims.rst", category="Tables"),
+    log:
+        "logs/tables/claims.log",
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=5,
+    params:
+        paper={k: tables.compares_to_paper(config, k) for k in config["tables"]},
+    script:
+        "../scripts/claims.py"

@@ -1,5 +1,5 @@
-"""The paper's tables: run metrics aggregated into CSV (`build_table`, `build_table3`,
-`build_efficiency`). Which runs each row needs is planned in `iisan.plan`."""
+"""The tables' builders: run metrics aggregated into data frames, one function per table layout
+(the registry, `iisan.tables.entries`, names each table's builder), and `build_efficiency`."""
 
 from __future__ import annotations
 
@@ -7,12 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
-from . import methods
-from .io import atomic_path, read_json
+from .. import methods
+from ..io import atomic_path, read_json
 
-ROW_HEADERS = {"table3": "method", "table4": "text encoder", "table5": "method", "table6": "variant", "table7": "blocks", "table8": "selection",
-               "table9": "input",
-               "methods": "method"}
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 
 
@@ -26,6 +23,8 @@ def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame
             {
                 "dataset": row["dataset"],
                 header: row["label"],
+                "key": row.get("key", row["label"]),
+                "column": row.get("column"),
                 "group": row.get("group"),
                 "cache": row.get("cache", "dropped"),
                 "hr@10": 100 * m["test"]["hr@10"],
@@ -40,15 +39,17 @@ def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame
                 "cache_bytes": sum(c.get("bytes") or 0 for c in m.get("caches", [])),
             }
         )
-    return pl.DataFrame(records, schema_overrides={"seconds_per_epoch_with_eval": pl.Float64, "seed": pl.Int64})
+    return pl.DataFrame(records, schema_overrides={"seconds_per_epoch_with_eval": pl.Float64, "seed": pl.Int64, "column": pl.String,
+                                                   "group": pl.String})
 
 
 def aggregate(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
     """Mean over seeds, rows kept in the paper's order."""
     return (
         _records(rows, metrics, header)
-        .group_by("dataset", header, "cache", maintain_order=True)
+        .group_by("dataset", "column", header, "cache", maintain_order=True)
         .agg(
+            pl.col("key").first(),
             pl.col("group").first(),
             pl.col("hr@10").mean().round(2),
             pl.col("ndcg@10").mean().round(2),
@@ -64,59 +65,78 @@ def aggregate(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFram
     )
 
 
-def _write_csv(df: pl.DataFrame, out: Path) -> None:
+def write_csv(df: pl.DataFrame, out: Path) -> None:
     with atomic_path(out, ".csv") as tmp:
         df.write_csv(tmp)
 
 
-def build_table(kind: str, rows: list[dict], metrics: list[Path], out: Path, cited: Path | None = None) -> pl.DataFrame:
-    """rows[i] = {dataset, label, ...} describes metrics[i]; values are test-set percentages.
-    Table V also takes the file of its published (cited) rows, `cited`."""
-    header = ROW_HEADERS.get(kind, "row")
-    if kind == "table3":
-        df = build_table3(rows, metrics)
-        _write_csv(df, out)
-        return df
-    df = aggregate(rows, metrics, header)
-    if kind == "table5":
-        df = build_table5(df, read_cited(cited) if cited else None)
-        _write_csv(df, out)
-        return df
-    if kind == "methods":
-        df = df.select("dataset", header, "hr@10", "ndcg@10")
-    elif kind == "table9":
-        df = df.select("dataset", "group", header, "hr@10", "ndcg@10", "trainable_params")
-    elif kind == "table4":
-        # one row per text encoder (then the image-scaling rows), HR@10 / NDCG@10 per dataset,
-        # then the means of the text-encoder groups
-        wide = None
-        for ds in df["dataset"].unique(maintain_order=True):
-            part = df.filter(pl.col("dataset") == ds).select(
-                "group", header, pl.col("hr@10").alias(f"{ds} hr@10"), pl.col("ndcg@10").alias(f"{ds} ndcg@10")
-            )
-            wide = part if wide is None else wide.join(part, on=["group", header], how="left", maintain_order="left")
-        metric_cols = [c for c in wide.columns if c not in ("group", header)]
-        means = (
-            wide.filter(pl.col("group").is_in(GROUP_ORDER))
-            .group_by("group", maintain_order=True)
-            .agg(*(pl.col(c).mean().round(2) for c in metric_cols))
-            .with_columns(pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header))
-            .select(wide.columns)
-        )
-        df = pl.concat([wide, means])
-    elif kind == "table8":
-        # rows grouped by the blocks each tower keeps ("24+12", "12+6", ...); the mean of every
-        # group with more than one row follows the rows
-        df = df.select("dataset", "group", header, "hr@10", "ndcg@10", "trainable_params")
-        groups = df.group_by("dataset", "group", maintain_order=True).agg(
-            pl.len().alias("rows"), pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
-        means = groups.filter(pl.col("rows") > 1).select(
-            "dataset", "group", pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header), "hr@10", "ndcg@10")
-        df = pl.concat([df.select("dataset", "group", header, "hr@10", "ndcg@10"), means])
-    else:
-        df = df.select("dataset", header, "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seconds_per_epoch", "seeds")
-    _write_csv(df, out)
-    return df
+def build_plain(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    """One row per planned row and dataset: metrics, parameters, best epoch, time, seeds."""
+    return aggregate(rows, metrics, header).select(
+        "dataset", header, "key", "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seconds_per_epoch", "seeds")
+
+
+def build_methods_table(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    return aggregate(rows, metrics, header).select("dataset", header, "key", "hr@10", "ndcg@10", "seeds")
+
+
+def build_table9(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    return aggregate(rows, metrics, header).select("dataset", "group", header, "key", "hr@10", "ndcg@10", "trainable_params", "seeds")
+
+
+def _group_means(df: pl.DataFrame, header: str, groups: list[str] | None = None) -> pl.DataFrame:
+    """Per dataset, the mean of each group with more than one row (of `groups` when given), as rows
+    labelled "mean (<group>)" with the key "mean:<group>"."""
+    g = df if groups is None else df.filter(pl.col("group").is_in(groups))
+    means = g.group_by("dataset", "group", maintain_order=True).agg(
+        pl.len().alias("rows"), pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
+    return means.filter(pl.col("rows") > 1).select(
+        "dataset", "group", pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header),
+        pl.concat_str(pl.lit("mean:"), pl.col("group")).alias("key"), "hr@10", "ndcg@10")
+
+
+def build_table4(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    """One row per text encoder (then the image-scaling rows) and dataset, then the means of the
+    text-encoder groups (PLM, base LLM, MoE LLM, 70B)."""
+    df = aggregate(rows, metrics, header).select("dataset", "group", header, "key", "hr@10", "ndcg@10", "trainable_params", "seeds")
+    return pl.concat([df, _group_means(df, header, GROUP_ORDER)], how="diagonal_relaxed")
+
+
+def build_table8(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    """Rows grouped by the blocks each tower keeps ("24+12", "12+6", ...); the mean of every group
+    with more than one row follows the rows."""
+    df = aggregate(rows, metrics, header).select("dataset", "group", header, "key", "hr@10", "ndcg@10", "trainable_params", "seeds")
+    return pl.concat([df, _group_means(df, header)], how="diagonal_relaxed")
+
+
+def build_table6(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    """The ablations, one column (IISAN-VS, IISAN-VA) after the other."""
+    return aggregate(rows, metrics, header).select(
+        "dataset", "column", header, "key", "hr@10", "ndcg@10", "trainable_params", "best_epoch", "seeds")
+
+
+def build_gates(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
+    """The learned gates of each run's best checkpoint (metrics.json "gates"): per run and gated
+    part (a tower's intra-modal SAN by its field; "inter", the inter-modal SAN, whose gate is the
+    image's share against the text) the mean gate value over its blocks, its range and the
+    values per block (of the first seed), mean over seeds."""
+    recs = []
+    for row, path in zip(rows, metrics, strict=True):
+        for part, g in (read_json(path).get("gates") or {}).items():
+            recs.append({"dataset": row["dataset"], header: row["label"], "key": row.get("key", row["label"]), "part": part,
+                         "seed": row.get("seed"), "mean": g["mean"], "blocks": g["values"]})
+    if not recs:
+        return pl.DataFrame(schema={"dataset": pl.String, header: pl.String, "key": pl.String, "part": pl.String,
+                                    "gate mean": pl.Float64, "gate min": pl.Float64, "gate max": pl.Float64, "blocks": pl.String,
+                                    "seeds": pl.UInt32})
+    df = pl.DataFrame(recs)
+    return df.group_by("dataset", header, "key", "part", maintain_order=True).agg(
+        pl.col("mean").mean().round(4).alias("gate mean"),
+        pl.col("blocks").list.min().min().round(4).alias("gate min"),
+        pl.col("blocks").list.max().max().round(4).alias("gate max"),
+        pl.col("blocks").map_elements(lambda b: " ".join(f"{v:.3f}" for v in b[0]), return_dtype=pl.String).alias("blocks"),
+        pl.len().alias("seeds"),
+    )
 
 
 # --- Table V: our MicroLens runs beside the benchmark's published rows -------------------------
@@ -151,12 +171,13 @@ def read_cited(path: str | Path) -> dict:
     return data
 
 
-def build_table5(ours: pl.DataFrame, cited: dict | None) -> pl.DataFrame:
+def build_table5(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
     """Table V: the benchmark's published rows (source: the citation; dataset: the published
-    one), then this workflow's reruns on the configured MicroLens dataset (source: rerun here)."""
-    header = ROW_HEADERS["table5"]
-    ours = ours.select(
-        "dataset", pl.lit(RERUN).alias("group"), header, "hr@10", "ndcg@10", pl.lit(RERUN).alias("source"),
+    one; `extra` holds the cited file, if any), then this workflow's reruns on the configured
+    MicroLens dataset (source: rerun here)."""
+    cited = read_cited(extra[0]) if extra else None
+    ours = aggregate(rows, metrics, header).select(
+        "dataset", pl.lit(RERUN).alias("group"), header, "key", "hr@10", "ndcg@10", pl.lit(RERUN).alias("source"),
         "trainable_params", "best_epoch", "seeds",
     )
     if not cited or not cited["rows"]:
@@ -193,16 +214,18 @@ def paired_ttest(a: list[float], b: list[float]) -> float:
     return float(stats.ttest_rel(a, b).pvalue)
 
 
-def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> pl.DataFrame:
-    """Methods x datasets: test HR@10 / NDCG@10 (%, mean over seeds), relative improvement over
-    FFT, the paired t-test of IISAN-VA against IISAN-VS over the shared seeds ("*" where VA is
-    better at p < alpha), and the efficiency columns with TPME over the non-ID methods."""
-    header = "method"
+def build_table3(rows: list[dict], metrics: list[Path], header: str = "method", extra=(), alpha: float = 0.05) -> pl.DataFrame:
+    """Methods x datasets: test HR@10 / NDCG@10 (%, mean over seeds); on the IISAN-VA row the
+    paper's relative improvement of IISAN-VA over IISAN-VS, (VA - VS) / VA, and the paired t-test
+    of VA against VS over the shared seeds ("*" where VA is better at p < alpha); each row's
+    difference to FFT, (row - FFT) / FFT; the efficiency columns with TPME over the non-ID
+    methods."""
     rec = _records(rows, metrics, header).with_columns(pl.Series("token", [r.get("token", r["label"]) for r in rows]))
     df = (
         rec.group_by("dataset", header, maintain_order=True)
         .agg(
             pl.col("token").first(),
+            pl.col("key").first(),
             pl.col("hr@10").mean().round(2),
             pl.col("ndcg@10").mean().round(2),
             pl.col("seconds_per_epoch").mean().round(3),
@@ -218,24 +241,28 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
     for ds in df["dataset"].unique(maintain_order=True):
         part = df.filter(pl.col("dataset") == ds)
         fft = part.filter(pl.col("token") == "fft")
+        vs_row = part.filter(pl.col("token") == "iisan")
+        is_va = pl.col("token") == "iisan-va"
         for m in ("hr@10", "ndcg@10"):
             base = fft[m][0] if fft.height else None
+            vs_m = vs_row[m][0] if vs_row.height else None
             part = part.with_columns(
-                (((pl.col(m) - base) / base * 100).round(2) if base else pl.lit(None, dtype=pl.Float64)).alias(f"{m} vs FFT (%)")
+                (((pl.col(m) - base) / base * 100).round(2) if base else pl.lit(None, dtype=pl.Float64)).alias(f"{m} vs FFT (%)"),
+                pl.when(is_va & pl.lit(vs_m is not None)).then((pl.col(m) - (vs_m or 0.0)) / pl.col(m) * 100).otherwise(None)
+                .round(2).alias(f"{m} VA over VS (%)"),
             )
             # IISAN-VA vs IISAN-VS, paired by seed
             runs = rec.filter(pl.col("dataset") == ds)
             va = runs.filter(pl.col("token") == "iisan-va").sort("seed")
             vs = runs.filter(pl.col("token") == "iisan").sort("seed")
             shared = sorted(set(va["seed"].to_list()) & set(vs["seed"].to_list()))
-            p = float("nan")
+            p, better = float("nan"), False
             if shared:
                 a = va.filter(pl.col("seed").is_in(shared))[m].to_list()
                 b = vs.filter(pl.col("seed").is_in(shared))[m].to_list()
                 p = paired_ttest(a, b)
                 better = sum(a) > sum(b)
             mark = "*" if (p == p and p < alpha and better) else ""
-            is_va = pl.col("token") == "iisan-va"
             part = part.with_columns(
                 pl.when(is_va).then(pl.lit(p)).otherwise(None).round(4).alias(f"{m} p (VA vs VS)"),
                 pl.when(is_va).then(pl.lit(mark)).otherwise(pl.lit("")).alias(f"{m} sig"),
@@ -252,7 +279,8 @@ def build_table3(rows: list[dict], metrics: list[Path], alpha: float = 0.05) -> 
         parts.append(part)
     out = pl.concat(parts, how="diagonal_relaxed")
     return out.select(
-        "dataset", header, "hr@10", "hr@10 sig", "ndcg@10", "ndcg@10 sig", "hr@10 vs FFT (%)", "ndcg@10 vs FFT (%)",
+        "dataset", header, "key", "hr@10", "hr@10 sig", "ndcg@10", "ndcg@10 sig", "hr@10 VA over VS (%)", "ndcg@10 VA over VS (%)",
+        "hr@10 vs FFT (%)", "ndcg@10 vs FFT (%)",
         "hr@10 p (VA vs VS)", "ndcg@10 p (VA vs VS)", "seconds_per_epoch", "seconds_per_epoch_with_eval", "peak_memory_mb",
         "peak_memory_kind", "trainable_params", "TPME", "cache_bytes", "seeds",
     )
@@ -270,6 +298,7 @@ def build_efficiency(rows: list[dict], profiles: list[Path], out: Path) -> pl.Da
             {
                 "dataset": row.get("dataset"),
                 "method": row["label"],
+                "token": row.get("token", row["label"]),
                 "batch_size": m["batch_size"],
                 "time_per_epoch_s": m["time_per_epoch_train_s"],
                 "time_source": m["time_source"],
@@ -286,8 +315,17 @@ def build_efficiency(rows: list[dict], profiles: list[Path], out: Path) -> pl.Da
     for _, part in df.group_by("dataset", "batch_size", maintain_order=True):
         scores = tpme(part["time_per_epoch_s"].to_list(), part["trainable_params"].to_list(), part["peak_memory_mb"].to_list())
         parts.append(part.with_columns(pl.Series("TPME", scores).round(4)))
-    df = pl.concat(parts).with_columns(pl.col("time_per_epoch_s").round(3), pl.col("peak_memory_mb").round(1))
-    df = df.select("dataset", "method", "batch_size", "time_per_epoch_s", "peak_memory_mb", "trainable_params", "TPME",
+    df = pl.concat(parts)
+    # FFT's time and memory over each method's at the same batch size ("x less than FFT")
+    fft = df.filter(pl.col("token") == "fft").select("dataset", "batch_size", pl.col("time_per_epoch_s").alias("_t"),
+                                                      pl.col("peak_memory_mb").alias("_m"))
+    df = df.join(fft, on=["dataset", "batch_size"], how="left", maintain_order="left").with_columns(
+        (pl.col("_t") / pl.col("time_per_epoch_s")).round(2).alias("FFT time / time"),
+        (pl.col("_m") / pl.col("peak_memory_mb")).round(2).alias("FFT memory / memory"),
+    )
+    df = df.with_columns(pl.col("time_per_epoch_s").round(3), pl.col("peak_memory_mb").round(1))
+    df = df.select("dataset", "method", "token", "batch_size", "time_per_epoch_s", "peak_memory_mb", "trainable_params", "TPME",
+                   "FFT time / time", "FFT memory / memory",
                    "device", "peak_memory_kind", "total_params", "cache_bytes", "time_source")
-    _write_csv(df, out)
+    write_csv(df, out)
     return df
