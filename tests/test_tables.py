@@ -131,7 +131,7 @@ def test_a_table_registered_alone_is_validated_planned_built_and_priced(tmp_path
         budget = Budget(cfg).build()
         assert {p for _, p in runs} <= set(budget.jobs) and "toy" in {s["group"] for s in budget.summary()}
         metrics = []
-        for i, (d, _) in enumerate(runs):
+        for i in range(len(runs)):
             metrics.append(tmp_path / f"{i}.json")
             metrics[-1].write_text(json.dumps({"test": {"hr@10": 0.1 * (i + 1), "ndcg@10": 0.05}, "trainable_params": 1, "best_epoch": 1,
                                                "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "cpu-rss"}))
@@ -176,3 +176,27 @@ def test_claims_csv_marks_tables_not_run(tmp_path):
     assert row["verdict"] == claims.HOLDS and row["dataset"] == "demo" and row["paper verdict"] == ""
     assert set(df.filter(pl.col("table") == "table3")["verdict"]) == {claims.NOT_RUN}
     assert set(df.filter(pl.col("table") == "efficiency")["verdict"]) == {claims.NOT_RUN}
+
+
+def test_methods_table_gives_spread_over_seeds_and_paired_differences(tmp_path):
+    """Mean and standard deviation over seeds; a row with `versus` its mean difference to that row
+    over shared seeds with the paired t-test (scipy's ttest_rel)."""
+    from scipy import stats
+
+    hrs = {"frozen": [0.08, 0.082, 0.081], "iisan": [0.09, 0.0915, 0.089]}
+    rows, metrics = [], []
+    for label, values in hrs.items():
+        for seed, hr in zip((1, 2, 3), values):
+            path = tmp_path / f"{label}{seed}.json"
+            path.write_text(json.dumps({"test": {"hr@10": hr, "ndcg@10": hr / 2}, "trainable_params": 1, "best_epoch": 1,
+                                        "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "cpu-rss", "seed": seed}))
+            rows.append({"dataset": "Scientific", "label": label, "key": label, "seed": seed, **({"versus": "frozen"} if label == "iisan" else {})})
+            metrics.append(path)
+    df = tables.build_table("methods", rows, metrics, tmp_path / "m.csv")
+    iisan = df.filter(pl.col("method") == "iisan").row(0, named=True)
+    assert iisan["hr@10"] == 9.02 and iisan["hr@10 std"] == 0.13 and iisan["seeds"] == 3 and iisan["versus"] == "frozen"
+    assert iisan["Δ hr@10 vs versus"] == 0.92
+    assert iisan["p hr@10"] == round(stats.ttest_rel([100 * h for h in hrs["iisan"]], [100 * h for h in hrs["frozen"]]).pvalue, 4)
+    assert df.filter(pl.col("method") == "frozen")["p hr@10"].to_list() == [None]
+    with pytest.raises(ValueError, match=r"methods\[1\].versus: 'nobody' is not the label of an earlier row"):
+        workflow_config(ROOT, methods=[{"method": "frozen", "label": "a"}, {"method": "iisan", "label": "b", "versus": "nobody"}])

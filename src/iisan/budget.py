@@ -162,15 +162,16 @@ class Budget:
     def _side_params(self, exp) -> int:
         """Trainable parameters of a cached run's model, without building it: per SANB 2 d r, per
         DTL d_a d_b, heads and fusion (roughly; the memory term is small beside the cache)."""
-        r, D = exp.model.bottleneck, exp.model.embed_dim
+        D = exp.model.embed_dim
+        rs, r_inter = exp.model.bottlenecks([tw.spec["hidden"] for tw in exp.towers])
         total = 0
-        for t, tw in enumerate(exp.towers):
+        for t, (tw, r) in enumerate(zip(exp.towers, rs)):
             d, k = tw.spec["hidden"], len(exp.tower_layers(t))
             total += k * 2 * d * r + d * d + d * D
         if len(exp.towers) == 2:
             d = min(tw.spec["hidden"] for tw in exp.towers)
             k = min(len(exp.tower_layers(t)) for t in range(2))
-            total += k * (2 * d * r + sum(tw.spec["hidden"] * d for tw in exp.towers if tw.spec["hidden"] != d))
+            total += k * (2 * d * r_inter + sum(tw.spec["hidden"] * d for tw in exp.towers if tw.spec["hidden"] != d))
         return total + 20 * D * D
 
     def cache(self, dataset: str, field: str, backbone: str, groups=()) -> Job:

@@ -60,6 +60,13 @@ class ModelConfig:
     n_heads: int = 2
     dropout: float = 0.1
 
+    def bottlenecks(self, dims: list[int]) -> tuple[list[int], int]:
+        """(r of each field's intra tower, r of the inter tower) for towers of widths `dims`."""
+        rs = [self.bottleneck, self.bottleneck if self.bottleneck_image is None else self.bottleneck_image][: len(dims)]
+        if self.bottleneck_inter is not None:
+            return rs, self.bottleneck_inter
+        return rs, rs[1 if len(dims) == 2 and dims[0] > dims[1] else 0]
+
 
 PRECISIONS = ("bf16", "fp16", "fp32")
 

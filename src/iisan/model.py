@@ -184,11 +184,9 @@ class ItemEncoder(nn.Module):
         self.cfg = cfg
         m = methods.get(cfg.method, "model.method")
         self.last_only = m.reads_last
-        D, r, tau = cfg.embed_dim, cfg.bottleneck, cfg.gate_temperature
-        # SANB bottleneck per tower: field 0 (text) `bottleneck`, field 1 (image) `bottleneck_image`
-        # (None: bottleneck); inter `bottleneck_inter`, None: the image tower's when the text is
-        # wider, else the text tower's (Code_Cached_Asym/model/model.py)
-        rs = [r, r if cfg.bottleneck_image is None else cfg.bottleneck_image][: len(dims)]
+        D, tau = cfg.embed_dim, cfg.gate_temperature
+        # SANB bottleneck per tower and of the inter tower (ModelConfig.bottlenecks)
+        rs, r_inter = cfg.bottlenecks(dims)
         self.intra = nn.ModuleList()
         self.heads = nn.ModuleList()
         self.inter = None
@@ -203,7 +201,6 @@ class ItemEncoder(nn.Module):
             if len(dims) == 2 and m.inter:
                 # towers with different block counts: the top blocks are aligned (docs/method.md §3)
                 k = min(n_layers)
-                r_inter = rs[1 if dims[0] > dims[1] else 0] if cfg.bottleneck_inter is None else cfg.bottleneck_inter
                 self.inter = InterSAN(dims[0], dims[1], k, r_inter, m.gated, tau)
                 # the inter head is Linear(d, d) then Linear(d, D) for VS and VA alike (the
                 # authors' fc_mm and fc_mm_down, Code_Cached_Asym)

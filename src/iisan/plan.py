@@ -128,8 +128,8 @@ def method_row(config: dict, name: str, label: str | None = None, scheme: str | 
 
 def methods_table_row(config: dict, entry: str | dict, where: str = "methods table") -> dict:
     """A row of the methods table: a method name (on `towers`, the default scheme), or a dict
-    {method, towers, scheme, label}; without `scheme` an asymmetric method on two towers takes
-    `va_scheme`."""
+    {method, towers, scheme, label, versus}; without `scheme` an asymmetric method on two towers
+    takes `va_scheme`; `versus` names the row it is compared with."""
     if isinstance(entry, str):
         methods.get(entry, where)
         return method_row(config, entry)
@@ -140,8 +140,9 @@ def methods_table_row(config: dict, entry: str | dict, where: str = "methods tab
     scheme = entry.get("scheme")
     if scheme is None and m.asymmetric and len(towers) == 2:
         scheme = va_scheme(config, towers[0]["backbone"], towers[1]["backbone"])
+    extra = {"versus": entry["versus"]} if entry.get("versus") else {}
     return row(entry.get("label") or m.label, [] if m.is_id else towers, m.name, m.scheme(scheme or config["default_scheme"]),
-               m.default_cache)
+               m.default_cache, **extra)
 
 
 def compared_row(config: dict, token: str, seeds: list[int] | None = None, table: str = "table3") -> dict:

@@ -11,6 +11,7 @@ from .. import methods
 from ..io import atomic_path, read_json
 
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
+METRICS = ("hr@10", "ndcg@10")
 
 
 def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
@@ -77,20 +78,50 @@ def build_plain(rows: list[dict], metrics: list[Path], header: str, extra=()) ->
 
 
 def build_methods_table(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
-    return aggregate(rows, metrics, header).select("dataset", header, "key", "hr@10", "ndcg@10", "seeds")
+    """Mean and standard deviation over seeds; a row with `versus` also gets its mean difference
+    to that row over the seeds both ran, and the paired t-test's p-value."""
+    rec = _records(rows, metrics, header)
+    df = rec.group_by("dataset", header, maintain_order=True).agg(
+        pl.col("key").first(),
+        *(x for m in METRICS for x in (pl.col(m).mean().round(2), pl.col(m).std().round(2).alias(f"{m} std"))),
+        pl.col("best_epoch").mean().round(1),
+        pl.col("trainable_params").first(),
+        pl.len().alias("seeds"),
+    )
+    versus = {r["label"]: r.get("versus") for r in rows}
+    out = []
+    for r in df.iter_rows(named=True):
+        other = versus.get(r[header])
+        r["versus"] = other
+        for m in METRICS:
+            d = p = None
+            if other:
+                a = {s: v for s, v in rec.filter((pl.col("dataset") == r["dataset"]) & (pl.col(header) == r[header]))
+                     .select("seed", m).iter_rows()}
+                b = {s: v for s, v in rec.filter((pl.col("dataset") == r["dataset"]) & (pl.col(header) == other))
+                     .select("seed", m).iter_rows()}
+                shared = sorted(a.keys() & b.keys())
+                if shared:
+                    d = round(sum(a[s] - b[s] for s in shared) / len(shared), 2)
+                    p = paired_ttest([a[s] for s in shared], [b[s] for s in shared])
+                    p = None if p != p else round(p, 4)
+            r[f"Δ {m} vs versus"], r[f"p {m}"] = d, p
+        out.append(r)
+    return pl.DataFrame(out, schema_overrides={"versus": pl.String, **{f"{x} {m}{y}": pl.Float64 for m in METRICS
+                                                                      for x, y in (("Δ", " vs versus"), ("p", ""))}})
 
 
 def build_table9(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:
     return aggregate(rows, metrics, header).select("dataset", "group", header, "key", "hr@10", "ndcg@10", "trainable_params", "seeds")
 
 
-def _group_means(df: pl.DataFrame, header: str, groups: list[str] | None = None) -> pl.DataFrame:
-    """Per dataset, the mean of each group with more than one row (of `groups` when given), as rows
-    labelled "mean (<group>)" with the key "mean:<group>"."""
+def _group_means(df: pl.DataFrame, header: str, groups: list[str] | None = None, min_rows: int = 2) -> pl.DataFrame:
+    """Per dataset, the mean of each group with at least `min_rows` rows (of `groups` when given),
+    as rows labelled "mean (<group>)" with the key "mean:<group>"."""
     g = df if groups is None else df.filter(pl.col("group").is_in(groups))
     means = g.group_by("dataset", "group", maintain_order=True).agg(
         pl.len().alias("rows"), pl.col("hr@10").mean().round(2), pl.col("ndcg@10").mean().round(2))
-    return means.filter(pl.col("rows") > 1).select(
+    return means.filter(pl.col("rows") >= min_rows).select(
         "dataset", "group", pl.concat_str(pl.lit("mean ("), pl.col("group"), pl.lit(")")).alias(header),
         pl.concat_str(pl.lit("mean:"), pl.col("group")).alias("key"), "hr@10", "ndcg@10")
 
@@ -99,7 +130,7 @@ def build_table4(rows: list[dict], metrics: list[Path], header: str, extra=()) -
     """One row per text encoder (then the image-scaling rows) and dataset, then the means of the
     text-encoder groups (PLM, base LLM, MoE LLM, 70B)."""
     df = aggregate(rows, metrics, header).select("dataset", "group", header, "key", "hr@10", "ndcg@10", "trainable_params", "seeds")
-    return pl.concat([df, _group_means(df, header, GROUP_ORDER)], how="diagonal_relaxed")
+    return pl.concat([df, _group_means(df, header, GROUP_ORDER, min_rows=1)], how="diagonal_relaxed")
 
 
 def build_table8(rows: list[dict], metrics: list[Path], header: str, extra=()) -> pl.DataFrame:

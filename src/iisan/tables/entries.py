@@ -329,11 +329,24 @@ properties:
 
 
 # --- the methods table: any methods of the registry ----------------------------------------------
+def methods_rows(config: dict) -> list[dict]:
+    return [methods_table_row(config, e, f"config key methods[{i}]") for i, e in enumerate(config.get("methods") or [])]
+
+
+def check_methods(config: dict) -> None:
+    labels = []
+    for i, r in enumerate(methods_rows(config)):
+        if r["label"] in labels:
+            raise ValueError(f"config key methods[{i}]: label {r['label']!r} names an earlier row too (labels name the rows)")
+        if r.get("versus") and r["versus"] not in labels:
+            raise ValueError(f"config key methods[{i}].versus: {r['versus']!r} is not the label of an earlier row "
+                             f"(earlier: {', '.join(labels) or 'none'})")
+        labels.append(r["label"])
+
+
 register(Table(
-    "methods", "Methods table: rows of the config's `methods`",
-    lambda config: [methods_table_row(config, e, f"config key methods[{i}]") for i, e in enumerate(config.get("methods") or [])],
-    build_methods_table, header="method", file_name=lambda config: config["methods_table"],
-    check=lambda config: [methods_table_row(config, e, f"config key methods[{i}]") for i, e in enumerate(config.get("methods") or [])],
+    "methods", "Methods table: rows of the config's `methods`", methods_rows, build_methods_table, header="method",
+    file_name=lambda config: config["methods_table"], check=check_methods,
 ))
 
 
