@@ -95,6 +95,7 @@ class Job:
     peak_gib: float
     detail: str = ""
     groups: tuple = ()
+    gpus: int = 1  # cards it takes at once (iisan.schedule), as the workflow's rules ask
 
 
 class Budget:
@@ -185,7 +186,8 @@ class Budget:
         act_gb = batch * tokens(entry, self.config) * entry["hidden"] * states * 2 / 1e9
         peak = (weight_gb(entry) * 1.05 + act_gb + 1) * 1e9 / 2**30
         return Job("cache", plan.CACHE_ARRAY.format(dataset=dataset, field=field, backbone=backbone), seconds, peak,
-                   f"{items} items x {tokens(entry, self.config)} tokens", tuple(groups))
+                   f"{items} items x {tokens(entry, self.config)} tokens", tuple(groups),
+                   gpus=max(1, math.ceil(weight_gb(entry) * 1.15 / 75)))  # as get_cache_gpus (common.smk)
 
     def caption(self, dataset: str, source: str, groups=()) -> Job:
         cap = self.config["captioners"][self.config["captions"][source]]
@@ -197,7 +199,8 @@ class Budget:
         seconds = items * per_item * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
         return Job("caption", plan.CAPTIONS.format(dataset=dataset, source=source), seconds, peak,
-                   f"{items} items, {self.config['captions'][source]}", tuple(groups))
+                   f"{items} items, {self.config['captions'][source]}", tuple(groups),
+                   gpus=0 if demo else max(1, math.ceil(captioner_gb(cap) / 75)))  # as get_caption_gpus (common.smk)
 
     # --- what the targets need ------------------------------------------------------------------
     def _add(self, job: Job, group: str) -> None:

@@ -1,6 +1,6 @@
 """`iisan` command line: a config's GPU-hour budget (plan) and a warm worker for train jobs (worker).
 
-    iisan plan --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv]
+    iisan plan --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv] [--gpus N]
     iisan worker [--socket PATH]
 """
 
@@ -31,6 +31,20 @@ def plan(args: argparse.Namespace) -> int:
         return 2
     budget = Budget(config, load_rates(args.rates)).build()
     print(render(budget))
+    if args.gpus is not None:
+        from .schedule import needs, wall_seconds
+
+        jobs = list(budget.jobs.values())
+        try:
+            wall = wall_seconds(jobs, args.gpus, needs(jobs, config))
+        except ValueError as err:
+            print(f"iisan plan --gpus {args.gpus}: {err}", file=sys.stderr)
+            return 2
+        print(f"wall time on {args.gpus} GPU{'s' * (args.gpus != 1)}: {wall / 3600:.1f} h (GPU hours {sum(j.seconds for j in jobs) / 3600:.1f})\n"
+              "(a list schedule: the longest job whose inputs are done first, each on cards of its own; iisan.schedule)")
+        for j in jobs:
+            if j.gpus > args.gpus:
+                print(f"{j.name} asks for {j.gpus} 80 GB GPUs and gets {args.gpus}: it may not fit them")
     if args.jobs:
         write_jobs(budget, args.jobs)
         print(f"every job: {args.jobs}")
@@ -56,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", nargs="+", metavar="KEY=VALUE", help="config overrides, as snakemake --config")
     p.add_argument("--rates", type=Path, help="measured rates (default: the package's rates.yaml, an H200)")
     p.add_argument("--jobs", type=Path, help="also write every job (kind, output, GPU hours, peak GiB, tables) to this CSV")
+    p.add_argument("--gpus", type=int, metavar="N", help="also the wall time of the jobs on one machine with N GPUs")
     p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
     from .worker import ENV, default_socket
 

@@ -63,6 +63,8 @@ class ModelConfig:
     def bottlenecks(self, dims: list[int]) -> tuple[list[int], int]:
         """(r of each field's intra tower, r of the inter tower) for towers of widths `dims`."""
         rs = [self.bottleneck, self.bottleneck if self.bottleneck_image is None else self.bottleneck_image][: len(dims)]
+        if not rs:  # ID models: no towers
+            return rs, self.bottleneck
         if self.bottleneck_inter is not None:
             return rs, self.bottleneck_inter
         return rs, rs[1 if len(dims) == 2 and dims[0] > dims[1] else 0]

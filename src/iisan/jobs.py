@@ -14,7 +14,9 @@ from pathlib import Path
 @contextmanager
 def job(snakemake, keep_attempts: bool = False):
     """Run a job's body with stdout and stderr (Python's and native libraries') appended to
-    `snakemake.log[0]`, INFO logging there, and `snakemake.threads` torch threads.
+    `snakemake.log[0]`, INFO logging there, `snakemake.threads` torch threads, and, for a local
+    job whose `gpu` resource asks for cards, cards of its own (iisan.gpus: CUDA_VISIBLE_DEVICES is
+    narrowed to them before CUDA starts, and they are held until the job ends).
 
     keep_attempts: Snakemake deletes the log before each attempt of a job, so a retried or
     resumed job would lose its earlier attempts' output. With this, `<log>.attempts` is the same
@@ -45,6 +47,10 @@ def job(snakemake, keep_attempts: bool = False):
     if keep_attempts:
         attempt = getattr(snakemake.resources, "attempt", "?")
         print(f"== {datetime.now().astimezone().isoformat(timespec='seconds')} attempt {attempt} ==", flush=True)
+    from . import gpus
+
+    cards = gpus.for_job(int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0),
+                         label=f"{getattr(snakemake, 'rule', 'job')} {log}")
     try:
         import transformers
 
@@ -60,6 +66,8 @@ def job(snakemake, keep_attempts: bool = False):
     finally:
         sys.stdout.flush()
         sys.stderr.flush()
+        if cards is not None:
+            cards.release()
         if keep_attempts and attempts is None:
             log.with_name(log.name + ".attempts").write_bytes(log.read_bytes())
 

@@ -7,8 +7,10 @@ workflow of Table VIII's 66 short runs pays that 66 times. `iisan worker` pays i
 all of that, never touches the GPU, and forks a child per job. The child is the job: it takes
 over the job process's working directory, environment (so also CUDA_VISIBLE_DEVICES, set per
 job), umask, stdin, stdout and stderr, and runs the job's function exactly as the job process
-would; the job process waits, forwards SIGINT, SIGTERM and SIGHUP to it, and exits with its
-status. Results are the same either way (tests/test_worker.py).
+would (so the child, not the worker, takes the job's own GPUs, iisan.gpus, and narrows
+CUDA_VISIBLE_DEVICES to them before CUDA starts in it; it holds them until it ends); the job
+process waits, forwards SIGINT, SIGTERM and SIGHUP to it, and exits with its status. Results
+are the same either way (tests/test_worker.py).
 
     iisan worker [--socket PATH] &           # one per machine and user, before snakemake
     export IISAN_WORKER=PATH                 # the jobs look for it here (default PATH: iisan worker --help)

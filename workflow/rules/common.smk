@@ -10,6 +10,7 @@ from iisan.budget import captioner_gb, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
+from iisan.gpus import machine_gpus
 from iisan.layerdrop import scheme_layers
 
 # Before the job graph is built (an error raised by an input function cannot stop a run:
@@ -299,6 +300,11 @@ def _gpus_per_job():
 
 # GPUs each GPU rule asks for (0 on a machine without CUDA, so CPU runs are not serialised).
 GPUS = _gpus_per_job()
+
+# Local runs: GPU jobs at once take at most this machine's cards, each job its own (iisan.gpus),
+# unless `--resources gpu=N` (or a profile's `resources: gpu`) says how many.
+if workflow.local_exec and "gpu" not in workflow.global_resources:
+    workflow.register_resource("gpu", machine_gpus())
 
 
 def get_backbone_weight_gb(name):

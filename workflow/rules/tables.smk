@@ -20,7 +20,9 @@ rule table:
     params:
         kind=get_table_kind,
         rows=lambda wildcards: get_plan_rows(get_table_kind(wildcards)),
-        paper=lambda wildcards: tables.compares_to_paper(config, get_table_kind(wildcards)),
+        paper=lambda wildcards: tables.compares_to_paper(
+            config, get_table_kind(wildcards)
+        ),
     script:
         "../scripts/table.py"
 
