@@ -200,3 +200,14 @@ def test_methods_table_gives_spread_over_seeds_and_paired_differences(tmp_path):
     assert df.filter(pl.col("method") == "frozen")["p hr@10"].to_list() == [None]
     with pytest.raises(ValueError, match=r"methods\[1\].versus: 'nobody' is not the label of an earlier row"):
         workflow_config(ROOT, methods=[{"method": "frozen", "label": "a"}, {"method": "iisan", "label": "b", "versus": "nobody"}])
+
+
+def test_methods_rows_with_versus_are_claims(tmp_path):
+    m = tmp_path / "methods.csv"
+    pl.DataFrame({"dataset": ["Scientific"] * 3, "method": ["frozen", "iisan", "worse"], "versus": [None, "frozen", "frozen"],
+                  "Δ hr@10 vs versus": [None, 0.38, -0.2], "p hr@10": [None, 0.28, 0.5],
+                  "Δ ndcg@10 vs versus": [None, 0.36, 0.1], "p ndcg@10": [None, 0.17, 0.6]}).write_csv(m)
+    df = claims.build_claims({"methods": m}, tmp_path / "claims.csv").filter(pl.col("table") == "methods")
+    assert df["claim"].to_list() == ["iisan above frozen", "worse above frozen"]
+    assert df["verdict"].to_list() == [claims.HOLDS, claims.FAILS]
+    assert df["ours"][0] == "Δ hr@10 +0.38 (paired p 0.280); Δ ndcg@10 +0.36 (paired p 0.170)"

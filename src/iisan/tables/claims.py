@@ -200,9 +200,29 @@ def cache_claims(path: Path | None) -> list[dict]:
     return out
 
 
+def versus_claims(path: Path | None) -> list[dict]:
+    """The methods table's own comparisons: each row with `versus` above that row on both
+    metrics (its mean difference over seeds, with the paired t-test)."""
+    if path is None:
+        return []
+    out = []
+    for r in pl.read_csv(path).iter_rows(named=True):
+        if not r.get("versus"):
+            continue
+        deltas = [(m, r.get(f"Δ {m} vs versus"), r.get(f"p {m}")) for m in METRICS]
+        if any(d is None for _, d, _ in deltas):
+            verdict, numbers = NOT_RUN, ""
+        else:
+            verdict = HOLDS if all(d > 0 for _, d, _ in deltas) else FAILS
+            numbers = "; ".join(f"Δ {m} {d:+.2f}" + (f" (paired p {p:.3f})" if p is not None else "") for m, d, p in deltas)
+        out.append({"table": "methods", "dataset": r["dataset"], "claim": f"{r['method']} above {r['versus']}", "verdict": verdict,
+                    "ours": numbers, "paper verdict": "", "paper": ""})
+    return out
+
+
 def build_claims(inputs: dict[str, Path | str], out: Path | str, paper: dict[str, bool] | None = None) -> pl.DataFrame:
     """results/claims.csv from the run's tables (`inputs`: table name -> CSV, plus "efficiency" and
-    "fig7"); `paper[table]` says whether that table ran on the paper's data, where the paper's
+    "fig7"; the methods table's rows with `versus` are claims of their own); `paper[table]` says whether that table ran on the paper's data, where the paper's
     verdict on the same comparison is printed beside ours."""
     paper = paper or {}
     csvs = {k: Path(v) for k, v in inputs.items()}
@@ -220,6 +240,7 @@ def build_claims(inputs: dict[str, Path | str], out: Path | str, paper: dict[str
     rows += efficiency_claims(csvs.get("efficiency"))
     rows += gate_claims(csvs.get("gates"), paper.get("table3", False))
     rows += cache_claims(csvs.get("fig7"))
+    rows += versus_claims(csvs.get("methods"))
     df = pl.DataFrame(rows, schema={k: pl.String for k in ("table", "dataset", "claim", "verdict", "ours", "paper verdict", "paper")})
     write_csv(df, Path(out))
     return df
