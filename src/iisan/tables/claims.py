@@ -222,8 +222,9 @@ def versus_claims(path: Path | None) -> list[dict]:
 
 def build_claims(inputs: dict[str, Path | str], out: Path | str, paper: dict[str, bool] | None = None) -> pl.DataFrame:
     """results/claims.csv from the run's tables (`inputs`: table name -> CSV, plus "efficiency" and
-    "fig7"; the methods table's rows with `versus` are claims of their own); `paper[table]` says whether that table ran on the paper's data, where the paper's
-    verdict on the same comparison is printed beside ours."""
+    "fig7"; the methods table's rows with `versus` are claims of their own); `paper[table]` says
+    whether that table ran on the paper's data, where the paper's verdict on the same comparison
+    is printed beside ours."""
     paper = paper or {}
     csvs = {k: Path(v) for k, v in inputs.items()}
     ours = Source.ours({k: v for k, v in csvs.items() if k not in ("gates", "methods")})
