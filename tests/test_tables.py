@@ -211,3 +211,10 @@ def test_methods_rows_with_versus_are_claims(tmp_path):
     assert df["claim"].to_list() == ["iisan above frozen", "worse above frozen"]
     assert df["verdict"].to_list() == [claims.HOLDS, claims.FAILS]
     assert df["ours"][0] == "Δ hr@10 +0.38 (paired p 0.280); Δ ndcg@10 +0.36 (paired p 0.170)"
+
+
+def test_a_table_on_an_unknown_dataset_is_refused_naming_its_key():
+    with pytest.raises(ValueError, match=r"config key table5: dataset 'nowhere' is not under dataset_sources"):
+        workflow_config(ROOT, table5={"dataset": "nowhere"})
+    with pytest.raises(ValueError, match=r"config key table7: dataset 'nowhere' is not under dataset_sources"):
+        workflow_config(ROOT, table7={"datasets": ["nowhere"]})

@@ -58,6 +58,19 @@ def captioner_gb(entry: dict) -> float:
     return 2 * entry.get("params_b", 8) * 1.2
 
 
+CARD_GB = 75  # usable GB of one 80 GB card
+
+
+def cache_cards(entry: dict) -> int:
+    """80 GB cards that hold a backbone's weights with 15 % to spare (device_map='auto' spreads them)."""
+    return math.ceil(weight_gb(entry) * 1.15 / CARD_GB)
+
+
+def captioner_cards(entry: dict) -> int:
+    """80 GB cards that hold a captioner (captioner_gb)."""
+    return math.ceil(captioner_gb(entry) / CARD_GB)
+
+
 def tokens(entry: dict, config: dict) -> int:
     """Tokens one item puts through a backbone: the title length, or the image's patches + CLS."""
     if entry["modality"] == "image":
@@ -187,7 +200,7 @@ class Budget:
         peak = (weight_gb(entry) * 1.05 + act_gb + 1) * 1e9 / 2**30
         return Job("cache", plan.CACHE_ARRAY.format(dataset=dataset, field=field, backbone=backbone), seconds, peak,
                    f"{items} items x {tokens(entry, self.config)} tokens", tuple(groups),
-                   gpus=max(1, math.ceil(weight_gb(entry) * 1.15 / 75)))  # as get_cache_gpus (common.smk)
+                   gpus=max(1, cache_cards(entry)))
 
     def caption(self, dataset: str, source: str, groups=()) -> Job:
         cap = self.config["captioners"][self.config["captions"][source]]
@@ -200,7 +213,7 @@ class Budget:
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
         return Job("caption", plan.CAPTIONS.format(dataset=dataset, source=source), seconds, peak,
                    f"{items} items, {self.config['captions'][source]}", tuple(groups),
-                   gpus=0 if demo else max(1, math.ceil(captioner_gb(cap) / 75)))  # as get_caption_gpus (common.smk)
+                   gpus=0 if demo else max(1, captioner_cards(cap)))
 
     # --- what the targets need ------------------------------------------------------------------
     def _add(self, job: Job, group: str) -> None:

@@ -47,6 +47,7 @@ RUN = "{dataset}/{towers}/{method}/{scheme}/{cache}"  # one run's folder below r
 RUN_METRICS = f"results/runs/{RUN}/seed{{seed}}/metrics.json"
 PROFILE = f"results/efficiency/{RUN}/batch{{batch}}.json"
 TABLE = "results/{table}.csv"
+CLAIMS = TABLE.format(table="claims")
 FIGURE = "results/{figure}.png"
 
 

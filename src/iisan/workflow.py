@@ -68,15 +68,15 @@ def check_config(config: dict) -> None:
         for name in config.get(key) or {}:
             if name not in known:
                 raise ValueError(f"config key {key}.{name}: no such dataset under dataset_sources (known: {', '.join(known)})")
-    for kind in ("tables", "figures"):
-        for name in config.get(kind) or []:
-            t = tables.get(name, f"config key {kind}")
-            if t.check:
-                t.check(config)
-            for d in tables.table_datasets(config, name):
-                if d not in known:
-                    raise ValueError(f"table {name}: dataset {d!r} is not under dataset_sources (known: {', '.join(known)})")
-    tables.get("methods").check(config)
+    # the configured tables and figures, and the methods table's rows whether built or not
+    for name in dict.fromkeys([*(config.get("tables") or []), *(config.get("figures") or []), "methods"]):
+        t = tables.get(name, "config key tables/figures")
+        if t.check:
+            t.check(config)
+        for d in tables.table_datasets(config, name):
+            if d not in known:
+                raise ValueError(f"config key {t.section or name}: dataset {d!r} is not under dataset_sources "
+                                 f"(known: {', '.join(known)})")
 
 
 def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] = (), overrides: dict | None = None) -> dict:

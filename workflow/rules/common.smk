@@ -1,12 +1,11 @@
 # Shared by the rule files. Checks, wildcard constraints, and the input functions (get_*), grouped
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
-import math
 import re
 
 from iisan import plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
-from iisan.budget import captioner_gb, weight_gb
+from iisan.budget import cache_cards, captioner_cards, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -131,9 +130,9 @@ def get_claims_inputs():
     """The tables and the efficiency CSV this run builds, which the claims are decided on."""
     out = {k: tables.table_file(config, k) for k in config["tables"]}
     if "fig5" in config["figures"]:
-        out["efficiency"] = "results/efficiency.csv"
+        out["efficiency"] = rules.efficiency.output.csv
     if "fig7" in config["figures"]:
-        out["fig7"] = "results/fig7.csv"
+        out["fig7"] = rules.fig7.output.csv
     return out
 
 
@@ -322,7 +321,7 @@ def get_caption_gpus(wildcards):
     c = get_captioner(wildcards)
     if GPUS == 0 or c["source"] == "demo":
         return 0
-    return max(GPUS, math.ceil(captioner_gb(c) / 75))
+    return max(GPUS, captioner_cards(c))
 
 
 def get_caption_mem_mb(wildcards, attempt):
@@ -335,7 +334,7 @@ def get_cache_gpus(wildcards):
     """GPUs for one backbone: enough 80 GB cards for its weights (device_map='auto' spreads it)."""
     if GPUS == 0:
         return 0
-    return max(GPUS, math.ceil(get_backbone_weight_gb(wildcards.backbone) * 1.15 / 75))
+    return max(GPUS, cache_cards(backbone_entry(config, wildcards.backbone)))
 
 
 def get_cache_threads(wildcards):

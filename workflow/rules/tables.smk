@@ -113,7 +113,7 @@ rule claims:
     input:
         unpack(lambda wildcards: get_claims_inputs()),
     output:
-        report(tables.CLAIMS, caption="../report/claims.rst", category="Tables"),
+        report(plan.CLAIMS, caption="../report/claims.rst", category="Tables"),
     log:
         "logs/tables/claims.log",
     conda:

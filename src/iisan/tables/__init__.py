@@ -9,7 +9,7 @@ from pathlib import Path
 
 from .. import plan
 from ..layerdrop import tower_schemes
-from . import entries, paper
+from . import entries, paper  # noqa: F401  (entries registers the paper's tables)
 from .build import (  # noqa: F401  (the builders' names, for the workflow's scripts)
     GROUP_ORDER,
     aggregate,
@@ -21,8 +21,6 @@ from .build import (  # noqa: F401  (the builders' names, for the workflow's scr
     write_csv,
 )
 from .registry import TABLES, Table, get, names, register, unregister  # noqa: F401
-
-IMAGE_SCALING = entries.IMAGE_SCALING
 
 
 def runs_entry(name: str) -> Table:
@@ -85,12 +83,9 @@ def table_kind(config: dict, file_name: str) -> str:
     return next((n for n in names(figures=False) if table_name(config, n) == file_name), file_name)
 
 
-CLAIMS = "results/claims.csv"
-
-
 def targets(config: dict) -> list[str]:
     out = [table_file(config, k) for k in config["tables"]] + [plan.FIGURE.format(figure=f) for f in config["figures"]]
-    return out + ([CLAIMS] if config["claims"] else [])
+    return out + ([plan.CLAIMS] if config["claims"] else [])
 
 
 def compares_to_paper(config: dict, name: str) -> bool:
@@ -104,8 +99,6 @@ def build_table(name: str, rows: list[dict], metrics: list, out: Path | str, ext
     """The CSV of table `name` from its runs (rows[i] describes metrics[i]); with `with_paper`,
     the paper's numbers and our differences beside each metric."""
     t = get(name)
-    if len(rows) != len(metrics):
-        raise ValueError(f"{name}: {len(rows)} rows but {len(metrics)} metrics files")
     df = t.build(rows, [Path(m) for m in metrics], t.header, list(extra))
     if with_paper:
         df = paper.attach(name, df)

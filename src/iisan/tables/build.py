@@ -14,12 +14,16 @@ GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 METRICS = ("hr@10", "ndcg@10")
 
 
+def read_runs(rows: list[dict], paths: list[Path], what: str = "metrics files"):
+    """(row, its run's JSON) pairs; rows[i] describes paths[i]."""
+    if len(rows) != len(paths):
+        raise ValueError(f"{len(rows)} rows but {len(paths)} {what}")
+    return [(row, read_json(path)) for row, path in zip(rows, paths)]
+
+
 def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
-    if len(rows) != len(metrics):
-        raise ValueError(f"{len(rows)} rows but {len(metrics)} metrics files")
     records = []
-    for row, path in zip(rows, metrics):
-        m = read_json(path)
+    for row, m in read_runs(rows, metrics):
         records.append(
             {
                 "dataset": row["dataset"],
@@ -152,8 +156,8 @@ def build_gates(rows: list[dict], metrics: list[Path], header: str, extra=()) ->
     image's share against the text) the mean gate value over its blocks, its range and the
     values per block (of the first seed), mean over seeds."""
     recs = []
-    for row, path in zip(rows, metrics, strict=True):
-        for part, g in (read_json(path).get("gates") or {}).items():
+    for row, m in read_runs(rows, metrics):
+        for part, g in (m.get("gates") or {}).items():
             recs.append({"dataset": row["dataset"], header: row["label"], "key": row.get("key", row["label"]), "part": part,
                          "seed": row.get("seed"), "mean": g["mean"], "blocks": g["values"]})
     if not recs:
@@ -320,11 +324,8 @@ def build_table3(rows: list[dict], metrics: list[Path], header: str = "method", 
 def build_efficiency(rows: list[dict], profiles: list[Path], out: Path) -> pl.DataFrame:
     """Profiles (one per method and batch size) -> efficiency.csv with TPME per batch size over
     the methods (`iisan.figures.fig5` draws it)."""
-    if len(rows) != len(profiles):
-        raise ValueError(f"{len(rows)} rows but {len(profiles)} profiles")
     recs = []
-    for row, path in zip(rows, profiles):
-        m = read_json(path)
+    for row, m in read_runs(rows, profiles, "profiles"):
         recs.append(
             {
                 "dataset": row.get("dataset"),

@@ -15,11 +15,10 @@ from pathlib import Path
 
 import polars as pl
 
-from .build import write_csv
+from .build import METRICS, write_csv
 from .paper import cells, values
 
 HOLDS, FAILS, NOT_RUN = "holds", "does not hold", "not run"
-METRICS = ("hr@10", "ndcg@10")
 BASELINES = {"fft": "FFT", "adapter": "Adapter", "lora": "LoRA", "bitfit": "BitFit"}
 
 

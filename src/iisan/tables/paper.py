@@ -14,8 +14,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
+from .build import METRICS
+
 VALUES = Path(__file__).resolve().parents[1] / "paper_values.yaml"
-METRICS = ("hr@10", "ndcg@10")
 # the datasets the paper reports on, by the source kind that holds the real data
 PAPER_DATASETS = {"Scientific": "amazon", "Instrument": "amazon", "Office": "amazon", "MicroLens": "microlens"}
 
