@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from iisan.train import MEASURED_FIELDS  # noqa: E402
 
-from test_workflow import SNAKEMAKE, copy_workflow  # noqa: E402
+from conftest import SNAKEMAKE, copy_workflow  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = ["results/table7.csv", "resources/mini/stats.json"]

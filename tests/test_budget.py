@@ -1,4 +1,5 @@
-"""GPU-hour budget (`iisan plan`): every GPU job the targets need, priced from the rates file."""
+"""GPU-hour budget (`iisan plan`): every GPU job of Snakemake's DAG, priced from the rates file;
+the GPU rules request the same estimates."""
 
 import csv
 import subprocess
@@ -17,11 +18,16 @@ def paper():
     return workflow_config(ROOT, "config/paper.yaml")
 
 
-def test_budget_has_every_gpu_job_the_targets_need():
-    """Training runs and profiles are exactly the plan's; caches exactly the full caches those runs
-    (and Fig. 6) read; captions for the caption fields of Table IX."""
-    cfg = paper()
-    budget = Budget(cfg).build()
+def run(dataset, row, seed=12345) -> dict:
+    """The train rule's wildcards of a planned row."""
+    return {**plan.run_wildcards(dataset, row), "seed": seed}
+
+
+def test_budget_has_every_gpu_job_the_targets_need(paper_graph):
+    """The DAG's training runs and profiles are exactly the registry's plan; caches exactly the
+    full caches those runs (and Fig. 6) read; captions for the caption fields of Table IX."""
+    cfg = paper_graph.config
+    budget = Budget(cfg).build(paper_graph)
     kinds = {k: {j.name for j in budget.jobs.values() if j.kind == k} for k in ("train", "profile", "cache", "caption")}
     figures = {"fig4": "table4", "fig7": "fig7"}
     runs = {p for k in cfg["tables"] + [figures[f] for f in cfg["figures"] if f in figures] for _, p in tables.plan_runs(k, cfg)}
@@ -49,19 +55,19 @@ def test_budget_scales_with_the_rates_and_the_config():
     cfg = paper()
     rates = load_rates()
     row = plan.compared_row(cfg, "fft")
-    base = Budget(cfg, rates).train("Scientific", row, 12345)
+    base = Budget(cfg, rates).train(run("Scientific", row))
     slow = yaml.safe_load(RATES.read_text())
     slow["in_loop"]["step_s"]["fft"] *= 2
-    assert Budget(cfg, slow).train("Scientific", row, 12345).seconds > 1.9 * base.seconds - 2 * rates["in_loop"]["startup_s"]
+    assert Budget(cfg, slow).train(run("Scientific", row)).seconds > 1.9 * base.seconds - 2 * rates["in_loop"]["startup_s"]
     steps = -(-12076 // 32)  # Table I users, batch 32
     assert abs(base.seconds - 100 * steps * rates["in_loop"]["step_s"]["fft"]) / base.seconds < 0.1
     cfg["method_train"]["fft"]["max_epochs"] = 50
-    assert abs(Budget(cfg, rates).train("Scientific", row, 12345).seconds / base.seconds - 0.5) < 0.05
-    bitfit = Budget(paper(), rates).train("Scientific", plan.compared_row(cfg, "bitfit"), 12345)
+    assert abs(Budget(cfg, rates).train(run("Scientific", row)).seconds / base.seconds - 0.5) < 0.05
+    bitfit = Budget(paper(), rates).train(run("Scientific", plan.compared_row(cfg, "bitfit")))
     assert base.peak_gib > bitfit.peak_gib
     # a cached run holds its cache on the GPU: the 70B full cache needs more memory than the dropped one
     fig7 = {(r["label"], r["cache"]): r for r in tables.table_plan("fig7", cfg)}
-    full, dropped = (Budget(cfg, rates).train("Scientific", fig7[("llama3-70b-gptq", c)], 12345) for c in ("full", "dropped"))
+    full, dropped = (Budget(cfg, rates).train(run("Scientific", fig7[("llama3-70b-gptq", c)])) for c in ("full", "dropped"))
     assert full.peak_gib > dropped.peak_gib + 15
 
 
@@ -70,9 +76,10 @@ def test_captions_are_priced_at_the_rate_of_their_kv_cache():
     scaled by the captioner's parameters), dynamic at the dynamic one's."""
     rates = load_rates()
     cfg = paper()
-    dynamic = Budget(cfg, rates).caption("MicroLens", "video")
+    video = {"dataset": "MicroLens", "source": "video"}
+    dynamic = Budget(cfg, rates).caption(video)
     cfg["captions"]["kv_cache"] = "static"
-    static = Budget(cfg, rates).caption("MicroLens", "video")
+    static = Budget(cfg, rates).caption(video)
     r = rates["captions"]
     assert static.seconds / dynamic.seconds == pytest.approx(r["static"]["video_item_s"] / r["video_item_s"])
     assert static.peak_gib == dynamic.peak_gib
@@ -113,8 +120,53 @@ def test_iisan_plan_command(tmp_path):
     for name in ("table3", "table4", "table5", "table9", "fig5", "fig7", "total"):
         assert any(line.startswith(name) for line in lines), name
     rows = list(csv.DictReader(jobs.open()))
-    assert len(rows) == Budget(paper()).build().summary()[-1]["jobs"]
+    assert len(rows) == int(next(line for line in lines if line.startswith("total")).split()[1])
     assert {r["kind"] for r in rows} == {"caption", "cache", "train", "profile"}
     bad = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--config", "tables=[table42]"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "table42" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_plan_and_snakemake_agree_on_the_jobs_of_the_paper(paper_graph):
+    """`iisan plan` prices exactly the GPU jobs `snakemake -n` lists for config/paper.yaml."""
+    budget = Budget(paper_graph.config).build(paper_graph)
+    out = subprocess.run([sys.executable, "-m", "snakemake", "-n", "--forceall", "--configfile", "config/paper.yaml"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    counts = {}
+    for line in (out.stdout + out.stderr).splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[1].isdigit():
+            counts[parts[0]] = int(parts[1])
+    for kind in ("caption", "cache", "train", "profile"):
+        assert counts.get(kind, 0) == sum(j.kind == kind for j in budget.jobs.values()), kind
+
+
+def test_gpu_rules_request_their_estimates(demo_graph):
+    """A GPU job's runtime is its estimate times cluster.runtime_margin, at most
+    cluster.max_runtime_min; its cards hold its estimated peak on cards of cluster.gpu_gib; a run
+    whose peak fits no card stops before it starts, naming the setting."""
+    import math
+
+    from snakemake.exceptions import WorkflowError
+
+    from iisan.graph import job_graph
+
+    budget = Budget(demo_graph.config).build(demo_graph)
+    assert budget.cards(100.0) == 2 and budget.cards(70.0) == 1 and budget.cards(0.1) == 1
+    assert Budget({**demo_graph.config, "cluster": {"gpu_gib": 141}}).cards(100.0) == 1
+    train = next(n for n in demo_graph.nodes if n.rule == "train")
+    job = budget.jobs[train.name]
+    assert job is budget.estimate("train", dict(train.wildcards)) and train.resources["gpu"] == 0  # no CUDA here
+
+    def node(**cluster):
+        overrides = {"gpus_per_job": "1", "cluster": str(cluster)}
+        return next(n for n in job_graph(ROOT, [], overrides, [train.name]).nodes if n.rule == "train")
+
+    long = node(runtime_margin=1000)
+    assert long.resources["runtime"] == max(10, math.ceil(job.seconds * 1000 / 60)) > 10
+    assert long.resources["gpu"] == 1
+    assert node(runtime_margin=1000, max_runtime_min=10).resources["runtime"] == 10
+    with pytest.raises(WorkflowError, match="cluster.gpu_gib = 0.1 GiB"):
+        node(gpu_gib=0.1)

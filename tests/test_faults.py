@@ -7,8 +7,8 @@ import subprocess
 
 import pytest
 
+from conftest import SNAKEMAKE
 from fault_suite import CONFIG, compare, report, run_to_end, suite
-from test_workflow import SNAKEMAKE
 
 KILLS = [
     ("fetch", 0.0),

@@ -15,7 +15,7 @@ import pytest
 
 from iisan import gpus, plan
 from iisan.gpus import claim, for_job
-from iisan.schedule import needs, wall_seconds
+from iisan.schedule import wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -320,8 +320,8 @@ def test_a_local_snakemake_run_uses_every_card_once(tmp_path):
 
 # --- wall time on N cards (iisan plan --gpus N) ---------------------------------------------------
 
-def job(name, hours, k=1):
-    return SimpleNamespace(name=name, seconds=hours * 3600, gpus=k)
+def job(name, hours, k=1, after=()):
+    return SimpleNamespace(name=name, seconds=hours * 3600, gpus=k, after=frozenset(after))
 
 
 def test_wall_time_of_a_list_schedule():
@@ -335,24 +335,25 @@ def test_wall_time_of_a_list_schedule():
     assert wall_seconds([job("standin", 1, 0), job("a", 1)], 1) / h == 1  # a job of no card runs beside
     assert wall_seconds(mixed, 1) / h == 3  # more cards asked than there are: all of them, as Snakemake gives
     # inputs first: b waits for a
-    assert wall_seconds([job("a", 1), job("b", 1)], 2, {"b": {"a"}}) / h == 2
+    assert wall_seconds([job("a", 1), job("b", 1, after={"a"})], 2) / h == 2
 
 
-def test_jobs_wait_for_the_jobs_whose_outputs_they_read():
-    from iisan.workflow import workflow_config
+def test_jobs_wait_for_the_gpu_jobs_upstream_in_the_dag(demo_graph):
+    """A job waits for the nearest GPU jobs upstream of it in Snakemake's DAG, through CPU jobs: a
+    cache of a caption field for its captions, a cached run for the full caches behind its
+    pruned ones, a run with backbones in the loop for no GPU job."""
+    from iisan.budget import Budget
 
-    cfg = workflow_config(ROOT, ["config/paper.yaml"])
-    ds = "Scientific"
-    caption = plan.CAPTIONS.format(dataset=ds, source="cover")
-    cache = plan.CACHE_ARRAY.format(dataset=ds, field="cover_caption", backbone="bert-base")
-    title = plan.CACHE_ARRAY.format(dataset=ds, field="title", backbone="bert-base")
-    cached = plan.RUN_METRICS.format(dataset=ds, towers="cover_caption@bert-base", method="iisan", scheme="all", cache="full", seed=1)
-    in_loop = plan.RUN_METRICS.format(dataset=ds, towers="cover_caption@bert-base", method="fft", scheme="last", cache="none", seed=1)
-    profile = plan.PROFILE.format(dataset=ds, towers="title@bert-base", method="iisan", scheme="all", cache="full", batch=32)
-    jobs = [job(n, 1) for n in (caption, cache, title, cached, in_loop, profile)]
-    got = needs(jobs, cfg)
-    assert got == {caption: set(), cache: {caption}, title: set(), cached: {cache}, in_loop: {caption}, profile: {title}}
-    assert wall_seconds(jobs, 8, got) / 3600 == 3  # caption, then its cache, then the run that reads it
+    jobs = Budget(demo_graph.config).build(demo_graph).jobs
+    caption_cache = next(j for j in jobs.values() if j.kind == "cache" and "caption" in j.name)
+    assert caption_cache.after and all(jobs[a].kind == "caption" for a in caption_cache.after)
+    cached = next(j for j in jobs.values() if j.kind == "train" and "/dropped/" in j.name and "@" in j.name)
+    towers = cached.name.split("/")[3].split("+")
+    assert cached.after == {plan.CACHE_ARRAY.format(dataset=cached.name.split("/")[2], field=t.split("@")[0], backbone=t.split("@")[1])
+                            for t in towers}
+    in_loop = next(j for j in jobs.values() if j.kind == "train" and j.name.endswith("/none/seed12345/metrics.json") and "@" in j.name)
+    assert all(jobs[a].kind == "caption" for a in in_loop.after)
+    assert wall_seconds(list(jobs.values()), 1000) >= caption_cache.seconds + jobs[next(iter(caption_cache.after))].seconds
 
 
 def test_iisan_plan_prints_the_wall_time_on_n_gpus():

@@ -9,7 +9,7 @@ import subprocess
 
 import pytest
 
-from test_workflow import SNAKEMAKE, copy_workflow, run
+from conftest import SNAKEMAKE, copy_workflow, run
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
                                 reason="a local SLURM needs root and Debian's slurm-wlm/munge")

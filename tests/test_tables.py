@@ -10,6 +10,7 @@ import yaml
 
 from iisan import tables
 from iisan.budget import Budget
+from iisan.graph import job_graph
 from iisan.tables import claims, paper
 from iisan.tables.registry import Table
 
@@ -128,7 +129,8 @@ def test_a_table_registered_alone_is_validated_planned_built_and_priced(tmp_path
             workflow_config(ROOT, tables=["toy"], figures=[], toy={"colour": "red"})
         runs = tables.plan_runs("toy", cfg)
         assert [d["key"] for d, _ in runs] == ["iisan", "frozen"] and tables.targets(cfg)[0] == "results/toy.csv"
-        budget = Budget(cfg).build()
+        graph = job_graph(ROOT, [], {"tables": "[toy]", "figures": "[]", "claims": "false"})
+        budget = Budget(graph.config).build(graph)
         assert {p for _, p in runs} <= set(budget.jobs) and "toy" in {s["group"] for s in budget.summary()}
         metrics = []
         for i in range(len(runs)):

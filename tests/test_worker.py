@@ -257,8 +257,8 @@ def test_a_workflow_train_job_through_the_worker_equals_its_own_run(tiny_workflo
     """A train job of the tiny workflow, forced again with `worker: true` (Snakemake starts a worker
     for the run and stops it): the job process only waits (it never imports torch) and the metrics
     equal those of the job run on its own."""
+    from conftest import SNAKEMAKE
     from fault_suite import CONFIG, _strip
-    from test_workflow import SNAKEMAKE
 
     wd = tmp_path / "wd"  # a copy (hard links: Snakemake replaces what it rewrites) of the finished workflow
     shutil.copytree(tiny_workflow, wd, copy_function=os.link, ignore=shutil.ignore_patterns(".snakemake"))

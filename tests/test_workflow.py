@@ -3,10 +3,6 @@
 import csv
 import json
 import re
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -20,20 +16,7 @@ from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer, popularity_baseline
 
-from conftest import workflow_config
-
-SNAKEMAKE = [sys.executable, "-m", "snakemake"]
-
-
-def copy_workflow(root: Path, dest: Path) -> Path:
-    for name in ("Snakefile", "workflow", "config", "profiles", "envs", "tests"):
-        src = root / name
-        (shutil.copytree if src.is_dir() else shutil.copy)(src, dest / name)
-    return dest
-
-
-def run(cmd, cwd, **kw):
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, **kw)
+from conftest import SNAKEMAKE, copy_workflow, run, workflow_config
 
 
 def test_config_overrides_on_the_command_line_are_typed(root, tmp_path):

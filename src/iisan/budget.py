@@ -1,7 +1,8 @@
-"""GPU-hour budget of a workflow config before it runs (`iisan plan`).
+"""GPU-hour budget of a workflow config before it runs (`iisan plan`), and the estimates the GPU
+rules request their resources from.
 
 Every GPU job the targets of a config need (captions, backbone caches, training runs, Fig. 5
-profiles) is found through the same planning functions the workflow's rules use (iisan.plan), and
+profiles) is a job of Snakemake's own DAG (iisan.graph), read by rule and wildcards, and
 priced from measured reference rates (`rates.yaml` beside this file, each from a benchmark in
 docs/benchmarks.md) scaled by the backbone registry (layers, width, parameters, tokens), the
 dataset's size and each run's batch size. Training runs are priced at `max_epochs` (an upper
@@ -15,15 +16,18 @@ import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from . import methods, plan, tables
 from .backbones import output_layer
 from .config import backbone_entry
-from .data import CAPTION_FIELDS
 from .data.amazon import TABLE_I as AMAZON_TABLE_I
 from .data.microlens import TABLE_I as MICROLENS_TABLE_I
+
+if TYPE_CHECKING:
+    from .graph import Graph
 
 RATES = Path(__file__).with_name("rates.yaml")
 
@@ -58,17 +62,13 @@ def captioner_gb(entry: dict) -> float:
     return 2 * entry.get("params_b", 8) * 1.2
 
 
-CARD_GB = 75  # usable GB of one 80 GB card
+GPU_RULES = ("caption", "cache", "train", "profile")  # the workflow's GPU rules, priced by Budget.estimate
+USABLE = 0.94  # share of a card's memory a job may plan to fill (the CUDA context and the allocator's slack)
 
 
-def cache_cards(entry: dict) -> int:
-    """80 GB cards that hold a backbone's weights with 15 % to spare (device_map='auto' spreads them)."""
-    return math.ceil(weight_gb(entry) * 1.15 / CARD_GB)
-
-
-def captioner_cards(entry: dict) -> int:
-    """80 GB cards that hold a captioner (captioner_gb)."""
-    return math.ceil(captioner_gb(entry) / CARD_GB)
+def usable_gib(config: dict) -> float:
+    """GiB of one card (`cluster.gpu_gib`) a job may plan to fill."""
+    return config["cluster"]["gpu_gib"] * USABLE
 
 
 def tokens(entry: dict, config: dict) -> int:
@@ -109,12 +109,14 @@ class Job:
     detail: str = ""
     groups: tuple = ()
     gpus: int = 1  # cards it takes at once (iisan.schedule), as the workflow's rules ask
+    after: frozenset = frozenset()  # the GPU jobs it waits for, by name
 
 
 class Budget:
     def __init__(self, config: dict, rates: dict | None = None):
         self.config, self.rates = config, rates or load_rates()
         self.jobs: dict[str, Job] = {}
+        self._estimates: dict[tuple, Job] = {}
 
     # --- pricing ------------------------------------------------------------------------------
     def _backbone_work(self, towers) -> float:
@@ -124,12 +126,15 @@ class Budget:
         work = sum(t.spec["layers"] * t.spec["hidden"] ** 2 * tokens(t.spec, self.config) for t in towers)
         return work / (unit * (ref["text_tokens"] + ref["image_tokens"]))
 
-    def train(self, dataset: str, row: dict, seed, groups=(), profile_batch: int | None = None) -> Job:
-        cfg = self.config
-        w = plan.run_wildcards(dataset, row)
-        exp = plan.experiment(cfg, dataset, w["towers"], w["method"], w["scheme"], w["cache"], seed)
+    def train(self, wildcards: dict) -> Job:
+        """A training run (the train rule's wildcards) or, with a `batch` wildcard, a profile of
+        its steps at that batch size (the profile rule's)."""
+        cfg, w = self.config, wildcards
+        profile_batch = int(w["batch"]) if "batch" in w else None
+        seed = int(w["seed"]) if "seed" in w else cfg["seeds"][0]
+        exp = plan.experiment(cfg, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"], seed)
         m = methods.get(exp.method)
-        users, items = dataset_size(cfg, dataset)
+        users, items = dataset_size(cfg, w["dataset"])
         B = profile_batch or exp.train.batch_size
         S = self.rates["reference"]["slots"]
         steps = math.ceil(users / B)
@@ -167,11 +172,9 @@ class Budget:
             detail = f"{exp.method}, {exp.cache} cache, batch {B}"
         if profile_batch:  # a profile: warm-up and timed steps, no epochs
             n = (self.config.get("efficiency") or {}).get("steps", 20) + 4
-            return Job("profile", plan.profile_path(dataset, dict(row, batch_size=B)), startup + n * step, peak,
-                       f"{detail}, {n} steps", tuple(groups))
+            return Job("profile", plan.PROFILE.format(**w), startup + n * step, peak, f"{detail}, {n} steps")
         seconds = startup + epochs * (steps * step + eval_s) + 2 * eval_s
-        return Job("train", plan.run_path(dataset, row, seed), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps",
-                   tuple(groups))
+        return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps")
 
     def _side_params(self, exp) -> int:
         """Trainable parameters of a cached run's model, without building it: per SANB 2 d r, per
@@ -188,7 +191,10 @@ class Budget:
             total += k * (2 * d * r_inter + sum(tw.spec["hidden"] * d for tw in exp.towers if tw.spec["hidden"] != d))
         return total + 20 * D * D
 
-    def cache(self, dataset: str, field: str, backbone: str, groups=()) -> Job:
+    def cache(self, wildcards: dict) -> Job:
+        """A backbone cache (the cache rule's wildcards: dataset, field, backbone); its weights are
+        spread over as many cards as they need (device_map='auto')."""
+        dataset, backbone = wildcards["dataset"], wildcards["backbone"]
         entry = backbone_entry(self.config, backbone)
         _, items = dataset_size(self.config, dataset)
         r = self.rates["caching"]
@@ -198,11 +204,12 @@ class Budget:
         states = output_layer(entry["family"], entry["layers"]) + 1
         act_gb = batch * tokens(entry, self.config) * entry["hidden"] * states * 2 / 1e9
         peak = (weight_gb(entry) * 1.05 + act_gb + 1) * 1e9 / 2**30
-        return Job("cache", plan.CACHE_ARRAY.format(dataset=dataset, field=field, backbone=backbone), seconds, peak,
-                   f"{items} items x {tokens(entry, self.config)} tokens", tuple(groups),
-                   gpus=max(1, cache_cards(entry)))
+        return Job("cache", plan.CACHE_ARRAY.format(**wildcards), seconds, peak,
+                   f"{items} items x {tokens(entry, self.config)} tokens", gpus=self.cards(peak))
 
-    def caption(self, dataset: str, source: str, groups=()) -> Job:
+    def caption(self, wildcards: dict) -> Job:
+        """The captions of one source of a dataset (the caption rule's wildcards)."""
+        dataset, source = wildcards["dataset"], wildcards["source"]
         cap = self.config["captioners"][self.config["captions"][source]]
         _, items = dataset_size(self.config, dataset)
         r = self.rates["captions"]
@@ -211,52 +218,38 @@ class Budget:
         per_item = (r["static"] if self.config["captions"].get("kv_cache") == "static" else r)[f"{source}_item_s"]
         seconds = items * per_item * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
-        return Job("caption", plan.CAPTIONS.format(dataset=dataset, source=source), seconds, peak,
-                   f"{items} items, {self.config['captions'][source]}", tuple(groups),
-                   gpus=0 if demo else max(1, captioner_cards(cap)))
+        return Job("caption", plan.CAPTIONS.format(**wildcards), seconds, peak,
+                   f"{items} items, {self.config['captions'][source]}", gpus=0 if demo else self.cards(peak))
 
-    # --- what the targets need ------------------------------------------------------------------
-    def _add(self, job: Job, group: str) -> None:
-        have = self.jobs.get(job.name)
-        if have is None:
-            self.jobs[job.name] = job
-            have = job
-        if group not in have.groups:
-            have.groups = (*have.groups, group)
+    def cards(self, peak_gib: float) -> int:
+        """Cards of `cluster.gpu_gib` that hold a peak spread over them (at least one)."""
+        return max(1, math.ceil(peak_gib / usable_gib(self.config)))
 
-    def _needs(self, dataset: str, row: dict, group: str) -> None:
-        """The caches and captions a run reads."""
-        w = plan.run_wildcards(dataset, row)
-        towers = [] if w["towers"] == "id" else plan.parse_towers(self.config, w["towers"])
-        for t in towers:
-            if t.field in CAPTION_FIELDS:
-                self._add(self.caption(dataset, CAPTION_FIELDS[t.field]), group)
-        if w["cache"] != "none":
-            for t in towers:
-                self._add(self.cache(dataset, t.field, t.backbone), group)
+    def estimate(self, rule: str, wildcards: dict) -> Job:
+        """The job of a GPU rule (GPU_RULES) with these wildcards, priced once per Budget: what
+        `iisan plan` reports and what the rule's resources request."""
+        key = (rule, tuple(sorted(wildcards.items())))
+        if key not in self._estimates:
+            w = {k: str(v) for k, v in wildcards.items()}
+            self._estimates[key] = {"caption": self.caption, "cache": self.cache, "train": self.train, "profile": self.train}[rule](w)
+        return self._estimates[key]
 
-    def build(self) -> Budget:
-        """Every GPU job of the configured tables and figures, each priced once (the registry says
-        what a table runs: training runs, Fig. 5's profiles or Fig. 6's caches)."""
-        cfg = self.config
-        for name in [*(cfg.get("tables") or []), *(cfg.get("figures") or [])]:
-            group = tables.table_name(cfg, name)
-            kind = tables.runs_entry(name).runs
-            if kind == "profile":
-                for row, _path in tables.efficiency_plan(cfg):
-                    self._add(self.train(row["dataset"], row, cfg["seeds"][0], profile_batch=row["batch_size"]), group)
-                    self._needs(row["dataset"], row, group)
-            elif kind == "cache":
-                for folder in tables.fig6_caches(cfg):
-                    parts = Path(folder).parts  # resources/cache/{dataset}/{field}/{backbone}[/pruned-...]
-                    if not parts[-1].startswith("pruned-"):
-                        self._add(self.cache(parts[2], parts[3], parts[4]), group)
-            else:
-                for dataset in tables.table_datasets(cfg, name):
-                    for row in tables.table_plan(name, cfg):
-                        for seed in row.get("seeds") or cfg["seeds"]:
-                            self._add(self.train(dataset, row, seed), group)
-                        self._needs(dataset, row, group)
+    # --- the workflow's jobs ------------------------------------------------------------------------
+    def build(self, graph: Graph) -> Budget:
+        """Every GPU job of Snakemake's DAG (iisan.graph.job_graph), priced once; a job belongs to
+        each table or figure downstream of it and waits for the GPU jobs upstream of it."""
+        gpu = {n.index: self.estimate(n.rule, dict(n.wildcards)) for n in graph.nodes if n.rule in GPU_RULES}
+        groups = {_target_group(t): t for t in tables.targets(self.config) if t != plan.CLAIMS}
+        for node in graph.nodes:
+            group = next((g for g, t in groups.items() if t in node.outputs), None)
+            if group is None:
+                continue
+            for i in graph.ancestors(node.index) & gpu.keys():
+                if group not in gpu[i].groups:
+                    gpu[i].groups = (*gpu[i].groups, group)
+        for i, job in gpu.items():
+            job.after = frozenset(gpu[k].name for k in graph.nearest(i, lambda n: n.index in gpu))
+        self.jobs = {job.name: job for job in gpu.values()}
         return self
 
     # --- report -----------------------------------------------------------------------------------
@@ -273,6 +266,11 @@ class Budget:
 
 
 KINDS = ("caption", "cache", "train", "profile")
+
+
+def _target_group(target: str) -> str:
+    """The table or figure a target file is (results/table4.csv: table4)."""
+    return Path(target).stem
 
 
 def _group_order(name: str):

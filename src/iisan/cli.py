@@ -1,12 +1,13 @@
 """`iisan` command line: a config's GPU-hour budget (plan) and a warm worker for train jobs (worker).
 
-    iisan plan --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv] [--gpus N]
+    iisan plan [TARGET ...] --configfile config/paper.yaml [--config KEY=VALUE ...] [--rates FILE] [--jobs jobs.csv] [--gpus N]
     iisan worker [--socket PATH]
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,7 +15,7 @@ from pathlib import Path
 
 def plan(args: argparse.Namespace) -> int:
     from .budget import Budget, load_rates, render, write_jobs
-    from .workflow import workflow_config
+    from .graph import job_graph
 
     overrides = {}
     for item in args.config or []:
@@ -23,20 +24,32 @@ def plan(args: argparse.Namespace) -> int:
             print(f"iisan plan: --config {item!r}: expected KEY=VALUE", file=sys.stderr)
             return 2
         overrides[key] = value
-    os.chdir(args.directory)  # the workflow's folder: its config/ and resources/ (dataset sizes)
-    try:
-        config = workflow_config(".", args.configfile or [], overrides)
-    except Exception as err:  # a missing file, a schema or registry error: say which and stop
-        print(f"iisan plan: {err}", file=sys.stderr)
+    try:  # the jobs Snakemake would run for these targets and this config
+        graph = job_graph(args.directory, args.configfile or [], overrides, args.targets or [])
+    except Exception as err:  # a missing file or input, a schema or registry error: say which and stop
+        print(f"iisan plan: {str(err).strip() or type(err).__name__}", file=sys.stderr)
         return 2
-    budget = Budget(config, load_rates(args.rates)).build()
+    cwd = os.getcwd()
+    os.chdir(args.directory)  # dataset sizes are read from the workflow's resources/
+    try:
+        budget = Budget(graph.config, load_rates(args.rates)).build(graph)
+    finally:
+        os.chdir(cwd)
     print(render(budget))
+    limit = graph.config["cluster"]["max_runtime_min"]
+    if limit:
+        margin = graph.config["cluster"]["runtime_margin"]
+        attempts = {j.name: math.ceil(j.seconds * margin / 60 / limit) for j in budget.jobs.values()}
+        most = max(attempts.values(), default=1)
+        if most > 1:
+            print(f"at cluster.max_runtime_min = {limit}, {sum(a > 1 for a in attempts.values())} jobs resume over several attempts, "
+                  f"at most {most} ({max(attempts, key=attempts.get)}): run snakemake with --retries {most - 1} or more")
     if args.gpus is not None:
-        from .schedule import needs, wall_seconds
+        from .schedule import wall_seconds
 
         jobs = list(budget.jobs.values())
         try:
-            wall = wall_seconds(jobs, args.gpus, needs(jobs, config))
+            wall = wall_seconds(jobs, args.gpus)
         except ValueError as err:
             print(f"iisan plan --gpus {args.gpus}: {err}", file=sys.stderr)
             return 2
@@ -44,7 +57,7 @@ def plan(args: argparse.Namespace) -> int:
               "(a list schedule: the longest job whose inputs are done first, each on cards of its own; iisan.schedule)")
         for j in jobs:
             if j.gpus > args.gpus:
-                print(f"{j.name} asks for {j.gpus} 80 GB GPUs and gets {args.gpus}: it may not fit them")
+                print(f"{j.name} asks for {j.gpus} GPUs and gets {args.gpus}: it may not fit them")
     if args.jobs:
         write_jobs(budget, args.jobs)
         print(f"every job: {args.jobs}")
@@ -66,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="iisan", description=__doc__.splitlines()[0])
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("plan", help="GPU hours and peak GPU memory of every job a config's targets need, per table and in total")
+    p.add_argument("targets", nargs="*", metavar="TARGET", help="output files, as snakemake's targets (default: the config's tables and figures)")
     p.add_argument("--configfile", nargs="+", help="config files over config/config.yaml, as snakemake --configfile")
     p.add_argument("--config", nargs="+", metavar="KEY=VALUE", help="config overrides, as snakemake --config")
     p.add_argument("--rates", type=Path, help="measured rates (default: the package's rates.yaml, an H200)")

@@ -3,21 +3,15 @@
 A list schedule, as a local run with `--resources gpu=N` runs them, each job on cards of its own
 (iisan.gpus): whenever cards free up, the longest job whose inputs are done and that fits the free
 cards starts. A job takes the cards its rule asks for (iisan.budget.Job.gpus: a 34B captioner
-two 80 GB cards, a stand-in captioner none). Inputs, found from the jobs' outputs as the workflow
-names them (iisan.plan): a cache of a caption field waits for its captions, a training run or a
-Fig. 5 profile for the caches it reads, or, with backbones in the loop, for its captions.
-Durations are the budget's (upper bounds: every run to max_epochs); CPU jobs (preprocessing,
-pruning, tables) are left out.
+two 80 GB cards, a stand-in captioner none) and waits for the GPU jobs upstream of it in
+Snakemake's DAG (Job.after, from iisan.graph). Durations are the budget's (upper bounds: every
+run to max_epochs); CPU jobs (preprocessing, pruning, tables) are left out.
 """
 
 from __future__ import annotations
 
 import heapq
-import re
 from collections.abc import Iterable
-
-from . import plan
-from .data import CAPTION_FIELDS
 
 
 def cards(job) -> int:
@@ -25,48 +19,17 @@ def cards(job) -> int:
     return int(getattr(job, "gpus", 1))
 
 
-def _pattern(template: str) -> re.Pattern:
-    """A regex matching the paths of a plan template, a group per wildcard."""
-    parts = re.split(r"\{(\w+)\}", template)
-    return re.compile("".join(re.escape(p) if i % 2 == 0 else f"(?P<{p}>[^/]+)" for i, p in enumerate(parts)) + "$")
-
-
-RUN, PROFILE, CACHE = _pattern(plan.RUN_METRICS), _pattern(plan.PROFILE), _pattern(plan.CACHE_ARRAY)
-
-
-def needs(jobs: Iterable, config: dict) -> dict[str, set[str]]:
-    """The GPU jobs each job waits for, by output (those not among `jobs` left out)."""
-    jobs = list(jobs)
-    names = {j.name for j in jobs}
-    out: dict[str, set[str]] = {}
-    for j in jobs:
-        deps: set[str] = set()
-        try:
-            if m := CACHE.match(j.name):
-                if m["field"] in CAPTION_FIELDS:
-                    deps.add(plan.CAPTIONS.format(dataset=m["dataset"], source=CAPTION_FIELDS[m["field"]]))
-            elif m := RUN.match(j.name) or PROFILE.match(j.name):
-                w = {k: m[k] for k in ("dataset", "towers", "method", "scheme", "cache")}
-                for folder in plan.run_caches(config, **w):
-                    deps.add(plan.array(folder.split("/pruned-")[0]))  # a pruned cache: its full one (pruning is a CPU job)
-                if w["cache"] == "none" and w["towers"] != "id":
-                    deps.update(plan.CAPTIONS.format(dataset=w["dataset"], source=CAPTION_FIELDS[t.field])
-                                for t in plan.parse_towers(config, w["towers"]) if t.field in CAPTION_FIELDS)
-        except (KeyError, ValueError):  # a name this config cannot read back: no inputs assumed
-            pass
-        out[j.name] = deps & names
-    return out
-
-
-def wall_seconds(jobs: Iterable, gpus: int, after: dict[str, set[str]] | None = None) -> float:
+def wall_seconds(jobs: Iterable, gpus: int) -> float:
     """Seconds from the first job's start to the last one's end on `gpus` cards: a list schedule,
-    longest ready job first, a job of k cards on k free cards; `after`: the jobs each waits for
-    (needs()). A job asking more cards than there are takes them all, as Snakemake then gives it
-    (whether its model fits them is not checked here)."""
+    longest ready job first, a job of k cards on k free cards, once the jobs it waits for
+    (`job.after`, by name; those not among `jobs` left out) are done. A job asking more cards
+    than there are takes them all, as Snakemake then gives it (whether its model fits them is
+    not checked here)."""
     if gpus < 1:
         raise ValueError(f"{gpus} GPUs: expected at least 1")
     jobs = list(jobs)
-    after = after or {}
+    names = {j.name for j in jobs}
+    after = {j.name: set(getattr(j, "after", ())) & names for j in jobs}
 
     def take(j) -> int:
         return min(cards(j), gpus)

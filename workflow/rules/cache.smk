@@ -60,8 +60,8 @@ rule cache:
     threads: get_cache_threads
     resources:
         mem_mb=get_cache_mem_mb,
-        runtime=get_cache_runtime,
-        gpu=get_cache_gpus,
+        runtime=get_runtime("cache"),
+        gpu=get_gpus("cache"),
     params:
         spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
         store_dtype=get_cache_dtype,

@@ -83,8 +83,8 @@ rule caption:
     threads: 2
     resources:
         mem_mb=get_caption_mem_mb,
-        runtime=600,
-        gpu=get_caption_gpus,
+        runtime=get_runtime("caption"),
+        gpu=get_gpus("caption"),
     params:
         captioner=get_captioner,
         positions=config["captions"]["frames"],

@@ -1,11 +1,14 @@
 # Shared by the rule files. Checks, wildcard constraints, and the input functions (get_*), grouped
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
+import math
 import re
+
+from snakemake.exceptions import WorkflowError
 
 from iisan import plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
-from iisan.budget import cache_cards, captioner_cards, weight_gb
+from iisan.budget import Budget, usable_gib, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -316,12 +319,49 @@ def get_cache_mem_mb(wildcards, attempt):
     return int((8 + 1.2 * get_backbone_weight_gb(wildcards.backbone)) * 1024 * attempt)
 
 
-def get_caption_gpus(wildcards):
-    """GPUs for a captioner: none for a stand-in; enough 80 GB cards for its bf16 weights."""
-    c = get_captioner(wildcards)
-    if GPUS == 0 or c["source"] == "demo":
-        return 0
-    return max(GPUS, captioner_cards(c))
+# Every GPU job asks for the runtime and cards of its estimate (iisan.budget: what `iisan plan`
+# prints), priced once per job.
+ESTIMATES = Budget(config)
+
+
+def get_estimate(rule, wildcards):
+    return ESTIMATES.estimate(rule, dict(wildcards.items()))
+
+
+def get_gpus(rule):
+    """GPUs a job of a GPU rule asks for: the cards its estimated peak needs (none for a
+    stand-in captioner, none on a machine without CUDA). A run's model lives on one card: one
+    whose peak does not fit `cluster.gpu_gib` stops before it starts."""
+
+    def gpus(wildcards):
+        if GPUS == 0:
+            return 0
+        job = get_estimate(rule, wildcards)
+        if rule in ("train", "profile") and job.peak_gib > usable_gib(config):
+            raise WorkflowError(
+                f"{job.name}: estimated peak {job.peak_gib:.1f} GiB does not fit one GPU of "
+                f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB (a run's model is not split "
+                f"over cards); set cluster.gpu_gib to your cards' memory or leave this run out"
+            )
+        return 0 if job.gpus == 0 else max(GPUS, job.gpus)
+
+    return gpus
+
+
+def get_runtime(rule):
+    """Minutes a job of a GPU rule asks for: its estimate times cluster.runtime_margin, at most
+    cluster.max_runtime_min (a longer job resumes where it stopped on its next attempt).
+    """
+
+    def runtime(wildcards):
+        job = get_estimate(rule, wildcards)
+        minutes = max(
+            10, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
+        )
+        limit = config["cluster"]["max_runtime_min"]
+        return min(minutes, limit) if limit else minutes
+
+    return runtime
 
 
 def get_caption_mem_mb(wildcards, attempt):
@@ -330,20 +370,9 @@ def get_caption_mem_mb(wildcards, attempt):
     return int(gb * 1024 * attempt)
 
 
-def get_cache_gpus(wildcards):
-    """GPUs for one backbone: enough 80 GB cards for its weights (device_map='auto' spreads it)."""
-    if GPUS == 0:
-        return 0
-    return max(GPUS, cache_cards(backbone_entry(config, wildcards.backbone)))
-
-
 def get_cache_threads(wildcards):
     """Stand-ins are tiny: one thread each lets two run side by side on a small CPU."""
     return 1 if backbone_entry(config, wildcards.backbone)["source"] == "demo" else 4
-
-
-def get_cache_runtime(wildcards, attempt):
-    return int((30 + 2 * get_backbone_weight_gb(wildcards.backbone)) * attempt)
 
 
 def get_train_mem_mb(wildcards, attempt):

@@ -17,8 +17,8 @@ rule train:
     threads: 1
     resources:
         mem_mb=get_train_mem_mb,
-        runtime=240,
-        gpu=GPUS,
+        runtime=get_runtime("train"),
+        gpu=get_gpus("train"),
         # the retry number, for the log's attempt headers (a killed run resumes from the
         # checkpoint.pt beside its output; <log>.attempts keeps every attempt's output)
         attempt=lambda wildcards, attempt: attempt,
@@ -37,8 +37,8 @@ use rule train as profile with:
         "results/benchmarks/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.tsv"
     resources:
         mem_mb=get_train_mem_mb,
-        runtime=60,
-        gpu=GPUS,
+        runtime=get_runtime("profile"),
+        gpu=get_gpus("profile"),
     params:
         experiment=get_profile_experiment,
         steps=config["efficiency"]["steps"],
