@@ -196,3 +196,10 @@ def test_the_package_has_no_import_cycle():
         if n not in state:
             visit(n, [])
     assert "iisan.figures" not in graph["iisan.tables"]
+
+
+@pytest.mark.parametrize("name", ["IISAN", "my_method", "a/b", "va method", ""])
+def test_a_method_name_that_breaks_the_run_folder_is_refused_at_register(name):
+    with pytest.raises(ValueError, match="lower-case letters, digits and '-'"):
+        methods.register(methods.Method(name, "x", gated=False, inter=False))
+    assert name not in methods.METHODS

@@ -13,12 +13,15 @@ states, `caches[0]`) or, for a method that can also run with the backbones in th
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass
 
 ITEM_ENCODERS = ("side", "last", "id")
 FINETUNE = ("frozen", "fft", "adapter", "lora", "bitfit")
 CACHES = ("dropped", "full", "none")  # none: the backbones run inside the training loop
 UNCACHED_SUFFIX = "-uncached"
+NAME = r"[a-z0-9-]+"  # a method's name: a path component and the workflow's {method} wildcard
 
 
 @dataclass(frozen=True)
@@ -72,6 +75,9 @@ METHODS: dict[str, Method] = {}
 
 
 def register(method: Method) -> Method:
+    if not re.fullmatch(NAME, method.name):
+        raise ValueError(f"method {method.name!r}: a name is lower-case letters, digits and '-' ({NAME}), "
+                         "as it names the run's folder and the workflow's {method} wildcard")
     if method.name in METHODS:
         raise ValueError(f"method {method.name!r} is already registered")
     if method.name.endswith(UNCACHED_SUFFIX):

@@ -6,7 +6,7 @@ import re
 
 from snakemake.exceptions import WorkflowError
 
-from iisan import plan, tables
+from iisan import methods, plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.budget import Budget, usable_gib, weight_gb
 from iisan.cache import set_aside_damaged
@@ -25,7 +25,7 @@ wildcard_constraints:
     field="[A-Za-z0-9_]+",
     backbone="[A-Za-z0-9_.-]+",
     towers="[^/]+",
-    method="[a-z0-9-]+",
+    method=methods.NAME,
     scheme="[A-Za-z0-9_+-]+",
     tscheme="[A-Za-z0-9_-]+",
     cache="full|dropped|none",
