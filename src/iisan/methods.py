@@ -14,7 +14,6 @@ states, `caches[0]`) or, for a method that can also run with the backbones in th
 from __future__ import annotations
 
 import re
-
 from dataclasses import dataclass
 
 ITEM_ENCODERS = ("side", "last", "id")
