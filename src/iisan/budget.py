@@ -11,6 +11,7 @@ compares them with measured runs.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from . import methods, plan, tables
+from . import methods, plan, shards, tables
 from .backbones import output_layer
 from .config import backbone_entry
 from .data import CAPTION_FIELDS
@@ -215,6 +216,18 @@ class Budget:
                    f"{items} items, {self.config['captions'][source]}", tuple(groups),
                    gpus=0 if demo else max(1, captioner_cards(cap)))
 
+    # --- caption shards (iisan.shards): one job per shard, priced at its share of the items ---------
+    def caption_shards(self, dataset: str, source: str, groups=()) -> list[Job]:
+        whole = self.caption(dataset, source, groups)
+        outputs = shards.caption_outputs(self.config, dataset, source)
+        _, items = dataset_size(self.config, dataset)
+        jobs = []
+        for k, name in enumerate(outputs, start=1):
+            start, stop = shards.shard_bounds(items, k, len(outputs))
+            detail = whole.detail if len(outputs) == 1 else f"shard {k} of {len(outputs)}: {stop - start} of {whole.detail}"
+            jobs.append(dataclasses.replace(whole, name=name, seconds=whole.seconds * (stop - start) / max(items, 1), detail=detail))
+        return jobs
+
     # --- what the targets need ------------------------------------------------------------------
     def _add(self, job: Job, group: str) -> None:
         have = self.jobs.get(job.name)
@@ -230,7 +243,8 @@ class Budget:
         towers = [] if w["towers"] == "id" else plan.parse_towers(self.config, w["towers"])
         for t in towers:
             if t.field in CAPTION_FIELDS:
-                self._add(self.caption(dataset, CAPTION_FIELDS[t.field]), group)
+                for job in self.caption_shards(dataset, CAPTION_FIELDS[t.field]):
+                    self._add(job, group)
         if w["cache"] != "none":
             for t in towers:
                 self._add(self.cache(dataset, t.field, t.backbone), group)

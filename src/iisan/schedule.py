@@ -4,7 +4,7 @@ A list schedule, as a local run with `--resources gpu=N` runs them, each job on 
 (iisan.gpus): whenever cards free up, the longest job whose inputs are done and that fits the free
 cards starts. A job takes the cards its rule asks for (iisan.budget.Job.gpus: a 34B captioner
 two 80 GB cards, a stand-in captioner none). Inputs, found from the jobs' outputs as the workflow
-names them (iisan.plan): a cache of a caption field waits for its captions, a training run or a
+names them (iisan.plan): a cache of a caption field waits for its caption jobs (iisan.shards), a training run or a
 Fig. 5 profile for the caches it reads, or, with backbones in the loop, for its captions.
 Durations are the budget's (upper bounds: every run to max_epochs); CPU jobs (preprocessing,
 pruning, tables) are left out.
@@ -18,6 +18,7 @@ from collections.abc import Iterable
 
 from . import plan
 from .data import CAPTION_FIELDS
+from .shards import caption_outputs
 
 
 def cards(job) -> int:
@@ -44,14 +45,15 @@ def needs(jobs: Iterable, config: dict) -> dict[str, set[str]]:
         try:
             if m := CACHE.match(j.name):
                 if m["field"] in CAPTION_FIELDS:
-                    deps.add(plan.CAPTIONS.format(dataset=m["dataset"], source=CAPTION_FIELDS[m["field"]]))
+                    deps.update(caption_outputs(config, m["dataset"], CAPTION_FIELDS[m["field"]]))
             elif m := RUN.match(j.name) or PROFILE.match(j.name):
                 w = {k: m[k] for k in ("dataset", "towers", "method", "scheme", "cache")}
                 for folder in plan.run_caches(config, **w):
                     deps.add(plan.array(folder.split("/pruned-")[0]))  # a pruned cache: its full one (pruning is a CPU job)
                 if w["cache"] == "none" and w["towers"] != "id":
-                    deps.update(plan.CAPTIONS.format(dataset=w["dataset"], source=CAPTION_FIELDS[t.field])
-                                for t in plan.parse_towers(config, w["towers"]) if t.field in CAPTION_FIELDS)
+                    for t in plan.parse_towers(config, w["towers"]):
+                        if t.field in CAPTION_FIELDS:
+                            deps.update(caption_outputs(config, w["dataset"], CAPTION_FIELDS[t.field]))
         except (KeyError, ValueError):  # a name this config cannot read back: no inputs assumed
             pass
         out[j.name] = deps & names
