@@ -16,6 +16,7 @@ import pytest
 from iisan import gpus, plan
 from iisan.gpus import claim, for_job
 from iisan.schedule import needs, wall_seconds
+from iisan.shards import caption_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -343,7 +344,7 @@ def test_jobs_wait_for_the_jobs_whose_outputs_they_read():
 
     cfg = workflow_config(ROOT, ["config/paper.yaml"])
     ds = "Scientific"
-    caption = plan.CAPTIONS.format(dataset=ds, source="cover")
+    caption = caption_outputs(cfg, ds, "cover")[0]  # one of the caption set's shard jobs
     cache = plan.CACHE_ARRAY.format(dataset=ds, field="cover_caption", backbone="bert-base")
     title = plan.CACHE_ARRAY.format(dataset=ds, field="title", backbone="bert-base")
     cached = plan.RUN_METRICS.format(dataset=ds, towers="cover_caption@bert-base", method="iisan", scheme="all", cache="full", seed=1)

@@ -1,24 +1,9 @@
 # Captions: three frames per video, LLaVA-NeXT captions of covers and frames (text item fields
 # cover_caption and video_caption), and the captioner stand-ins of the demo. A caption set is
 # made by captions.shards jobs (iisan.shards), merged by a local job when there are several.
-from pathlib import Path
-
-from iisan.folders import refresh_manifest
 from iisan.shards import caption_outputs, caption_shards
 
 CAPTION_SHARDS = caption_shards(config)
-
-
-def get_videos_content(wildcards):
-    """The content manifest of a MicroLens dataset's videos (iisan.folders), brought up to date
-    here, while the workflow is planned, when it exists: rewritten only when a video was added,
-    removed or changed (only files whose size or modification time changed are read), so that
-    exactly then the frames rerun. The videos_content rule makes it the first time."""
-    path = plan.VIDEOS_CONTENT.format(dataset=wildcards.dataset)
-    videos = Path(plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset))
-    if Path(path).is_file() and videos.is_dir():
-        refresh_manifest(videos, path, "*.mp4")
-    return path
 
 
 rule fetch_videos:

@@ -2,6 +2,7 @@
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
 import re
+from pathlib import Path
 
 from iisan import plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
@@ -9,6 +10,7 @@ from iisan.budget import cache_cards, captioner_cards, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
+from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
 from iisan.layerdrop import scheme_layers
 
@@ -177,6 +179,18 @@ def get_videos(wildcards):
     if get_dataset_source(wildcards.dataset)["kind"] == "microlens":
         return plan.MICROLENS_VIDEOS_FETCHED.format(dataset=wildcards.dataset)
     return plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset)
+
+
+def get_videos_content(wildcards):
+    """The content manifest of a MicroLens dataset's videos (iisan.folders), brought up to date
+    here, while the workflow is planned, when it exists: rewritten only when a video was added,
+    removed or changed (only files whose size or modification time changed are read), so that
+    exactly then the frames rerun. The videos_content rule makes it the first time."""
+    path = plan.VIDEOS_CONTENT.format(dataset=wildcards.dataset)
+    videos = Path(plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset))
+    if Path(path).is_file() and videos.is_dir():
+        refresh_manifest(videos, path, "*.mp4")
+    return path
 
 
 def get_videos_relpath(wildcards):
