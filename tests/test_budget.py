@@ -8,7 +8,7 @@ import sys
 import pytest
 import yaml
 
-from iisan import plan, tables
+from iisan import plan, shards, tables
 from iisan.budget import RATES, Budget, load_rates, weight_gb
 
 from conftest import ROOT, workflow_config
@@ -43,7 +43,7 @@ def test_budget_has_every_gpu_job_the_targets_need(paper_graph):
                                for t in plan.parse_towers(cfg, w["towers"])}
     caches |= {plan.array(c) for c in tables.fig6_caches(cfg) if "pruned-" not in c}
     assert kinds["cache"] == caches
-    assert kinds["caption"] == {plan.CAPTIONS.format(dataset="MicroLens", source=s) for s in ("cover", "video")}
+    assert kinds["caption"] == {o for s in ("cover", "video") for o in shards.caption_outputs(cfg, "MicroLens", s)}  # a job per shard
     total = budget.summary()[-1]
     assert total["group"] == "total" and total["jobs"] == len(budget.jobs)
     assert total["gpu_hours"] <= sum(r["gpu_hours"] for r in budget.summary()[:-1])  # shared jobs once

@@ -1,15 +1,19 @@
 """LLaVA-NeXT captioning (iisan.captions) on a tiny random-weight stand-in: offline build and
-reload, the real `generate` path, batch invariance, resume, stale-settings refusal, video
-frames as three image slots of one prompt."""
+reload, the real `generate` path, batch invariance, resume, reuse by image content, shard jobs
+and their merge (iisan.shards), stale-settings refusal, video frames as three image slots of one
+prompt."""
 
+import json
 import logging
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 from PIL import Image
 
-from iisan import captions
+from iisan import captions, shards
 
 TITLES = ["The Cat Who Came for Christmas", "A Brief History of Time", "Blue Planet: Oceans",
           "Cooking with Herbs", "Mountain Trails of the Alps", "Street Food Stories"]
@@ -97,7 +101,11 @@ def test_caption_items_gives_one_caption_per_item(reference, standins, prompts):
                                          device="cpu", settings=SETTINGS)
     assert manifest["settings"] == expected
     assert captions.load_captions(out, expected).equals(frame)
-    assert not any(p.exists() for p in captions.partial_paths(out))
+    # the memo keeps exactly this caption set's records, keyed by the items' images
+    (memo,) = captions.memo_dir(out).glob("*/*.jsonl")
+    records = {r["item_id"]: r for r in map(json.loads, memo.read_text().splitlines())}
+    assert {i: r["caption"] for i, r in records.items()} == dict(frame.iter_rows())
+    assert {i: r["images"] for i, r in records.items()} == {i: captions.pixels_sha256(COVERS[i]) for i in COVERS}
 
 
 def test_images_steer_the_captions(reference):
@@ -150,8 +158,8 @@ def test_resume_after_interruption_gives_the_same_captions(reference, standins, 
     monkeypatch.setattr(captions, "_caption_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(standins, prompts, out, batch_size=2)
-    partial, key = captions.partial_paths(out)
-    assert len(partial.read_text().splitlines()) == 2 and key.exists() and not out.exists()
+    (memo,) = captions.memo_dir(out).glob("*/*.jsonl")
+    assert len(memo.read_text().splitlines()) == 2 and not out.exists()
 
     resumed = []
     monkeypatch.setattr(captions, "_caption_batch", lambda *a, **k: resumed.append(len(a[2])) or real(*a, **k))
@@ -176,7 +184,8 @@ def test_partial_work_under_other_settings_is_discarded(standins, prompts, tmp_p
     monkeypatch.setattr(captions, "_caption_batch", real)
     with caplog.at_level(logging.WARNING, logger="iisan.captions"):
         _run(standins, prompts, out, batch_size=2, prompt=prompts["cover"]["text"] + " Be brief.")
-    assert "discarding the partial captions" in caplog.text and "prompt_sha256" in caplog.text
+    assert "not reusing the captions in" in caplog.text and "prompt_sha256" in caplog.text
+    assert len(list(captions.memo_dir(out).iterdir())) == 1, "the memo keeps the current settings only"
 
 
 def test_a_changed_prompt_is_refused(reference, standins, prompts):
@@ -218,3 +227,163 @@ def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tm
     captions.caption_items(standins["video"], ["v1"], lambda i: VIDEOS[i][::-1], prompts["video"]["text"], rev, batch_size=1,
                            max_new_tokens=MAX_NEW, device="cpu", settings={"frames": "reversed"})
     assert pl.read_parquet(rev)["caption"][0] != frame["caption"][0]
+
+
+# ---------------------------------------------------------------------------------------------
+# reuse by image content, shard jobs and their merge
+
+
+def _count_batches(monkeypatch) -> list[int]:
+    """Patch the captioner's batch call to record how many items each batch captions."""
+    seen = []
+    real = captions._caption_batch
+
+    def spy(model, processor, texts, images, generation_config, pad_to_multiple_of=None):
+        seen.append(len(texts))
+        return real(model, processor, texts, images, generation_config, pad_to_multiple_of)
+
+    monkeypatch.setattr(captions, "_caption_batch", spy)
+    return seen
+
+
+def test_captions_are_reused_by_image_content(reference, standins, prompts, tmp_path, monkeypatch):
+    """A changed, added or removed item's images recaption that item alone; every other caption
+    comes from the memo (the captioner never sees it again)."""
+    out = tmp_path / "covers.parquet"
+    _run(standins, prompts, out)
+    first = dict(pl.read_parquet(out).iter_rows())
+    assert first == dict(pl.read_parquet(reference[0]).iter_rows())
+    seen = _count_batches(monkeypatch)
+
+    changed = {**COVERS, 102: [_image(99, 48, 32)]}
+    _run(standins, prompts, out, items=changed)
+    got = dict(pl.read_parquet(out).iter_rows())
+    assert sum(seen) == 1 and got[102] != first[102] and {i: got[i] for i in (101, 103, 104)} == {i: first[i] for i in (101, 103, 104)}
+
+    seen.clear()
+    added = {**changed, 105: [_image(5, 40, 40)]}
+    _run(standins, prompts, out, items=added)
+    assert sum(seen) == 1 and pl.read_parquet(out)["item_id"].to_list() == [101, 102, 103, 104, 105]
+
+    seen.clear()
+    removed = {i: v for i, v in added.items() if i != 101}
+    manifest = _run(standins, prompts, out, items=removed)
+    assert seen == [] and pl.read_parquet(out)["item_id"].to_list() == [102, 103, 104, 105] and manifest["items"] == 4
+    # the memo is pruned to the caption set's items
+    (memo,) = captions.memo_dir(out).glob("*/*.jsonl")
+    assert sorted(json.loads(line)["item_id"] for line in memo.read_text().splitlines()) == [102, 103, 104, 105]
+
+
+def test_shard_items_are_contiguous_ranges_of_the_sorted_ids():
+    ids = [7, 3, 9, 1, 5, 2, 8]
+    parts = [shards.shard_items(ids, k, 3) for k in (1, 2, 3)]
+    assert sorted(sum(parts, [])) == sorted(ids) and [len(p) for p in parts] == [2, 2, 3]
+    assert parts == [[1, 2], [3, 5], [7, 9, 8]]  # each in the order of `ids`
+    assert [shards.shard_items(list(reversed(ids)), k, 3) for k in (1, 2, 3)] == [p[::-1] for p in parts]
+    assert shards.shard_items(ids, 1, 1) == ids
+    with pytest.raises(ValueError, match="shard 4 of 3"):
+        shards.shard_items(ids, 4, 3)
+    with pytest.raises(ValueError, match="captions.shards: 0"):
+        shards.caption_shards({"captions": {"shards": 0}})
+
+
+def _shard_run(standins, prompts, final, k, n, items=COVERS, **kw):
+    path = Path(shards.shard_path("ds", "cover", k, n).replace("resources/ds/captions", str(final.parent)))
+    mine = shards.shard_items(list(items), k, n)
+    _run(standins, prompts, path, items={i: items[i] for i in mine}, memo=captions.memo_dir(final), **kw)
+    return path
+
+
+def test_three_shards_merge_to_the_captions_of_one_job(reference, standins, prompts, tmp_path):
+    final = tmp_path / "covers.parquet"
+    parts = [_shard_run(standins, prompts, final, k, 3) for k in (1, 2, 3)]
+    manifest = shards.merge_captions(list(COVERS), parts, final)
+    assert pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
+    one = reference[1]
+    assert manifest["shards"] == 3 and {k: v for k, v in manifest.items() if k not in ("shards", "batch_size")} == \
+        {k: v for k, v in one.items() if k != "batch_size"}
+    assert captions.load_captions(final, one["settings"]).equals(pl.read_parquet(reference[0]))
+    assert sorted(p.name for p in captions.memo_dir(final).glob("*/*.jsonl")) == ["1-of-3.jsonl", "2-of-3.jsonl", "3-of-3.jsonl"]
+    # a shard that does not hold its items is refused
+    with pytest.raises(captions.CaptionError, match="does not hold its items"):
+        shards.merge_captions(list(COVERS), [parts[1], parts[0], parts[2]], tmp_path / "wrong.parquet")
+
+
+def test_a_failed_shard_loses_no_other_shards_captions(reference, standins, prompts, tmp_path, monkeypatch):
+    """Shard 3 of 3 dies after its first batch: shards 1 and 2 stay; the merge refuses the set
+    until shard 3 reruns, which captions only its unfinished item; the merge then equals one job."""
+    final = tmp_path / "covers.parquet"
+    parts = [_shard_run(standins, prompts, final, k, 3, batch_size=1) for k in (1, 2)]
+    stamps = [p.stat().st_mtime_ns for p in parts]
+    real = captions._caption_batch
+    calls = []
+
+    def dies(*args, **kwargs):
+        if calls:
+            raise KeyboardInterrupt("killed after the first batch")
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(captions, "_caption_batch", dies)
+    with pytest.raises(KeyboardInterrupt):
+        _shard_run(standins, prompts, final, 3, 3, batch_size=1)
+    third = Path(str(parts[0]).replace("1-of-3", "3-of-3"))
+    with pytest.raises(captions.CaptionError, match="3-of-3"):
+        shards.merge_captions(list(COVERS), [*parts, third], final)
+    monkeypatch.setattr(captions, "_caption_batch", real)
+    seen = _count_batches(monkeypatch)
+    assert _shard_run(standins, prompts, final, 3, 3, batch_size=1) == third
+    assert seen == [1], "only the item shard 3 had not finished"
+    assert [p.stat().st_mtime_ns for p in parts] == stamps
+    shards.merge_captions(list(COVERS), [*parts, third], final)
+    assert pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
+
+
+def test_resharding_reuses_the_captions_of_other_shards(reference, standins, prompts, tmp_path, monkeypatch):
+    final = tmp_path / "covers.parquet"
+    two = [_shard_run(standins, prompts, final, k, 2) for k in (1, 2)]
+    shards.merge_captions(list(COVERS), two, final)
+    seen = _count_batches(monkeypatch)
+    three = [_shard_run(standins, prompts, final, k, 3) for k in (1, 2, 3)]
+    shards.merge_captions(list(COVERS), three, final)
+    assert seen == [] and pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
+
+
+def test_caption_dataset_recaptions_only_items_whose_frames_changed(standins, prompts, tmp_path, monkeypatch):
+    """Video captions of a frames archive: keys are the members' bytes; an item whose frames
+    were black (skipped video) and are now real is the only one captioned again."""
+    import io
+
+    def frames_zip(path, videos):
+        with zipfile.ZipFile(path, "w") as zf:
+            for item, frames in videos.items():
+                for k, im in enumerate(frames):
+                    buf = io.BytesIO()
+                    im.save(buf, format="PNG")
+                    zf.writestr(f"{item}_{k}.jpg", buf.getvalue())
+
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": ["v1", "v2", "v3"]}).write_parquet(items)
+    prompts_file = tmp_path / "prompts.yaml"
+    import yaml
+
+    prompts_file.write_text(yaml.safe_dump(prompts))
+    archive, out = tmp_path / "frames.zip", tmp_path / "captions" / "video.parquet"
+    v3 = [_image(30 + k, 36, 36) for k in range(3)]
+    frames_zip(archive, VIDEOS)  # v3's video was skipped: black frames
+
+    def caption():
+        return captions.caption_dataset(items, "video", archive, str(standins["video"]), prompts_file, out,
+                                        positions=[0.1, 0.5, 0.9], batch_size=2, max_new_tokens=MAX_NEW, device="cpu")
+
+    caption()
+    first = dict(pl.read_parquet(out).iter_rows())
+    seen = _count_batches(monkeypatch)
+    frames_zip(archive, {**VIDEOS, "v3": v3})
+    caption()
+    got = dict(pl.read_parquet(out).iter_rows())
+    assert seen == [1] and got["v3"] != first["v3"] and (got["v1"], got["v2"]) == (first["v1"], first["v2"])
+    # the same archive again: nothing to caption
+    seen.clear()
+    caption()
+    assert seen == [] and dict(pl.read_parquet(out).iter_rows()) == got

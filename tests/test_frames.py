@@ -1,5 +1,7 @@
 """Frames of videos (iisan.frames) on the MicroLens demo twin's videos."""
 
+import json
+import os
 import zipfile
 from pathlib import Path
 
@@ -7,9 +9,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from iisan import folders, frames
 from iisan.data.amazon import DataError
 from iisan.data.microlens_demo import MicroLensDemoSpec, frame_group, generate, plan
-from iisan.frames import POSITIONS, VideoError, count_frames, extract_all, extract_frames, frame_indices
+from iisan.frames import MANIFEST_MEMBER, POSITIONS, VideoError, count_frames, extract_all, extract_frames, frame_indices
 
 av = pytest.importorskip("av")
 
@@ -70,7 +73,8 @@ def test_extract_all_writes_a_zip_and_a_manifest(videos, tmp_path):
     assert (manifest["items"], manifest["extracted"], manifest["skipped"], manifest["frames"]) == (5, 5, 0, 10)
     assert manifest["skipped_items"] == [] and manifest["skip_reasons"] == {}
     with zipfile.ZipFile(out) as zf:
-        assert zf.namelist() == [f"{i}_{k}.jpg" for i in items for k in (0, 1)]
+        assert zf.namelist() == [f"{i}_{k}.jpg" for i in items for k in (0, 1)] + [MANIFEST_MEMBER]
+        assert json.loads(zf.read(MANIFEST_MEMBER)) == manifest
         with zf.open(f"{items[0]}_1.jpg") as fh:
             assert Image.open(fh).size == (32, 32)
     first = out.read_bytes()
@@ -118,8 +122,75 @@ def test_skip_mode_counts_the_skipped_items(damaged, tmp_path):
     assert manifest["skipped_items"] == items[3:]
     assert "no such video file" in manifest["skip_reasons"][items[5]]
     with zipfile.ZipFile(out) as zf:
-        assert zf.namelist() == [f"{i}_{k}.jpg" for i in items[:3] for k in range(3)]
+        assert zf.namelist() == [f"{i}_{k}.jpg" for i in items[:3] for k in range(3)] + [MANIFEST_MEMBER]
     with pytest.raises(ValueError, match="missing"):
         extract_all(items, folder, out, missing="blank")
     with pytest.raises(ValueError, match="twice"):
         extract_all([items[0], items[0]], folder, out)
+
+
+def _members(archive: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(archive) as zf:
+        return {n: zf.read(n) for n in zf.namelist() if n != MANIFEST_MEMBER}
+
+
+def test_frames_of_unchanged_videos_are_reused(damaged, videos, tmp_path, monkeypatch):
+    """Against the previous archive, only a replaced, added or removed video is decoded again; the
+    other items keep their frames (or their skip) byte for byte."""
+    folder, items = damaged
+    out = tmp_path / "frames.zip"
+    first = extract_all(items, folder, out, missing="skip", previous=out)
+    assert first["reused"] == 0 and set(first["video_sha256"]) == set(items[:5])
+    before = _members(out)
+    decoded = []
+    real = frames.extract_frames
+    monkeypatch.setattr(frames, "extract_frames", lambda path, positions: decoded.append(path.stem) or real(path, positions))
+
+    # nothing changed: nothing decoded (but the missing video's path), the same archive
+    again = extract_all(items, folder, out, missing="skip", previous=out)
+    assert decoded == [items[5]] and again["reused"] == 5 and _members(out) == before  # items[5] has no video: tried again
+    decoded.clear()
+    # the garbage video replaced by a good one, a video added for the missing item, a good one removed
+    (folder / f"{items[4]}.mp4").write_bytes((videos / f"{items[4]}.mp4").read_bytes())
+    (folder / f"{items[5]}.mp4").write_bytes((videos / f"{items[5]}.mp4").read_bytes())
+    (folder / f"{items[0]}.mp4").unlink()
+    m = extract_all(items, folder, out, missing="skip", previous=out)
+    assert sorted(decoded) == sorted([items[0], items[4], items[5]])
+    assert m["skipped_items"] == [items[0], items[3]] and m["reused"] == 3  # items[1], items[2], and items[3]'s skip
+    after = _members(out)
+    assert {n: after[n] for n in after if n.startswith((items[1], items[2]))} == \
+        {n: before[n] for n in before if n.startswith((items[1], items[2]))}
+    assert f"{items[4]}_0.jpg" in after and f"{items[0]}_0.jpg" not in after
+    # other positions: nothing reused
+    decoded.clear()
+    assert extract_all(items, folder, out, positions=(0.2, 0.8), missing="skip", previous=out)["reused"] == 0
+    assert len(decoded) == len(items)
+
+
+def test_a_content_manifest_changes_only_with_the_content(damaged, tmp_path, monkeypatch):
+    folder, items = damaged
+    manifest = tmp_path / "videos.content.json"
+    assert folders.refresh_manifest(folder, manifest, "*.mp4")
+    files = json.loads(manifest.read_text())["files"]
+    assert sorted(files) == sorted(f"{i}.mp4" for i in items[:5])
+    assert files[f"{items[0]}.mp4"]["sha256"] == folders.file_sha256(folder / f"{items[0]}.mp4")
+    hashed = []
+    real = folders.file_sha256
+    monkeypatch.setattr(folders, "file_sha256", lambda path, *a: hashed.append(path.name) or real(path, *a))
+    stamp = manifest.stat().st_mtime_ns
+    # unchanged: no file read, the manifest untouched
+    assert not folders.refresh_manifest(folder, manifest, "*.mp4") and hashed == [] and manifest.stat().st_mtime_ns == stamp
+    # touched, same bytes: read once (new mtime), the manifest untouched
+    video = folder / f"{items[1]}.mp4"
+    os.utime(video, ns=(video.stat().st_atime_ns, video.stat().st_mtime_ns + 10**9))
+    assert not folders.refresh_manifest(folder, manifest, "*.mp4") and hashed == [video.name]
+    # replaced in place with other bytes of the same size, then one removed
+    data = bytearray(video.read_bytes())
+    data[-1] ^= 0xFF
+    video.write_bytes(bytes(data))
+    assert folders.refresh_manifest(folder, manifest, "*.mp4")
+    assert json.loads(manifest.read_text())["files"][video.name]["sha256"] == real(video)
+    (folder / f"{items[2]}.mp4").unlink()
+    assert folders.refresh_manifest(folder, manifest, "*.mp4")
+    assert f"{items[2]}.mp4" not in json.loads(manifest.read_text())["files"]
+    assert folders.current_manifest(folder, manifest, "*.mp4") == json.loads(manifest.read_text())

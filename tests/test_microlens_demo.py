@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from iisan import shards
 from iisan.data.amazon import read_users
 from iisan.data.microlens import preprocess, read_titles_csv
 from iisan.data.microlens_demo import (
@@ -125,3 +126,60 @@ def test_h264_on_request_and_bad_specs(tmp_path):
         generate(tmp_path / "x", MicroLensDemoSpec(video=VideoSpec(size=40)))
     with pytest.raises(ValueError, match="codec"):
         generate(tmp_path / "y", MicroLensDemoSpec(n_items=8, n_users=2, video=VideoSpec(codec="vp9")))
+
+
+@pytest.mark.slow
+def test_a_replaced_video_reruns_its_frames_and_caption_only(root, tmp_path):
+    """On the twin in a workflow copy, video captions in 3 shards, a corrupt video skipped: once
+    replaced by a good one, the rerun extracts that video alone and recaptions its item alone (the
+    other shards reuse every caption), and frames.json lists it as extracted; with nothing
+    changed, or a video merely touched, there is nothing to do."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    wd = tmp_path / "wf"
+    wd.mkdir()
+    for name in ("Snakefile", "workflow", "config", "profiles", "envs"):
+        (shutil.copytree if (root / name).is_dir() else shutil.copy)(root / name, wd / name)
+    spec = {"n_items": 12, "n_users": 30, "video": {"min_frames": 6, "max_frames": 8}}
+    config = [f"dataset_sources={{mldemo: {{kind: microlens-demo, microlens_demo: {json.dumps(spec)}}}}}",
+              "captions={max_new_tokens: 3, missing_videos: skip, shards: 3}", "standin_corpus=mldemo"]
+    target = "resources/mldemo/captions/video.parquet"
+
+    def snakemake(*targets, dry_run=False):
+        res = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "2", *(["-n"] if dry_run else []), "--config", *config,
+                              "--", *targets], cwd=wd,
+                             capture_output=True, text=True)
+        assert res.returncode == 0, (res.stdout + res.stderr)[-3000:]
+        return res.stdout + res.stderr
+
+    snakemake("resources/mldemo/items.parquet")
+    videos = wd / "resources/raw/mldemo/MicroLens-100k_videos"
+    items = pl.read_parquet(wd / "resources/mldemo/items.parquet")["item_id"].to_list()
+    bad = videos / f"{items[0]}.mp4"
+    good = bad.read_bytes()
+    bad.write_bytes(b"\x00" * 64)
+    snakemake(target)
+    frames = json.loads((wd / "resources/mldemo/frames.json").read_text())
+    assert frames["skipped_items"] == [str(items[0])]
+    first = dict(pl.read_parquet(wd / target).iter_rows())
+
+    bad.write_bytes(good)
+    out = snakemake(target)
+    assert "Nothing to be done" not in out
+    frames = json.loads((wd / "resources/mldemo/frames.json").read_text())
+    assert frames["skipped_items"] == [] and frames["reused"] == len(items) - 1
+    now = dict(pl.read_parquet(wd / target).iter_rows())
+    assert now[items[0]] != first[items[0]] and {i: now[i] for i in items[1:]} == {i: first[i] for i in items[1:]}
+    logs = {k: (wd / f"logs/captions/mldemo/video.{k}-of-3.log").read_text() for k in (1, 2, 3)}
+    mine = next(k for k in (1, 2, 3) if items[0] in shards.shard_items(items, k, 3))
+    for k, text in logs.items():
+        n = len(shards.shard_items(items, k, 3))
+        done = n - 1 if k == mine else n
+        assert f"{done} of {n} items captioned already" in text, (k, text[-1500:])
+
+    os.utime(videos / f"{items[1]}.mp4")
+    assert "Nothing to be done" in snakemake(target, dry_run=True)

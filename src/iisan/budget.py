@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 import yaml
 
-from . import methods, plan, tables
+from . import methods, plan, shards, tables
 from .backbones import output_layer
 from .config import backbone_entry
 from .data.amazon import TABLE_I as AMAZON_TABLE_I
@@ -208,17 +208,22 @@ class Budget:
                    f"{items} items x {tokens(entry, self.config)} tokens", gpus=self.cards(peak))
 
     def caption(self, wildcards: dict) -> Job:
-        """The captions of one source of a dataset (the caption rule's wildcards)."""
+        """The captions of one source of a dataset, or of one shard of its items (the caption
+        rule's wildcards; iisan.shards)."""
         dataset, source = wildcards["dataset"], wildcards["source"]
         cap = self.config["captioners"][self.config["captions"][source]]
         _, items = dataset_size(self.config, dataset)
+        name = plan.CAPTIONS.format(**wildcards)
+        if "shard" in wildcards:
+            start, stop = shards.shard_bounds(items, int(wildcards["shard"]), int(wildcards["shards"]))
+            items, name = stop - start, plan.CAPTION_SHARD.format(**wildcards)
         r = self.rates["captions"]
         demo = cap.get("source") == "demo"
         size = 0.01 if demo else cap.get("params_b", 8)
         per_item = (r["static"] if self.config["captions"].get("kv_cache") == "static" else r)[f"{source}_item_s"]
         seconds = items * per_item * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
-        return Job("caption", plan.CAPTIONS.format(**wildcards), seconds, peak,
+        return Job("caption", name, seconds, peak,
                    f"{items} items, {self.config['captions'][source]}", gpus=0 if demo else self.cards(peak))
 
     def cards(self, peak_gib: float) -> int:

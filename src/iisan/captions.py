@@ -2,14 +2,18 @@
 image slots of ONE prompt), used as text item fields (paper Table IX).
 
 `caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
-the image tokens), bf16 on CUDA and fp32 on a CPU. It is resumable in the discipline of
-`iisan.cache`: every finished batch is appended to ``<out>.partial.jsonl`` beside the output,
-and ``<out>.partial.json`` holds the settings key (model, revision or weights fingerprint, prompt
-sha256, decoding settings, the caller's input settings such as frame positions); a rerun under
-the same key skips finished items, one under another key discards them with a log line. The
-Parquet (``item_id``, ``caption``) is written atomically, then ``<stem>.manifest.json`` with
-the settings and the Parquet's checksum; `load_captions` refuses a caption set whose settings
-differ from the expected ones, naming each difference.
+the image tokens), bf16 on CUDA and fp32 on a CPU. It reuses captions by content: a caption
+set's memo (``<stem>.memo/`` beside its Parquet, `memo_dir`) holds, in one folder per settings
+key (model, revision or weights fingerprint, prompt sha256, decoding settings, the caller's input
+settings such as frame positions), records of captioned items keyed by the sha256 of their
+images; every finished batch is appended to the job's own record file there. A rerun, or a job
+whose inputs changed, captions only the items whose images under these settings no record holds
+(an interrupted run resumes, a replaced video recaptions its item alone); records under other
+settings are not used (logged, naming the differences) and are pruned when the caption set is
+written. The Parquet (``item_id``, ``caption``) is written atomically, then
+``<stem>.manifest.json`` with the settings and the Parquet's checksum; `load_captions` refuses a
+caption set whose settings differ from the expected ones, naming each difference. A caption set
+may be made by several shard jobs and merged (`iisan.shards`).
 
 `build_captioner_standin` makes the demo's stand-in: the real architecture
 (`LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Mistral or Llama text
@@ -285,9 +289,15 @@ def caption_settings(
     return {**computed, **extra}
 
 
-def partial_paths(out_parquet: Path) -> tuple[Path, Path]:
-    """(records of finished items, settings key) of an unfinished caption run."""
-    return out_parquet.with_name(out_parquet.name + ".partial.jsonl"), out_parquet.with_name(out_parquet.name + ".partial.json")
+def memo_dir(captions_parquet: str | os.PathLike) -> Path:
+    """The memo of a caption set (reusable captions keyed by images and settings): ``<stem>.memo`` beside it."""
+    captions_parquet = Path(captions_parquet)
+    return captions_parquet.with_name(captions_parquet.stem + ".memo")
+
+
+def settings_id(key: dict) -> str:
+    """The memo folder name of a settings key: the first 16 hex digits of its canonical JSON's sha256."""
+    return hashlib.sha256(json.dumps(_jsonable(key), sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
 def manifest_path(out_parquet: str | os.PathLike) -> Path:
@@ -383,35 +393,68 @@ def _plain_id(item_id: Any) -> Any:
     return item_id.item() if hasattr(item_id, "item") else item_id
 
 
-def _read_partial(partial: Path, key_path: Path, key: dict, wanted: set) -> dict | None:
-    """{item_id: (caption, stopped)} of an interrupted run under exactly `key`, or None (no
-    partial, or one from other settings or unreadable: discarded, logged). A torn last line
-    (a crash mid-append) is dropped."""
-    if not partial.exists():
-        return None
-    try:
-        old = read_json(key_path)
-    except (OSError, ValueError) as err:
-        log.warning("discarding the partial captions %s: its settings key is unreadable (%s)", partial, err)
-        return None
-    if old != key:
-        differ = _differences(old if isinstance(old, dict) else {}, key,
-                              set(key) | set(old if isinstance(old, dict) else {}))
-        log.warning("discarding the partial captions %s: made under other settings (%s)", partial, "; ".join(differ))
-        return None
-    lines = partial.read_text(encoding="utf-8").splitlines()
-    done = {}
+def images_sha256(digests: Iterable[str]) -> str:
+    """The key of one item's images: the sha256 of the digests of its images, in prompt order."""
+    return hashlib.sha256("\n".join(digests).encode("utf-8")).hexdigest()
+
+
+def pixels_sha256(images: Sequence) -> str:
+    """The key of PIL images by their pixels (mode, size and bytes of each)."""
+    return images_sha256(hashlib.sha256(f"{im.mode} {im.width}x{im.height}".encode() + im.tobytes()).hexdigest() for im in images)
+
+
+def _memo_records(path: Path) -> list[dict]:
+    """The records of one memo file; a torn last line (a crash mid-append, or a job still
+    appending) is dropped; a file with any other unreadable line is not used (logged)."""
+    lines = path.read_text(encoding="utf-8").splitlines()
+    out = []
     for n, line in enumerate(lines):
         try:
             rec = json.loads(line)
-            done[rec["item_id"]] = (rec["caption"], bool(rec["stopped"]))
+            out.append({"item_id": rec["item_id"], "images": str(rec["images"]), "caption": str(rec["caption"]),
+                        "stopped": bool(rec["stopped"])})
         except (ValueError, KeyError, TypeError) as err:
             if n == len(lines) - 1:
-                log.warning("%s: dropping a torn last record (%s)", partial, err)
+                log.warning("%s: dropping a torn last record (%s)", path, err)
                 break
-            log.warning("discarding the partial captions %s: record %d is unreadable (%s)", partial, n + 1, err)
-            return None
-    return {i: v for i, v in done.items() if i in wanted}
+            log.warning("not reusing the captions of %s: record %d is unreadable (%s)", path, n + 1, err)
+            return []
+    return out
+
+
+def _read_memo(memo: Path, key: dict) -> dict[str, tuple[str, bool]]:
+    """{images key: (caption, stopped)} of every record file of `memo` under settings `key`;
+    folders of other settings are left out, each with a log line naming the differences."""
+    if not memo.is_dir():
+        return {}
+    here = memo / settings_id(key)
+    for other in sorted(p for p in memo.iterdir() if p.is_dir() and p != here):
+        try:
+            old = read_json(other / "settings.json")
+            differ = "; ".join(_differences(old, key, set(old) | set(key))) if isinstance(old, dict) else "unreadable settings"
+        except (OSError, ValueError) as err:
+            differ = f"its settings are unreadable ({err})"
+        log.warning("not reusing the captions in %s: made under other settings (%s)", other, differ)
+    done: dict[str, tuple[str, bool]] = {}
+    if here.is_dir():
+        for path in sorted(here.glob("*.jsonl")):
+            done.update((r["images"], (r["caption"], r["stopped"])) for r in _memo_records(path))
+    return done
+
+
+def prune_memo(memo: str | os.PathLike, key: dict, writers: Iterable[str]) -> None:
+    """Keep only the record files of `writers` (the jobs that wrote the caption set) under
+    settings `key` in the memo: records of other jobs and folders of other settings are removed."""
+    memo = Path(memo)
+    if not memo.is_dir():
+        return
+    here, keep = memo / settings_id(key), {f"{w}.jsonl" for w in writers}
+    for folder in memo.iterdir():
+        if folder.is_dir() and folder != here:
+            shutil.rmtree(folder)
+    for path in here.glob("*.jsonl"):
+        if path.name not in keep:
+            path.unlink()
 
 
 def caption_items(
@@ -428,16 +471,24 @@ def caption_items(
     revision: str | None = None,
     progress: bool | None = None,
     kv_cache: str = "dynamic",
+    image_key: Callable[[Any], str] | None = None,
+    memo: str | os.PathLike | None = None,
 ) -> dict:
     """Caption every item of `item_ids` with LLaVA-NeXT and write ``out_parquet`` (``item_id``,
     ``caption``, in the order of `item_ids`) and its manifest; returns the manifest.
 
     ``images_for(item_id)`` gives the item's PIL images: one cover, or a video's frames in
     chronological order, which fill that many image slots of one prompt; it is called twice per
-    item (image sizes for the batch order, then the batch). `settings` names what
+    item to caption (image sizes for the batch order, then the batch). `settings` names what
     `images_for` does (frame positions, image source) and joins the settings key. Decoding is
     greedy; batches are left-padded and taken longest prompt first; `kv_cache` is one of
-    `KV_CACHES`. Resumable (module docstring)."""
+    `KV_CACHES`.
+
+    Captions are reused by content (module docstring): ``image_key(item_id)`` is the key of an
+    item's images (default: `pixels_sha256` of ``images_for(item_id)``; `images_sha256` of the
+    image files' sha256s is cheaper). `memo` is the memo folder; by default ``out_parquet``'s
+    own (`memo_dir`), which is pruned to this call's items at the end. A shard job passes the
+    memo of its whole caption set, which the merge prunes (`iisan.shards.merge_captions`)."""
     import polars as pl
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -456,19 +507,22 @@ def caption_items(
     key = caption_settings(model_path, prompt, max_new_tokens=max_new_tokens, device=dev, revision=revision, settings=settings,
                            kv_cache=kv_cache)
     static = kv_cache == "static"
-    partial, key_path = partial_paths(out_parquet)
+    memo_folder = memo_dir(out_parquet) if memo is None else Path(memo)
+    here = memo_folder / settings_id(key)
+    own = here / f"{out_parquet.stem}.jsonl"
     out_parquet.parent.mkdir(parents=True, exist_ok=True)
+    here.mkdir(parents=True, exist_ok=True)
+    if not (here / "settings.json").is_file():
+        write_json(here / "settings.json", key)
 
-    done = _read_partial(partial, key_path, key, set(ids))
-    if done is None:
-        partial.unlink(missing_ok=True)
-        write_json(key_path, key)
-        done = {}
-    else:
-        log.info("resuming %s: %d of %d items captioned already", partial, len(done), len(ids))
-    # rewrite the partial with its sound records only (drops a torn line before appending)
-    with atomic_path(partial, ".jsonl") as tmp:
-        tmp.write_text("".join(_record(i, *done[i]) for i in ids if i in done), encoding="utf-8")
+    keys = {i: image_key(i) if image_key else pixels_sha256(images_for(i)) for i in ids}
+    known = _read_memo(memo_folder, key)
+    done = {i: known[keys[i]] for i in ids if keys[i] in known}
+    if done:
+        log.info("%s: %d of %d items captioned already (same images and settings, in %s)", out_parquet, len(done), len(ids), here)
+    # this job's record file starts with the records it reuses (a torn line of its own is dropped)
+    with atomic_path(own, ".jsonl") as tmp:
+        tmp.write_text("".join(_record(i, keys[i], *done[i]) for i in ids if i in done), encoding="utf-8")
 
     todo = [i for i in ids if i not in done]
     if todo:
@@ -489,7 +543,7 @@ def caption_items(
         lengths = prompt_lengths(processor, rendered, sizes)
         order = sorted(range(len(todo)), key=lambda j: (-lengths[j], j))
         batches = [[todo[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
-        with open(partial, "a", encoding="utf-8") as fh:
+        with open(own, "a", encoding="utf-8") as fh:
             for batch in tqdm(batches, desc=f"captions {out_parquet.name}", disable=None if progress is None else not progress):
                 images, texts = [], []
                 # a short last batch is filled with its last item (the static cache's shapes stay few)
@@ -500,7 +554,7 @@ def caption_items(
                     texts.append(rendered[len(imgs)])
                 captions, stopped = _caption_batch(model, processor, texts, images, generation_config,
                                                    STATIC_BUCKET if static else None)
-                fh.write("".join(_record(i, c, s) for i, c, s in zip(batch, captions, stopped)))
+                fh.write("".join(_record(i, keys[i], c, s) for i, c, s in zip(batch, captions, stopped)))
                 fh.flush()
                 os.fsync(fh.fileno())
                 done.update({i: (c, s) for i, c, s in zip(batch, captions, stopped)})
@@ -524,15 +578,15 @@ def caption_items(
         "checksum": file_checksum(out_parquet),
     }
     write_json(manifest_file, manifest)
-    partial.unlink(missing_ok=True)
-    key_path.unlink(missing_ok=True)
+    if memo is None:
+        prune_memo(memo_folder, key, [out_parquet.stem])
     if manifest["truncated"]:
         log.info("%s: %d of %d captions reached max_new_tokens=%d", out_parquet, manifest["truncated"], len(ids), max_new_tokens)
     return manifest
 
 
-def _record(item_id: Any, caption: str, stopped: bool) -> str:
-    return json.dumps({"item_id": item_id, "caption": caption, "stopped": stopped}, ensure_ascii=False) + "\n"
+def _record(item_id: Any, images: str, caption: str, stopped: bool) -> str:
+    return json.dumps({"item_id": item_id, "images": images, "caption": caption, "stopped": stopped}, ensure_ascii=False) + "\n"
 
 
 def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
@@ -588,36 +642,51 @@ def _zip_images(archive: Path, members: list[str | None], blank: int = 32) -> li
         return out
 
 
+def zip_images_sha256(archive: Path, members: dict[Any, list[str | None]]) -> dict[Any, str]:
+    """{item: `images_sha256` of the sha256s of its zip members' bytes ("black" for None)}, the
+    archive opened once."""
+    with zipfile.ZipFile(archive) as zf:
+        return {item: images_sha256("black" if m is None else hashlib.sha256(zf.read(m)).hexdigest() for m in names)
+                for item, names in members.items()}
+
+
 def caption_dataset(items_parquet: Path, source: str, images_archive: Path, model_path: str, prompts_file: Path,
                     out_parquet: Path, *, positions: Sequence[float] = (), batch_size: int = 8, max_new_tokens: int = 300,
-                    device: str | None = None, revision: str | None = None, kv_cache: str = "dynamic") -> dict:
+                    device: str | None = None, revision: str | None = None, kv_cache: str = "dynamic",
+                    shard: tuple[int, int] = (1, 1), memo: Path | None = None) -> dict:
     """Caption every item of a preprocessed dataset: `source` "cover" reads each item's cover from
     the dataset's image archive (items.parquet's `image` member; an item without one gets a black
     image), "video" its frames from the frames archive (``<item_id>_<k>.jpg``, k over
     `positions`; an item whose video was skipped gets black frames). The prompt is the
-    `source` entry of `prompts_file`; the settings record the source and the frame positions."""
+    `source` entry of `prompts_file`; the settings record the source and the frame positions.
+    `shard` (k, n) captions shard k of n only (`iisan.shards.shard_items`) into the memo `memo`
+    of the whole caption set (`caption_items`). Captions are reused by the sha256 of the
+    members' bytes."""
     import polars as pl
+
+    from .shards import shard_items
 
     prompt = load_prompts(prompts_file)[source]
     items = pl.read_parquet(items_parquet)
-    ids = items["item_id"].to_list()
+    ids = shard_items([_plain_id(i) for i in items["item_id"].to_list()], *shard)
     if source == "cover":
-        members = dict(zip(ids, items["image"].to_list()))
-
-        def images_for(item_id):
-            return _zip_images(images_archive, [members[item_id]])
+        covers = dict(zip(items["item_id"].to_list(), items["image"].to_list()))
+        members = {i: [covers[i]] for i in ids}
     elif source == "video":
         with zipfile.ZipFile(images_archive) as zf:
             present = set(zf.namelist())
         n = len(positions)
         if n != prompt["images"]:
             raise ValueError(f"{prompts_file}: the video prompt has {prompt['images']} image slots, the frames are {n} per video")
-
-        def images_for(item_id):
-            names = [f"{item_id}_{k}.jpg" for k in range(n)]
-            return _zip_images(images_archive, [m if m in present else None for m in names])
+        members = {i: [m if m in present else None for m in (f"{i}_{k}.jpg" for k in range(n))] for i in ids}
     else:
         raise ValueError(f"unknown caption source {source!r} (cover, video)")
+
+    def images_for(item_id):
+        return _zip_images(images_archive, members[item_id])
+
+    keys = zip_images_sha256(images_archive, members)
     settings = {"source": source, "frame_positions": list(positions) if source == "video" else None}
     return caption_items(model_path, ids, images_for, prompt["text"], out_parquet, batch_size=batch_size,
-                         max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision, kv_cache=kv_cache)
+                         max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision, kv_cache=kv_cache,
+                         image_key=keys.__getitem__, memo=memo)

@@ -19,12 +19,17 @@ FFmpeg cannot open or decode, one without a video stream, and one without frames
 `extract_all` runs this over items, ``<videos_dir>/<item_id>.mp4`` each, into a zip archive of
 ``<item_id>_<k>.jpg`` members (k = index of the position) written atomically, and returns a
 manifest. A missing or undecodable video is an error naming the item and file; with
-``missing="skip"`` it is skipped, counted and listed in the manifest instead.
+``missing="skip"`` it is skipped, counted and listed in the manifest instead. The manifest keeps
+each video's sha256; given the previous archive and manifest, an item whose video has the same
+sha256 (under the same positions and JPEG quality) takes its frames, or its skip, from there
+without decoding, so a replaced, added or removed video is the only one extracted again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import math
 import zipfile
@@ -39,6 +44,7 @@ from .io import atomic_path
 log = logging.getLogger(__name__)
 
 POSITIONS = (0.1, 0.5, 0.9)
+MANIFEST_MEMBER = "frames.json"  # the archive's own manifest: what its frames were extracted from
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same videos give the same archive
 
 
@@ -118,6 +124,24 @@ def extract_frames(video: Path, positions: Sequence[float] = POSITIONS) -> list[
     return [got[i] for i in indices]
 
 
+def _previous(archive: Path | None, positions: tuple[float, ...], quality: int) -> tuple[zipfile.ZipFile, dict] | None:
+    """The open previous archive and the manifest it holds, when its frames can be reused: same
+    positions and JPEG quality (None otherwise, or when it is missing or unreadable: logged)."""
+    if archive is None or not Path(archive).is_file():
+        return None
+    try:
+        zf = zipfile.ZipFile(archive)
+        manifest = json.loads(zf.read(MANIFEST_MEMBER))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as err:
+        log.warning("not reusing the frames of %s: no readable %s in it (%s)", archive, MANIFEST_MEMBER, err)
+        return None
+    if manifest.get("positions") != list(positions) or manifest.get("quality") != quality:
+        log.info("not reusing the frames of %s: made at other positions or JPEG quality", archive)
+        zf.close()
+        return None
+    return zf, manifest
+
+
 def extract_all(
     item_ids: Iterable[str],
     videos_dir: Path,
@@ -126,15 +150,25 @@ def extract_all(
     missing: str = "error",
     *,
     quality: int = 95,
+    video_sha256: dict[str, str] | None = None,
+    previous: Path | None = None,
 ) -> dict:
     """Extract the frames at `positions` of ``<videos_dir>/<item_id>.mp4`` for each item into the
     zip archive `out_zip` (members ``<item_id>_<k>.jpg``, k the index of the position; JPEG at
     `quality`), written atomically. A missing or undecodable video raises `VideoError` naming the
     item and file, or with ``missing="skip"`` is skipped and counted. Returns the manifest:
-    positions, member pattern, counts (items, extracted, skipped, frames) and the skipped item
-    ids with the reason for each."""
+    positions, JPEG quality, member pattern, counts (items, extracted, skipped, frames, and reused:
+    the items whose frames or skip came from `previous`),
+    the skipped item ids with the reason for each, and the sha256 of each item's video.
+
+    The manifest is also the archive's last member, ``frames.json``. `video_sha256` maps video
+    file names to their sha256 (a content manifest's, `iisan.folders`; a file it leaves out is
+    read here). `previous` is an earlier run's archive, which may be `out_zip` itself: items whose
+    video is unchanged take their frames or skip from it (module docstring)."""
     if missing not in ("error", "skip"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'skip'")
+    from .folders import file_sha256
+
     positions = check_positions(positions)
     videos_dir, out_zip = Path(videos_dir), Path(out_zip)
     item_ids = [str(i) for i in item_ids]
@@ -145,33 +179,66 @@ def extract_all(
         if not item or "/" in item or "\\" in item:
             raise ValueError(f"item id {item!r} cannot name a video file")
         seen.add(item)
+    video_sha256 = video_sha256 or {}
 
     skipped: dict[str, str] = {}
-    extracted = 0
-    with atomic_path(out_zip, ".zip") as tmp:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
-            for item in item_ids:
-                path = videos_dir / f"{item}.mp4"
-                try:
-                    frames = extract_frames(path, positions)
-                except VideoError as err:
-                    if missing == "error":
-                        raise VideoError(f"item {item!r}: {err} (set missing='skip' to skip and count such items)") from err
-                    log.warning("skipping item %r: %s", item, err)
-                    skipped[item] = str(err)
+    shas: dict[str, str] = {}
+    extracted = reused = 0
+    with contextlib.ExitStack() as stack:
+        old_zip, old = _previous(previous, positions, quality) or (None, {})
+        if old_zip is not None:
+            stack.enter_context(old_zip)
+        old_sha, old_skips = old.get("video_sha256") or {}, old.get("skip_reasons") or {}
+        old_members = set(old_zip.namelist()) if old_zip else set()
+        tmp = stack.enter_context(atomic_path(out_zip, ".zip"))
+        zf = stack.enter_context(zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED))
+        for item in item_ids:
+            path = videos_dir / f"{item}.mp4"
+            sha = video_sha256.get(path.name) or (file_sha256(path) if path.is_file() else None)
+            if sha is not None:
+                shas[item] = sha
+            names = [f"{item}_{k}.jpg" for k in range(len(positions))]
+            if sha is not None and old_sha.get(item) == sha:
+                if item in old_skips and missing == "skip":
+                    skipped[item] = old_skips[item]
+                    reused += 1
                     continue
-                for k, image in enumerate(frames):
-                    buf = io.BytesIO()
-                    image.save(buf, format="JPEG", quality=quality)
-                    zf.writestr(zipfile.ZipInfo(f"{item}_{k}.jpg", date_time=_ZIP_TIME), buf.getvalue())
-                extracted += 1
-    return {
-        "positions": list(positions),
-        "members": "<item_id>_<k>.jpg",
-        "items": len(item_ids),
-        "extracted": extracted,
-        "skipped": len(skipped),
-        "frames": extracted * len(positions),
-        "skipped_items": list(skipped),
-        "skip_reasons": skipped,
-    }
+                if item not in old_skips and all(n in old_members for n in names):
+                    try:
+                        kept = [old_zip.read(n) for n in names]
+                    except (OSError, zipfile.BadZipFile) as err:  # a damaged member: extracted again
+                        log.warning("%s: frames of item %r unreadable (%s); extracting them again", previous, item, err)
+                    else:
+                        for n, data in zip(names, kept):
+                            zf.writestr(zipfile.ZipInfo(n, date_time=_ZIP_TIME), data)
+                        extracted += 1
+                        reused += 1
+                        continue
+            try:
+                frames = extract_frames(path, positions)
+            except VideoError as err:
+                if missing == "error":
+                    raise VideoError(f"item {item!r}: {err} (set missing='skip' to skip and count such items)") from err
+                log.warning("skipping item %r: %s", item, err)
+                skipped[item] = str(err)
+                continue
+            for n, image in zip(names, frames):
+                buf = io.BytesIO()
+                image.save(buf, format="JPEG", quality=quality)
+                zf.writestr(zipfile.ZipInfo(n, date_time=_ZIP_TIME), buf.getvalue())
+            extracted += 1
+        manifest = {
+            "positions": list(positions),
+            "quality": quality,
+            "members": "<item_id>_<k>.jpg",
+            "items": len(item_ids),
+            "extracted": extracted,
+            "reused": reused,
+            "skipped": len(skipped),
+            "frames": extracted * len(positions),
+            "skipped_items": list(skipped),
+            "skip_reasons": skipped,
+            "video_sha256": shas,
+        }
+        zf.writestr(zipfile.ZipInfo(MANIFEST_MEMBER, date_time=_ZIP_TIME), json.dumps(manifest, indent=1))
+    return manifest

@@ -1,5 +1,9 @@
 # Captions: three frames per video, LLaVA-NeXT captions of covers and frames (text item fields
-# cover_caption and video_caption), and the captioner stand-ins of the demo.
+# cover_caption and video_caption), and the captioner stand-ins of the demo. A caption set is
+# made by captions.shards jobs (iisan.shards), merged by a local job when there are several.
+from iisan.shards import caption_outputs, caption_shards
+
+CAPTION_SHARDS = caption_shards(config)
 
 
 rule fetch_videos:
@@ -27,13 +31,31 @@ rule fetch_videos:
         "../scripts/fetch_videos.py"
 
 
+rule videos_content:
+    input:
+        get_videos,
+    output:
+        plan.VIDEOS_CONTENT,
+    log:
+        "logs/captions/{dataset}/videos_content.log",
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=120,
+    script:
+        "../scripts/videos_content.py"
+
+
+# frames.zip is updated in place: the job takes the frames of unchanged videos from it
 rule frames:
     input:
         item_table=plan.ITEMS,
-        videos=get_videos,
+        videos=get_videos_content,
     output:
-        frames=plan.FRAMES,
-        manifest=plan.FRAMES_MANIFEST,
+        frames=update(plan.FRAMES),
+        manifest=update(plan.FRAMES_MANIFEST),
     log:
         "logs/captions/{dataset}/frames.log",
     conda:
@@ -73,11 +95,17 @@ rule caption:
     input:
         unpack(get_caption_inputs),
     output:
-        plan.CAPTIONS,
+        plan.CAPTIONS if CAPTION_SHARDS == 1 else plan.CAPTION_SHARD,
     log:
-        "logs/captions/{dataset}/{source}.log",
+        (
+            "logs/captions/{dataset}/{source}.log"
+            if CAPTION_SHARDS == 1
+            else "logs/captions/{dataset}/{source}.{shard}-of-{shards}.log"
+        ),
     wildcard_constraints:
         source="cover|video",
+        shard=r"\d+",
+        shards=str(CAPTION_SHARDS),
     conda:
         "../../envs/iisan.yaml"
     threads: 2
@@ -91,5 +119,31 @@ rule caption:
         max_new_tokens=config["captions"]["max_new_tokens"],
         batch_size=config["captions"]["batch_size"],
         kv_cache=config["captions"]["kv_cache"],
+        captions=lambda wildcards: plan.CAPTIONS.format(**wildcards),
     script:
         "../scripts/caption.py"
+
+
+if CAPTION_SHARDS > 1:
+
+    rule merge_captions:
+        input:
+            item_table=plan.ITEMS,
+            shards=lambda wildcards: caption_outputs(
+                config, wildcards.dataset, wildcards.source
+            ),
+        output:
+            plan.CAPTIONS,
+        log:
+            "logs/captions/{dataset}/{source}.merge.log",
+        wildcard_constraints:
+            source="cover|video",
+        localrule: True
+        conda:
+            "../../envs/iisan.yaml"
+        threads: 1
+        resources:
+            mem_mb=2000,
+            runtime=10,
+        script:
+            "../scripts/merge_captions.py"

@@ -3,6 +3,7 @@
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
 import math
 import re
+from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
@@ -12,6 +13,7 @@ from iisan.budget import Budget, usable_gib, weight_gb
 from iisan.cache import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
+from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
 from iisan.layerdrop import scheme_layers
 
@@ -180,6 +182,18 @@ def get_videos(wildcards):
     if get_dataset_source(wildcards.dataset)["kind"] == "microlens":
         return plan.MICROLENS_VIDEOS_FETCHED.format(dataset=wildcards.dataset)
     return plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset)
+
+
+def get_videos_content(wildcards):
+    """The content manifest of a MicroLens dataset's videos (iisan.folders), brought up to date
+    here, while the workflow is planned, when it exists: rewritten only when a video was added,
+    removed or changed (only files whose size or modification time changed are read), so that
+    exactly then the frames rerun. The videos_content rule makes it the first time."""
+    path = plan.VIDEOS_CONTENT.format(dataset=wildcards.dataset)
+    videos = Path(plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset))
+    if Path(path).is_file() and videos.is_dir():
+        refresh_manifest(videos, path, "*.mp4")
+    return path
 
 
 def get_videos_relpath(wildcards):

@@ -1,13 +1,16 @@
-# LLaVA-NeXT captions of one dataset's covers or video frames (resumable; a manifest records the
+# LLaVA-NeXT captions of one dataset's covers or video frames, or of one shard of them
+# (iisan.shards); resumable, reusing the captions of unchanged images (a manifest records the
 # model, prompt, decoding settings and frame positions).
 from pathlib import Path
 
-from iisan.captions import caption_dataset
+from iisan.captions import caption_dataset, memo_dir
 from iisan.jobs import job
 
 with job(snakemake):
     i, p, w = snakemake.input, snakemake.params, snakemake.wildcards
     model = str(Path(i.captioner).parent) if "captioner" in i.keys() else p.captioner["source"]
+    sharded = "shard" in w.keys()
     caption_dataset(Path(i.item_table), w.source, Path(i.images), model, Path(i.prompts), Path(snakemake.output[0]),
                     positions=p.positions, batch_size=p.batch_size, max_new_tokens=p.max_new_tokens,
-                    revision=p.captioner.get("revision"), kv_cache=p.kv_cache)
+                    revision=p.captioner.get("revision"), kv_cache=p.kv_cache,
+                    shard=(int(w.shard), int(w.shards)) if sharded else (1, 1), memo=memo_dir(p.captions) if sharded else None)

@@ -1,0 +1,12 @@
+# The caption set of one dataset and source from its shards (iisan.shards), in the item table's
+# order, with the manifest one caption job would write.
+from pathlib import Path
+
+import polars as pl
+
+from iisan.jobs import job
+from iisan.shards import merge_captions
+
+with job(snakemake):
+    ids = pl.read_parquet(snakemake.input.item_table)["item_id"].to_list()
+    merge_captions(ids, list(snakemake.input.shards), Path(snakemake.output[0]))
