@@ -199,23 +199,33 @@ def test_a_config_error_shows_the_allowed_keys_not_the_schema():
         workflow.validate(config, ROOT)
 
 
-def test_enums_have_one_source_the_code():
-    """The schema file lists none of the enums the code defines; the schema a run validates
-    against has exactly the code's values (so the two cannot drift)."""
+def test_enums_and_minimums_have_one_source_the_code(tmp_path):
+    """The schema file lists none of the enums and minimums the code defines; the schema a run
+    validates against has exactly the code's values (so the two cannot drift)."""
     from iisan.backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
     from iisan.config import ITEM_SLOTS, PRECISIONS
+    from iisan.data.amazon import MIN_INTERACTIONS, MIN_WINDOW
 
     raw = yaml.safe_load((ROOT / workflow.SCHEMA).read_text())
     merged = workflow.schema(ROOT)
     expected = {"family": set(FAMILIES), "modality": set(FAMILIES.values()), "quantization": QUANTIZATIONS,
                 "precision": set(PRECISIONS), "item_slots": set(ITEM_SLOTS), "dtype": set(CACHE_DTYPES),
-                "tables": set(tables.names(figures=False)), "figures": set(tables.names(figures=True))}
-    for place in workflow._enums():
+                "tables": set(tables.names(figures=False)), "figures": set(tables.names(figures=True)),
+                "min_interactions": MIN_INTERACTIONS, "window": MIN_WINDOW}
+    for place, keywords in workflow.from_code().items():
         node_raw, node = raw, merged
         for k in place:
             node_raw, node = node_raw[k], node[k]
-        assert "enum" not in node_raw, place
-        assert set(node["enum"]) == expected[place[-1] if place[-1] != "items" else place[-2]], place
+        assert not set(keywords) & set(node_raw), place
+        name = place[-1] if place[-1] != "items" else place[-2]
+        value = node.get("enum", node.get("minimum"))
+        assert (set(value) if isinstance(value, list) else value) == expected[name], place
+    # a second list in the file is refused
+    raw["definitions"]["train"]["properties"]["precision"]["enum"] = ["bf16"]
+    (tmp_path / workflow.SCHEMA).parent.mkdir(parents=True)
+    (tmp_path / workflow.SCHEMA).write_text(yaml.safe_dump(raw))
+    with pytest.raises(ValueError, match="definitions.train.properties.precision sets enum, which the code defines"):
+        workflow.schema(tmp_path)
     # the code's values are all accepted, and nothing else
     config = copy.deepcopy(BASE)
     for family in FAMILIES:

@@ -43,23 +43,28 @@ def load_yaml(path: Path | str) -> dict:
     return data
 
 
-def _enums() -> dict[tuple[str, ...], list]:
-    """Enums the code defines, by their place in the schema: the schema file leaves them out and
-    `schema` fills them in, so that a value the code accepts is the one the schema allows."""
+def from_code() -> dict[tuple[str, ...], dict]:
+    """Schema keywords the code defines (enums, minimums), by their place in the schema: the
+    schema file leaves them out and `schema` fills them in, so that the values the schema allows
+    are the ones the code takes."""
     from .backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
     from .config import ITEM_SLOTS, PRECISIONS
+    from .data.amazon import MIN_INTERACTIONS, MIN_WINDOW
 
     backbone = ("properties", "backbones", "additionalProperties", "properties")
     train = ("definitions", "train", "properties")
+    preprocess = ("properties", "preprocess", "properties")
     return {
-        (*backbone, "family"): sorted(FAMILIES),
-        (*backbone, "modality"): sorted(set(FAMILIES.values())),
-        (*backbone, "quantization"): sorted(QUANTIZATIONS, key=lambda q: (q is None, q or "")),
-        (*train, "precision"): list(PRECISIONS),
-        (*train, "item_slots"): list(ITEM_SLOTS),
-        ("properties", "cache", "properties", "dtype"): list(CACHE_DTYPES),
-        ("properties", "tables", "items"): tables.names(figures=False),
-        ("properties", "figures", "items"): tables.names(figures=True),
+        (*backbone, "family"): {"enum": sorted(FAMILIES)},
+        (*backbone, "modality"): {"enum": sorted(set(FAMILIES.values()))},
+        (*backbone, "quantization"): {"enum": sorted(QUANTIZATIONS, key=lambda q: (q is None, q or ""))},
+        (*train, "precision"): {"enum": list(PRECISIONS)},
+        (*train, "item_slots"): {"enum": list(ITEM_SLOTS)},
+        ("properties", "cache", "properties", "dtype"): {"enum": list(CACHE_DTYPES)},
+        ("properties", "tables", "items"): {"enum": tables.names(figures=False)},
+        ("properties", "figures", "items"): {"enum": tables.names(figures=True)},
+        (*preprocess, "min_interactions"): {"minimum": MIN_INTERACTIONS},
+        (*preprocess, "window"): {"minimum": MIN_WINDOW},
     }
 
 
@@ -71,7 +76,7 @@ def _schema_file(path: str, mtime_ns: int, size: int) -> dict:
 
 def schema(root: Path | str = ".") -> dict:
     """The config schema: the file's, with every registered table section, the registry's names
-    as the only `tables` and `figures`, and the enums the code defines (`_enums`)."""
+    as the only `tables` and `figures`, and the enums and minimums the code defines (`from_code`)."""
     path = Path(root) / SCHEMA
     stat = path.stat()
     out = copy.deepcopy(_schema_file(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
@@ -81,13 +86,14 @@ def schema(root: Path | str = ".") -> dict:
             if t.section in props:
                 raise ValueError(f"{SCHEMA}: key {t.section!r} is also the section of table {t.name!r} (iisan.tables)")
             props[t.section] = copy.deepcopy(t.schema)
-    for place, values in _enums().items():
+    for place, keywords in from_code().items():
         node = out
         for key in place:
             node = node[key]
-        if "enum" in node:
-            raise ValueError(f"{SCHEMA}: {'.'.join(place)} lists an enum the code defines; leave it out of the file")
-        node["enum"] = list(values)
+        if set(keywords) & set(node):
+            raise ValueError(f"{SCHEMA}: {'.'.join(place)} sets {', '.join(set(keywords) & set(node))}, which the code "
+                             "defines (iisan.workflow.from_code); leave it out of the file")
+        node.update(copy.deepcopy(keywords))
     return out
 
 
