@@ -149,6 +149,7 @@ def _names_a_key(message: str) -> bool:
     return "config key " in message or bool(re.search(r"^dataset '.*': no resources/.*/stats.json yet", message))
 
 
+@pytest.mark.slow  # about 30 s
 @settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
 @given(overlays())
@@ -175,6 +176,11 @@ def test_a_schema_valid_value_plans_or_is_refused_naming_a_key(example):
         ({"cache": {"dtype": "bfloat16"}}, "config key cache.dtype: 'bfloat16' is not one of auto, float16, float32"),
         ({"train": {"precision": "fp8"}}, "config key train.precision: 'fp8' is not one of bf16, fp16, fp32"),
         ({"model": {"bottlenek": 8}}, "config key model.bottlenek: Additional properties are not allowed"),
+        ({"methods": [5]}, "config key methods[0]: 5 is not allowed: expected a string or a mapping of method, towers"),
+        ({"gpus_per_job": -1}, "config key gpus_per_job: -1 is less than the minimum of 0"),
+        ({"gpus_per_job": [1]}, "config key gpus_per_job: [1] is not allowed: expected an integer >= 0 or one of auto"),
+        ({"dataset_sources": {"Foo": {"kind": "microlens"}}}, "config key dataset_sources.Foo.pairs: missing (required in dataset_sources.Foo)"),
+        ({"fig7": {"text_encoders": []}}, "config key fig7.text_encoders: [] should be non-empty"),
     ],
 )
 def test_values_the_code_cannot_run_are_refused_naming_the_key(overrides, message):

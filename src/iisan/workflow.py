@@ -136,8 +136,25 @@ def _message(err) -> str:
         return head + f"{dup!r} is listed twice in {err.instance!r} (each value once)"
     if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minItems", "maxItems", "type", "const"):
         return head + err.message
+    if v in ("oneOf", "anyOf") and isinstance(err.validator_value, list):
+        return head + f"{err.instance!r} is not allowed: expected {' or '.join(_describe(b) for b in err.validator_value)}"
     text = err.message
     return head + (text if len(text) <= 300 else text[:300] + " ...")
+
+
+def _describe(sub: dict) -> str:
+    """One alternative of a oneOf/anyOf, in words: its type and enum or bounds."""
+    if "enum" in sub:
+        return f"one of {', '.join(map(str, sub['enum']))}"
+    types = sub.get("type", "value")
+    words = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer", "number": "a number",
+             "boolean": "true or false", "null": "null"}
+    text = " or ".join(words.get(t, t) for t in (types if isinstance(types, list) else [types]))
+    if "minimum" in sub:
+        text += f" >= {sub['minimum']}"
+    if sub.get("type") == "object" and sub.get("properties"):
+        text += f" of {', '.join(sub['properties'])}"
+    return text
 
 
 def validate(config: dict, root: Path | str = ".") -> dict:
