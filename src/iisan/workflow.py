@@ -112,7 +112,7 @@ def _message(err) -> str:
     sch = err.schema if isinstance(err.schema, dict) else {}
     v = err.validator
     if v == "required":
-        missing = err.message.split("'")[1] if err.message.count("'") >= 2 else err.message
+        missing = next(k for k in err.validator_value if k not in err.instance)
         key = f"{where}.{missing}" if where else missing
         return f"config key {key}: missing (required{f' in {where}' if where else ' at the top level'})"
     if v == "additionalProperties" and sch.get("properties") is not None:
