@@ -1,14 +1,22 @@
 # IISAN-Versa reproducibility workflow. See README.md; the stages live in workflow/rules/.
+from pathlib import Path
+
 from snakemake.utils import min_version, update_config
 
 import iisan.worker
 from iisan.config import typed
-from iisan.workflow import check_config, validate
+from iisan.workflow import DEFAULT_CONFIG, check_config, load_yaml, validate
 
 min_version("9.0")
 
+# the workflow's default config lives beside this Snakefile, whatever the working directory;
+# load_yaml reads it first so that a YAML error names its file, line and column (Snakemake's
+# own message names none)
+DEFAULT_CONFIGFILE = str(Path(workflow.basedir) / DEFAULT_CONFIG)
+load_yaml(DEFAULT_CONFIGFILE)
 
-configfile: "config/config.yaml"
+
+configfile: DEFAULT_CONFIGFILE
 
 
 report: "workflow/report/workflow.rst"

@@ -1,4 +1,5 @@
 import json
+import re
 import zipfile
 
 import polars as pl
@@ -86,12 +87,12 @@ def test_bad_lines_are_errors_naming_file_and_line(tmp_path, items_text, users_t
 def test_bad_lines_skipped_and_counted(tmp_path):
     items, users = _tiny(
         tmp_path,
-        "I1\tone\nI2\t\nI3\tthree\nI4\tfour\nI5\tfive\nI6\tsix\n",
-        "u1\tI1 I3 I4 I5 I6\nu2\tI1 I2 I3 I4 I5\nbroken line\n",
+        "I1\tone\nI2\t\nI3\tthree\nI4\tfour\nI5\tfive\nI6\tsix\n" + "".join(f"I{i}\tt{i}\n" for i in range(7, 17)),
+        "u1\tI1 I3 I4 I5 I6\nu2\tI1 I2 I3 I4 I5\nbroken line\nu4\t" + " ".join(f"I{i}" for i in range(7, 17)) + "\n",
     )
     stats = preprocess(items, users, tmp_path / "out", bad_lines="skip")
     assert stats["skipped_lines"] == 3  # empty title, unknown item I2 (its line was skipped), field count
-    assert stats["users"] == 1 and stats["items"] == 5
+    assert stats["users"] == 2 and stats["items"] == 15
     assert any("users.tsv:3" in s for s in stats["skipped"])
 
 
@@ -135,8 +136,10 @@ def test_crlf_lines_are_repaired_and_counted(tmp_path):
 
 
 def _bad_utf8(tmp_path, which):
-    """The tiny dataset with byte 0xff in line 3 of the items or the users file."""
+    """The tiny dataset and a user u4 (I4..I9), with byte 0xff in line 3 of the items or the
+    users file."""
     items, users = _tiny(tmp_path)
+    users.write_text(users.read_text() + "u4\tI4 I5 I6 I7 I8 I9\n")
     path = items if which == "items" else users
     lines = path.read_bytes().splitlines(keepends=True)
     lines[2] = lines[2][:4] + b"\xff" + lines[2][4:]  # 'I3\tt\xffitle 3' / 'u3\tI\xff20 ...'
@@ -155,8 +158,8 @@ def test_invalid_utf8_is_an_error_naming_file_and_line(tmp_path, which):
 @pytest.mark.parametrize(
     "which,skipped,users,items",
     [
-        ("items", 3, 1, 5),  # I3 is skipped, so are u1 and u2 (unknown item I3); u3 is kept
-        ("users", 1, 1, 13),  # u3 is skipped; u1 is kept
+        ("items", 3, 2, 11),  # I3 is skipped, so are u1 and u2 (unknown item I3); u3 and u4 are kept
+        ("users", 1, 2, 13),  # u3 is skipped; u1 and u4 (within u1's items) are kept
     ],
 )
 def test_invalid_utf8_skipped_and_counted(tmp_path, which, skipped, users, items):
@@ -183,3 +186,64 @@ def test_leading_byte_order_mark_is_removed_and_counted(tmp_path, which):
         )
     assert stats["item_order_hash"] == expected["item_order_hash"]
 
+
+
+def test_a_lone_carriage_return_is_not_a_line_end(tmp_path):
+    """A \\r inside a title is no line end: the error names its own line (not the valid next
+    one); skipped, the whole record goes (never kept with its title cut at the \\r) and no
+    CRLF repair is counted."""
+    text = "".join(f"I{i}\ttitle {i}\n" for i in range(1, 21)).replace("I5\ttitle 5", "I5\ttitle\rfive")
+    items, users = _tiny(tmp_path, text)
+    with pytest.raises(DataError) as err:
+        preprocess(items, users, tmp_path / "out")
+    assert f"{items}:5: carriage return (\\r) inside the line at column 9" in str(err.value)
+    users.write_text(users.read_text().replace("I5 ", ""))  # u1 without I5, so that it is kept
+    stats = preprocess(items, users, tmp_path / "out", bad_lines="skip")
+    assert stats["skipped"] == [f"{items}:5: carriage return (\\r) inside the line at column 9 (only \\n or \\r\\n ends a line)"]
+    assert stats["repaired_lines"] == 0
+    it = pl.read_parquet(tmp_path / "out" / "items.parquet")
+    assert "I5" not in it["item_id"].to_list() and not any("\r" in t or t == "title" for t in it["title"].to_list())
+    # CRLF endings stay a counted repair, and a \r\n inside the file is one line end
+    items.write_bytes(items.read_bytes().replace(b"I5\ttitle\rfive\n", b"I5\tfive\r\n"))
+    stats = preprocess(items, users, tmp_path / "out2")
+    assert stats["repaired"] == [f"{items}:5: CRLF line ending"] and stats["skipped_lines"] == 0
+
+
+@pytest.mark.parametrize(
+    "users_text,options,message",
+    [
+        ("u1\tI1 I2 I3 I4 I5 I6 I7 I8 I9 I10 I11 I12 I13\nu2\tI1 I2\n", {"min_interactions": 2},
+         "1 of 2 users have fewer than 3 interactions, so their training history is empty (preprocess.min_interactions is 2"),
+        ("u1\tI1 I2 I3 I4 I5 I6 I7 I8 I9 I10 I11 I12 I13\n", {}, "only 1 user has at least 5 interactions; training needs 2"),
+        ("u1\tI1 I2 I3 I4 I5 I6\nu2\tI6 I5 I4 I3 I2 I7 I8 I9 I10\n", {},
+         "10 items after preprocessing (2 users), not more than the top-10 of HR@10 and NDCG@10"),
+    ],
+)
+def test_data_that_trains_without_meaning_stops_with_counts(tmp_path, users_text, options, message):
+    """Users with an empty training history, a single user (loss 0) or no more items than the
+    metrics' top-K (every HR and NDCG 1.0) stop the preprocessing; nothing is written."""
+    items, users = _tiny(tmp_path, users_text=users_text)
+    with pytest.raises(DataError, match=re.escape(message)):
+        preprocess(items, users, tmp_path / "out", **options)
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_windows_follow_the_window_and_max_len(tmp_path):
+    """The evaluation inputs are the T = window - 3 items before each target (the authors' 13 =
+    10 + 3); a user encoder of max_len T' <= T reads the last T' of them, a longer one is refused
+    naming preprocess.window."""
+    items, users = _tiny(tmp_path)
+    stats = preprocess(items, users, tmp_path / "out", window=8)
+    assert (stats["window"], stats["max_len"]) == (8, 5)
+    seq = pl.read_parquet(tmp_path / "out" / "sequences.parquet").row(0, named=True)
+    s = seq["sequence"]
+    assert len(s) == 8 and seq["train"] == s[:-2]
+    assert seq["valid_input"] == s[-7:-2] and seq["test_input"] == s[-6:-1]
+    data = load_sequences(tmp_path / "out", max_len=5)
+    assert data.valid_input.shape == (2, 5) and data.train.shape == (2, 6)
+    assert data.test_input[0].tolist() == s[-6:-1]
+    assert load_sequences(tmp_path / "out", max_len=3).test_input[0].tolist() == s[-4:-1]
+    with pytest.raises(ValueError, match=r"model.max_len 6 is longer than the 5 evaluation inputs .* set preprocess.window to at least 9"):
+        load_sequences(tmp_path / "out", max_len=6)
+    with pytest.raises(ValueError, match="preprocess.window: 3 keeps no evaluation input"):
+        preprocess(items, users, tmp_path / "out3", window=3)

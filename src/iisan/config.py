@@ -70,7 +70,8 @@ class ModelConfig:
         return rs, rs[1 if len(dims) == 2 and dims[0] > dims[1] else 0]
 
 
-PRECISIONS = ("bf16", "fp16", "fp32")
+PRECISIONS = ("bf16", "fp16", "fp32")  # train.precision (the config schema's enum is filled from these)
+ITEM_SLOTS = ("all", "distinct")  # train.item_slots
 
 
 @dataclass
@@ -105,8 +106,8 @@ class TrainConfig:
     item_slots: str = "all"
 
     def __post_init__(self):
-        if self.item_slots not in ("all", "distinct"):
-            raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of all, distinct")
+        if self.item_slots not in ITEM_SLOTS:
+            raise ValueError(f"train.item_slots: {self.item_slots!r} is not one of {', '.join(ITEM_SLOTS)}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
@@ -148,7 +149,7 @@ class TowerConfig:
 
         if field not in ITEM_FIELDS:
             raise ValueError(f"{where}: unknown item field {field!r} (item fields: {', '.join(ITEM_FIELDS)})")
-        entry = backbone_entry(config, backbone)
+        entry = backbone_entry(config, backbone, where)
         if ITEM_FIELDS[field] != entry["modality"]:
             raise ValueError(f"{where}: field {field!r} holds {ITEM_FIELDS[field]}, but backbone {backbone!r} is a "
                              f"{entry['modality']} backbone")
@@ -160,12 +161,14 @@ class TowerConfig:
         return BackboneSpec.from_config(self.backbone, self.spec)
 
 
-def backbone_entry(config: dict, name: str) -> dict:
+def backbone_entry(config: dict, name: str, where: str | None = None) -> dict:
+    """The registry entry of backbone `name`; an unknown name raises ValueError (prefixed with
+    `where`, the config key that names it)."""
     try:
         return config["backbones"][name]
     except KeyError:
-        raise ValueError(f"backbone {name!r} is not in the backbones registry of the config "
-                         f"(known: {', '.join(sorted(config['backbones']))})") from None
+        raise ValueError(f"{where + ': ' if where else ''}backbone {name!r} is not in the backbones registry of the config "
+                         f"(known: {', '.join(sorted(config['backbones'])) or 'none'})") from None
 
 
 def _build(cls, values: dict, where: str):

@@ -75,7 +75,7 @@ def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], dev
     and cache (dropped | full | none = backbones in the loop)."""
     import torch
 
-    data = load_sequences(dataset_dir)
+    data = load_sequences(dataset_dir, exp.model.max_len)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     info: list[dict] = []
     set_seed(exp.train.seed)  # adapters and LoRA matrices are initialised while the source is built

@@ -8,36 +8,160 @@ Python callers (`iisan plan`, tests).
 from __future__ import annotations
 
 import copy
+import functools
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
 
-from . import methods, tables
+from . import methods, plan, tables
 from .config import TowerConfig, typed
 
 SCHEMA = "config/schemas/config.schema.yaml"
+DEFAULT_CONFIG = "config/config.yaml"  # relative to the workflow's folder (the Snakefile's)
+
+
+def load_yaml(path: Path | str) -> dict:
+    """A config file's mapping; a YAML syntax error raises ValueError naming the file, line and
+    column (PyYAML alone names none when it is given the text)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        what = "; ".join(m for m in (err.context, err.problem) if m)
+        raise ValueError(f"{where}: not valid YAML: {what}") from None
+    except yaml.YAMLError as err:
+        raise ValueError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a config file is a mapping of keys, not a {type(data).__name__}")
+    return data
+
+
+def from_code() -> dict[tuple[str, ...], dict]:
+    """Schema keywords the code defines (enums, minimums), by their place in the schema: the
+    schema file leaves them out and `schema` fills them in, so that the values the schema allows
+    are the ones the code takes."""
+    from .backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
+    from .config import ITEM_SLOTS, PRECISIONS
+    from .data.amazon import MIN_INTERACTIONS, MIN_WINDOW
+
+    backbone = ("properties", "backbones", "additionalProperties", "properties")
+    train = ("definitions", "train", "properties")
+    preprocess = ("properties", "preprocess", "properties")
+    return {
+        (*backbone, "family"): {"enum": sorted(FAMILIES)},
+        (*backbone, "modality"): {"enum": sorted(set(FAMILIES.values()))},
+        (*backbone, "quantization"): {"enum": sorted(QUANTIZATIONS, key=lambda q: (q is None, q or ""))},
+        (*train, "precision"): {"enum": list(PRECISIONS)},
+        (*train, "item_slots"): {"enum": list(ITEM_SLOTS)},
+        ("properties", "cache", "properties", "dtype"): {"enum": list(CACHE_DTYPES)},
+        ("properties", "tables", "items"): {"enum": tables.names(figures=False)},
+        ("properties", "figures", "items"): {"enum": tables.names(figures=True)},
+        (*preprocess, "min_interactions"): {"minimum": MIN_INTERACTIONS},
+        (*preprocess, "window"): {"minimum": MIN_WINDOW},
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _schema_file(path: str, mtime_ns: int, size: int) -> dict:
+    """The schema file, parsed once per version of it."""
+    return yaml.safe_load(Path(path).read_text(encoding="utf-8"))
 
 
 def schema(root: Path | str = ".") -> dict:
-    """The config schema: the file's, with every registered table section and the registry's
-    names as the only `tables` and `figures`."""
-    out = yaml.safe_load((Path(root) / SCHEMA).read_text(encoding="utf-8"))
+    """The config schema: the file's, with every registered table section, the registry's names
+    as the only `tables` and `figures`, and the enums and minimums the code defines (`from_code`)."""
+    path = Path(root) / SCHEMA
+    stat = path.stat()
+    out = copy.deepcopy(_schema_file(str(path.resolve()), stat.st_mtime_ns, stat.st_size))
     props = out["properties"]
     for t in tables.TABLES.values():
         if t.section and t.schema:
             if t.section in props:
                 raise ValueError(f"{SCHEMA}: key {t.section!r} is also the section of table {t.name!r} (iisan.tables)")
             props[t.section] = copy.deepcopy(t.schema)
-    props["tables"]["items"]["enum"] = tables.names(figures=False)
-    props["figures"]["items"]["enum"] = tables.names(figures=True)
+    for place, keywords in from_code().items():
+        node = out
+        for key in place:
+            node = node[key]
+        if set(keywords) & set(node):
+            raise ValueError(f"{SCHEMA}: {'.'.join(place)} sets {', '.join(set(keywords) & set(node))}, which the code "
+                             "defines (iisan.workflow.from_code); leave it out of the file")
+        node.update(copy.deepcopy(keywords))
     return out
+
+
+def key_name(path) -> str:
+    """A config key as messages write it: `table3.methods[0]`, `backbones.bert-demo.family`."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out
+
+
+def _message(err) -> str:
+    """A schema violation as one line: the key, the bad value and what is allowed (never the
+    schema itself)."""
+    where = key_name(err.absolute_path)
+    sch = err.schema if isinstance(err.schema, dict) else {}
+    v = err.validator
+    if v == "required":
+        missing = next(k for k in err.validator_value if k not in err.instance)
+        key = f"{where}.{missing}" if where else missing
+        return f"config key {key}: missing (required{f' in {where}' if where else ' at the top level'})"
+    if v == "additionalProperties" and sch.get("properties") is not None:
+        unknown = sorted(set(err.instance) - set(sch["properties"]))
+        allowed = ", ".join(sch["properties"])
+        return f"config key {key_name([*err.absolute_path, unknown[0]]) if unknown else where}: " \
+               f"{err.message} (allowed keys{f' of {where}' if where else ''}: {allowed})"
+    head = f"config key {where or '(top level)'}: "
+    if v == "enum":
+        return head + f"{err.instance!r} is not one of {', '.join('null' if e is None else str(e) for e in err.validator_value)}"
+    if v == "pattern":
+        return head + f"{err.instance!r} is not allowed: {sch.get('description') or 'it must match ' + repr(err.validator_value)}"
+    if v == "uniqueItems":
+        seen, dup = set(), None
+        for x in err.instance:
+            k = repr(x)
+            if k in seen:
+                dup = x
+                break
+            seen.add(k)
+        return head + f"{dup!r} is listed twice in {err.instance!r} (each value once)"
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum", "minItems", "maxItems", "type", "const"):
+        return head + err.message
+    if v in ("oneOf", "anyOf") and isinstance(err.validator_value, list):
+        return head + f"{err.instance!r} is not allowed: expected {' or '.join(_describe(b) for b in err.validator_value)}"
+    text = err.message
+    return head + (text if len(text) <= 300 else text[:300] + " ...")
+
+
+def _describe(sub: dict) -> str:
+    """One alternative of a oneOf/anyOf, in words: its type and enum or bounds."""
+    if "enum" in sub:
+        return f"one of {', '.join(map(str, sub['enum']))}"
+    types = sub.get("type", "value")
+    words = {"object": "a mapping", "array": "a list", "string": "a string", "integer": "an integer", "number": "a number",
+             "boolean": "true or false", "null": "null"}
+    text = " or ".join(words.get(t, t) for t in (types if isinstance(types, list) else [types]))
+    if "minimum" in sub:
+        text += f" >= {sub['minimum']}"
+    if sub.get("type") == "object" and sub.get("properties"):
+        text += f" of {', '.join(sub['properties'])}"
+    return text
 
 
 def validate(config: dict, root: Path | str = ".") -> dict:
     """Check `config` against the schema and fill in its defaults (in place); a violation raises
-    ValueError naming the key."""
-    import jsonschema
+    ValueError naming the key, the bad value and what is allowed."""
     from jsonschema import Draft202012Validator, validators
+    from jsonschema.exceptions import best_match
 
     def set_defaults(validator, properties, instance, sch):
         if isinstance(instance, dict):
@@ -47,20 +171,21 @@ def validate(config: dict, root: Path | str = ".") -> dict:
         yield from Draft202012Validator.VALIDATORS["properties"](validator, properties, instance, sch)
 
     Validator = validators.extend(Draft202012Validator, {"properties": set_defaults})
-    try:
-        Validator(schema(root)).validate(config)
-    except jsonschema.ValidationError as err:
-        where = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise ValueError(f"config key {where}: {err.message}") from None
+    err = best_match(Validator(schema(root)).iter_errors(config))
+    if err is not None:
+        raise ValueError(_message(err))
     return config
 
 
 def check_config(config: dict) -> None:
     """What the schema cannot check: tower fields against backbone modalities, method names
-    against the method registry, datasets named by other keys, and each configured table's own
-    checks (iisan.tables). Errors name the config key."""
+    against the method registry, datasets named by other keys, the default LayerDrop scheme and
+    the user encoder's length against the backbones and the data, and each configured table's own
+    checks and plan (iisan.tables): every run it plans is an experiment whose towers keep layers
+    their backbones have. Errors name the config key."""
     for i, t in enumerate(config["towers"]):
         TowerConfig.from_config(config, t["field"], t["backbone"], f"config key towers[{i}]")
+    _check_scheme(config)
     for name in config.get("method_train") or {}:
         methods.get(name, f"config key method_train.{name}")
     known = config["dataset_sources"]
@@ -68,15 +193,76 @@ def check_config(config: dict) -> None:
         for name in config.get(key) or {}:
             if name not in known:
                 raise ValueError(f"config key {key}.{name}: no such dataset under dataset_sources (known: {', '.join(known)})")
+    _check_max_len(config)
     # the configured tables and figures, and the methods table's rows whether built or not
     for name in dict.fromkeys([*(config.get("tables") or []), *(config.get("figures") or []), "methods"]):
         t = tables.get(name, "config key tables/figures")
-        if t.check:
-            t.check(config)
-        for d in tables.table_datasets(config, name):
-            if d not in known:
-                raise ValueError(f"config key {t.section or name}: dataset {d!r} is not under dataset_sources "
-                                 f"(known: {', '.join(known)})")
+        key = t.section or name
+        with _naming(key):
+            if t.check:
+                t.check(config)
+            for d in tables.table_datasets(config, name):
+                if d not in known:
+                    raise ValueError(f"config key {key}: dataset {d!r} is not under dataset_sources (known: {', '.join(known)})")
+            _check_runs(config, name)
+
+
+@contextmanager
+def _naming(key: str):
+    """Prefix `config key <key>: ` to a ValueError that names no config key; a KeyError (a
+    setting the planning of `key` reads and the config leaves out) becomes such a ValueError."""
+    try:
+        yield
+    except ValueError as err:
+        if "config key " in str(err):
+            raise
+        raise ValueError(f"config key {key}: {err}") from None
+    except KeyError as err:
+        raise ValueError(f"config key {key}: needs the setting {err.args[0]!r}, which the config leaves out") from None
+
+
+def _check_scheme(config: dict) -> None:
+    """`default_scheme` keeps blocks every tower's backbone has."""
+    from .layerdrop import scheme_layers
+
+    scheme = config["default_scheme"]
+    for t in config["towers"]:
+        with _naming("default_scheme"):
+            scheme_layers(scheme, config["backbones"][t["backbone"]]["layers"], include_h0=False)
+
+
+def _check_max_len(config: dict) -> None:
+    """The user encoder's T (`model.max_len`, per dataset `dataset_model.<d>.max_len`) fits the
+    windows preprocessing keeps: T input items before the validation and the test target."""
+    from .config import ModelConfig
+
+    window = config["preprocess"]["window"]
+    places = {"model": config.get("model") or {}}
+    places.update({f"dataset_model.{d}": m or {} for d, m in (config.get("dataset_model") or {}).items()})
+    for where, model in places.items():
+        t = model.get("max_len", ModelConfig.max_len)
+        if t + 3 > window:
+            raise ValueError(f"config key {where}.max_len: {t} input positions need preprocess.window >= {t + 3} "
+                             f"(it is {window}: each user keeps T = window - 3 items before the validation target)")
+
+
+def _check_runs(config: dict, name: str) -> None:
+    """Every run table (or figure) `name` plans: its experiment (first seed), the layers each
+    tower keeps, and the caches it reads."""
+    kind = tables.runs_entry(name).runs
+    if kind == "cache":
+        tables.fig6_caches(config)
+        return
+    if kind == "profile":
+        tables.efficiency_plan(config)
+    seed = config["seeds"][0]
+    for dataset in tables.table_datasets(config, name):
+        for row in tables.table_plan(name, config):
+            w = plan.run_wildcards(dataset, row)
+            exp = plan.experiment(config, dataset, w["towers"], w["method"], w["scheme"], w["cache"], seed)
+            for i in range(len(exp.towers)):
+                exp.tower_layers(i)
+            plan.run_caches(config, dataset, w["towers"], w["method"], w["scheme"], w["cache"])
 
 
 def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] = (), overrides: dict | None = None) -> dict:
@@ -87,11 +273,8 @@ def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] =
 
     root = Path(root)
     config: dict = {}
-    for f in ("config/config.yaml", *files):
-        path = Path(f) if Path(f).is_absolute() else root / f
-        if not path.is_file():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        update_config(config, yaml.safe_load(path.read_text()) or {})
+    for f in (DEFAULT_CONFIG, *files):
+        update_config(config, load_yaml(Path(f) if Path(f).is_absolute() else root / f))
     update_config(config, typed(overrides or {}))
     validate(config, root)
     check_config(config)

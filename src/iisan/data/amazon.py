@@ -3,8 +3,10 @@
 Items file: ``item_id \\t title`` (no header). Users file: ``user_id \\t item item ...``
 (oldest first). Users with fewer than `min_interactions` interactions are dropped, each kept
 user keeps the last `window` items, items are re-indexed 1..N in items-file order keeping only
-those that occur in a kept window (0 is padding). Other datasets with a users file in this
-layout (MicroLens-100k, see microlens.py) reuse `preprocess` with their own titles reader.
+those that occur in a kept window (0 is padding). The evaluation inputs are the T = window - 3
+items before each target (T: the user encoder's `max_len`; the authors keep max_seq_len + 3
+items). Other datasets with a users file in this layout (MicroLens-100k, see microlens.py)
+reuse `preprocess` with their own titles reader.
 """
 
 from __future__ import annotations
@@ -53,13 +55,6 @@ def _bad(policy: str, where: str, what: str, counters: Counters) -> None:
         )
 
 
-def _physical_lines(fh):
-    """The raw lines of a binary file, each with its ending, split exactly as the text-mode
-    reading with ``newline=""`` that this replaces did: at \\n, \\r\\n and a lone \\r."""
-    for chunk in fh:
-        yield from chunk.splitlines(keepends=True)
-
-
 def _strip_bom(raw: bytes, where: str, lineno: int, counters: Counters) -> bytes:
     """Remove and count a UTF-8 byte-order mark at the very start of the file: kept, it
     would become part of the first id. A BOM anywhere else is ordinary data."""
@@ -78,11 +73,12 @@ def _invalid_utf8(raw: bytes, err: UnicodeDecodeError) -> str:
 
 def _lines(path: Path, policy: str, counters: Counters):
     """(where, line) for each line of a text file, without its ending; a leading byte-order
-    mark and CRLF endings are repaired and counted, invalid UTF-8 and empty lines are errors
-    (or skipped and counted). Read in binary so that a bad byte spoils one line (named by
-    file and line), not the whole file."""
+    mark and CRLF endings are repaired and counted; invalid UTF-8, a carriage return inside a
+    line and empty lines are errors (or the whole line is skipped and counted: a record is
+    never kept cut short). Read in binary so that a bad byte spoils one line (named by file and
+    line), not the whole file. Lines end at \\n only: a lone \\r is not a line end."""
     with open(path, "rb") as fh:
-        for lineno, raw in enumerate(_physical_lines(fh), start=1):
+        for lineno, raw in enumerate(fh, start=1):  # a binary file's lines end at b"\\n"
             where = f"{path}:{lineno}"
             raw = _strip_bom(raw, where, lineno, counters)
             try:
@@ -90,10 +86,14 @@ def _lines(path: Path, policy: str, counters: Counters):
             except UnicodeDecodeError as err:
                 _bad(policy, where, _invalid_utf8(raw, err), counters)
                 continue
-            line = text.rstrip("\n")
-            if line.endswith("\r"):
+            line = text.removesuffix("\n")
+            if text.endswith("\r\n"):
                 line = line[:-1]
                 counters.repaired_lines.append(f"{where}: CRLF line ending")
+            if "\r" in line:
+                column = line.index("\r") + 1
+                _bad(policy, where, f"carriage return (\\r) inside the line at column {column} (only \\n or \\r\\n ends a line)", counters)
+                continue
             if not line.strip():
                 _bad(policy, where, "empty line", counters)
                 continue
@@ -182,6 +182,29 @@ def _image_index(archive: Path) -> dict[str, str]:
     return out
 
 
+MIN_WINDOW = 4  # T = window - 3 >= 1 evaluation input
+MIN_INTERACTIONS = 3  # a training item, a validation and a test target
+
+
+def _check_trainable(users_tsv: Path, kept: list[tuple[str, list[str]]], n_items: int, min_interactions: int) -> None:
+    """Stop on data that would train and evaluate without meaning: users whose training history
+    is empty, a single user (the loss's negatives are the other users' items: its loss is 0),
+    or no more items than the top-K of the metrics (every target would be a hit)."""
+    from ..config import TrainConfig
+
+    short = sum(len(seq) < MIN_INTERACTIONS for _, seq in kept)
+    if short:
+        raise DataError(f"{users_tsv}: {short} of {len(kept)} users have fewer than {MIN_INTERACTIONS} interactions, so their "
+                        f"training history is empty (preprocess.min_interactions is {min_interactions}; use at least {MIN_INTERACTIONS})")
+    if len(kept) < 2:
+        raise DataError(f"{users_tsv}: only {len(kept)} user has at least {min_interactions} interactions; training needs 2 or "
+                        "more (the in-batch loss takes its negatives from the other users)")
+    k = TrainConfig.k
+    if n_items <= k:
+        raise DataError(f"{users_tsv}: {n_items} items after preprocessing ({len(kept)} users), not more than the top-{k} of "
+                        f"HR@{k} and NDCG@{k}: every test target would be a hit")
+
+
 def preprocess(
     items_tsv: Path,
     users_tsv: Path,
@@ -199,6 +222,9 @@ def preprocess(
     counters)` reads the titles file (item_id -> title in file order): `read_items` for the
     Amazon TSV, `microlens.read_titles_csv` for MicroLens."""
     items_tsv, users_tsv, out_dir = Path(items_tsv), Path(users_tsv), Path(out_dir)
+    if window < MIN_WINDOW:
+        raise ValueError(f"preprocess.window: {window} keeps no evaluation input (T = window - 3 items; at least {MIN_WINDOW})")
+    max_len = window - 3  # T: the evaluation inputs, the items before the validation and the test target
     counters = Counters()
     titles = items_reader(items_tsv, bad_lines, counters)
     users = read_users(users_tsv, titles, bad_lines, counters)
@@ -208,6 +234,7 @@ def preprocess(
         raise DataError(f"{users_tsv}: no user has at least {min_interactions} interactions")
     used = {i for _, seq in kept for i in seq}
     order = [i for i in titles if i in used]  # items-file order
+    _check_trainable(users_tsv, kept, len(order), min_interactions)
     index = {item: n for n, item in enumerate(order, start=1)}
 
     image_names: list[str | None] = [None] * len(order)
@@ -242,9 +269,9 @@ def preprocess(
             "user_id": pl.Series([u for u, _ in kept], dtype=pl.String),
             "sequence": pl.Series(seqs, dtype=pl.List(pl.Int32)),
             "train": pl.Series([s[:-2] for s in seqs], dtype=pl.List(pl.Int32)),
-            "valid_input": pl.Series([s[-12:-2] for s in seqs], dtype=pl.List(pl.Int32)),
+            "valid_input": pl.Series([s[:-2][-max_len:] for s in seqs], dtype=pl.List(pl.Int32)),
             "valid_target": pl.Series([s[-2] for s in seqs], dtype=pl.Int32),
-            "test_input": pl.Series([s[-11:-1] for s in seqs], dtype=pl.List(pl.Int32)),
+            "test_input": pl.Series([s[:-1][-max_len:] for s in seqs], dtype=pl.List(pl.Int32)),
             "test_target": pl.Series([s[-1] for s in seqs], dtype=pl.Int32),
         }
     )
@@ -279,6 +306,7 @@ def preprocess(
         "item_order_hash": item_order_hash(order),
         "min_interactions": min_interactions,
         "window": window,
+        "max_len": max_len,
     }
     # Write everything to temporaries first (each write is atomic); stats.json goes last so
     # its presence means the dataset is complete.

@@ -50,10 +50,17 @@ class SequenceData:
 
 
 def load_sequences(dataset_dir: Path, max_len: int = 10) -> SequenceData:
+    """The dataset's windows for a user encoder of `max_len` (T) input positions: training
+    windows of T + 1 items, evaluation inputs of the last T items before each target. T may be
+    shorter than the windows preprocessing kept (preprocess.window - 3 items), never longer."""
     import polars as pl
 
     dataset_dir = Path(dataset_dir)
     stats = read_json(dataset_dir / "stats.json")
+    kept = stats.get("max_len", stats["window"] - 3 if "window" in stats else None)
+    if kept is not None and max_len > kept:
+        raise ValueError(f"{dataset_dir}: model.max_len {max_len} is longer than the {kept} evaluation inputs this dataset "
+                         f"was preprocessed with (preprocess.window {kept + 3}); set preprocess.window to at least {max_len + 3}")
     seq = pl.read_parquet(dataset_dir / "sequences.parquet")
     pop = pl.read_parquet(dataset_dir / "popularity.parquet").sort("item")
     full = seq["sequence"].to_list()

@@ -88,7 +88,7 @@ properties:
 register(Table(
     "table3", "Table III: FFT, Adapter, LoRA, BitFit, IISAN-VS and IISAN-VA", table3_rows, build_table3, header="method",
     section="table3", datasets=section_datasets("table3"), paper=True, check=_checks(_check_tokens("table3"), _check_text_backbone("table3")),
-    schema=_schema(COMPARED_SCHEMA + "  significance_seeds: {type: array, items: {type: integer}, uniqueItems: true}\n"),
+    schema=_schema(COMPARED_SCHEMA + "  significance_seeds: {type: array, items: {type: integer, minimum: 0}, uniqueItems: true}\n"),
 ))
 
 
@@ -263,7 +263,7 @@ properties:
       type: array
       minItems: 2
       maxItems: 2
-      items: {type: string, pattern: "^(all|top|down|even_all|even_top12|even_down12|blocks[0-9]+)$"}
+      items: {type: string, pattern: "^(all|top|down|even_all|even_top12|even_down12|blocks[1-9][0-9]*)$"}
 """),
 ))
 
@@ -391,7 +391,8 @@ register(Table(
     schema=_schema("""
 type: object
 additionalProperties: false
+required: [text_encoders]
 properties:
-  text_encoders: {type: array, items: {type: string}}
+  text_encoders: {type: array, items: {type: string}, minItems: 1}
 """),
 ))
