@@ -55,9 +55,10 @@ MICROLENS_FILES = {
 
 
 def get_images(dataset):
-    """The dataset's cover archive, if it has one: {"images": path} or {}."""
+    """The dataset's cover archive, if it has one: {"images": path} or {}. An Amazon dataset's
+    `images` is the archive's path, or where to fetch it from (rule fetch_amazon_images)."""
     src = get_dataset_source(dataset)
-    if src["kind"] == "demo":
+    if src["kind"] == "demo" or isinstance(src.get("images"), dict):
         return {"images": plan.RAW_IMAGES.format(dataset=dataset)}
     if src["kind"] == "microlens-demo" or (
         src["kind"] == "microlens" and src.get("covers")
