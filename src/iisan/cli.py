@@ -31,6 +31,9 @@ def plan(args: argparse.Namespace) -> int:
         return 2
     budget = Budget(config, load_rates(args.rates)).build()
     print(render(budget))
+    from .models_fetch import disk_report
+
+    print(disk_report(budget))
     if args.gpus is not None:
         from .schedule import needs, wall_seconds
 

@@ -11,6 +11,7 @@ from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.gpus import machine_gpus
 from iisan.layerdrop import scheme_layers
+from iisan.models_fetch import hub_names, is_hub_id
 
 # Before the job graph is built (an error raised by an input function cannot stop a run:
 # Snakemake then takes the job's existing outputs as source files).
@@ -55,8 +56,8 @@ MICROLENS_FILES = {
 
 
 def get_images(dataset):
-    """The dataset's cover archive, if it has one: {"images": path} or {}. An Amazon dataset's
-    `images` is the archive's path, or where to fetch it from (rule fetch_amazon_images)."""
+    """The dataset's cover archive, if it has one: {"images": path} or {}. An Amazon
+    dataset's `images` is its path, or where rule fetch_amazon_images gets it."""
     src = get_dataset_source(dataset)
     if src["kind"] == "demo" or isinstance(src.get("images"), dict):
         return {"images": plan.RAW_IMAGES.format(dataset=dataset)}
@@ -102,6 +103,17 @@ def get_backbone_names(kind):
     names = [
         n for n, b in config["backbones"].items() if b["source"].split(":")[0] == kind
     ]
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def get_source_names(section, kind):
+    """A wildcard regex of the entries of registry `section` (backbones | captioners)
+    whose source is `kind`: demo, or hub (a Hugging Face id the workflow fetches)."""
+    registry = config.get(section) or {}
+    if kind == "hub":
+        names = hub_names(registry)
+    else:
+        names = [n for n, e in registry.items() if e["source"] == kind]
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
@@ -202,7 +214,8 @@ def get_captioner(wildcards):
 
 
 def get_caption_inputs(wildcards):
-    """Items, the images (covers, or the frames of the videos) and the captioner stand-in."""
+    """Items, the images (covers, or the frames of the videos) and the captioner's folder (a
+    stand-in, or a fetched hub model)."""
     ds = wildcards.dataset
     inputs = {
         "item_table": plan.ITEMS.format(dataset=ds),
@@ -218,7 +231,7 @@ def get_caption_inputs(wildcards):
             )
         inputs["images"] = covers["images"]
     captioner = get_captioner(wildcards)
-    if captioner["source"] == "demo":
+    if captioner["source"] == "demo" or is_hub_id(captioner["source"]):
         inputs["captioner"] = plan.CAPTIONER.format(captioner=captioner["name"])
     return inputs
 
