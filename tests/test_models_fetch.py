@@ -151,7 +151,8 @@ def test_disk_of_a_model_as_published():
 @pytest.mark.slow
 def test_paper_config_fetches_every_model_and_archive_on_the_submit_host(root, tmp_path):
     """The paper's Table IV from a clean checkout: the image archive and the 16 backbones are
-    fetched by local rules, and each cache job reads its backbone's fetched folder."""
+    fetched by local rules, each cache job reads its backbone's fetched folder, and the GPTQ
+    backbones cache in the conda environment that has gptqmodel."""
     from test_workflow import SNAKEMAKE, copy_workflow, run
 
     wd = copy_workflow(root, tmp_path)
@@ -161,14 +162,21 @@ def test_paper_config_fetches_every_model_and_archive_on_the_submit_host(root, t
     stats = out[out.index("Job stats"):]
     for rule, n in (("fetch_backbone", 16), ("fetch_amazon_images", 1), ("cache", 16)):
         assert re.search(rf"^{rule}\s+{n}$", stats, re.M), (rule, stats)
-    code = ("from pathlib import Path; from snakemake.api import SnakemakeApi; from snakemake.settings import types as t\n"
-            "with SnakemakeApi(t.OutputSettings()) as api:\n"
-            "    w = api.workflow(resource_settings=t.ResourceSettings(), storage_settings=t.StorageSettings(), snakefile=Path('Snakefile'),\n"
-            "                     config_settings=t.ConfigSettings(configfiles=[Path('config/paper.yaml')]), workdir=Path('.'))._workflow\n"
-            "    print(sorted(r.name for r in w.rules if w.is_local(r)))")
+    code = """
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings import types as t
+with SnakemakeApi(t.OutputSettings()) as api:
+    w = api.workflow(resource_settings=t.ResourceSettings(), storage_settings=t.StorageSettings(), snakefile=Path('Snakefile'),
+                     config_settings=t.ConfigSettings(configfiles=[Path('config/paper.yaml')]), workdir=Path('.'))._workflow
+    print(sorted(r.name for r in w.rules if w.is_local(r)))
+    for b in ('llama3-70b-gptq', 'bert-base'):
+        print(b, Path(w.get_rule('cache').expand_conda_env({'dataset': 'Scientific', 'field': 'title', 'backbone': b}).file).name)
+"""
     res = run([sys.executable, "-c", code], wd)
     assert res.returncode == 0, res.stderr[-3000:]
-    local = res.stdout.strip().splitlines()[-1]
+    local, gptq, bert = res.stdout.strip().splitlines()[-3:]
+    assert (gptq, bert) == ("llama3-70b-gptq gptq.yaml", "bert-base iisan.yaml")  # the 70B caches where gptqmodel is
     assert all(f"'{r}'" in local for r in ("fetch_backbone", "fetch_captioner", "fetch_amazon_images", "fetch_amazon")), local
     assert re.search(r"input: resources/Scientific/items.parquet, resources/backbones/llama3-70b-gptq/config.json\n"
                      r"\s+output: resources/cache/Scientific/title/llama3-70b-gptq/cache.npy", out), out[-3000:]

@@ -110,7 +110,7 @@ rule cache:
     benchmark:
         "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
     conda:
-        "../../envs/iisan.yaml"
+        get_cache_env
     threads: get_cache_threads
     resources:
         mem_mb=get_cache_mem_mb,

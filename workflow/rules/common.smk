@@ -251,6 +251,14 @@ def get_prune_source(wildcards):
     )
 
 
+def get_cache_env(wildcards):
+    """GPTQ checkpoints load through gptqmodel, which lives in its own environment (its
+    pins clash with the SLURM plugin); every other backbone caches in the workflow's."""
+    entry = backbone_entry(config, wildcards.backbone)
+    gptq = entry.get("quantization") == "gptq"
+    return "../../envs/gptq.yaml" if gptq else "../../envs/iisan.yaml"
+
+
 def get_cache_dtype(wildcards):
     """The storage dtype of one backbone's cache (config key cache.dtype, resolved per backbone)."""
     spec = BackboneSpec.from_config(
