@@ -258,9 +258,12 @@ def _require_gptq(name: str) -> None:
 
 
 def _gptq_quantize(folder: Path, titles: list[str]) -> None:  # pragma: no cover - needs the gptq extra
+    """Quantise a stand-in in place with gptqmodel (4 bits, groups of 32), calibrated on titles.
+    Layers stay in memory (no disk offload: a stand-in is small, and gptqmodel 7.6 cannot save an
+    offloaded lm_head that the checkpoint lacks, as a base model's stand-in does)."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(str(folder), QuantizeConfig(bits=4, group_size=32))
+    model = GPTQModel.load(str(folder), QuantizeConfig(bits=4, group_size=32, offload_to_disk=False))
     model.quantize(titles[:256])
     model.save(str(folder))
 
