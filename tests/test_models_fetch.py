@@ -180,3 +180,21 @@ with SnakemakeApi(t.OutputSettings()) as api:
     assert all(f"'{r}'" in local for r in ("fetch_backbone", "fetch_captioner", "fetch_amazon_images", "fetch_amazon")), local
     assert re.search(r"input: resources/Scientific/items.parquet, resources/backbones/llama3-70b-gptq/config.json\n"
                      r"\s+output: resources/cache/Scientific/title/llama3-70b-gptq/cache.npy", out), out[-3000:]
+
+
+def test_plan_reports_the_disk_of_every_model_and_cache(root):
+    """`iisan plan`'s disk table for the paper: each fetched model at its published size, the
+    caches each backbone's runs read (full and pruned), and the totals."""
+    from iisan.budget import Budget
+    from iisan.models_fetch import disk_report
+
+    from conftest import workflow_config
+
+    report = disk_report(Budget(workflow_config(root, "config/paper.yaml")).build())
+    rows = {line.split()[0]: line.split() for line in report.splitlines()[2:] if len(line.split()) == 5}
+    assert rows["llama3-70b-gptq"][1:3] == ["TechxGenus/Meta-Llama-3-70B-GPTQ", "38.8"]
+    assert rows["llava-34b"][2:4] == ["69.6", "0"] and rows["mixtral-8x7b"][2] == "93.4"
+    assert int(rows["bert-base"][3]) > 3  # full and pruned caches on every dataset
+    total = report.splitlines()[-2].split()
+    assert total[0] == "total" and 400 < float(total[1]) < 500 and float(total[3]) > 100
+    assert report.splitlines()[-1].startswith("18 of the fetched models have no revision")
