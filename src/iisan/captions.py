@@ -327,18 +327,21 @@ def _differences(stored: dict, expected: dict, keys: Iterable[str]) -> list[str]
 def load_captioner(model_path: str, device: str | torch.device | None = None, revision: str | None = None):
     """(model in eval mode, processor with left padding) of a LLaVA-NeXT checkpoint. On CUDA
     the model is bf16 and spread over the job's GPUs (`device_map="auto"`: the 34B model needs
-    ~70 GB); on a CPU fp32."""
+    ~70 GB); on a CPU fp32. A local folder (the workflow's fetched model) loads without the hub."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
+    from .backbones import local_only
+
     dev = _device(device)
-    kwargs: dict[str, Any] = {"dtype": compute_dtype(dev), "revision": revision}
+    local = local_only(model_path)
+    kwargs: dict[str, Any] = {"dtype": compute_dtype(dev), "revision": revision, **local}
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
     model = LlavaNextForConditionalGeneration.from_pretrained(model_path, **kwargs)
     model.eval()
     if dev.type != "cuda":
         model.to(dev)
-    processor = LlavaNextProcessor.from_pretrained(model_path, revision=revision)
+    processor = LlavaNextProcessor.from_pretrained(model_path, revision=revision, **local)
     tok = processor.tokenizer
     tok.padding_side = "left"
     if tok.pad_token_id is None:

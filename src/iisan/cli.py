@@ -16,6 +16,7 @@ from pathlib import Path
 def plan(args: argparse.Namespace) -> int:
     from .budget import Budget, load_rates, render, write_jobs
     from .graph import job_graph
+    from .models_fetch import disk_report
 
     overrides = {}
     for item in args.config or []:
@@ -36,6 +37,7 @@ def plan(args: argparse.Namespace) -> int:
     finally:
         os.chdir(cwd)
     print(render(budget))
+    print(disk_report(budget))
     limit = graph.config["cluster"]["max_runtime_min"]
     if limit:
         margin = graph.config["cluster"]["runtime_margin"]

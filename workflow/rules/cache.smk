@@ -45,6 +45,60 @@ rule assemble_backbone:
         "../scripts/assemble.py"
 
 
+# Hugging Face hub models: fetched on the host that runs Snakemake (compute nodes may have no
+# internet) into the hub cache (config key model_cache) and linked into the model's folder, which
+# the GPU jobs load offline (iisan.models_fetch). A gated model needs HF_TOKEN.
+localrules:
+    fetch_backbone,
+    fetch_captioner,
+
+
+rule fetch_backbone:
+    output:
+        plan.STANDIN,
+    log:
+        "logs/backbones/{backbone}.log",
+    wildcard_constraints:
+        backbone=get_source_names("backbones", "hub"),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=24 * 60,
+    params:
+        repo_id=lambda wildcards: backbone_entry(config, wildcards.backbone)["source"],
+        revision=lambda wildcards: backbone_entry(config, wildcards.backbone).get(
+            "revision"
+        ),
+        what=lambda wildcards: f"backbone {wildcards.backbone}",
+    script:
+        "../scripts/fetch_models.py"
+
+
+rule fetch_captioner:
+    output:
+        plan.CAPTIONER,
+    log:
+        "logs/captioners/{captioner}.log",
+    wildcard_constraints:
+        captioner=get_source_names("captioners", "hub"),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=2000,
+        runtime=24 * 60,
+    params:
+        repo_id=lambda wildcards: config["captioners"][wildcards.captioner]["source"],
+        revision=lambda wildcards: config["captioners"][wildcards.captioner].get(
+            "revision"
+        ),
+        what=lambda wildcards: f"captioner {wildcards.captioner}",
+    script:
+        "../scripts/fetch_models.py"
+
+
 rule cache:
     input:
         unpack(get_cache_inputs),
@@ -56,7 +110,7 @@ rule cache:
     benchmark:
         "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
     conda:
-        "../../envs/iisan.yaml"
+        get_cache_env
     threads: get_cache_threads
     resources:
         mem_mb=get_cache_mem_mb,

@@ -79,6 +79,8 @@ rule build_captioner_standin:
         plan.CAPTIONER,
     log:
         "logs/captioners/{captioner}.log",
+    wildcard_constraints:
+        captioner=get_source_names("captioners", "demo"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1

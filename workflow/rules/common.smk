@@ -16,6 +16,7 @@ from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
 from iisan.layerdrop import scheme_layers
+from iisan.models_fetch import hub_names, is_hub_id
 
 # Before the job graph is built (an error raised by an input function cannot stop a run:
 # Snakemake then takes the job's existing outputs as source files).
@@ -60,9 +61,10 @@ MICROLENS_FILES = {
 
 
 def get_images(dataset):
-    """The dataset's cover archive, if it has one: {"images": path} or {}."""
+    """The dataset's cover archive, if it has one: {"images": path} or {}. An Amazon
+    dataset's `images` is its path, or where rule fetch_amazon_images gets it."""
     src = get_dataset_source(dataset)
-    if src["kind"] == "demo":
+    if src["kind"] == "demo" or isinstance(src.get("images"), dict):
         return {"images": plan.RAW_IMAGES.format(dataset=dataset)}
     if src["kind"] == "microlens-demo" or (
         src["kind"] == "microlens" and src.get("covers")
@@ -106,6 +108,17 @@ def get_backbone_names(kind):
     names = [
         n for n, b in config["backbones"].items() if b["source"].split(":")[0] == kind
     ]
+    return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def get_source_names(section, kind):
+    """A wildcard regex of the entries of registry `section` (backbones | captioners)
+    whose source is `kind`: demo, or hub (a Hugging Face id the workflow fetches)."""
+    registry = config.get(section) or {}
+    if kind == "hub":
+        names = hub_names(registry)
+    else:
+        names = [n for n, e in registry.items() if e["source"] == kind]
     return "|".join(re.escape(n) for n in names) or "(?!)"
 
 
@@ -218,7 +231,8 @@ def get_captioner(wildcards):
 
 
 def get_caption_inputs(wildcards):
-    """Items, the images (covers, or the frames of the videos) and the captioner stand-in."""
+    """Items, the images (covers, or the frames of the videos) and the captioner's folder (a
+    stand-in, or a fetched hub model)."""
     ds = wildcards.dataset
     inputs = {
         "item_table": plan.ITEMS.format(dataset=ds),
@@ -234,7 +248,7 @@ def get_caption_inputs(wildcards):
             )
         inputs["images"] = covers["images"]
     captioner = get_captioner(wildcards)
-    if captioner["source"] == "demo":
+    if captioner["source"] == "demo" or is_hub_id(captioner["source"]):
         inputs["captioner"] = plan.CAPTIONER.format(captioner=captioner["name"])
     return inputs
 
@@ -252,6 +266,14 @@ def get_prune_source(wildcards):
     return plan.CACHE_ARRAY.format(
         dataset=wildcards.dataset, field=wildcards.field, backbone=wildcards.backbone
     )
+
+
+def get_cache_env(wildcards):
+    """GPTQ checkpoints load through gptqmodel, which lives in its own environment (its
+    pins clash with the SLURM plugin); every other backbone caches in the workflow's."""
+    entry = backbone_entry(config, wildcards.backbone)
+    gptq = entry.get("quantization") == "gptq"
+    return "../../envs/gptq.yaml" if gptq else "../../envs/iisan.yaml"
 
 
 def get_cache_dtype(wildcards):

@@ -48,6 +48,33 @@ rule fetch_amazon:
         "../scripts/fetch.py"
 
 
+# Downloads run on the host that runs Snakemake: cluster compute nodes often have no internet.
+localrules:
+    fetch_amazon,
+    fetch_amazon_images,
+    fetch_microlens,
+
+
+rule fetch_amazon_images:
+    output:
+        plan.RAW_IMAGES,
+    log:
+        "logs/data/{dataset}/fetch_images.log",
+    wildcard_constraints:
+        dataset=get_datasets_of_kind("amazon"),
+    conda:
+        "../../envs/iisan.yaml"
+    threads: 1
+    resources:
+        mem_mb=1000,
+        runtime=120,
+    params:
+        images=lambda wildcards: get_dataset_source(wildcards.dataset)["images"],
+        mirror=config["mirror"],
+    script:
+        "../scripts/fetch_images.py"
+
+
 rule generate_microlens_demo:
     output:
         pairs=plan.MICROLENS_RAW.replace("{name}", microlens.PAIRS),

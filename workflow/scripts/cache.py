@@ -1,5 +1,9 @@
-# Cache every hidden state of one backbone over one item field.
+# Cache every hidden state of one backbone over one item field, from the backbone's folder that
+# the workflow made or fetched: no hub access on a compute node (HF_HUB_OFFLINE before any import).
+import os
 from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from iisan.backbones import BackboneSpec, resolve_source
 from iisan.cache import build_cache

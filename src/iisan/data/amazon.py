@@ -172,11 +172,16 @@ def item_order_hash(item_ids: list[str]) -> str:
 
 
 def _image_index(archive: Path) -> dict[str, str]:
-    """item_id -> member name of a zip archive of <item_id>.jpg files."""
+    """item_id -> member name of a zip archive of <item_id>.jpg files, at its top level or in a
+    folder (the authors' archives hold ``am_image_is/<item_id>.jpg``); macOS metadata
+    (``__MACOSX/``, ``._<name>``) is skipped."""
     with zipfile.ZipFile(archive) as zf:
         out = {}
         for name in zf.namelist():
-            stem, dot, ext = Path(name).name.rpartition(".")
+            base = Path(name).name
+            if name.startswith("__MACOSX/") or base.startswith("._"):
+                continue
+            stem, dot, ext = base.rpartition(".")
             if dot and f".{ext.lower()}" in IMAGE_EXTENSIONS:
                 out[stem] = name
     return out

@@ -1,0 +1,9 @@
+# An Amazon dataset's image archive: from the mirror, else downloaded from the authors' link.
+from pathlib import Path
+
+from iisan.download import fetch_images
+from iisan.jobs import job
+
+with job(snakemake):
+    p = snakemake.params
+    fetch_images(snakemake.wildcards.dataset, p.images, Path(snakemake.output[0]), mirror=p.mirror or None)
