@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -110,6 +110,7 @@ class Job:
     groups: tuple = ()
     gpus: int = 1  # cards it takes at once (iisan.schedule), as the workflow's rules ask
     after: frozenset = frozenset()  # the GPU jobs it waits for, by name
+    wildcards: dict = field(default_factory=dict)  # its rule's
 
 
 class Budget:
@@ -236,7 +237,9 @@ class Budget:
         key = (rule, tuple(sorted(wildcards.items())))
         if key not in self._estimates:
             w = {k: str(v) for k, v in wildcards.items()}
-            self._estimates[key] = {"caption": self.caption, "cache": self.cache, "train": self.train, "profile": self.train}[rule](w)
+            job = {"caption": self.caption, "cache": self.cache, "train": self.train, "profile": self.train}[rule](w)
+            job.wildcards = w
+            self._estimates[key] = job
         return self._estimates[key]
 
     # --- the workflow's jobs ------------------------------------------------------------------------

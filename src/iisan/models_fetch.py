@@ -182,18 +182,16 @@ def disk_report(budget) -> str:
         return (dataset_size(config, w["dataset"])[1] + 1) * states * spec.hidden * width / 1e9
 
     for job in budget.jobs.values():
+        w = job.wildcards
         if job.kind == "caption":
-            source = _wildcards(plan.CAPTIONS, job.name)["source"]
-            name = config["captions"][source]
+            name = config["captions"][w["source"]]
             need(name, config["captioners"][name], "captioner")
             continue
         if job.kind == "cache":
-            w = _wildcards(plan.CACHE_ARRAY, job.name)
             folder = plan.cache_dir(w["dataset"], w["field"], w["backbone"])
             need(w["backbone"], backbone_entry(config, w["backbone"]), "backbone")["caches"][folder] = 0
             continue
-        w = _wildcards(plan.RUN_METRICS, job.name) or _wildcards(plan.PROFILE, job.name)
-        if w is None or w["towers"] == "id":
+        if w["towers"] == "id":
             continue
         folders = plan.run_caches(config, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"])
         for t, tower in enumerate(plan.parse_towers(config, w["towers"])):
