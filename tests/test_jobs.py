@@ -88,3 +88,21 @@ with job(snakemake):
     text = (tmp_path / "job.log").read_text()
     assert "cleanup ran" in text and "stopped by SIGTERM" in text and "rerun the workflow to resume" in text, text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "ready"]
+
+
+def test_a_crash_by_signal_leaves_the_python_stack_in_the_log(tmp_path):
+    """SIGBUS (a memory-mapped write on a full disk) or SIGSEGV would otherwise leave an empty log."""
+    code = """
+import os, signal, sys
+from types import SimpleNamespace
+from iisan.jobs import job
+
+def write_rows():
+    os.kill(os.getpid(), signal.SIGBUS)
+
+with job(SimpleNamespace(log=[sys.argv[1]], threads=0)):
+    write_rows()
+"""
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.log")], capture_output=True, text=True)
+    text = (tmp_path / "job.log").read_text()
+    assert res.returncode != 0 and "Fatal Python error: Bus error" in text and "write_rows" in text, text

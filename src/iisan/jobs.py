@@ -80,7 +80,7 @@ def job(snakemake, keep_attempts: bool = False):
         import torch
 
         torch.set_num_threads(snakemake.threads)
-    faulthandler.enable(file=sys.stderr)
+    faulthandler.enable(file=2)  # fd 2 is the log now
     main = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _stop) if main else None
     try:
@@ -91,7 +91,7 @@ def job(snakemake, keep_attempts: bool = False):
         raise SystemExit(STOPPED_STATUS) from None
     finally:
         if main:
-            signal.signal(signal.SIGTERM, previous)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         sys.stdout.flush()
         sys.stderr.flush()
         if cards is not None:
