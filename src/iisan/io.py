@@ -104,7 +104,7 @@ def set_aside(path: str | os.PathLike, reason: str) -> Path:
         n += 1
         dst = path.with_name(f"{path.name}.damaged-{stamp}.{n}")
     os.replace(path, dst)
-    log.warning("%s is damaged (%s); moved aside to %s", path, reason, dst.name)
+    log.warning("%s: %s; moved aside to %s", path, reason, dst.name)
     return dst
 
 
