@@ -65,7 +65,7 @@ def prepare(work: Path, cfg: dict) -> None:
     import polars as pl
 
     from iisan.backbones import output_layer
-    from iisan.cache import ARRAY, MANIFEST, file_checksum
+    from iisan.cache import ARRAY, file_checksum, write_manifest
     from iisan.io import write_json
 
     from train_speed import synthetic_sequences
@@ -95,7 +95,7 @@ def prepare(work: Path, cfg: dict) -> None:
         arr[0] = 0
         np.save(folder / ARRAY, arr)
 
-        write_json(folder / MANIFEST, {
+        write_manifest(folder, {
             "backbone": tower.backbone, "source": spec.source, "family": spec.family, "modality": spec.modality,
             "field": tower.field, "pooling": spec.pooling, "compute_dtype": "float32", "dtype": dtype,
             "num_layers": spec.layers, "output_layer": output_layer(spec.family, spec.layers), "stored_layers": layers,

@@ -53,6 +53,7 @@ class Kill:
     running: list[str] = field(default_factory=list)  # stages of the jobs running at the kill
     finished: bool = False  # the run ended before the kill came
     aimed_at: str | None = None  # the stage start or file the kill waited for
+    signal: str = "SIGKILL"
 
 
 def prepare(wd: Path) -> Path:
@@ -95,11 +96,12 @@ def _running_stages(log: str) -> list[str]:
     return sorted({stage for jobid, stage in _jobs(log).items() if jobid not in done})
 
 
-def kill_once(wd: Path, after_s: float, cores: int = 2, when: str | None = None) -> Kill:
-    """Start the workflow and SIGKILL its process group `after_s` seconds after it starts, or
-    after `when` happens: a stage's first job starts (`when` = "cache"), a file appears (`when` =
-    a glob such as "results/runs/**/checkpoint.pt"), or this attempt has finished k jobs
-    (`when` = "jobs:k"). Then unlock the directory."""
+def kill_once(wd: Path, after_s: float, cores: int = 2, when: str | None = None, sig: str = "SIGKILL") -> Kill:
+    """Start the workflow and send its process group `sig` (SIGKILL, or SIGTERM: the jobs stop at
+    once and Snakemake ends when they have) `after_s` seconds after it starts, or after `when`
+    happens: a stage's first job starts (`when` = "cache"), a file appears (`when` = a glob such
+    as "results/runs/**/checkpoint.pt"), or this attempt has finished k jobs (`when` =
+    "jobs:k"). Then unlock the directory."""
     log_path = wd / f".fault-{time.time_ns()}.log"
 
     def waiting() -> bool:
@@ -125,9 +127,14 @@ def kill_once(wd: Path, after_s: float, cores: int = 2, when: str | None = None)
             proc.wait(timeout=after_s)
             kill = Kill(after_s, finished=True)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            kill = Kill(after_s)
+            os.killpg(proc.pid, signal.Signals[sig])
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:  # SIGTERM did not stop the run within a minute
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                raise RuntimeError(f"{sig} did not stop the workflow in {wd} within 60 s") from None
+            kill = Kill(after_s, signal=sig)
     kill.running = _running_stages(log_path.read_text())
     kill.aimed_at = when
     log_path.unlink()
@@ -175,7 +182,8 @@ def compare(ref: Path, test: Path) -> list[str]:
 # one kill aimed at each stage, in pipeline order: as its first job starts, or (cache, train) once
 # it has written part of its work
 AIMED = [("fetch", 0.0), ("preprocess", 0.0), ("standin", 0.5), ("resources/cache/**/cache.npy.partial", 0.0),
-         ("prune", 0.0), ("results/runs/**/checkpoint.pt", 0.0), ("tables", 0.0)]
+         ("prune", 0.0), ("results/runs/**/checkpoint.pt", 0.0), ("results/runs/**/checkpoint.pt", 0.5, "SIGTERM"),
+         ("tables", 0.0)]
 
 
 def plan_kills(n: int, rng: random.Random) -> list[tuple[str, float]]:
@@ -202,8 +210,8 @@ def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, co
         ref_seconds = run_to_end(reference, cores)
     wd = prepare(workdir / "faulted")
     log = []
-    for when, delay in plan_kills(kills, rng) if isinstance(kills, int) else kills:
-        log.append(kill_once(wd, delay, cores, when=when))
+    for when, delay, *sig in plan_kills(kills, rng) if isinstance(kills, int) else kills:
+        log.append(kill_once(wd, delay, cores, when=when, sig=sig[0] if sig else "SIGKILL"))
     final_seconds = run_to_end(wd, cores)
     leftovers = sorted(str(p.relative_to(wd)) for p in (wd / "resources").rglob(".*") if p.is_file())
     return {"kills": log, "problems": compare(reference, wd), "reference_seconds": ref_seconds,
@@ -211,10 +219,10 @@ def suite(workdir: Path, kills: int | list[tuple[str, float]], seed: int = 1, co
 
 
 def report(result: dict) -> str:
-    lines = ["| kill | when | after (s) | stages running |", "|---|---|---|---|"]
+    lines = ["| kill | when | after (s) | signal | stages running |", "|---|---|---|---|---|"]
     for i, k in enumerate(result["kills"], 1):
         running = "(run had finished)" if k.finished else ", ".join(k.running) or "(start-up)"
-        lines.append(f"| {i} | {k.aimed_at or 'start'} | {k.after_s} | {running} |")
+        lines.append(f"| {i} | {k.aimed_at or 'start'} | {k.after_s} | {k.signal} | {running} |")
     stages = sorted({s for k in result["kills"] for s in k.running})
     verdict = "identical to the uninterrupted run" if not result["problems"] else "DIFFERENT: " + "; ".join(result["problems"])
     lines += ["", f"stages hit: {', '.join(stages)}", f"final outputs: {verdict}",

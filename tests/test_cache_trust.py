@@ -9,8 +9,19 @@ import polars as pl
 import pytest
 
 import iisan.cache as cache_mod
+import iisan.io as io_mod
 from iisan.backbones import BackboneSpec, build_standin
-from iisan.cache import CacheError, CacheMismatch, build_cache, load_cache, prune_cache, read_manifest, verify_cache
+from iisan.cache import (
+    CacheError,
+    CacheMismatch,
+    build_cache,
+    load_cache,
+    prune_cache,
+    read_manifest,
+    set_aside_damaged,
+    verify_cache,
+    write_manifest,
+)
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 
@@ -93,10 +104,19 @@ def good(world, tmp_path):
     return out, m
 
 
-def _edit(out, **changes):
+def _edit(out, reseal=False, **changes):
+    """Change manifest fields; `reseal` recomputes its checksum (as a buggy writer would)."""
     m = json.loads((out / "manifest.json").read_text())
     m.update(changes)
-    (out / "manifest.json").write_text(json.dumps(m))
+    if reseal:
+        write_manifest(out, m)
+    else:
+        (out / "manifest.json").write_text(json.dumps(m))
+
+
+def _moved_aside(out):
+    return not (out / "cache.npy").exists() and not (out / "manifest.json").exists() \
+        and len(list(out.glob("cache.npy.damaged-*"))) == 1 and len(list(out.glob("manifest.json.damaged-*"))) == 1
 
 
 def _load(out, m, **kw):
@@ -162,7 +182,7 @@ def test_a_changed_byte_fails_the_checksum(good):
 )
 def test_an_inconsistent_manifest_names_the_field(good, change, message):
     out, m = good
-    _edit(out, **change)
+    _edit(out, reseal=True, **change)
     with pytest.raises(CacheError, match=message) as err:
         verify_cache(out, move_damaged=False)
     assert "manifest.json" in str(err.value)
@@ -178,6 +198,87 @@ def test_an_invalid_or_incomplete_manifest_names_the_file(good):
     (out / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(CacheError, match=rf"{out}/manifest.json: field 'checksum' is missing"):
         read_manifest(out)
+
+
+def _max_tokens(m):
+    m["settings"]["inputs"]["max_tokens"] = 20
+    m["tokenisation"]["max_tokens"] = 20
+
+
+@pytest.mark.parametrize("edit", [dict(pooling="mean"), dict(items=59), dict(library_version="0"), _max_tokens],
+                         ids=["pooling", "items", "version", "max_tokens"])
+def test_any_edit_of_a_manifest_is_detected_and_the_cache_moved_aside(good, edit):
+    """Every field is covered by `manifest_checksum`, also those no reader compares."""
+    out, m = good
+    changed = json.loads((out / "manifest.json").read_text())
+    edit(changed) if callable(edit) else changed.update(edit)
+    (out / "manifest.json").write_text(json.dumps(changed, indent=2))
+    with pytest.raises(CacheError, match=rf"{out}/manifest.json: its fields do not match field 'manifest_checksum'.*moved aside"):
+        verify_cache(out, checksum=False)
+    assert _moved_aside(out)
+
+
+def test_the_workflow_sets_aside_an_edited_manifest_before_planning(good, tmp_path):
+    """set_aside_damaged (run when Snakemake starts) moves aside a cache whose manifest was edited
+    or is not valid JSON, together with its array, so the same run rebuilds it."""
+    out, m = good
+    pruned = tmp_path / "c" / "pruned-x"
+    prune_cache(out, pruned, [0, 2])
+    sound = tmp_path / "sound"
+    prune_cache(out, sound, [1])
+    _edit(out, pooling="mean")
+    (pruned / "manifest.json").write_text((pruned / "manifest.json").read_text()[:-10])
+    set_aside_damaged(tmp_path)
+    assert _moved_aside(out) and _moved_aside(pruned)
+    assert verify_cache(sound)["stored_layers"] == [1]
+
+
+def test_prune_never_copies_an_edited_field(good, tmp_path):
+    out, m = good
+    _edit(out, pooling="mean")
+    with pytest.raises(CacheError, match="manifest_checksum.*moved aside"):
+        prune_cache(out, tmp_path / "p", [0, 2])
+    assert not (tmp_path / "p" / "manifest.json").exists() and _moved_aside(out)
+
+
+def test_a_mismatched_pruned_cache_and_its_source_are_moved_aside_for_the_workflow(good, tmp_path):
+    """A sound cache of other settings (e.g. a config edited without Snakemake noticing) is moved
+    aside with the full cache it was pruned from, so the next run rebuilds both."""
+    out, m = good
+    pruned = tmp_path / "p"
+    prune_cache(out, pruned, [0, 2])
+    with pytest.raises(CacheMismatch, match="pooling is 'cls', the experiment asks for 'mean'.*moved aside.*next run rebuilds"):
+        _load(pruned, m, pooling="mean", move_mismatched=True)
+    assert _moved_aside(pruned) and _moved_aside(out)
+
+
+def test_a_pruned_cache_lacking_layers_is_moved_aside_but_not_its_source(good, tmp_path):
+    out, m = good
+    pruned = tmp_path / "p"
+    prune_cache(out, pruned, [0])
+    with pytest.raises(CacheMismatch, match="layers \\[2\\] are not stored"):
+        _load(pruned, m, move_mismatched=True)
+    assert _moved_aside(pruned) and (out / "manifest.json").exists() and (out / "cache.npy").exists()
+
+
+def test_a_cache_build_checks_free_space_first(world, tmp_path, monkeypatch):
+    """A memory-mapped array that fills the disk kills the job with SIGBUS; the build stops
+    before, naming the file, the bytes it needs and the bytes free."""
+    real = io_mod.shutil.disk_usage
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=1000))
+    out = tmp_path / "c"
+    with pytest.raises(io_mod.DiskFullError, match=rf"{out}/cache.npy.partial: needs \d+ bytes .*only 1000 bytes .* free"):
+        _build(world, out, batch_size=16)
+    assert not (out / "cache.npy.partial").exists()
+
+
+def test_prune_checks_free_space_first(good, tmp_path, monkeypatch):
+    out, m = good
+    real = io_mod.shutil.disk_usage
+    monkeypatch.setattr(io_mod.shutil, "disk_usage", lambda p: real(p)._replace(free=10))
+    with pytest.raises(io_mod.DiskFullError, match=rf"{tmp_path}/p/cache.npy: needs \d+ bytes"):
+        prune_cache(out, tmp_path / "p", [0, 2])
+    assert not list((tmp_path / "p").iterdir())
 
 
 def test_prune_checks_its_source_and_records_a_checksum(good, tmp_path):

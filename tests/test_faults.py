@@ -68,16 +68,29 @@ def test_config_mistakes_stop_the_dry_run_with_the_key(faulted, config, message)
     assert rc != 0 and message in out, out[-3000:]
 
 
-def test_an_invalid_manifest_stops_the_dry_run_naming_file_and_field(faulted):
+def test_an_edited_or_invalid_manifest_is_set_aside_before_planning(faulted):
+    """A manifest whose fields were edited (here the pooling) or that is not valid JSON is moved
+    aside with its array when Snakemake starts, so the jobs that need the cache rebuild it."""
+    import json
+    import shutil
+
     wd = faulted["reference"]
-    manifest = wd / "resources/cache/demo/image/vit-demo/manifest.json"
-    text = manifest.read_text()
+    folder = wd / "resources/cache/demo/image/vit-demo"
+    keep = wd / "kept-cache"
+    shutil.copytree(folder, keep)  # copy2: the mtimes survive, so restoring reruns nothing later
+    text = (folder / "manifest.json").read_text()
+    edited = json.loads(text)
+    edited["pooling"] = "mean" if edited["pooling"] != "mean" else "cls"
     try:
-        manifest.write_text(text.replace('"checksum"', '"checksun"'))
-        rc, out = _dry_run(wd)
-        assert rc != 0 and f"{manifest.relative_to(wd)}: field 'checksum' is missing" in out, out[-3000:]
-        manifest.write_text(text[:-30])
-        rc, out = _dry_run(wd)
-        assert rc != 0 and f"{manifest.relative_to(wd)}: not valid JSON" in out, out[-3000:]
+        for damaged in (json.dumps(edited, indent=2), text[:-30]):
+            (folder / "manifest.json").write_text(damaged)
+            rc, out = _dry_run(wd, "--forcerun", "prune")
+            assert rc == 0 and "manifest.json.damaged-" in out and "rule cache:" in out, out[-3000:]
+            assert not (folder / "manifest.json").exists() and not (folder / "cache.npy").exists()
+            assert list(folder.glob("cache.npy.damaged-*")), list(folder.iterdir())
+            shutil.rmtree(folder)
+            shutil.copytree(keep, folder)
     finally:
-        manifest.write_text(text)
+        shutil.rmtree(folder, ignore_errors=True)
+        shutil.copytree(keep, folder)
+        shutil.rmtree(keep)

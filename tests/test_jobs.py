@@ -52,3 +52,57 @@ with job(snakemake):
     env["TORCHINDUCTOR_CACHE_DIR"] = "/elsewhere"
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b.log")], cwd=tmp_path, env=env, check=True)
     assert (tmp_path / "b.log").read_text().split()[-2:] == ["/elsewhere", "False"]
+
+
+def test_sigterm_stops_a_job_at_once_cleanly_and_non_zero(tmp_path):
+    """Snakemake does not forward SIGTERM to running jobs (it waits for them); a job that gets it
+    (SIGTERM to the process group, or from SLURM) stops at once: a `finally` runs, an atomic write
+    in progress leaves no temporary file, the log says so and the status is 143."""
+    import signal
+    import time
+
+    code = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from iisan.io import atomic_path
+from iisan.jobs import job
+
+snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0)
+with job(snakemake):
+    try:
+        with atomic_path(Path(sys.argv[2]) / "out.json") as tmp:
+            tmp.write_text("half")
+            Path(sys.argv[2], "ready").touch()
+            time.sleep(60)
+    finally:
+        print("cleanup ran")
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "job.log"), str(tmp_path)])
+    deadline = time.time() + 60
+    while not (tmp_path / "ready").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    start = time.time()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 143 and time.time() - start < 5
+    text = (tmp_path / "job.log").read_text()
+    assert "cleanup ran" in text and "stopped by SIGTERM" in text and "rerun the workflow to resume" in text, text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["job.log", "ready"]
+
+
+def test_a_crash_by_signal_leaves_the_python_stack_in_the_log(tmp_path):
+    """SIGBUS (a memory-mapped write on a full disk) or SIGSEGV would otherwise leave an empty log."""
+    code = """
+import os, signal, sys
+from types import SimpleNamespace
+from iisan.jobs import job
+
+def write_rows():
+    os.kill(os.getpid(), signal.SIGBUS)
+
+with job(SimpleNamespace(log=[sys.argv[1]], threads=0)):
+    write_rows()
+"""
+    res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.log")], capture_output=True, text=True)
+    text = (tmp_path / "job.log").read_text()
+    assert res.returncode != 0 and "Fatal Python error: Bus error" in text and "write_rows" in text, text

@@ -288,3 +288,18 @@ def test_precision_is_checked_and_a_cpu_computes_in_fp32():
         assert t.precision == "fp32" and t.amp_dtype is None and t.scaler is None
         runs[precision] = stable(t.fit(progress=False))
     assert runs["bf16"] == runs["fp16"] == runs["fp32"]
+
+
+def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_fresh(tmp_path, caplog):
+    """A truncated checkpoint (torch's reader fails without naming the file) is moved aside with
+    a warning naming it; the run starts from scratch with the result of a fresh run."""
+    ckpt = tmp_path / "checkpoint.pt"
+    with pytest.raises(Killed):
+        kill_after(trainer(), 2).fit(progress=False, checkpoint=ckpt)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])
+    with caplog.at_level(logging.WARNING, logger="iisan.train"):
+        result = trainer().fit(progress=False, checkpoint=ckpt)
+    assert f"{ckpt}: unreadable (" in caplog.text and "moved aside to" in caplog.text and "starts from scratch" in caplog.text
+    assert result["resumed_from_epoch"] == 0 and stable(result) == stable(trainer().fit(progress=False))
+    assert [p.read_bytes() for p in tmp_path.glob("checkpoint.pt.damaged-*")] == [data[: len(data) // 2]]

@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .io import check_model_folder, honour_umask
+
 log = logging.getLogger(__name__)
 
 FAMILIES = {
@@ -248,6 +250,7 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
     elif spec.quantization == "gptq":
         _require_gptq(spec.name)
         _gptq_quantize(tmp, titles or [])
+    honour_umask(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -379,9 +382,13 @@ def local_only(path: str) -> dict:
 def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
     """Load (model, preprocessor) in eval mode; a local folder without the hub (`local_only`). On CUDA the model is spread over the job's GPUs
     (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
-    checkpoint is stored quantised already; GPTQ checkpoints need the gptq extra."""
+    checkpoint is stored quantised already; GPTQ checkpoints need the gptq extra. A folder the
+    workflow built (a stand-in) with a damaged weights or JSON file is moved aside first
+    (`iisan.io.check_model_folder`), so the next run builds it again."""
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
+    if built_by_workflow(spec.source) and Path(path).is_dir():
+        check_model_folder(path, "the next run of the workflow builds it again")
     dtype = getattr(torch, spec.dtype)
     if device.type == "cpu" and dtype in (torch.float16,):
         dtype = torch.float32  # fp16 matmuls are slow or missing on CPUs

@@ -5,12 +5,18 @@ h[stored_layers[j]] pooled per docs/method.md §2 ([CLS] token for BERT and ViT)
 `output_layer` is the backbone's output state: h[L], or for ViT h[L] after its final LayerNorm,
 stored as h[L+1].
 
-A cache is trusted only as far as its manifest vouches for it: every field is checked
-(`read_manifest`), the array must have the manifest's shape, dtype and size in bytes
-(`check_array`), and readers that load the whole array compare its xxh3-128 checksum. The
-`settings` field records everything that determines a state (model source, revision and a
-fingerprint of its files, tokenisation or image settings, compute and storage dtype, pooling,
-quantisation, item order); an interrupted build resumes only under identical settings.
+A cache is trusted only as far as its manifest vouches for it, and the manifest only as far as
+its own checksum (field `manifest_checksum`, xxh3-128 of every other field) vouches for it: an
+edited field is detected. Every field is checked (`read_manifest`), the array must have the
+manifest's shape, dtype and size in bytes (`check_array`), and readers that load the whole array
+compare its xxh3-128 checksum. The `settings` field records everything that determines a state
+(model source, revision and a fingerprint of its files, tokenisation or image settings, compute
+and storage dtype, pooling, quantisation, item order); an interrupted build resumes only under
+identical settings.
+
+A cache that fails any of these checks, or (for the workflow's training jobs) does not match
+what the experiment asks for, is moved aside (``cache.npy.damaged-<time>``,
+``manifest.json.damaged-<time>``; nothing is deleted), so that the workflow rebuilds it.
 """
 
 from __future__ import annotations
@@ -18,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +34,7 @@ from tqdm.auto import tqdm
 from . import __version__
 from .backbones import BackboneSpec, checkpoint_quantization, load_backbone
 from .data import item_texts
-from .io import atomic_path, read_json, write_json
+from .io import atomic_path, read_json, require_free_space, set_aside, write_json
 from .item_inputs import backbone_states, encode_texts, load_images, pool_states
 
 log = logging.getLogger(__name__)
@@ -55,7 +60,9 @@ MANIFEST_FIELDS = {
     "backbone": str, "source": str, "family": str, "modality": str, "field": str, "pooling": str,
     "compute_dtype": str, "dtype": str, "num_layers": int, "output_layer": int, "stored_layers": list, "hidden": int,
     "items": int, "item_order_hash": str, "shape": list, "bytes": int, "checksum": str, "settings": dict,
+    "manifest_checksum": str,
 }
+SEAL = "manifest_checksum"
 
 
 def file_chunks(path: Path, chunk: int = 1 << 24):
@@ -75,24 +82,40 @@ def file_checksum(path: Path) -> str:
     return f"{CHECKSUM}:{h.hexdigest()}"
 
 
+def manifest_seal(m: dict) -> str:
+    """``xxh3_128:<hex>`` of every field of manifest `m` but `manifest_checksum` (canonical JSON)."""
+    body = json.dumps({k: v for k, v in m.items() if k != SEAL}, sort_keys=True, separators=(",", ":"))
+    return f"{CHECKSUM}:{xxhash.xxh3_128(body.encode()).hexdigest()}"
+
+
+def write_manifest(cache_dir: Path, manifest: dict) -> dict:
+    """Write `manifest` (sealed with `manifest_checksum`) into `cache_dir`; returns it as written."""
+    m = json.loads(json.dumps({k: v for k, v in manifest.items() if k != SEAL}))  # as it reads back
+    m[SEAL] = manifest_seal(m)
+    write_json(Path(cache_dir) / MANIFEST, m)
+    return m
+
+
 def read_manifest(cache_dir: Path) -> dict:
     """Parse and check a cache manifest on its own: JSON, every field present with its type,
-    stored layers strictly increasing within h[0..L], shape = (items + 1, stored layers, hidden)."""
+    `manifest_checksum` equal to the checksum of the other fields, stored layers strictly
+    increasing within h[0..L], shape = (items + 1, stored layers, hidden)."""
     path = Path(cache_dir) / MANIFEST
     if not path.is_file():
-        raise CacheError(f"{path}: no manifest; delete {path.parent} and rerun to rebuild it")
+        raise CacheError(f"{path}: no manifest")
     try:
         m = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CacheError(f"{path}: not valid JSON ({err}); delete {path.parent} and rerun to rebuild it") from None
+        raise CacheError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(m, dict):
         raise CacheError(f"{path}: expected a JSON object, found {type(m).__name__}")
     for key, kind in MANIFEST_FIELDS.items():
         if key not in m:
-            raise CacheError(f"{path}: field {key!r} is missing (an incomplete manifest); "
-                             f"delete {path.parent} and rerun to rebuild it")
+            raise CacheError(f"{path}: field {key!r} is missing (an incomplete manifest)")
         if not isinstance(m[key], kind) or (kind is int and isinstance(m[key], bool)):
             raise CacheError(f"{path}: field {key!r} is {m[key]!r}, expected a JSON {kind.__name__}")
+    if m[SEAL] != manifest_seal(m):
+        raise CacheError(f"{path}: its fields do not match field {SEAL!r} (the manifest was edited or damaged after it was written)")
     if m["output_layer"] not in (m["num_layers"], m["num_layers"] + 1):
         raise CacheError(f"{path}: field 'output_layer' is {m['output_layer']}, expected {m['num_layers']} (h[L]) "
                          f"or {m['num_layers'] + 1} (the output after a final norm)")
@@ -133,40 +156,37 @@ def check_array(cache_dir: Path, m: dict, *, checksum: bool = False) -> None:
                              "(the array was damaged after it was written)")
 
 
-def quarantine(cache_dir: Path, reason: str) -> Path:
-    """Move a damaged array aside (nothing is deleted) so that the workflow rebuilds it."""
-    src = Path(cache_dir) / ARRAY
-    dst = src.with_name(f"{ARRAY}.damaged-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(src, dst)
-    log.warning("%s is damaged (%s); moved to %s so that it is rebuilt", src, reason, dst.name)
-    return dst
+def set_cache_aside(cache_dir: Path, reason: str) -> list[Path]:
+    """Move a cache's array and manifest aside (``<name>.damaged-<time>``; nothing is deleted) so
+    that the workflow rebuilds the cache; returns their new paths."""
+    return [set_aside(f, reason) for f in (Path(cache_dir) / ARRAY, Path(cache_dir) / MANIFEST) if f.is_file()]
 
 
 def set_aside_damaged(root: Path) -> None:
     """Check every cache under `root` without reading whole arrays (run before the workflow's job
-    graph is built): an invalid or incomplete manifest stops the run naming file and field, an
-    array whose size or .npy header disagrees with its manifest is moved aside, so that a job
-    needing it rebuilds it. The checksum is compared by the jobs that load an array."""
+    graph is built): a cache whose manifest is invalid, incomplete or edited, or whose array's
+    size or .npy header disagrees with its manifest, is moved aside, so that a job needing it
+    rebuilds it in this run. The checksum is compared by the jobs that load an array."""
     for manifest in sorted(Path(root).rglob(MANIFEST)):
         folder = manifest.parent
-        m = read_manifest(folder)
-        if (folder / ARRAY).exists():
-            try:
+        try:
+            m = read_manifest(folder)
+            if (folder / ARRAY).exists():
                 check_array(folder, m)
-            except CacheError as err:
-                quarantine(folder, str(err))
+        except CacheError as err:
+            set_cache_aside(folder, str(err))
 
 
 def verify_cache(cache_dir: Path, *, checksum: bool = True, move_damaged: bool = True) -> dict:
-    """The checked manifest of a cache; a damaged array is moved aside (when `move_damaged`) and
-    reported, so the next workflow run rebuilds it instead of reusing it."""
-    m = read_manifest(cache_dir)
+    """The checked manifest of a cache (`read_manifest`, `check_array`); a cache that fails is
+    moved aside (when `move_damaged`) and reported, so the next workflow run rebuilds it instead
+    of reusing it."""
     try:
+        m = read_manifest(cache_dir)
         check_array(cache_dir, m, checksum=checksum)
     except CacheError as err:
-        if move_damaged and (Path(cache_dir) / ARRAY).is_file():
-            quarantine(cache_dir, str(err).split(": ", 1)[-1])
-            raise CacheError(f"{err}; it was moved aside and the next run rebuilds it") from None
+        if move_damaged and set_cache_aside(cache_dir, str(err)):
+            raise CacheError(f"{err}; the cache was moved aside and the next run rebuilds it") from None
         raise
     return m
 
@@ -336,13 +356,17 @@ def build_cache(
     partial, done_path, key_path = out_dir / (ARRAY + ".partial"), out_dir / "cache.done.npy", out_dir / "cache.partial.json"
     key = dict(settings, shape=list(shape))
     arr, done = _resumable_partial(partial, done_path, key_path, key, np_dtype, shape)
+    need = array_bytes(shape, np_dtype)
     if arr is None:
         done = np.zeros(n, dtype=bool)
         done_path.unlink(missing_ok=True)
+        partial.unlink(missing_ok=True)
+        require_free_space(partial, need)
         arr = np.lib.format.open_memmap(partial, mode="w+", dtype=np_dtype, shape=shape)
         arr[0] = 0
         write_json(key_path, key)
     else:
+        require_free_space(partial, max(0, need - partial.stat().st_blocks * 512))  # the file is sparse until written
         log.info("resuming %s: %d of %d items already cached", partial, int(done.sum()), n)
     todo = order[~done[order]]
     batches = [todo[s : s + batch_size] for s in range(0, len(todo), batch_size)]
@@ -389,8 +413,12 @@ def build_cache(
         "library_version": __version__,
         "settings": settings,
     }
-    write_json(out_dir / MANIFEST, manifest)
-    return manifest
+    return write_manifest(out_dir, manifest)
+
+
+def array_bytes(shape, dtype) -> int:
+    """At least the bytes of a .npy file holding an array of `shape` and `dtype`."""
+    return 4096 + int(np.prod(shape)) * np.dtype(dtype).itemsize  # the header takes well under 4 KiB
 
 
 def _resumable_partial(partial: Path, done_path: Path, key_path: Path, key: dict, np_dtype, shape):
@@ -432,13 +460,14 @@ def prune_cache(src_dir: Path, out_dir: Path, layers: list[int]) -> dict:
     arr = np.load(src_dir / ARRAY, mmap_mode="r")
     cols = [stored.index(l) for l in layers]
     out_dir.mkdir(parents=True, exist_ok=True)
+    shape = [manifest["items"] + 1, len(layers), manifest["hidden"]]
+    require_free_space(out_dir / ARRAY, array_bytes(shape, arr.dtype))
     with atomic_path(out_dir / ARRAY, ".npy") as tmp:
         np.save(tmp, np.ascontiguousarray(arr[:, cols]))
     array = out_dir / ARRAY
-    manifest = dict(manifest, stored_layers=list(layers), shape=[manifest["items"] + 1, len(layers), manifest["hidden"]],
+    manifest = dict(manifest, stored_layers=list(layers), shape=shape,
                     pruned_from=str(src_dir), bytes=int(array.stat().st_size), checksum=file_checksum(array))
-    write_json(out_dir / MANIFEST, manifest)
-    return manifest
+    return write_manifest(out_dir, manifest)
 
 
 def load_cache(
@@ -454,14 +483,42 @@ def load_cache(
     dtype: str | None = None,
     source: str | None = None,
     family: str | None = None,
+    move_mismatched: bool = False,
 ) -> tuple[np.ndarray, dict]:
     """Load the hidden states `layers` of a (full or pruned) cache after checking every manifest
     field against the array (shape, dtype, bytes, checksum) and against what the experiment asks
-    for (the keyword arguments; None skips a check). Returns an (items+1, len(layers), d) array."""
+    for (the keyword arguments; None skips a check). Returns an (items+1, len(layers), d) array.
+
+    A damaged cache is moved aside (`verify_cache`). With `move_mismatched` (the workflow's
+    training jobs), so is a sound cache that does not match, and the full cache a pruned one was
+    made from when that does not match either, so that the next run rebuilds them under the
+    config's settings instead of failing the same way again."""
     cache_dir = Path(cache_dir)
     m = verify_cache(cache_dir)
     asked = {"backbone": backbone, "item_order_hash": item_order_hash, "pooling": pooling, "field": field,
              "hidden": hidden, "num_layers": num_layers, "dtype": dtype, "source": source, "family": family}
+    problems = _mismatches(m, asked)
+    missing = [l for l in layers if l not in m["stored_layers"]]
+    if missing:
+        problems.append(f"layers {missing} are not stored (stored: {m['stored_layers']})")
+    if problems:
+        message = f"cache {cache_dir} does not match the experiment: " + "; ".join(problems)
+        if move_mismatched:
+            moved = set_cache_aside(cache_dir, "; ".join(problems))
+            source_dir = Path(m["pruned_from"]) if "pruned_from" in m else None
+            if source_dir is not None and (source_dir / MANIFEST).is_file():
+                try:
+                    if _mismatches(read_manifest(source_dir), asked):
+                        moved += set_cache_aside(source_dir, "the cache pruned from it does not match the experiment")
+                except CacheError as err:
+                    moved += set_cache_aside(source_dir, str(err))
+            message += f"; moved aside ({', '.join(map(str, moved))}), so the next run rebuilds it under the config's settings"
+        raise CacheMismatch(message)
+    return read_layers(cache_dir / ARRAY, [m["stored_layers"].index(l) for l in layers]), m
+
+
+def _mismatches(m: dict, asked: dict) -> list[str]:
+    """What a manifest says differently from what is asked (None: not checked)."""
     problems = []
     for key, want in asked.items():
         if want is None or m[key] == want:
@@ -471,12 +528,7 @@ def load_cache(
                             "(the dataset was preprocessed again or differently)")
         else:
             problems.append(f"{key} is {m[key]!r}, the experiment asks for {want!r}")
-    missing = [l for l in layers if l not in m["stored_layers"]]
-    if missing:
-        problems.append(f"layers {missing} are not stored (stored: {m['stored_layers']})")
-    if problems:
-        raise CacheMismatch(f"cache {cache_dir} does not match the experiment: " + "; ".join(problems))
-    return read_layers(cache_dir / ARRAY, [m["stored_layers"].index(l) for l in layers]), m
+    return problems
 
 
 def read_layers(path: Path, cols: list[int], chunk_bytes: int = 64 << 20) -> np.ndarray:

@@ -35,7 +35,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .io import atomic_path, read_json, write_json, write_parquet
+from .io import atomic_path, honour_umask, read_json, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +228,7 @@ def build_captioner_standin(
     tmp.mkdir(parents=True)
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
+    honour_umask(tmp)
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
 
@@ -676,8 +677,9 @@ def caption_dataset(items_parquet: Path, source: str, images_archive: Path, mode
         covers = dict(zip(items["item_id"].to_list(), items["image"].to_list()))
         members = {i: [covers[i]] for i in ids}
     elif source == "video":
-        with zipfile.ZipFile(images_archive) as zf:
-            present = set(zf.namelist())
+        from .frames import read_frames
+
+        present = read_frames(images_archive)
         n = len(positions)
         if n != prompt["images"]:
             raise ValueError(f"{prompts_file}: the video prompt has {prompt['images']} image slots, the frames are {n} per video")

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 
 from .backbones import resolve_source
-from .cache import load_cache, read_manifest
+from .cache import load_cache, verify_cache
 from .config import Experiment
 from .data.sequences import load_sequences
 from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features
@@ -28,13 +28,13 @@ def cached_source(exp: Experiment, data, cache_dirs: list[Path]):
         spec = tower.backbone_spec()
         want = exp.tower_layers(t)
         # full cache: keep every stored state in memory and select per step; dropped: only `want`
-        load = read_manifest(cdir)["stored_layers"] if full else want
+        load = verify_cache(cdir, checksum=False)["stored_layers"] if full else want
         if full and any(layer not in load for layer in want):
             raise ValueError(f"{cdir}: the full cache lacks layers {want}")
         arr, m = load_cache(
             cdir, backbone=tower.backbone, layers=load, item_order_hash=data.item_order_hash, pooling=spec.pooling,
             field=tower.field, hidden=spec.hidden, num_layers=spec.layers, dtype=spec.cache_dtype(exp.cache_dtype), source=spec.source,
-            family=spec.family,
+            family=spec.family, move_mismatched=True,
         )
         caches.append(arr)
         manifests.append(m)

@@ -23,6 +23,10 @@ manifest. A missing or undecodable video is an error naming the item and file; w
 each video's sha256; given the previous archive and manifest, an item whose video has the same
 sha256 (under the same positions and JPEG quality) takes its frames, or its skip, from there
 without decoding, so a replaced, added or removed video is the only one extracted again.
+
+`read_frames` is the reading side: the frame names of an archive after checking it (every
+member's CRC, and the frame count of its manifest ``frames.json`` beside it); a damaged archive
+is moved aside so that the workflow's next run extracts the frames again.
 """
 
 from __future__ import annotations
@@ -39,7 +43,7 @@ from pathlib import Path
 from PIL import Image
 
 from .data.amazon import DataError
-from .io import atomic_path
+from .io import atomic_path, read_json, read_or_set_aside
 
 log = logging.getLogger(__name__)
 
@@ -242,3 +246,27 @@ def extract_all(
         }
         zf.writestr(zipfile.ZipInfo(MANIFEST_MEMBER, date_time=_ZIP_TIME), json.dumps(manifest, indent=1))
     return manifest
+
+
+def read_frames(archive: Path) -> set[str]:
+    """The member names of a frames archive written by `extract_all`, after reading it once to
+    check every member's CRC and, when its manifest (the ``.json`` beside it, as the workflow
+    writes it) is there, that the archive holds the manifest's number of frames. A damaged
+    archive or manifest is moved aside (`iisan.io.read_or_set_aside`) and the error names it."""
+    archive = Path(archive)
+    manifest = archive.with_suffix(".json")
+    then = "the next run of the workflow extracts the frames again"
+    expected = read_json(manifest, then=then) if manifest.is_file() else {}
+    expected = expected.get("frames") if isinstance(expected, dict) else None
+
+    def read(path: Path) -> set[str]:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+            if bad is not None:
+                raise zipfile.BadZipFile(f"member {bad}: its CRC does not match")
+            names = set(zf.namelist()) - {MANIFEST_MEMBER}
+        if manifest.is_file() and len(names) != expected:
+            raise ValueError(f"{len(names)} frames, but {manifest.name} beside it says {expected}")
+        return names
+
+    return read_or_set_aside(archive, read, then)

@@ -3,12 +3,26 @@ log, set up logging and the number of CPU threads (`workflow/scripts/*.py` use `
 
 from __future__ import annotations
 
+import faulthandler
 import logging
 import os
+import signal
 import sys
+import threading
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
+
+STOPPED_STATUS = 128 + signal.SIGTERM  # what a shell reports for a process ended by SIGTERM
+
+
+class JobStopped(BaseException):
+    """SIGTERM arrived (raised where the job's main thread is; not an Exception, so no
+    `except Exception` swallows it; `finally` blocks and atomic writes clean up)."""
+
+
+def _stop(signum, frame):
+    raise JobStopped(signal.Signals(signum).name)
 
 
 @contextmanager
@@ -17,6 +31,11 @@ def job(snakemake, keep_attempts: bool = False):
     `snakemake.log[0]`, INFO logging there, `snakemake.threads` torch threads, and, for a local
     job whose `gpu` resource asks for cards, cards of its own (iisan.gpus: CUDA_VISIBLE_DEVICES is
     narrowed to them before CUDA starts, and they are held until the job ends).
+
+    SIGTERM stops the job at once (`JobStopped`, then exit status 143): what it had finished stays
+    (a training run's last checkpoint, a cache build's recorded batches, every completed output),
+    what it was writing is discarded, and the workflow's next run resumes it. A crash by signal
+    (SIGBUS from a memory-mapped write, SIGSEGV) prints the Python stack into the log.
 
     keep_attempts: Snakemake deletes the log before each attempt of a job, so a retried or
     resumed job would lose its earlier attempts' output. With this, `<log>.attempts` is the same
@@ -61,9 +80,18 @@ def job(snakemake, keep_attempts: bool = False):
         import torch
 
         torch.set_num_threads(snakemake.threads)
+    faulthandler.enable(file=2)  # fd 2 is the log now
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _stop) if main else None
     try:
         yield
+    except JobStopped as stop:
+        print(f"stopped by {stop}: what was finished is kept (a training run's last checkpoint, a cache build's recorded "
+              "batches); rerun the workflow to resume", file=sys.stderr, flush=True)
+        raise SystemExit(STOPPED_STATUS) from None
     finally:
+        if main:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
         sys.stdout.flush()
         sys.stderr.flush()
         if cards is not None:

@@ -20,7 +20,7 @@ from . import __version__
 from .config import SPEED_FIELDS, ModelConfig, TrainConfig, config_hash
 from .data.sequences import SequenceData
 from .features import CachedFeatures, FeatureSource
-from .io import atomic_path
+from .io import DamagedFileError, atomic_path, read_or_set_aside
 from .metrics import hr_ndcg, rank_of_target
 from .model import Recommender
 
@@ -396,11 +396,17 @@ class Trainer:
 
     def load_checkpoint(self, path: Path) -> FitState:
         """Restore a checkpoint of this run (same fingerprint) and return its fit state; a
-        missing checkpoint, or one of another run, gives a fresh start."""
+        missing checkpoint, or one of another run, gives a fresh start, and so does a damaged one
+        (moved aside, with a warning naming it)."""
         path = Path(path)
         if not path.exists():
             return FitState()
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            ckpt = read_or_set_aside(path, lambda p: torch.load(p, map_location="cpu", weights_only=True),
+                                     "this run starts from scratch (only time is lost)")
+        except DamagedFileError as err:
+            log.warning("%s", err)
+            return FitState()
         if ckpt.get("fingerprint") != self.fingerprint:
             log.warning("discarding checkpoint %s: written by another run (fingerprint %s, this run %s); starting fresh",
                         path, ckpt.get("fingerprint"), self.fingerprint)

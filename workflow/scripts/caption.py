@@ -4,11 +4,14 @@
 from pathlib import Path
 
 from iisan.captions import caption_dataset, memo_dir
+from iisan.io import check_model_folder
 from iisan.jobs import job
 
 with job(snakemake):
     i, p, w = snakemake.input, snakemake.params, snakemake.wildcards
     model = str(Path(i.captioner).parent) if "captioner" in i.keys() else p.captioner["source"]
+    if "captioner" in i.keys():  # a stand-in: a damaged one is moved aside and built again by the next run
+        check_model_folder(model, "the next run of the workflow builds it again")
     sharded = "shard" in w.keys()
     caption_dataset(Path(i.item_table), w.source, Path(i.images), model, Path(i.prompts), Path(snakemake.output[0]),
                     positions=p.positions, batch_size=p.batch_size, max_new_tokens=p.max_new_tokens,

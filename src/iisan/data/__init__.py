@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..io import read_or_set_aside
+
 # Item fields a tower can read, with the modality of each: columns of items.parquet, and the
 # LLaVA captions of covers and video frames (CAPTION_FIELDS), text fields kept beside it in
 # captions/<source>.parquet (iisan.captions).
@@ -31,7 +33,9 @@ def item_texts(items_parquet: Path, field: str) -> list[str]:
     path = caption_file(items_parquet, field)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions for field {field!r}; the workflow's caption rule makes them")
-    captions = dict(pl.read_parquet(path).select("item_id", "caption").iter_rows())
+    rows = read_or_set_aside(path, lambda p: pl.read_parquet(p).select("item_id", "caption").rows(),
+                             "the next run of the workflow captions the items again")
+    captions = dict(rows)
     missing = [i for i in items["item_id"].to_list() if i not in captions]
     if missing:
         raise KeyError(f"{path}: no caption for {len(missing)} items of {items_parquet} (first: {missing[0]!r})")

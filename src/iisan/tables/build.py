@@ -12,13 +12,15 @@ from ..io import atomic_path, read_json
 
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 METRICS = ("hr@10", "ndcg@10")
+DAMAGED_NEXT = "rerun the workflow: it redoes the job that writes this file, then this table"
 
 
 def read_runs(rows: list[dict], paths: list[Path], what: str = "metrics files"):
-    """(row, its run's JSON) pairs; rows[i] describes paths[i]."""
+    """(row, its run's JSON) pairs; rows[i] describes paths[i]. A file that is not valid JSON is
+    moved aside and named in the error: the workflow's next run redoes the job that writes it."""
     if len(rows) != len(paths):
         raise ValueError(f"{len(rows)} rows but {len(paths)} {what}")
-    return [(row, read_json(path)) for row, path in zip(rows, paths)]
+    return [(row, read_json(path, then=DAMAGED_NEXT)) for row, path in zip(rows, paths)]
 
 
 def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
