@@ -110,6 +110,7 @@ def test_dataset_size_from_stats_table_i_or_demo_spec(tmp_path, monkeypatch):
         dataset_size(demo, "mine")
 
 
+@pytest.mark.slow
 def test_iisan_plan_command(tmp_path):
     """`iisan plan` prints a row per table and figure and the total, and writes every job."""
     jobs = tmp_path / "jobs.csv"

@@ -81,7 +81,7 @@ def _amazon_tsvs(tmp_path, ids):
     return items, users
 
 
-IDS = [f"B00{n:07d}" for n in range(8)]
+IDS = [f"B00{n:07d}" for n in range(14)]  # more items than the metrics' top-10
 SOURCE = {"file": "am_image_is.zip", "url": None, "sha256": None}
 
 

@@ -16,6 +16,8 @@ KILLS = [
     ("results/runs/**/checkpoint.pt", 0.0),  # a training run after its first epoch
 ]
 
+pytestmark = pytest.mark.slow  # Snakemake runs of the whole workflow
+
 
 @pytest.fixture(scope="module")
 def faulted(tmp_path_factory, tiny_workflow):

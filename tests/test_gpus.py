@@ -356,6 +356,7 @@ def test_jobs_wait_for_the_gpu_jobs_upstream_in_the_dag(demo_graph):
     assert wall_seconds(list(jobs.values()), 1000) >= caption_cache.seconds + jobs[next(iter(caption_cache.after))].seconds
 
 
+@pytest.mark.slow
 def test_iisan_plan_prints_the_wall_time_on_n_gpus():
     out = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--configfile", "config/paper.yaml", "--gpus", "8"], cwd=ROOT,
                          env=dict(os.environ, PYTHONPATH=str(SRC)), capture_output=True, text=True, timeout=300)

@@ -182,15 +182,13 @@ with SnakemakeApi(t.OutputSettings()) as api:
                      r"\s+output: resources/cache/Scientific/title/llama3-70b-gptq/cache.npy", out), out[-3000:]
 
 
-def test_plan_reports_the_disk_of_every_model_and_cache(root):
+def test_plan_reports_the_disk_of_every_model_and_cache(paper_graph):
     """`iisan plan`'s disk table for the paper: each fetched model at its published size, the
     caches each backbone's runs read (full and pruned), and the totals."""
     from iisan.budget import Budget
     from iisan.models_fetch import disk_report
 
-    from conftest import workflow_config
-
-    report = disk_report(Budget(workflow_config(root, "config/paper.yaml")).build())
+    report = disk_report(Budget(paper_graph.config).build(paper_graph))
     rows = {line.split()[0]: line.split() for line in report.splitlines()[2:] if len(line.split()) == 5}
     assert rows["llama3-70b-gptq"][1:3] == ["TechxGenus/Meta-Llama-3-70B-GPTQ", "38.8"]
     assert rows["llava-34b"][2:4] == ["69.6", "0"] and rows["mixtral-8x7b"][2] == "93.4"

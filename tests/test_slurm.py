@@ -11,8 +11,8 @@ import pytest
 
 from conftest import SNAKEMAKE, copy_workflow, run
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
-                                reason="a local SLURM needs root and Debian's slurm-wlm/munge")
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(os.geteuid() != 0 or shutil.which("apt-get") is None and shutil.which("slurmctld") is None,
+                                reason="a local SLURM needs root and Debian's slurm-wlm/munge")]
 
 TARGET = "results/table7.csv"
 

@@ -235,6 +235,7 @@ def test_worker_refuses_when_an_import_started_a_thread(tmp_path):
     assert done.returncode == 1 and "1 more threads after importing" in done.stderr and not sock.exists()
 
 
+@pytest.mark.slow
 def test_a_worker_started_by_snakemake_does_not_outlive_it(tmp_path):
     """`--exit-with-parent` (how start_for_workflow starts one): Snakemake killed outright, the
     worker stops by itself and removes its socket."""
@@ -253,6 +254,7 @@ def test_a_worker_started_by_snakemake_does_not_outlive_it(tmp_path):
     assert gone(pid, 30) and not sock.exists()
 
 
+@pytest.mark.slow
 def test_a_workflow_train_job_through_the_worker_equals_its_own_run(tiny_workflow, tmp_path):
     """A train job of the tiny workflow, forced again with `worker: true` (Snakemake starts a worker
     for the run and stops it): the job process only waits (it never imports torch) and the metrics

@@ -18,6 +18,8 @@ from iisan.train import TrainConfig, Trainer, popularity_baseline
 
 from conftest import SNAKEMAKE, copy_workflow, run, workflow_config
 
+pytestmark = pytest.mark.slow  # Snakemake runs of the whole workflow
+
 
 def test_config_overrides_on_the_command_line_are_typed(root, tmp_path):
     """`--config` values are read as YAML, like the config files (snakemake leaves them strings,

@@ -17,6 +17,7 @@ def plan(args: argparse.Namespace) -> int:
     from .budget import Budget, load_rates, render, write_jobs
     from .graph import job_graph
     from .models_fetch import disk_report
+    from .workflow import load_yaml
 
     overrides = {}
     for item in args.config or []:
@@ -26,6 +27,8 @@ def plan(args: argparse.Namespace) -> int:
             return 2
         overrides[key] = value
     try:  # the jobs Snakemake would run for these targets and this config
+        for f in args.configfile or []:  # a YAML error named with its file, line and column
+            load_yaml(f if Path(f).is_absolute() else Path(args.directory) / f)
         graph = job_graph(args.directory, args.configfile or [], overrides, args.targets or [])
     except Exception as err:  # a missing file or input, a schema or registry error: say which and stop
         print(f"iisan plan: {str(err).strip() or type(err).__name__}", file=sys.stderr)

@@ -176,7 +176,7 @@ def disk_report(budget) -> str:
         w = _wildcards(plan.PRUNED_DIR, folder) or _wildcards(plan.CACHE_DIR, folder)
         entry = backbone_entry(config, w["backbone"])
         spec = BackboneSpec.from_config(w["backbone"], entry)
-        states = (len(scheme_layers(w["tscheme"], spec.layers, config.get("include_h0", True), spec.output_layer))
+        states = (len(scheme_layers(w["tscheme"], spec.layers, config["include_h0"], spec.output_layer))
                   if "tscheme" in w else spec.output_layer + 1)
         width = 2 if spec.cache_dtype((config.get("cache") or {}).get("dtype", "auto")) == "float16" else 4
         return (dataset_size(config, w["dataset"])[1] + 1) * states * spec.hidden * width / 1e9

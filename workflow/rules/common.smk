@@ -360,20 +360,20 @@ def get_cache_mem_mb(wildcards, attempt):
 ESTIMATES = Budget(config)
 
 
-def get_estimate(rule, wildcards):
-    return ESTIMATES.estimate(rule, dict(wildcards.items()))
+def get_estimate(name, wildcards):
+    return ESTIMATES.estimate(name, dict(wildcards.items()))
 
 
-def get_gpus(rule):
-    """GPUs a job of a GPU rule asks for: the cards its estimated peak needs (none for a
+def get_gpus(name):
+    """The GPUs a job of GPU rule `name` asks for, the cards its estimated peak needs (none for a
     stand-in captioner, none on a machine without CUDA). A run's model lives on one card: one
     whose peak does not fit `cluster.gpu_gib` stops before it starts."""
 
     def gpus(wildcards):
         if GPUS == 0:
             return 0
-        job = get_estimate(rule, wildcards)
-        if rule in ("train", "profile") and job.peak_gib > usable_gib(config):
+        job = get_estimate(name, wildcards)
+        if name in ("train", "profile") and job.peak_gib > usable_gib(config):
             raise WorkflowError(
                 f"{job.name}: estimated peak {job.peak_gib:.1f} GiB does not fit one GPU of "
                 f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB (a run's model is not split "
@@ -384,13 +384,13 @@ def get_gpus(rule):
     return gpus
 
 
-def get_runtime(rule):
-    """Minutes a job of a GPU rule asks for: its estimate times cluster.runtime_margin, at most
+def get_runtime(name):
+    """The minutes a job of GPU rule `name` asks for, its estimate times cluster.runtime_margin, at most
     cluster.max_runtime_min (a longer job resumes where it stopped on its next attempt).
     """
 
     def runtime(wildcards):
-        job = get_estimate(rule, wildcards)
+        job = get_estimate(name, wildcards)
         minutes = max(
             10, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
         )
