@@ -91,5 +91,7 @@ rule caption:
         max_new_tokens=config["captions"]["max_new_tokens"],
         batch_size=config["captions"]["batch_size"],
         kv_cache=config["captions"]["kv_cache"],
+        attention=config["captions"]["attention"],
+        workers=config["captions"]["workers"],
     script:
         "../scripts/caption.py"
