@@ -308,3 +308,21 @@ def test_auto_batch_size_on_gpus_is_the_memory_plan_of_their_free_memory(monkeyp
     del model.hf_device_map
     assert captions.auto_batch_size(model, 5888, 300, 1000) == cb.largest_batch(
         cb.LLAVA_NEXT_MISTRAL_7B, prompt_tokens=5888, new_tokens=300, memory=30 * 2**30, weights=False)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_runs_the_rule_call_for_each_option(root):
+    """benchmarks/caption_speed.py --smoke: tiny shapes on the CPU, one markdown row per option
+    and prompt, the rule's call captioning as the first option does."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "PYTHONPATH": f"{root / 'src'}{os.pathsep}{root / 'benchmarks'}", "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, str(root / "benchmarks/caption_speed.py"), "--smoke", "--prompts", "video",
+                          "--options", "dynamic/sdpa/0,static/sdpa_gqa/2", "--video-batch", "auto"],
+                         capture_output=True, text=True, env=env, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [line for line in res.stdout.splitlines() if line.startswith("| video")]
+    assert [r.split("|")[3].strip() for r in rows] == ["dynamic/sdpa/0", "static/sdpa_gqa/2"]
+    assert all(r.split("|")[2].strip() == str(captions.AUTO_BATCH_CPU) for r in rows)
+    assert all(r.rstrip(" |").endswith("100%") for r in rows)
