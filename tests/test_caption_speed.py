@@ -305,6 +305,11 @@ def test_auto_batch_size_on_gpus_is_the_memory_plan_of_their_free_memory(monkeyp
     expected = cb.largest_batch(cb.LLAVA_NEXT_MISTRAL_7B, prompt_tokens=5888, new_tokens=300, memory=80 * 2**30, weights=False)
     assert captions.auto_batch_size(model, 5888, 300, 1000) == expected == 53
     assert captions.auto_batch_size(model, 5888, 300, 10) == 10
+    assert captions.batch_too_large(model, 53, 5888, 300) is None
+    assert captions.batch_too_large(model, 64, 5888, 300) == "the memory plan fits 53"
+    free.update({0: 2**30, 1: 0})
+    assert captions.batch_too_large(model, 8, 5888, 300).startswith("one item of 5888 prompt + 300 new tokens needs")
+    free.update({0: 30 * 2**30, 1: 50 * 2**30})
     del model.hf_device_map
     assert captions.auto_batch_size(model, 5888, 300, 1000) == cb.largest_batch(
         cb.LLAVA_NEXT_MISTRAL_7B, prompt_tokens=5888, new_tokens=300, memory=30 * 2**30, weights=False)

@@ -2,7 +2,9 @@
 image slots of ONE prompt), used as text item fields (paper Table IX).
 
 `caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
-the image tokens), bf16 on CUDA and fp32 on a CPU. It is resumable in the discipline of
+the image tokens), bf16 on CUDA and fp32 on a CPU; forked workers can read and process the
+images ahead of the GPU, the batch size can come from a memory plan (`iisan.caption_bound`),
+and the language model's attention is selectable (`ATTENTIONS`). It is resumable in the discipline of
 `iisan.cache`: every finished batch is appended to ``<out>.partial.jsonl`` beside the output,
 and ``<out>.partial.json`` holds the settings key (model, revision or weights fingerprint, prompt
 sha256, decoding settings, the caller's input settings such as frame positions); a rerun under
@@ -541,6 +543,15 @@ def _read_partial(partial: Path, key_path: Path, key: dict, wanted: set) -> dict
     return {i: v for i, v in done.items() if i in wanted}
 
 
+def batch_too_large(model, batch_size: int, longest_prompt: int, max_new_tokens: int) -> str | None:
+    """Why `batch_size` exceeds the memory plan of the free GPU memory (`auto_batch_size`), or None."""
+    try:
+        fits = auto_batch_size(model, longest_prompt, max_new_tokens, batch_size)
+    except ValueError as err:
+        return str(err)
+    return f"the memory plan fits {fits}" if fits < batch_size else None
+
+
 def caption_items(
     model_path: str | os.PathLike,
     item_ids: Sequence,
@@ -619,10 +630,14 @@ def caption_items(
         lengths = prompt_lengths(processor, rendered, sizes)
         order = sorted(range(len(todo)), key=lambda j: (-lengths[j], j))
         pad = STATIC_BUCKET if static else None
+        longest = max(lengths)
+        padded = -(-longest // pad) * pad if pad else longest
         if batch_size == "auto":
-            longest = max(lengths)
-            batch_size = auto_batch_size(model, -(-longest // pad) * pad if pad else longest, max_new_tokens, len(todo))
+            batch_size = auto_batch_size(model, padded, max_new_tokens, len(todo))
             log.info("captions.batch_size auto: %d (longest prompt %d tokens, %d new)", batch_size, longest, max_new_tokens)
+        elif dev.type == "cuda" and (why := batch_too_large(model, batch_size, padded, max_new_tokens)):
+            log.warning("captions.batch_size %d may not fit: %s (longest prompt %d tokens, %d new; batch_size auto takes the plan)",
+                        batch_size, why, longest, max_new_tokens)
         batches = [[todo[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
 
         def inputs(batch):
