@@ -1,86 +1,115 @@
-"""LLaVA-NeXT caption throughput on one GPU (issue: MicroLens and captions §5).
+"""LLaVA-NeXT caption throughput on one GPU: the caption rule's library calls for each decoding
+option side by side, against the hardware bound (`iisan.caption_bound`).
 
 A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (CLIP ViT-L/14 at 336 px
 with any-resolution tiling on the checkpoint's grid pinpoints, the two-layer projector, Mistral-7B:
-32 layers x 4096, GQA 32/8 heads, FFN 14336, vocab 32064), bf16, captioning through the library's
-own batch call (`iisan.captions._caption_batch`: processor, left padding, greedy `generate`).
-The tokenizer is a small word-level one trained here (the shapes of the text part are what cost);
-the images are synthetic covers of `--size` (w x h) pixels. Every caption runs to exactly
-`--new-tokens` tokens (no stop token), so the decode work is the configured maximum.
+32 layers x 4096, GQA 32/8 heads, FFN 14336, vocab 32064), bf16, built on the GPU for each option
+with the `attn_implementation` that `iisan.captions.load_captioner` passes for it. The tokenizer
+is a small word-level one trained here (the shapes of the text part are what cost); the images
+are synthetic `--size` (w x h) JPEGs. Every caption runs to exactly `--new-tokens` tokens
+(`min_new_tokens`), so the decode work is the configured maximum.
 
-Prints one JSON line per (prompt kind, batch size, cache): items/s, prefill time and TFLOP/s as a
-fraction of the measured bf16 matmul rate, decode tokens/s as a fraction of what the measured
-memory bandwidth allows (weights + the live KV cache read once per step), peak memory, and the
-hours to caption 19,738 MicroLens items at that rate.
+An option is ``cache/attention/workers`` (`iisan.captions.KV_CACHES`, `ATTENTIONS`, image
+workers); the default path of the rule is ``dynamic/sdpa/0``. For each option and prompt kind
+(a cover: one image slot; a video: three frames as three slots of one prompt):
 
-    PYTHONPATH=src python benchmarks/caption_speed.py                 # on a GPU
-    PYTHONPATH=src python benchmarks/caption_speed.py --tiny          # a smoke test on a CPU
+* the batch call (`iisan.captions._caption_batch`: processor, left padding, greedy `generate`)
+  once with one new token and once with `--new-tokens`: prefill seconds (the one-token call less
+  the processor) and ms per decode step (the difference over the extra steps), each as a share
+  of its bound (prefill FLOPs at the measured bf16 matmul rate; weights + live KV cache read once
+  per step at the measured copy bandwidth); peak GPU memory against the memory plan;
+* the rule's own call (`iisan.captions.caption_dataset` on an items table and a zip of JPEGs, as
+  the caption rule runs it; `load_captioner` hands it the model built here) over
+  `--e2e-batches` batches: items/s from the end of its first batch to the end of its last
+  (images read and processed in series or by the workers ahead), and whether its captions equal
+  the first option's.
+
+Prints one JSON line per (option, prompt) and a markdown table at the end.
+
+    PYTHONPATH=src:benchmarks python benchmarks/caption_speed.py                  # on a GPU
+    PYTHONPATH=src:benchmarks python benchmarks/caption_speed.py --smoke          # on a CPU, seconds
+
+Needs torch, transformers, tokenizers, safetensors, pillow, numpy, pyyaml, tqdm, polars and
+xxhash (the last two: `iisan.captions` writes Parquet and checksums).
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
+import io
 import json
+import shutil
+import tempfile
 import time
+import zipfile
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from iisan.captions import CHAT_TEMPLATES, GREEDY, TURN_TOKENS, _caption_batch, conversation
-
-from gpu_profile import kernels, summary
+from iisan import captions
+from iisan.caption_bound import caption_bound, memory_bytes, shapes_from_config
 
 MICROLENS_ITEMS = 19_738
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 grid
+PROMPTS = {"cover": {"text": "Describe this cover image in one or two sentences, like a caption of a picture.", "images": 1},
+           "video": {"text": "These are three frames of one video in time order. Describe the whole video in a few sentences.",
+                     "images": 3}}
+DEFAULT_OPTIONS = "dynamic/sdpa/0,static/sdpa/0,static/sdpa_gqa/0,static/sdpa_gqa/2,static/flex_attention/2"
 
 
-def shapes(tiny: bool) -> dict:
-    if tiny:
+def shapes(smoke: bool) -> dict:
+    if smoke:
         return dict(v_hidden=32, v_inter=64, v_layers=2, v_heads=2, tile=32, patch=8, hidden=64, inter=128, layers=2,
                     heads=4, kv=2, vocab=2000, pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]])
     return dict(v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16, tile=336, patch=14, hidden=4096, inter=14336,
                 layers=32, heads=32, kv=8, vocab=32064, pinpoints=PINPOINTS_336)
 
 
-def build(s: dict, device: torch.device, dtype: torch.dtype, prompts: list[str]):
-    """(model, processor) with the shapes `s`, random weights (std 0.02), on `device`."""
-    from transformers import (
-        CLIPVisionConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-        MistralConfig,
-    )
+def build_config(s: dict, prompts: list[str]):
+    """(LlavaNextConfig, processor) with the shapes `s`."""
+    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
 
     from iisan.backbones import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(prompts * 4, vocab_size=500)
-    tok.add_special_tokens({"extra_special_tokens": ["<image>", *TURN_TOKENS["mistral"]]})
+    tok.add_special_tokens({"extra_special_tokens": ["<image>", *captions.TURN_TOKENS["mistral"]]})
     text = MistralConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
                          num_attention_heads=s["heads"], num_key_value_heads=s["kv"], vocab_size=max(s["vocab"], len(tok)),
                          max_position_embeddings=32768, sliding_window=None, rope_theta=1e6,
-                         pad_token_id=tok.pad_token_id)
+                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
     vision = CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=s["v_inter"], num_hidden_layers=s["v_layers"],
                               num_attention_heads=s["v_heads"], image_size=s["tile"], patch_size=s["patch"], projection_dim=768)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                              image_grid_pinpoints=s["pinpoints"], vision_feature_select_strategy="default",
                              vision_feature_layer=-2, image_seq_length=(s["tile"] // s["patch"]) ** 2)
+    processor = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": s["tile"]}, crop_size={"height": s["tile"], "width": s["tile"]},
+                                                   image_grid_pinpoints=s["pinpoints"]),
+        tokenizer=tok, patch_size=s["patch"], vision_feature_select_strategy="default",
+        chat_template=captions.CHAT_TEMPLATES["mistral"], image_token="<image>", num_additional_image_tokens=1)
+    tok.padding_side = "left"
+    return config, processor
+
+
+def build_model(config, attention: str, device: torch.device, dtype: torch.dtype):
+    """Random weights (init std 0.02) on `device`, the language model on `attention` as
+    `load_captioner` sets it."""
+    from transformers import LlavaNextForConditionalGeneration
+
+    impl = captions.attn_implementation(attention)
     torch.manual_seed(0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with device:
-            model = LlavaNextForConditionalGeneration(config)
+            model = LlavaNextForConditionalGeneration._from_config(config, dtype=dtype, **({"attn_implementation": impl} if impl else {}))
     finally:
         torch.set_default_dtype(old)
-    model.eval()
-    processor = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": s["tile"]}, crop_size={"height": s["tile"], "width": s["tile"]},
-                                                   image_grid_pinpoints=s["pinpoints"]),
-        tokenizer=tok, patch_size=s["patch"], vision_feature_select_strategy="default",
-        chat_template=CHAT_TEMPLATES["mistral"], image_token="<image>", num_additional_image_tokens=1)
-    tok.padding_side = "left"
-    return model, processor
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return model.eval()
 
 
 def sync(device):
@@ -102,7 +131,7 @@ def matmul_tflops(device, dtype, n=8192, reps=50) -> float:
 
 def bandwidth_gbs(device, gib=4, reps=20) -> float:
     """Device copy: bytes read + written per second."""
-    x = torch.empty(gib * 2**30, dtype=torch.uint8, device=device)
+    x = torch.empty(int(gib * 2**30), dtype=torch.uint8, device=device)
     y = torch.empty_like(x)
     y.copy_(x)
     sync(device)
@@ -113,141 +142,265 @@ def bandwidth_gbs(device, gib=4, reps=20) -> float:
     return 2 * x.numel() * reps / (time.perf_counter() - t) / 1e9
 
 
-def params(module) -> int:
-    return sum(p.numel() for p in module.parameters())
+def synthetic_jpegs(n: int, w: int, h: int, seed=0) -> list[bytes]:
+    """`n` distinct w x h JPEGs: smooth random colour fields with fine noise (photo-like sizes)."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(n):
+        base = Image.fromarray(rng.integers(0, 256, (9, 16, 3), dtype=np.uint8)).resize((w, h), Image.BILINEAR)
+        px = np.asarray(base, dtype=np.int16) + rng.integers(-12, 13, (h, w, 3), dtype=np.int16)
+        buf = io.BytesIO()
+        Image.fromarray(px.clip(0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=90)
+        out.append(buf.getvalue())
+    return out
 
 
-def prefill_flops(model, s, n_tiles: int, prompt_tokens: list[int]) -> float:
-    """Matmul FLOPs of one batch's prefill: the vision tower on every tile (all its layers run),
-    the projector and the language model on every prompt token, causal attention (T^2 d per layer
-    for QK^T and AV together, x2 for multiply-add)."""
-    vt = model.model.vision_tower
-    v_tokens = (s["tile"] // s["patch"]) ** 2 + 1
-    v_lin = params(vt.encoder) + params(vt.embeddings.patch_embedding)  # every layer and the patch projection
-    vision = n_tiles * (2 * v_lin * v_tokens + 4 * s["v_layers"] * v_tokens**2 * s["v_hidden"])
-    proj = 2 * params(model.model.multi_modal_projector) * sum(prompt_tokens)
-    lm_lin = params(model.model.language_model) - params(model.model.language_model.embed_tokens) + params(model.lm_head)
-    lm = sum(2 * lm_lin * t + 2 * s["layers"] * t**2 * s["hidden"] for t in prompt_tokens)
-    return vision + proj + lm
+def write_dataset(work: Path, kind: str, items: int, jpegs: list[bytes], frames: int) -> tuple[Path, Path]:
+    """(items.parquet, image archive) as the caption rule reads them: covers named by the
+    table's `image` column, video frames ``<item_id>_<k>.jpg``."""
+    import polars as pl
+
+    ids = [f"{kind}{i:05d}" for i in range(items)]
+    archive = work / f"{kind}.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_STORED) as zf:
+        for n, i in enumerate(ids):
+            names = [f"{i}.jpg"] if kind == "cover" else [f"{i}_{k}.jpg" for k in range(frames)]
+            for k, name in enumerate(names):
+                zf.writestr(name, jpegs[(n * len(names) + k) % len(jpegs)])
+    table = work / f"{kind}_items.parquet"
+    pl.DataFrame({"item_id": ids, "image": [f"{i}.jpg" for i in ids]}).write_parquet(table)
+    return table, archive
 
 
-def decode_bytes(model, s, prompt_tokens: list[int], new_tokens: int, elem: int) -> float:
-    """Bytes one decode step must read on average: the language model's weights (the embedding
-    table only for the batch's rows, ignored) and each sequence's live KV cache."""
-    lm = params(model.model.language_model) - params(model.model.language_model.embed_tokens) + params(model.lm_head)
-    kv_per_token = 2 * s["layers"] * s["kv"] * (s["hidden"] // s["heads"]) * elem
-    return lm * elem + sum(kv_per_token * (t + new_tokens / 2) for t in prompt_tokens)
+def forced(model, processor, n: int, static: bool):
+    """The library's greedy generation config for exactly `n` new tokens."""
+    from transformers import GenerationConfig
+
+    greedy = {k: v for k, v in captions.GREEDY.items() if k != "min_length"}  # min_new_tokens sets it
+    return GenerationConfig(**greedy, max_new_tokens=n, min_new_tokens=n, eos_token_id=captions.stop_token_ids(model, processor.tokenizer),
+                            pad_token_id=processor.tokenizer.pad_token_id, **({"cache_implementation": "static"} if static else {}))
 
 
-def run_batch(model, processor, texts, images, gen, device):
+def timed_batch(model, processor, texts, images, gen, pad, device) -> tuple[float, list[str]]:
     sync(device)
     t = time.perf_counter()
-    captions, _ = _caption_batch(model, processor, texts, images, gen)
+    caps, _ = captions._caption_batch(model, processor, texts, images, gen, pad)
     sync(device)
-    return time.perf_counter() - t, captions
+    return time.perf_counter() - t, caps
 
 
-def profile_decode(model, processor, texts, images, gen_config, n, device, kind, b, cache):
-    """GPU kernel time against wall time over the decode steps, and the kernels that take it:
-    a 1-token and an (n+1)-token generation, the difference is n decode steps."""
+def batch_rates(model, processor, kind, b, images, static, new_tokens, device) -> dict:
+    """Prefill s, decode ms/step and peak memory of the library's batch call on `b` items."""
+    from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
+
+    n_img = PROMPTS[kind]["images"]
+    text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], n_img), add_generation_prompt=True)
+    texts, pad = [text] * b, captions.STATIC_BUCKET if static else None
+    t = time.perf_counter()
+    enc = captions._encode(processor, texts, images, pad, model.dtype)
+    t_proc = time.perf_counter() - t
+
+    def gen(n):
+        return forced(model, processor, n, static)
+
+    timed_batch(model, processor, texts, images, gen(new_tokens if static else 2), pad, device)  # warm-up (compiles the static decode)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    t1, _ = timed_batch(model, processor, texts, images, gen(1), pad, device)
+    tn, caps = timed_batch(model, processor, texts, images, gen(new_tokens), pad, device)
+    pv = model.config.vision_config
+    tiles = sum(image_size_to_num_patches(hw, model.config.image_grid_pinpoints, pv.image_size) for hw in enc["image_sizes"].tolist())
+    return {"prompt_tokens": round(enc["attention_mask"].sum().item() / b), "padded_tokens": enc["input_ids"].shape[1],
+            "tiles_per_item": tiles / b, "preprocess_s": t_proc, "prefill_s": t1 - t_proc, "step_s": (tn - t1) / (new_tokens - 1),
+            "batch_s": tn, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
+
+
+def rule_call(model, processor, kind, b, batches, workers, cache, attention, new_tokens, device, work, jpegs) -> dict:
+    """items/s of `caption_dataset` (the rule's call) over `batches` batches of `b` items after its first batch."""
+    table, archive = write_dataset(work, kind, b * batches, jpegs, PROMPTS[kind]["images"])
+    prompts_file = work / "prompts.yaml"
+    import yaml
+
+    prompts_file.write_text(yaml.safe_dump(PROMPTS))
+    ends, real_batch, real_load = [], captions._caption_batch, captions.load_captioner
+
+    def batch_call(model_, processor_, texts, images, gen, *args, **kwargs):
+        gen.min_new_tokens = gen.max_new_tokens  # every caption runs to the maximum
+        out = real_batch(model_, processor_, texts, images, gen, *args, **kwargs)
+        ends.append(time.perf_counter())
+        return out
+
+    captions._caption_batch = batch_call
+    captions.load_captioner = lambda *a, **k: (model, processor)
+    out = work / f"{kind}_{cache}_{attention}_{workers}.parquet"
+    try:
+        t = time.perf_counter()
+        captions.caption_dataset(table, kind, archive, "random-llava-next", prompts_file, out, positions=[0.1, 0.5, 0.9][:PROMPTS[kind]["images"]],
+                                 batch_size=b, max_new_tokens=new_tokens, device=str(device), revision="random",
+                                 kv_cache=cache, attention=attention, workers=workers)
+        wall = time.perf_counter() - t
+    finally:
+        captions._caption_batch, captions.load_captioner = real_batch, real_load
+    import polars as pl
+
+    steady = b * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None
+    return {"e2e_items_s": steady, "e2e_wall_s": wall, "captions": pl.read_parquet(out)["caption"].to_list()}
+
+
+def free(device):
+    gc.collect()
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def fmt(x, spec):
+    return "–" if x is None else format(x, spec)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script in seconds")
+    ap.add_argument("--size", default="1280x720", help="cover / frame size, w x h")
+    ap.add_argument("--prompts", default="cover,video")
+    ap.add_argument("--options", default=DEFAULT_OPTIONS, help="cache/attention/workers, comma-separated; the first is the reference")
+    ap.add_argument("--cover-batch", default="64", help="items per batch, or auto (the memory plan of the free memory)")
+    ap.add_argument("--video-batch", default="32")
+    ap.add_argument("--new-tokens", type=int, default=100)
+    ap.add_argument("--e2e-batches", type=int, default=3, help="batches of the rule's call (0: skip it)")
+    ap.add_argument("--work", default=None, help="folder for the synthetic dataset and outputs (default: a temporary one)")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N decode steps: GPU time per kernel family")
+    args = ap.parse_args()
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    dtype = captions.compute_dtype(device)
+    elem = torch.finfo(dtype).bits // 8
+    if args.smoke:
+        args.size, args.new_tokens = "64x48", 4
+        args.cover_batch = "auto" if args.cover_batch == "auto" else "3"
+        args.video_batch = "auto" if args.video_batch == "auto" else "2"
+        args.e2e_batches = min(args.e2e_batches, 2)
+        if args.options == DEFAULT_OPTIONS:  # FlexAttention compiles with inductor: minutes on a CPU
+            args.options = "dynamic/sdpa/0,static/sdpa/0,static/sdpa_gqa/0,static/sdpa_gqa/2"
+    s = shapes(args.smoke)
+    config, processor = build_config(s, [p["text"] for p in PROMPTS.values()])
+    w, h = map(int, args.size.split("x"))
+    rate = matmul_tflops(device, dtype, n=512 if args.smoke else 8192, reps=3 if args.smoke else 50)
+    bw = bandwidth_gbs(device, gib=0.25 if args.smoke else 4, reps=3 if args.smoke else 20)
+    shm = shutil.disk_usage("/dev/shm").total / 2**30 if Path("/dev/shm").is_dir() else None
+    import transformers
+
+    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
+           "transformers": transformers.__version__, "dtype": str(dtype), "matmul_tflops": round(rate, 1),
+           "bandwidth_gbs": round(bw, 1), "params_b": round(shapes_from_config(config).params / 1e9, 3), "image": args.size,
+           "new_tokens": args.new_tokens, "dev_shm_gib": None if shm is None else round(shm, 1)}
+    print(json.dumps(env), flush=True)
+    from PIL import Image
+
+    jpegs = synthetic_jpegs(8 if args.smoke else 24, w, h)
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="caption_speed_"))
+    work.mkdir(parents=True, exist_ok=True)
+    bound_shapes = shapes_from_config(config)
+    rows, reference = [], {}
+    for option in args.options.split(","):
+        cache, attention, workers = option.split("/")
+        workers = int(workers)
+        t_build = time.perf_counter()
+        try:
+            model = build_model(config, attention, device, dtype)
+        except Exception as err:  # an attention this transformers / torch cannot build
+            print(json.dumps({"option": option, "error": f"{type(err).__name__}: {str(err)[:200]}"}), flush=True)
+            continue
+        build_s = time.perf_counter() - t_build
+        for kind in args.prompts.split(","):
+            n_img = PROMPTS[kind]["images"]
+            batch_arg = args.cover_batch if kind == "cover" else args.video_batch
+            row = {"option": option, "prompt": kind, "cache": cache, "attention": attention, "workers": workers}
+            t_row = time.perf_counter()
+            try:
+                if batch_arg == "auto":
+                    text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], n_img), add_generation_prompt=True)
+                    one = [Image.open(io.BytesIO(jpegs[k])).convert("RGB") for k in range(n_img)]
+                    tokens = captions._encode(processor, [text], one, None, dtype)["input_ids"].shape[1]
+                    if cache == "static":
+                        tokens = -(-tokens // captions.STATIC_BUCKET) * captions.STATIC_BUCKET
+                    b = captions.auto_batch_size(model, tokens, args.new_tokens, 4096)
+                else:
+                    b = int(batch_arg)
+                images = [Image.open(io.BytesIO(jpegs[k % len(jpegs)])).convert("RGB") for k in range(b * n_img)]
+                r = batch_rates(model, processor, kind, b, images, cache == "static", args.new_tokens, device)
+                if args.e2e_batches:
+                    r.update(rule_call(model, processor, kind, b, args.e2e_batches, workers, cache, attention, args.new_tokens,
+                                       device, work, jpegs))
+            except Exception as err:  # out of memory, or an option this transformers / torch cannot run: the next row
+                print(json.dumps({**row, "error": f"{type(err).__name__}: {str(err)[:300]}"}), flush=True)
+                free(device)
+                continue
+            bound = caption_bound(bound_shapes, prompt_tokens=r["prompt_tokens"], tiles=r["tiles_per_item"], new_tokens=args.new_tokens,
+                                  batch=b, tflops=rate, bandwidth_gbs=bw, elem=elem)
+            caps = r.pop("captions", None)
+            if caps is not None:
+                reference.setdefault(kind, caps)
+            items_s = b / r["batch_s"]
+            row.update({
+                "batch": b, "prompt_tokens": r["prompt_tokens"], "padded_tokens": r["padded_tokens"], "tiles_per_item": r["tiles_per_item"],
+                "preprocess_s": round(r["preprocess_s"], 3), "prefill_s": round(r["prefill_s"], 3),
+                "prefill_of_bound": round(bound.prefill_s * b / r["prefill_s"], 3),
+                "decode_step_ms": round(r["step_s"] * 1e3, 2), "decode_of_bound": round(bound.step_s / r["step_s"], 3),
+                "items_s_batch_call": round(items_s, 3), "items_s_bound": round(bound.items_per_s, 3),
+                "items_s_rule": None if r.get("e2e_items_s") is None else round(r["e2e_items_s"], 3),
+                "rule_wall_s": None if "e2e_wall_s" not in r else round(r["e2e_wall_s"], 1),
+                "hours_19738": round(MICROLENS_ITEMS / (r.get("e2e_items_s") or items_s) / 3600, 2),
+                "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 1),
+                "plan_gib": round(memory_bytes(bound_shapes, batch=b, prompt_tokens=r["padded_tokens"], new_tokens=args.new_tokens,
+                                               elem=elem) / 2**30, 1),
+                "same_captions_as_first": None if caps is None else round(np.mean([a == c for a, c in zip(caps, reference[kind])]), 3),
+                "build_s": round(build_s, 1), "row_s": round(time.perf_counter() - t_row, 1),
+            })
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+            if args.profile:
+                profile_decode(model, processor, kind, b, images, cache == "static", args.profile, device, option)
+        del model
+        free(device)
+    print(table(rows, env))
+    if not args.work:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def profile_decode(model, processor, kind, b, images, static, n, device, option):
+    """GPU kernel time per decode step by kernel family: a 1-token and an (n+1)-token generation,
+    the difference is n decode steps."""
+    from gpu_profile import kernels, summary
+
+    text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], PROMPTS[kind]["images"]), add_generation_prompt=True)
+    pad = captions.STATIC_BUCKET if static else None
+
     def run(steps):
-        return kernels(lambda: run_batch(model, processor, texts, images, gen_config(steps), device), device)
+        gen = forced(model, processor, steps, static)
+        return kernels(lambda: timed_batch(model, processor, [text] * b, images, gen, pad, device), device)
 
     w1, e1 = run(1)
     wn, en = run(n + 1)
     decode = summary(en[len(e1):], n)
-    decode["gpu_busy_ms_per_step"] = round((sum(t for _, t in en) - sum(t for _, t in e1)) / n / 1e3, 2)
-    decode["kernels_per_step"] = round((len(en) - len(e1)) / n, 1)
-    print(json.dumps({"profile": kind, "batch": b, "cache": cache, "decode_steps": n,
-                      "step_ms": round((wn - w1) / n * 1e3, 2), **decode}), flush=True)
+    print(json.dumps({"profile": kind, "option": option, "batch": b, "decode_steps": n, "step_ms": round((wn - w1) / n * 1e3, 2),
+                      **decode}), flush=True)
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--tiny", action="store_true")
-    ap.add_argument("--size", default="1280x720", help="cover / frame size, w x h")
-    ap.add_argument("--cover-batches", default="8,16,32")
-    ap.add_argument("--video-batches", default="4,8,16")
-    ap.add_argument("--new-tokens", type=int, default=300)
-    ap.add_argument("--caches", default="dynamic,static", help="KV caches to time: dynamic (eager decode), static (compiled decode)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after timing, profile N decode steps: GPU busy fraction and the kernels that dominate")
-    args = ap.parse_args()
-    from PIL import Image
-    from transformers import GenerationConfig
-
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elem = torch.finfo(dtype).bits // 8
-    s = shapes(args.tiny)
-    prompts = {"cover": "Describe this cover image in one or two sentences, like a caption of a picture.",
-               "video": "These are three frames of one video in time order. Describe the whole video in a few sentences."}
-    model, processor = build(s, device, dtype, list(prompts.values()))
-    w, h = map(int, args.size.split("x"))
-    rate = matmul_tflops(device, dtype, n=1024 if args.tiny else 8192, reps=5 if args.tiny else 50)
-    bw = bandwidth_gbs(device, gib=1 if args.tiny else 4, reps=3 if args.tiny else 20)
-    env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
-           "dtype": str(dtype), "matmul_tflops": round(rate, 1), "bandwidth_gbs": round(bw, 1),
-           "params_b": round(params(model) / 1e9, 3), "image": args.size}
-    print(json.dumps(env), flush=True)
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-
-    def image():
-        return Image.fromarray(rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8))
-
-    for kind, n_img, batches in (("cover", 1, args.cover_batches), ("video", 3, args.video_batches)):
-        stop = processor.tokenizer.eos_token_id or 0  # masked until min_new_tokens = max_new_tokens
-        text = processor.apply_chat_template(conversation(prompts[kind], n_img), add_generation_prompt=True)
-        for b in map(int, batches.split(",")):
-            images = [image() for _ in range(b * n_img)]
-            texts = [text] * b
-            t = time.perf_counter()
-            enc = processor(images=images, text=texts, padding=True, return_tensors="pt")
-            t_proc = time.perf_counter() - t
-            prompt_tokens = enc["attention_mask"].sum(1).tolist()
-            from transformers.models.llava_next.modeling_llava_next import image_size_to_num_patches
-
-            n_tiles = sum(image_size_to_num_patches(hw, s["pinpoints"], s["tile"]) for hw in enc["image_sizes"].tolist())
-            for cache in args.caches.split(","):
-                extra = {"cache_implementation": "static"} if cache == "static" else {}
-
-                def gen_config(n, stop=stop, extra=extra):
-                    return GenerationConfig(**GREEDY, max_new_tokens=n, min_new_tokens=n, eos_token_id=[stop],
-                                            pad_token_id=processor.tokenizer.pad_token_id, **extra)
-
-                try:
-                    run_batch(model, processor, texts, images, gen_config(2), device)  # warm-up
-                    if cache == "static":  # compile for the full cache length
-                        run_batch(model, processor, texts, images, gen_config(args.new_tokens), device)
-                    if device.type == "cuda":
-                        torch.cuda.reset_peak_memory_stats()
-                    t1, _ = run_batch(model, processor, texts, images, gen_config(1), device)
-                    tn, caps = run_batch(model, processor, texts, images, gen_config(args.new_tokens), device)
-                except torch.OutOfMemoryError as err:
-                    print(json.dumps({"prompt": kind, "batch": b, "cache": cache, "error": f"out of memory: {str(err)[:80]}"}), flush=True)
-                    torch.cuda.empty_cache()
-                    continue
-                prefill = t1 - t_proc  # generate with one new token: preprocessing + prefill (+ one head)
-                step = (tn - t1) / (args.new_tokens - 1)
-                flops = prefill_flops(model, s, n_tiles, prompt_tokens)
-                bound = decode_bytes(model, s, prompt_tokens, args.new_tokens, elem) / (bw * 1e9)
-                items_s = b / tn
-                print(json.dumps({
-                    "prompt": kind, "batch": b, "cache": cache, "images_per_item": n_img,
-                    "prompt_tokens": round(sum(prompt_tokens) / b), "tiles_per_item": n_tiles / b,
-                    "new_tokens": args.new_tokens, "batch_s": round(tn, 3), "preprocess_s": round(t_proc, 3),
-                    "prefill_s": round(prefill, 3), "prefill_tflops": round(flops / prefill / 1e12, 1),
-                    "prefill_frac_matmul": round(flops / prefill / 1e12 / rate, 3),
-                    "decode_step_ms": round(step * 1e3, 2), "decode_tokens_s": round(b / step, 1),
-                    "decode_frac_bandwidth": round(bound / step, 3), "items_s": round(items_s, 3),
-                    "hours_19738": round(MICROLENS_ITEMS / items_s / 3600, 2),
-                    "peak_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if device.type == "cuda" else None,
-                    "caption_words": len(caps[0].split()),
-                }), flush=True)
-                if args.profile:
-                    profile_decode(model, processor, texts, images, gen_config, args.profile, device, kind, b, cache)
+def table(rows: list[dict], env: dict) -> str:
+    head = ("| prompt | batch | cache / attention / workers | prefill s (of bound) | decode ms/step (of bound) | items/s batch call "
+            "| items/s rule | items/s bound | peak GiB (plan) | same captions |")
+    lines = [f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, {env['dtype']}: "
+             f"{env['matmul_tflops']} TFLOP/s matmul, {env['bandwidth_gbs']} GB/s copy, {env['new_tokens']} new tokens, "
+             f"/dev/shm {env['dev_shm_gib']} GiB", "", head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(
+            f"| {r['prompt']} ({r['prompt_tokens']} tokens) | {r['batch']} | {r['option']} | {r['prefill_s']:.2f} ({r['prefill_of_bound']:.0%}) "
+            f"| {r['decode_step_ms']:.1f} ({r['decode_of_bound']:.0%}) | {r['items_s_batch_call']:.2f} | {fmt(r['items_s_rule'], '.2f')} "
+            f"| {r['items_s_bound']:.2f} | {fmt(r['peak_gib'], '.1f')} ({r['plan_gib']:.1f}) | {fmt(r['same_captions_as_first'], '.0%')} |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

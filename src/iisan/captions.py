@@ -2,7 +2,9 @@
 image slots of ONE prompt), used as text item fields (paper Table IX).
 
 `caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
-the image tokens), bf16 on CUDA and fp32 on a CPU. It reuses captions by content: a caption
+the image tokens), bf16 on CUDA and fp32 on a CPU; forked workers can read and process the
+images ahead of the GPU, the batch size can come from a memory plan (`iisan.caption_bound`),
+and the language model's attention is selectable (`ATTENTIONS`). It reuses captions by content: a caption
 set's memo (``<stem>.memo/`` beside its Parquet, `memo_dir`) holds, in one folder per settings
 key (model, revision or weights fingerprint, prompt sha256, decoding settings, the caller's input
 settings such as frame positions), records of captioned items keyed by the sha256 of their
@@ -79,6 +81,16 @@ GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_rep
 # job compiles for a few cache shapes only (each new shape compiles again).
 KV_CACHES = ("dynamic", "static")
 STATIC_BUCKET = 128
+# Attention of the language model (captions.attention; the vision tower keeps SDPA):
+# "sdpa", transformers' SDPA, which hands a grouped-query model's K and V to SDPA expanded to the
+# query heads when a padding mask is given (in compiled decoding always: the cache is copied and
+# read heads/kv_heads times per step); "sdpa_gqa", the same SDPA except that a decode step's one
+# query token per sequence attends on the K/V heads as stored, its query heads grouped per K/V
+# head (`_sdpa_gqa_attention`: the cache is read once, in place); "flex_attention",
+# transformers' FlexAttention (native GQA; blocks of the cache that the mask hides, beyond the
+# live length or padding, are skipped).
+ATTENTIONS = ("sdpa", "sdpa_gqa", "flex_attention")
+AUTO_BATCH_CPU = 8  # batch_size "auto" on a CPU (the memory plan is for GPUs)
 # end-of-turn tokens that stop a caption besides the tokenizer's and generation config's EOS
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>")
 
@@ -259,22 +271,28 @@ def caption_settings(
     revision: str | None = None,
     settings: dict | None = None,
     kv_cache: str = "dynamic",
+    attention: str = "sdpa",
 ) -> dict:
     """Everything that determines a caption set, computed without loading the model: the model
     (path or hub id), its revision, a fingerprint of its files (`iisan.cache.weights_fingerprint`:
     weights, tokenizer, processor and chat template of a local folder; the id and revision of a
-    hub model), the prompt's sha256, the decoding settings (with the KV cache when it is not the
-    default dynamic one: greedy decoding over another cache and padding may round differently),
+    hub model), the prompt's sha256, the decoding settings (with the KV cache and the attention
+    when they are not the defaults, dynamic and sdpa: greedy decoding over another cache, padding
+    or attention kernel may round differently),
     the compute dtype, and the caller's `settings` (what `images_for` feeds the model: frame
     positions, image source, ...)."""
     from .cache import weights_fingerprint
 
     if kv_cache not in KV_CACHES:
         raise ValueError(f"captions.kv_cache: {kv_cache!r} is not one of {', '.join(KV_CACHES)}")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"captions.attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
     model_path = str(model_path)
     decoding = {**GREEDY, "max_new_tokens": int(max_new_tokens), "stop": "eos+end_of_turn", "padding_side": "left"}
     if kv_cache != "dynamic":  # the default stays out, so caption sets made before the option keep their key
         decoding.update(kv_cache=kv_cache, pad_to_multiple_of=STATIC_BUCKET)
+    if attention != "sdpa":
+        decoding["attention"] = attention
     computed = {
         "model": model_path,
         "revision": revision,
@@ -325,10 +343,47 @@ def _differences(stored: dict, expected: dict, keys: Iterable[str]) -> list[str]
 # captioning
 
 
-def load_captioner(model_path: str, device: str | torch.device | None = None, revision: str | None = None):
-    """(model in eval mode, processor with left padding) of a LLaVA-NeXT checkpoint. On CUDA
-    the model is bf16 and spread over the job's GPUs (`device_map="auto"`: the 34B model needs
-    ~70 GB); on a CPU fp32. A local folder (the workflow's fetched model) loads without the hub."""
+def _sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers' SDPA attention (`sdpa_attention_forward`), except for a decode step of a
+    grouped-query model with a mask: the query (batch, heads, 1, d) becomes (batch, kv_heads,
+    heads / kv_heads, d), the query heads of each K/V head as that head's query rows (the
+    heads' order of `repeat_kv`), so SDPA reads the cache's K/V heads as stored; the mask
+    (batch, 1, 1, length) broadcasts over them. Returns (batch, 1, heads, d), as SDPA's does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = getattr(module, "num_key_value_groups", 1)
+    b, heads, q_len, d = query.shape
+    if groups == 1 or q_len != 1 or attention_mask is None or attention_mask.shape[1] != 1 or kwargs.get("position_bias") is not None:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query.reshape(b, heads // groups, groups, d), key, value, attn_mask=attention_mask, dropout_p=dropout, scale=scaling)
+    return out.reshape(b, 1, heads, value.shape[-1]), None
+
+
+def attn_implementation(attention: str) -> dict | None:
+    """`attn_implementation` for `from_pretrained` that gives the language model `attention`
+    (one of ATTENTIONS) and the vision tower SDPA; None for the default "sdpa" (transformers'
+    own choice, SDPA everywhere). Registers "sdpa_gqa" with transformers' attention and mask
+    interfaces (its masks are SDPA's)."""
+    if attention not in ATTENTIONS:
+        raise ValueError(f"captions.attention: {attention!r} is not one of {', '.join(ATTENTIONS)}")
+    if attention == "sdpa":
+        return None
+    if attention == "sdpa_gqa":
+        from transformers import AttentionInterface
+        from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+        AttentionInterface.register("sdpa_gqa", _sdpa_gqa_attention)
+        AttentionMaskInterface.register("sdpa_gqa", sdpa_mask)
+    return {"": "sdpa", "vision_config": "sdpa", "text_config": attention}
+
+
+def load_captioner(model_path: str, device: str | torch.device | None = None, revision: str | None = None,
+                   attention: str = "sdpa"):
+    """(model in eval mode, processor with left padding) of a LLaVA-NeXT checkpoint, its language
+    model on `attention` (ATTENTIONS). On CUDA the model is bf16 and spread over the job's GPUs
+    (`device_map="auto"`: the 34B model needs ~70 GB); on a CPU fp32. A local folder (the
+    workflow's fetched model) loads without the hub."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
     from .backbones import local_only
@@ -336,6 +391,8 @@ def load_captioner(model_path: str, device: str | torch.device | None = None, re
     dev = _device(device)
     local = local_only(model_path)
     kwargs: dict[str, Any] = {"dtype": compute_dtype(dev), "revision": revision, **local}
+    if (impl := attn_implementation(attention)) is not None:
+        kwargs["attn_implementation"] = impl
     if dev.type == "cuda":
         kwargs["device_map"] = "auto"
     model = LlavaNextForConditionalGeneration.from_pretrained(model_path, **kwargs)
@@ -375,14 +432,22 @@ def prompt_lengths(processor, rendered: dict[int, str], sizes: Sequence[Sequence
     return out
 
 
-def _caption_batch(model, processor, texts: list[str], images: list, generation_config,
-                   pad_to_multiple_of: int | None = None) -> tuple[list[str], list[bool]]:
-    """Captions of one left-padded batch (images flattened in prompt order) and whether each
-    stopped on a stop token (False: cut at max_new_tokens)."""
+def _encode(processor, texts: list[str], images: list, pad_to_multiple_of: int | None, dtype: torch.dtype) -> dict:
+    """The model inputs of one left-padded batch on the CPU (images flattened in prompt order),
+    pixel values in the model's `dtype` (the cast rounds as it does on a GPU)."""
     pad = {"pad_to_multiple_of": pad_to_multiple_of} if pad_to_multiple_of else {}
-    enc = processor(images=images, text=texts, padding=True, return_tensors="pt", **pad)
-    enc = enc.to(model.device)
-    enc["pixel_values"] = enc["pixel_values"].to(model.dtype)
+    enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt", **pad))
+    enc["pixel_values"] = enc["pixel_values"].to(dtype)
+    return enc
+
+
+def _caption_batch(model, processor, texts: list[str], images: list | None, generation_config,
+                   pad_to_multiple_of: int | None = None, *, encoded: dict | None = None) -> tuple[list[str], list[bool]]:
+    """Captions of one left-padded batch (images flattened in prompt order; or its inputs
+    `encoded` ahead by `_encode`, `images` then unused) and whether each stopped on a stop token
+    (False: cut at max_new_tokens)."""
+    enc = encoded if encoded is not None else _encode(processor, texts, images, pad_to_multiple_of, model.dtype)
+    enc = {k: v.to(model.device) for k, v in enc.items()}
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=generation_config)
     new = out[:, enc["input_ids"].shape[1]:].cpu()
@@ -390,6 +455,71 @@ def _caption_batch(model, processor, texts: list[str], images: list, generation_
     stopped = torch.isin(new, stops).any(dim=1).tolist()
     captions = [c.strip() for c in processor.batch_decode(new, skip_special_tokens=True)]
     return captions, stopped
+
+
+class _Prepared(torch.utils.data.Dataset):
+    """Batch k's (k, texts, model inputs): `images_for` and the processor, run in a DataLoader
+    worker while the GPU captions earlier batches."""
+
+    def __init__(self, batches, inputs, processor, pad_to_multiple_of, dtype):
+        self.batches, self.inputs, self.processor, self.pad, self.dtype = batches, inputs, processor, pad_to_multiple_of, dtype
+
+    def __len__(self):
+        return len(self.batches)
+
+    def __getitem__(self, k):
+        texts, images = self.inputs(self.batches[k])
+        return k, texts, _encode(self.processor, texts, images, self.pad, self.dtype)
+
+
+class _Sizes(torch.utils.data.Dataset):
+    def __init__(self, chunks, images_for):
+        self.chunks, self.images_for = chunks, images_for
+
+    def __len__(self):
+        return len(self.chunks)
+
+    def __getitem__(self, k):
+        return [_image_sizes(i, self.images_for(i)) for i in self.chunks[k]]
+
+
+def _image_sizes(item_id, imgs) -> list[tuple[int, int]]:
+    if not imgs:
+        raise ValueError(f"item {item_id!r}: images_for gave no image")
+    return [(im.height, im.width) for im in imgs]
+
+
+def _loader(dataset, workers: int):
+    """`dataset`'s entries in order, `workers` forked processes computing ahead (two entries
+    each); in this process when `workers` is 0 or fork is unavailable. Forked, because
+    `images_for` is usually a closure (not picklable); the workers use no GPU."""
+    import multiprocessing
+
+    if workers and "fork" not in multiprocessing.get_all_start_methods():
+        log.warning("captions.workers %d: this platform cannot fork; images are prepared in the main process", workers)
+        workers = 0
+    if not workers:
+        return (dataset[k] for k in range(len(dataset)))
+    return torch.utils.data.DataLoader(dataset, batch_size=None, shuffle=False, num_workers=workers, prefetch_factor=2,
+                                       multiprocessing_context="fork")
+
+
+def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, items: int) -> int:
+    """The largest batch whose KV cache (the longest prompt + max_new_tokens) and prefill
+    activations fit the free memory of the model's GPUs (`iisan.caption_bound.largest_batch`),
+    at most `items`; AUTO_BATCH_CPU on a CPU."""
+    from .caption_bound import largest_batch, shapes_from_config
+
+    if model.device.type != "cuda":
+        return max(1, min(AUTO_BATCH_CPU, items))
+    cards = set()
+    for d in getattr(model, "hf_device_map", {}).values():  # GPU indices, "cuda:k", "cpu" or "disk"
+        if isinstance(d, int) or str(d).startswith("cuda"):
+            cards.add(d if isinstance(d, int) else torch.device(d).index or 0)
+    free = sum(torch.cuda.mem_get_info(k)[0] for k in cards or {model.device.index or 0})
+    elem = torch.finfo(model.dtype).bits // 8
+    return largest_batch(shapes_from_config(model.config), prompt_tokens=longest_prompt, new_tokens=max_new_tokens, memory=free,
+                         elem=elem, weights=False, cap=items)
 
 
 def _plain_id(item_id: Any) -> Any:
@@ -461,6 +591,15 @@ def prune_memo(memo: str | os.PathLike, key: dict, writers: Iterable[str]) -> No
             path.unlink()
 
 
+def batch_too_large(model, batch_size: int, longest_prompt: int, max_new_tokens: int) -> str | None:
+    """Why `batch_size` exceeds the memory plan of the free GPU memory (`auto_batch_size`), or None."""
+    try:
+        fits = auto_batch_size(model, longest_prompt, max_new_tokens, batch_size)
+    except ValueError as err:
+        return str(err)
+    return f"the memory plan fits {fits}" if fits < batch_size else None
+
+
 def caption_items(
     model_path: str | os.PathLike,
     item_ids: Sequence,
@@ -468,7 +607,7 @@ def caption_items(
     prompt: str,
     out_parquet: str | os.PathLike,
     *,
-    batch_size: int,
+    batch_size: int | str,
     max_new_tokens: int = 300,
     device: str | torch.device | None = None,
     settings: dict,
@@ -477,6 +616,8 @@ def caption_items(
     kv_cache: str = "dynamic",
     image_key: Callable[[Any], str] | None = None,
     memo: str | os.PathLike | None = None,
+    attention: str = "sdpa",
+    workers: int = 0,
 ) -> dict:
     """Caption every item of `item_ids` with LLaVA-NeXT and write ``out_parquet`` (``item_id``,
     ``caption``, in the order of `item_ids`) and its manifest; returns the manifest.
@@ -486,7 +627,10 @@ def caption_items(
     item to caption (image sizes for the batch order, then the batch). `settings` names what
     `images_for` does (frame positions, image source) and joins the settings key. Decoding is
     greedy; batches are left-padded and taken longest prompt first; `kv_cache` is one of
-    `KV_CACHES`.
+    `KV_CACHES`, `attention` one of `ATTENTIONS`. `batch_size` "auto" takes the largest batch
+    that the free GPU memory holds (`auto_batch_size`). With `workers` > 0, that many forked
+    processes call `images_for` and the processor ahead of the GPU (batch i+1 and later while
+    batch i generates; the captions are the same).
 
     Captions are reused by content (module docstring): ``image_key(item_id)`` is the key of an
     item's images (default: `pixels_sha256` of ``images_for(item_id)``; `images_sha256` of the
@@ -503,13 +647,15 @@ def caption_items(
     if len(set(ids)) != len(ids):
         dup = next(i for i in ids if ids.count(i) > 1)
         raise ValueError(f"item ids repeat (e.g. {dup!r})")
-    if batch_size < 1:
-        raise ValueError(f"batch_size is {batch_size}, expected at least 1")
+    if batch_size != "auto" and (not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"captions.batch_size is {batch_size!r}, expected a positive integer or 'auto'")
+    if not isinstance(workers, int) or workers < 0:
+        raise ValueError(f"captions.workers is {workers!r}, expected a non-negative integer")
     dev = _device(device)
     if not Path(model_path).is_dir() and revision is None:
         log.warning("captioning with hub model %s without a pinned revision: the settings cannot tell its versions apart", model_path)
     key = caption_settings(model_path, prompt, max_new_tokens=max_new_tokens, device=dev, revision=revision, settings=settings,
-                           kv_cache=kv_cache)
+                           kv_cache=kv_cache, attention=attention)
     static = kv_cache == "static"
     memo_folder = memo_dir(out_parquet) if memo is None else Path(memo)
     here = memo_folder / settings_id(key)
@@ -530,34 +676,49 @@ def caption_items(
 
     todo = [i for i in ids if i not in done]
     if todo:
-        model, processor = load_captioner(model_path, dev, revision)
+        model, processor = load_captioner(model_path, dev, revision, attention)
         generation_config = GenerationConfig(
             **GREEDY, max_new_tokens=max_new_tokens,
             eos_token_id=stop_token_ids(model, processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
             **({"cache_implementation": "static"} if static else {}),
         )
-        sizes = []
-        for i in todo:
-            imgs = images_for(i)
-            if not imgs:
-                raise ValueError(f"item {i!r}: images_for gave no image")
-            sizes.append([(im.height, im.width) for im in imgs])
+        chunks = [todo[s:s + 64] for s in range(0, len(todo), 64)]
+        sizes = [hw for chunk in _loader(_Sizes(chunks, images_for), workers) for hw in chunk]
         rendered = {k: processor.apply_chat_template(conversation(prompt, k), add_generation_prompt=True)
                     for k in sorted({len(s) for s in sizes})}
         lengths = prompt_lengths(processor, rendered, sizes)
         order = sorted(range(len(todo)), key=lambda j: (-lengths[j], j))
+        pad = STATIC_BUCKET if static else None
+        longest = max(lengths)
+        padded = -(-longest // pad) * pad if pad else longest
+        if batch_size == "auto":
+            batch_size = auto_batch_size(model, padded, max_new_tokens, len(todo))
+            log.info("captions.batch_size auto: %d (longest prompt %d tokens, %d new)", batch_size, longest, max_new_tokens)
+        elif dev.type == "cuda" and (why := batch_too_large(model, batch_size, padded, max_new_tokens)):
+            log.warning("captions.batch_size %d may not fit: %s (longest prompt %d tokens, %d new; batch_size auto takes the plan)",
+                        batch_size, why, longest, max_new_tokens)
         batches = [[todo[j] for j in order[s:s + batch_size]] for s in range(0, len(order), batch_size)]
+
+        def inputs(batch):
+            """(texts, images) of a batch; a short last batch is filled with its last item under
+            the static cache (its shapes stay few)."""
+            images, texts = [], []
+            for i in batch + batch[-1:] * (batch_size - len(batch) if static else 0):
+                imgs = images_for(i)
+                images.extend(imgs)
+                texts.append(rendered[len(imgs)])
+            return texts, images
+
+        if workers:
+            prepared = ((batches[k], texts, None, enc) for k, texts, enc in
+                        _loader(_Prepared(batches, inputs, processor, pad, model.dtype), workers))
+        else:  # images read just before their batch
+            prepared = ((batch, *inputs(batch), None) for batch in batches)
         with open(own, "a", encoding="utf-8") as fh:
-            for batch in tqdm(batches, desc=f"captions {out_parquet.name}", disable=None if progress is None else not progress):
-                images, texts = [], []
-                # a short last batch is filled with its last item (the static cache's shapes stay few)
-                fill = batch_size - len(batch) if static else 0
-                for i in batch + batch[-1:] * fill:
-                    imgs = images_for(i)
-                    images.extend(imgs)
-                    texts.append(rendered[len(imgs)])
-                captions, stopped = _caption_batch(model, processor, texts, images, generation_config,
-                                                   STATIC_BUCKET if static else None)
+            for batch, texts, images, enc in tqdm(prepared, total=len(batches), desc=f"captions {out_parquet.name}",
+                                                  disable=None if progress is None else not progress):
+                ahead = {} if enc is None else {"encoded": enc}
+                captions, stopped = _caption_batch(model, processor, texts, images, generation_config, pad, **ahead)
                 fh.write("".join(_record(i, keys[i], c, s) for i, c, s in zip(batch, captions, stopped)))
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -655,9 +816,9 @@ def zip_images_sha256(archive: Path, members: dict[Any, list[str | None]]) -> di
 
 
 def caption_dataset(items_parquet: Path, source: str, images_archive: Path, model_path: str, prompts_file: Path,
-                    out_parquet: Path, *, positions: Sequence[float] = (), batch_size: int = 8, max_new_tokens: int = 300,
+                    out_parquet: Path, *, positions: Sequence[float] = (), batch_size: int | str = 8, max_new_tokens: int = 300,
                     device: str | None = None, revision: str | None = None, kv_cache: str = "dynamic",
-                    shard: tuple[int, int] = (1, 1), memo: Path | None = None) -> dict:
+                    attention: str = "sdpa", workers: int = 0, shard: tuple[int, int] = (1, 1), memo: Path | None = None) -> dict:
     """Caption every item of a preprocessed dataset: `source` "cover" reads each item's cover from
     the dataset's image archive (items.parquet's `image` member; an item without one gets a black
     image), "video" its frames from the frames archive (``<item_id>_<k>.jpg``, k over
@@ -694,4 +855,4 @@ def caption_dataset(items_parquet: Path, source: str, images_archive: Path, mode
     settings = {"source": source, "frame_positions": list(positions) if source == "video" else None}
     return caption_items(model_path, ids, images_for, prompt["text"], out_parquet, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision, kv_cache=kv_cache,
-                         image_key=keys.__getitem__, memo=memo)
+                         attention=attention, workers=workers, image_key=keys.__getitem__, memo=memo)

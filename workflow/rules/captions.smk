@@ -122,6 +122,8 @@ rule caption:
         batch_size=config["captions"]["batch_size"],
         kv_cache=config["captions"]["kv_cache"],
         captions=lambda wildcards: plan.CAPTIONS.format(**wildcards),
+        attention=config["captions"]["attention"],
+        workers=config["captions"]["workers"],
     script:
         "../scripts/caption.py"
 

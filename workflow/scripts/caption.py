@@ -16,4 +16,5 @@ with job(snakemake):
     caption_dataset(Path(i.item_table), w.source, Path(i.images), model, Path(i.prompts), Path(snakemake.output[0]),
                     positions=p.positions, batch_size=p.batch_size, max_new_tokens=p.max_new_tokens,
                     revision=p.captioner.get("revision"), kv_cache=p.kv_cache,
-                    shard=(int(w.shard), int(w.shards)) if sharded else (1, 1), memo=memo_dir(p.captions) if sharded else None)
+                    shard=(int(w.shard), int(w.shards)) if sharded else (1, 1), memo=memo_dir(p.captions) if sharded else None,
+                    attention=p.attention, workers=p.workers)
