@@ -266,8 +266,9 @@ def test_workers_prepare_the_images_ahead_with_the_same_captions(reference, stan
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     out = tmp_path / "video.parquet"
+    # images keyed by id, as caption_dataset keys them by their files' bytes: no pixels hashed here
     manifest = captions.caption_items(standins["video"], list(VIDEOS), images_for, prompts["video"]["text"], out, batch_size=2,
-                                      max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS, workers=2)
+                                      max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS, workers=2, image_key=str)
     assert pl.read_parquet(out).equals(reference["video"][1])
     assert manifest["settings"] == reference["video"][0]["settings"]
     assert seen == [(2, None, ["encoded"]), (1, None, ["encoded"])]
