@@ -88,6 +88,7 @@ def tiny_source(kind: str, n_items: int):
 def scientific_run():
     """(data, caches, model settings, train settings) of the timed Scientific-sized cached run."""
     import numpy as np
+
     from train_speed import synthetic
 
     data = synthetic()
