@@ -12,7 +12,6 @@ import torch
 
 from iisan import train as train_mod
 from iisan.data.sequences import SequenceData, left_pad
-from iisan.fast_step import StepSettings
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
@@ -190,6 +189,8 @@ def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
     (state-dict keys gain `_orig_mod.` there), while checkpoints read and write the plain model: a
     checkpoint moves between compiled and plain trainers either way, and the compiled trainer
     trains exactly as the plain one (dynamo's eager backend: the same operations)."""
+    from iisan.fast_step import StepSettings  # here: benchmarks/step_parity.py imports this file under older libraries too
+
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)

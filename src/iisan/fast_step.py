@@ -225,8 +225,6 @@ class FastStep:
             self.run = CudaGraphStep(self._step, self._features if placement == "before" else None, device)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        if self.mark_steps:
-            torch.compiler.cudagraph_mark_step_begin()
         return self.run(ids)
 
     def _compiling(self):
@@ -246,6 +244,8 @@ class FastStep:
     def _step(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
         """The step on windows `ids`; `feats`: their features when computed before the step (a
         CUDA graph's frozen backbones)."""
+        if self.mark_steps:
+            torch.compiler.cudagraph_mark_step_begin()
         with self.precision.autocast(), self._compiling():
             loss = self._forward(ids, self._features(ids) if feats is None else feats)
         self.optimiser.zero_grad(set_to_none=True)  # no zeroing kernels, no accumulation adds: backward writes each gradient
