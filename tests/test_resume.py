@@ -197,7 +197,7 @@ def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
     compiled = trainer(speed=StepSettings(compile=True, compile_backend="eager"))
-    encoders = compiled.step.compiled
+    encoders = compiled.step.encoders
     assert set(encoders) == {"items", "user"} and all(any("_orig_mod" in k for k in e.state_dict()) for e in encoders.values())
     assert compiled.load_checkpoint(ckpt).epoch == 1
     got = compiled.model.state_dict()

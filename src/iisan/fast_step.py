@@ -210,10 +210,11 @@ class FastStep:
         placement = graph_features(source, settings)
         self.graphs = device.type == "cuda" and settings.cuda_graphs and placement is not None
         self.optimiser = make_optimiser(fused=device.type == "cuda", capturable=self.graphs)
-        self.compiled = {}
-        if settings.compile:
-            names = ("",) if settings.compile_forward else ENCODERS
-            self.compiled = {n: compile_for_training(model.get_submodule(n), settings.compile_backend) for n in names}
+        self.forward, self.encoders = model, {}  # the loss's function; compiled encoders swapped in for training
+        if settings.compile and settings.compile_forward:
+            self.forward = compile_for_training(model, settings.compile_backend)
+        elif settings.compile:
+            self.encoders = {name: compile_for_training(model.get_submodule(name), settings.compile_backend) for name in ENCODERS}
         prepare_backbones(source, settings, self.precision, device)
         # fp16 scales the loss (the authors' GradScaler); with the fused Adam its inf check and
         # update are tensor operations, so they are captured in the CUDA graph with the step
@@ -236,10 +237,8 @@ class FastStep:
             return self.source.gather(ids.reshape(-1))  # [(B*S, K, d)] (ids for ID-based models)
 
     def _forward(self, ids: torch.Tensor, feats) -> torch.Tensor:
-        if "" in self.compiled:
-            return self.compiled[""](ids, feats)
-        with _swapped(self.model, self.compiled):
-            return self.model(ids, feats)
+        with _swapped(self.model, self.encoders):
+            return self.forward(ids, feats)
 
     def _step(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
         """The step on windows `ids`; `feats`: their features when computed before the step (a
