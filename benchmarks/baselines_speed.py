@@ -15,6 +15,7 @@ too, for the "including validation" column.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import subprocess
@@ -84,60 +85,43 @@ def build(method: str, data, device, item_slots: str = "distinct"):
 
 def step_flops(trainer, n: int = 3) -> float:
     """Mean FLOPs (matmuls, attention; torch's FlopCounterMode) of one training step's forward
-    and backward over n batches, counted eagerly before any timing (one real step each)."""
+    and backward over n batches, counted eagerly before any timing (no weight changes)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    batches, total = trainer._batches(), 0
+    batches, total = trainer.batches(), 0
     for _ in range(n):
         ids = next(batches)
         with FlopCounterMode(display=False) as fc:
-            with trainer._autocast():
-                loss = trainer.model(ids, trainer._features(ids))
+            with trainer.step.precision.autocast():
+                loss = trainer.model(ids, trainer.source.gather(ids.reshape(-1)))
             loss.backward()
         trainer.opt.zero_grad(set_to_none=False)
         total += fc.get_total_flops()
     return total / n
 
 
-def use_layer_mode(mode: str) -> None:
-    """Experiment: compile each backbone layer with torch.compile's `mode` (reduce-overhead: CUDA
-    graph trees around each layer's forward and backward; max-autotune-no-cudagraphs: Triton
-    matmul templates with fused epilogues where faster) instead of the default."""
-    import functools
-
-    import iisan.finetune as ft
-    from iisan.train import Trainer
-
-    ft.compile_layers = functools.partial(ft.compile_layers, mode=mode)
-    if "cudagraphs" not in mode:  # graph trees: each training step starts a new generation
-        step = Trainer._step
-
-        def marked(self, *a, **k):
-            torch.compiler.cudagraph_mark_step_begin()
-            return step(self, *a, **k)
-
-        Trainer._step = marked
-
-
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
             graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default") -> dict:
     from caption_speed import matmul_tflops
 
+    from iisan.fast_step import StepSettings
     from iisan.model import ModelConfig
     from iisan.train import TrainConfig, Trainer
 
     from train_speed import synthetic
 
-    if layer_mode != "default":
-        use_layer_mode(layer_mode)
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
     source, model_method = build(method, data, device, item_slots)
-    if graphs_in_loop:  # trainable backbones inside the step's CUDA graph (fixed shapes: every item slot)
-        source.static = True
     cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=graphs, compile=compile_,
                       item_slots=item_slots)
-    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device))
+    # experiments: trainable backbones inside the step's CUDA graph (fixed shapes: every item
+    # slot); another torch.compile mode for each backbone layer (reduce-overhead: CUDA graph trees
+    # around each layer's forward and backward; max-autotune-no-cudagraphs: Triton matmul
+    # templates with fused epilogues where faster)
+    speed = dataclasses.replace(StepSettings.of(cfg, device), graph_backbones=graphs_in_loop,
+                                layer_mode=None if layer_mode == "default" else layer_mode)
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device), speed=speed)
     steps_per_epoch = -(-data.n_users // cfg.batch_size)
     with torch.compiler.set_stance("force_eager"):  # count the eager ops
         flops = step_flops(trainer)
@@ -146,24 +130,24 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     prof = trainer.profile(steps=timed)
     eval_s = None
     if validation:
-        trainer._sync()
+        trainer.sync()
         t0 = time.perf_counter()
         trainer.evaluate("valid")
-        trainer._sync()
+        trainer.sync()
         eval_s = round(time.perf_counter() - t0, 2)
     achieved = flops / prof["seconds_per_step"] / 1e12
     kernel_profile = None
     if profile:
         from gpu_profile import kernels, summary
 
-        batches = trainer._batches()
+        batches = trainer.batches()
         wall, events = kernels(lambda: [trainer.train_step(next(batches)) for _ in range(profile)], device)
         kernel_profile = {"step_seconds": round(wall / profile, 4), **summary(events, profile, top=15)}
     return {
         "method": method,
         "compile": compile_,
         "layer_mode": layer_mode,
-        "cuda_graph_step": trainer.graphs,
+        "cuda_graph_step": trainer.step.graphs,
         "item_slots": item_slots,
         "device": prof["device"],
         "torch": torch.__version__,

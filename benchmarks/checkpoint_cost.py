@@ -31,7 +31,8 @@ def main() -> None:
     caches = [np.random.default_rng(0).standard_normal((N_ITEMS + 1, 7, a.hidden)).astype(np.float32) for _ in range(2)]
     trainer = Trainer(tiny_data(), caches, ModelConfig(), TrainConfig(max_epochs=1, batch_size=16), device="cpu")
     trainer.train_epoch()  # Adam state exists
-    state = FitState(epoch=1, best=0.1, best_epoch=1, best_state=trainer._model_state())
+    best = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # every tensor trains in a cached run
+    state = FitState(epoch=1, best=0.1, best_epoch=1, best_state=best)
     with tempfile.TemporaryDirectory(dir=a.dir) as tmp:
         path = Path(tmp) / "checkpoint.pt"
         times = []

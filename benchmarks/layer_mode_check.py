@@ -10,6 +10,7 @@ Scientific size (`baselines_speed.build`), batch 32 with every item slot, bf16, 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import sys
@@ -18,6 +19,7 @@ import time
 import baselines_speed as bs
 import torch
 
+from iisan.fast_step import StepSettings
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
@@ -27,24 +29,25 @@ from train_speed import synthetic
 def main(mode: str, method: str) -> dict:
     smoke = os.environ.get("SMOKE") == "1"
     bs.SMOKE = smoke
-    if mode != "default":
-        bs.use_layer_mode(mode)
     dev = "cpu" if smoke else "cuda"
     torch.manual_seed(0)
     data = synthetic(users=300, items=500, interactions=2000) if smoke else synthetic()
     source, model_method = bs.build(method, data, torch.device(dev), "all")
     cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=True, compile=True, item_slots="all")
-    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=dev)
+    speed = StepSettings.of(cfg, torch.device(dev))
+    if mode != "default":
+        speed = dataclasses.replace(speed, layer_mode=mode)
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=dev, speed=speed)
 
     def batches():
         while True:
-            yield from trainer._batches()
+            yield from trainer.batches()
 
     def timed(fn):
-        trainer._sync()
+        trainer.sync()
         t0 = time.perf_counter()
         out = fn()
-        trainer._sync()
+        trainer.sync()
         return out, round(time.perf_counter() - t0, 4)
 
     b = batches()

@@ -150,7 +150,7 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
     else:
         trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
-    trainer._sync()
+    trainer.sync()
     marks["trainer (to GPU, model)"] = round(time.time() - t, 3)
     t = time.time()
     result = trainer.fit(progress=False)

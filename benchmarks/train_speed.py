@@ -21,7 +21,7 @@ import torch
 from iisan.data.sequences import SequenceData, left_pad
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer, compile_for_training
+from iisan.train import TrainConfig, Trainer
 
 from gpu_profile import kernels, summary
 
@@ -92,10 +92,13 @@ def main():
     for v in variants(args.variants):
         cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=v["cuda_graphs"],
                           compile=v["compile"])
-        trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device))
+        speed = None
         if v["compile_all"]:  # the step's forward (encoders and loss) as one compiled function
-            trainer.train_forward = compile_for_training(trainer.model)
-        sync = trainer._sync
+            from iisan.fast_step import StepSettings
+
+            speed = StepSettings(precision=cfg.precision, cuda_graphs=cfg.cuda_graphs, compile=True, compile_forward=True)
+        trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device), speed=speed)
+        sync = trainer.sync
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         times, losses = [], []

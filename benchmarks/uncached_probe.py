@@ -29,14 +29,15 @@ def timed(fn, n=20):
 def main():
     data = synthetic()
     source, mm = bs.build("iisan-uncached", data, None)
-    tr = Trainer(data, source, ModelConfig(method=mm), TrainConfig(batch_size=32), device="cuda")
-    ids = next(tr._batches())
+    # the eager step (no CUDA graph): each timed call is one whole step
+    tr = Trainer(data, source, ModelConfig(method=mm), TrainConfig(batch_size=32, cuda_graphs=False), device="cuda")
+    ids = next(tr.batches())
     flat = ids.reshape(-1)
     uniq = torch.unique(flat)
     real = uniq[uniq != 0]
     out = {"slots": flat.numel(), "unique_items": real.numel()}
-    out["step_ms"] = timed(lambda: tr._step(ids))
-    with tr._autocast():
+    out["step_ms"] = timed(lambda: tr.train_step(ids))
+    with tr.step.precision.autocast():
         out["gather_ms"] = timed(lambda: source.gather(flat))
         for t in source.towers:
             out[f"{t.spec.name}_forward_autocast_ms"] = timed(lambda t=t: t(real))
@@ -48,7 +49,7 @@ def main():
         out[f"{t.spec.name}_attn"] = t.backbone.config._attn_implementation
     print(json.dumps(out), flush=True)
     with torch.no_grad(), torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]) as prof:
-        with tr._autocast():
+        with tr.step.precision.autocast():
             source.gather(flat)
         torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=15))

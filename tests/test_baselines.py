@@ -360,7 +360,11 @@ def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
 
 
 def test_a_failed_compile_falls_back_to_eager():
-    from iisan.train import compile_for_training
+    """Inside `eager_on_failure` a compile that fails runs the module eagerly; outside it the
+    failure is raised: dynamo's global setting is never changed."""
+    import torch._dynamo
+
+    from iisan.fast_step import compile_for_training, eager_on_failure
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
@@ -369,7 +373,13 @@ def test_a_failed_compile_falls_back_to_eager():
     module = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.GELU())
     x = torch.randn(5, 4)
     compiled = compile_for_training(module, backend=broken_backend)
-    torch.testing.assert_close(compiled(x), module(x))
-    loss = compiled(x).sum()
+    suppress = torch._dynamo.config.suppress_errors
+    with eager_on_failure():
+        torch.testing.assert_close(compiled(x), module(x))
+        loss = compiled(x).sum()
     loss.backward()
     assert module[0].weight.grad is not None
+    assert torch._dynamo.config.suppress_errors == suppress
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match="no compiler here"):
+        compile_for_training(module, backend=broken_backend)(x)

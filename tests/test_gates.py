@@ -11,7 +11,7 @@ import iisan.experiment as experiment_mod
 from iisan.config import Experiment, TowerConfig, TrainConfig
 from iisan.features import CachedFeatures
 from iisan.model import Gate, ItemEncoder, ModelConfig, Recommender
-from iisan.train import MEASURED_FIELDS, Trainer
+from iisan.train import MEASURED_FIELDS
 
 
 def set_gates(gates, ws):
@@ -102,14 +102,11 @@ def test_tiny_run_writes_the_best_epochs_gates(tmp_path, monkeypatch):
                         lr_image_f=5e-3, eval_batch=32)
     exp = Experiment("ds", [tower("title", "text"), tower("image", "image")], "iisan", "blocks2", "dropped", True, None,
                      model=model, train=train)
-    loaded = []
-    real_load = Trainer._load_model_state
-    monkeypatch.setattr(Trainer, "_load_model_state", lambda self, state: (loaded.append(state), real_load(self, state)))
     out = tmp_path / "run" / "metrics.json"
-    result = experiment_mod.run_experiment(exp, tmp_path / "ds", [], out, device="cpu")
+    result = experiment_mod.run_experiment(exp, tmp_path / "ds", [], out, device="cpu", keep_checkpoint=True)
     gates = json.loads(out.read_text())["gates"]
     assert gates == result["gates"] and set(gates) == {"title", "image", "inter"}
-    best = loaded[-1]  # the best epoch's state, loaded before test metrics are computed
+    best = torch.load(out.parent / "checkpoint.pt", weights_only=True)["fit"]["best_state"]  # the best epoch's model
     for name, prefix in (("title", "items.intra.0"), ("image", "items.intra.1"), ("inter", "items.inter")):
         want = [float(torch.sigmoid(best[f"{prefix}.gates.{t}.w"] / 0.1)) for t in range(3)]
         assert gates[name]["values"] == want and gates[name]["mean"] == pytest.approx(sum(want) / 3)

@@ -1,7 +1,6 @@
 """Checkpoint and resume: a killed training run continues where it stopped, with the result of
 an uninterrupted one (CPU, same seed); checkpoints of other runs are discarded; writes are atomic."""
 
-import functools
 import json
 import logging
 import random
@@ -62,11 +61,11 @@ def tiny_caches():
     return caches
 
 
-def trainer(data=None, run_hash=None, **train) -> Trainer:
+def trainer(data=None, run_hash=None, speed=None, **train) -> Trainer:
     cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
                          "lr_text_f": 5e-3, "eval_batch": 32, **train})
     return Trainer(data or tiny_data(), tiny_caches(), ModelConfig(embed_dim=16, bottleneck=8), cfg, device="cpu",
-                   run_hash=run_hash)
+                   run_hash=run_hash, speed=speed)
 
 
 class Killed(Exception):
@@ -186,25 +185,32 @@ def test_checkpoint_is_written_atomically(tmp_path, monkeypatch):
 
 
 def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
-    """With torch.compile a training step calls compiled wrappers of the item and user encoders
+    """With `compile` a training step calls compiled wrappers of the item and user encoders
     (state-dict keys gain `_orig_mod.` there), while checkpoints read and write the plain model: a
-    checkpoint moves between compiled and plain trainers either way."""
+    checkpoint moves between compiled and plain trainers either way, and the compiled trainer
+    trains exactly as the plain one (dynamo's eager backend: the same operations)."""
+    from iisan.fast_step import StepSettings  # here: benchmarks/step_parity.py imports this file under older libraries too
+
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
-    compiled = trainer()
-    encoders = tuple(train_mod.compile_for_training(m, backend="eager") for m in (compiled.model.items, compiled.model.user))
-    compiled.train_forward = functools.partial(compiled.model, encoders=encoders)
-    assert all(any("_orig_mod" in k for k in e.state_dict()) for e in encoders)
+    compiled = trainer(speed=StepSettings(compile=True, compile_backend="eager"))
+    encoders = compiled.step.encoders
+    assert set(encoders) == {"items", "user"} and all(any("_orig_mod" in k for k in e.state_dict()) for e in encoders.values())
     assert compiled.load_checkpoint(ckpt).epoch == 1
     got = compiled.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in saved.items())
-    compiled.train_epoch()  # through the compiled wrapper
+    loss = compiled.train_epoch()  # through the compiled wrappers
+    assert compiled.model.items is not encoders["items"]  # swapped in for the step only
+    plain = trainer()
+    plain.load_checkpoint(ckpt)
+    assert plain.train_epoch() == loss
     compiled.save_checkpoint(ckpt, train_mod.FitState(epoch=2))  # and back: plain keys again
     resaved = torch.load(ckpt, weights_only=True)["model"]
     assert resaved.keys() == saved.keys() and any(not torch.equal(resaved[k], saved[k]) for k in saved)
+    assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in resaved.items())
     plain = trainer()
     assert plain.load_checkpoint(ckpt).epoch == 2
     assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in resaved.items())
@@ -285,7 +291,7 @@ def test_precision_is_checked_and_a_cpu_computes_in_fp32():
     runs = {}
     for precision in ("bf16", "fp16", "fp32"):
         t = trainer(precision=precision, max_epochs=2)
-        assert t.precision == "fp32" and t.amp_dtype is None and t.scaler is None
+        assert t.step.precision.name == "fp32" and t.step.precision.dtype is None and t.scaler is None
         runs[precision] = stable(t.fit(progress=False))
     assert runs["bf16"] == runs["fp16"] == runs["fp32"]
 

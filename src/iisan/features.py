@@ -37,25 +37,17 @@ class FeatureSource:
     `gather(ids)` gives the features of flat item ids (M,) for a training step, `rows(start, end)`
     those of items start..end-1 for evaluation (at most `chunk_size` at a time). `dims[f]` and
     `layers[f]` are the width and the number of states of field f, `n_rows` is N+1 (row 0 =
-    padding). `static`: the features have fixed shapes and come from memory, so the whole
-    training step can be one CUDA graph. `module`: an nn.Module whose tensors the model holds
-    (the backbones in the loop), else None. `finetune`: what trains in those backbones (frozen |
-    fft | adapter | lora | bitfit), None without backbones.
+    padding). `module`: an nn.Module whose tensors the model holds (the backbones in the loop),
+    else None. `finetune`: what trains in those backbones (frozen | fft | adapter | lora |
+    bitfit), None without backbones. `to(device)` moves the source and returns it.
     """
 
-    static: bool = True
     module: nn.Module | None = None
     finetune: str | None = None
     chunk_size: int = 2048
     n_rows: int
     dims: list[int]
     layers: list[int]
-
-    @property
-    def outside_graph(self) -> bool:
-        """The features are computed eagerly before a CUDA-graph step and copied into it (frozen
-        backbones in the loop: no gradient flows into them)."""
-        return not self.static and self.finetune == "frozen"
 
     def to(self, device: torch.device) -> FeatureSource:
         raise NotImplementedError
@@ -65,12 +57,6 @@ class FeatureSource:
 
     def rows(self, start: int, end: int):
         raise NotImplementedError
-
-    def lower_precision(self, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Under mixed precision: hold what never trains in `dtype` (nothing by default)."""
-
-    def compile_backbones(self) -> None:
-        """Under speed.compile on CUDA: compile the backbones this source runs (none by default)."""
 
 
 class CachedFeatures(FeatureSource):
@@ -176,18 +162,11 @@ class BackboneFeatures(nn.Module, FeatureSource):
     """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
     frozen backbones the states are computed under no_grad in eval mode and rounded to each
     tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | distinct, the training config's)
-    is fixed when the source is built (see `gather`)."""
+    is fixed when the source is built (see `gather`). `pad_to`: the distinct items of a call are
+    padded up to a multiple of it (an item repeated, its extra rows dropped): fewer shapes for the
+    backbones (set by `iisan.fast_step` on CUDA; 1 leaves them as they are)."""
 
-    # Not one CUDA graph even where the shapes are fixed (every item slot): capturing the step
-    # made transformers 5.17 build a full attention mask for ViT where it otherwise passes none
-    # (it treated a capture as tracing), so attention left the flash kernels (docs/benchmarks.md;
-    # transformers 5.25 skips the mask-free case even in a capture: not yet measured on a GPU)
-    static = False
     chunk_size = 256
-    # On CUDA the distinct items of a step are padded up to a multiple of this, so the backbones
-    # see a few shapes only (a new shape makes cuDNN attention and cuBLASLt plan again: twice
-    # the step time for BERT-base + ViT-base on an H100 without it)
-    bucket = 32
 
     def __init__(self, towers: list[BackboneTower], finetune: str, item_slots: str = "all"):
         super().__init__()
@@ -195,17 +174,11 @@ class BackboneFeatures(nn.Module, FeatureSource):
         self.finetune = finetune
         self.item_slots = item_slots  # all | distinct (see `gather`)
         self.n_rows = next(iter(towers[0].inputs.values())).shape[0]
+        self.pad_to = 1
 
     @property
     def module(self) -> nn.Module:
         return self
-
-    def compile_backbones(self) -> None:
-        """torch.compile each transformer layer of every backbone in place (`iisan.finetune.compile_layers`)."""
-        from .finetune import compile_layers
-
-        for t in self.towers:
-            compile_layers(t.backbone)
 
     @property
     def dims(self) -> list[int]:
@@ -222,14 +195,6 @@ class BackboneFeatures(nn.Module, FeatureSource):
                 t.to_device(dev)
             return self
         return super().to(*args, **kwargs)
-
-    def lower_precision(self, dtype: torch.dtype = torch.bfloat16) -> None:
-        """Frozen backbones under mixed precision: keep their weights in `dtype` instead of
-        casting fp32 weights at every call (trainable backbones keep fp32 master weights)."""
-        if self.finetune == "frozen":
-            for t in self.towers:
-                if not getattr(t.backbone, "is_quantized", False):
-                    t.backbone.to(dtype)
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -258,13 +223,13 @@ class BackboneFeatures(nn.Module, FeatureSource):
         return self._distinct(ids)
 
     def _distinct(self, ids: torch.Tensor) -> list[torch.Tensor]:
-        """Each distinct item of `ids` runs once (padded to a multiple of `bucket` on CUDA)."""
+        """Each distinct item of `ids` runs once (padded to a multiple of `pad_to`)."""
         uniq, inv = torch.unique(ids, return_inverse=True)
         real = uniq[uniq != 0]
         n = real.numel()
         feats = None
         if n:
-            padded = -(-n // self.bucket) * self.bucket if ids.is_cuda else n
+            padded = -(-n // self.pad_to) * self.pad_to
             if padded > n:  # repeat an item; its extra rows are dropped below
                 real = torch.cat([real, real[:1].expand(padded - n)])
             feats = [f[:n] for f in self._states(real)]

@@ -385,14 +385,12 @@ class Recommender(nn.Module):
         self.backbones = backbones
         self.register_buffer("log_pop", log_pop, persistent=False)  # data, not a model tensor
 
-    def forward(self, ids: torch.Tensor, feats, encoders: tuple[nn.Module, nn.Module] | None = None) -> torch.Tensor:
+    def forward(self, ids: torch.Tensor, feats) -> torch.Tensor:
         """Training loss of left-padded item windows `ids` (B, S) whose features `feats` the
-        feature source gathered for `ids.reshape(-1)`; `encoders`: (item, user) encoders to run
-        instead of the model's own (compiled ones, sharing their parameters)."""
-        items, user = encoders or (self.items, self.user)
+        feature source gathered for `ids.reshape(-1)`."""
         B, S = ids.shape
-        E = items(feats).view(B, S, -1)  # (B, S, D)
-        U = user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
+        E = self.items(feats).view(B, S, -1)  # (B, S, D)
+        U = self.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
         return inbatch_debiased_ce(U, E, ids, self.log_pop)
 
     def item_table(self, source: FeatureSource, chunk: int,

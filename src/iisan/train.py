@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import math
 import platform
@@ -19,14 +18,14 @@ from tqdm.auto import tqdm
 from . import __version__
 from .config import SPEED_FIELDS, ModelConfig, TrainConfig, config_hash
 from .data.sequences import SequenceData
+from .fast_step import StepSettings, build_step
 from .features import CachedFeatures, FeatureSource
 from .io import DamagedFileError, atomic_path, read_or_set_aside
 from .metrics import hr_ndcg, rank_of_target
 from .model import Recommender
 
-__all__ = ["Trainer", "CudaGraphStep", "FitState", "ModelConfig", "TrainConfig", "SPEED_FIELDS", "MEASURED_FIELDS",
-           "config_hash", "compile_for_training", "training_forward", "popularity_baseline", "set_seed", "rng_states",
-           "set_rng_states"]
+__all__ = ["Trainer", "FitState", "ModelConfig", "TrainConfig", "StepSettings", "SPEED_FIELDS", "MEASURED_FIELDS",
+           "config_hash", "adam_groups", "popularity_baseline", "set_seed", "rng_states", "set_rng_states"]
 
 log = logging.getLogger(__name__)
 
@@ -79,92 +78,21 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def _compiles(device: torch.device, cfg: TrainConfig) -> bool:
-    """Whether training compiles: `cfg.compile` on CUDA with triton installed."""
-    import importlib.util
-
-    return device.type == "cuda" and cfg.compile and importlib.util.find_spec("triton") is not None
-
-
-def _fall_back_to_eager() -> None:
-    """A compile that fails runs the code eagerly instead (speed only, never the result)."""
-    import torch._dynamo as dynamo
-
-    dynamo.config.suppress_errors = True
-
-
-def compile_for_training(module: torch.nn.Module, backend="inductor") -> torch.nn.Module:
-    """``torch.compile`` for the training step; a compile that fails falls back to eager."""
-    _fall_back_to_eager()
-    return torch.compile(module, backend=backend)
-
-
-def training_forward(model: Recommender, device: torch.device, cfg: TrainConfig):
-    """What a training step calls for the loss: the model, or on CUDA with `cfg.compile` the
-    model with its item and user encoders compiled (fuses the side network's small kernels;
-    speed only; the loss stays eager, as before the model had a forward, so compiled runs give
-    the numbers they gave then). Evaluation always runs the plain encoders (their varying shapes
-    would recompile), and checkpoints read the plain model."""
-    if _compiles(device, cfg):
-        return functools.partial(model, encoders=(compile_for_training(model.items), compile_for_training(model.user)))
-    return model
-
-
-def compile_backbones(source: FeatureSource, device: torch.device, cfg: TrainConfig) -> None:
-    """On CUDA with `cfg.compile`: backbones in the loop get each transformer layer compiled in
-    place (their pointwise work fused; they run so in training and evaluation)."""
-    if _compiles(device, cfg):
-        _fall_back_to_eager()
-        source.compile_backbones()
-
-
-class CudaGraphStep:
-    """A whole training step (forward, backward, Adam) replayed as one CUDA graph.
-
-    `step(ids, feats)` is the eager step; `features(ids)`, when given, computes the features
-    outside the graph (frozen backbones in the loop) and they are copied into it. The first
-    `WARMUP` calls run eagerly on a side stream, the next one captures the step on static
-    buffers, and every call from then on copies its inputs in and replays."""
-
-    WARMUP = 3
-
-    def __init__(self, step, features, device: torch.device):
-        self.step, self.features, self.device = step, features, device
-        self.graph, self.warm = None, 0
-        self.ids = self.feats = self.loss = None  # static buffers of the captured step
-
-    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        feats = self.features(ids) if self.features is not None else None
-        if self.graph is None:
-            if self.warm < self.WARMUP:
-                return self._warm_up(ids, feats)
-            self._capture(ids, feats)
-        self.ids.copy_(ids)
-        if feats is not None:
-            for buf, f in zip(self.feats, feats):
-                buf.copy_(f)
-        self.graph.replay()
-        return self.loss.clone()
-
-    def _warm_up(self, ids, feats) -> torch.Tensor:
-        self.warm += 1
-        s = torch.cuda.Stream(self.device)
-        s.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(s):
-            loss = self.step(ids, feats)
-        torch.cuda.current_stream(self.device).wait_stream(s)
-        return loss
-
-    def _capture(self, ids, feats) -> None:
-        self.ids = ids.clone()
-        self.feats = None if feats is None else [f.clone() for f in feats]
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.loss = self.step(self.ids, self.feats)
+def adam_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
+    """The model's Adam parameter groups at the training config's learning rates."""
+    return model.param_groups(cfg.lr_main, cfg.lr_san, cfg.lr_text_f, cfg.lr_image_f,
+                              lr_backbone=(cfg.lr_backbone_text, cfg.lr_backbone_image),
+                              lr_peft=(cfg.lr_peft_text, cfg.lr_peft_image))
 
 
 class Trainer:
-    """Holds the caches in accelerator (or host) memory; a step is an index gather plus the model."""
+    """Trains a recommender: shuffled batches of item windows -> loss -> backward -> Adam step,
+    an evaluation after every epoch, early stopping and checkpoints (`fit`).
+
+    The step itself (`iisan.fast_step.build_step`) carries every speed setting: precision,
+    CUDA graph, compile, fused Adam. The features of a batch come from a feature source
+    (`iisan.features`): cache rows held in accelerator (or host) memory, backbones in the loop,
+    or item ids."""
 
     ITEM_CHUNK = 2048  # items per forward pass when embedding every item for evaluation
 
@@ -177,6 +105,7 @@ class Trainer:
         device: str | None = None,
         layer_index: list[list[int] | None] | None = None,
         run_hash: str | None = None,
+        speed: StepSettings | None = None,
     ):
         """`caches` is either the cached states of every field or a feature source
         (`BackboneFeatures` for uncached runs, `IdFeatures` for ID-based models).
@@ -185,11 +114,12 @@ class Trainer:
         cache holds exactly those states (a dropped cache).
         `run_hash` names what the run computes (the experiment's config_hash); a checkpoint
         written under another one is not resumed. Default: a hash of the model config and the
-        result-affecting train config."""
+        result-affecting train config.
+        `speed`: the step's settings (`iisan.fast_step.StepSettings`); default: the training
+        config's, as far as the device allows."""
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.cfg = train_cfg
-        on_cuda = self.device.type == "cuda"
-        if on_cuda:
+        if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         source = caches if isinstance(caches, FeatureSource) else CachedFeatures(caches, layer_index)
         self.source = source.to(self.device)
@@ -199,85 +129,38 @@ class Trainer:
             raise ValueError(f"the item features have {self.source.n_rows} rows, the dataset {data.n_items} items + padding")
         self.model = Recommender(model_cfg, self.source.dims, self.source.layers, n_items=data.n_items,
                                  backbones=self.source.module, log_pop=self.data.log_pop).to(self.device)
-        # CUDA graphs need features of fixed shapes: from memory, or from frozen backbones run
-        # eagerly under no_grad before the graph (side network, user encoder, loss, backward, Adam)
-        self.graphs = on_cuda and train_cfg.cuda_graphs and (self.source.static or self.source.outside_graph)
-        self.opt = torch.optim.Adam(
-            self.model.param_groups(
-                train_cfg.lr_main, train_cfg.lr_san, train_cfg.lr_text_f, train_cfg.lr_image_f,
-                lr_backbone=(train_cfg.lr_backbone_text, train_cfg.lr_backbone_image),
-                lr_peft=(train_cfg.lr_peft_text, train_cfg.lr_peft_image),
-            ),
-            fused=on_cuda,
-            capturable=self.graphs,
-        )
-        self.train_forward = training_forward(self.model, self.device, train_cfg)
-        compile_backbones(self.source, self.device, train_cfg)
-        # mixed precision (CUDA only): the autocast dtype of training and of evaluation's encoders
-        self.precision = train_cfg.precision if on_cuda else "fp32"
-        self.amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-        self.eval_dtype = torch.bfloat16 if self.precision == "bf16" else None  # fp16 runs evaluate in fp32
-        if self.amp_dtype is not None:
-            self.source.lower_precision(self.amp_dtype)
-        # fp16 scales the loss (the authors' GradScaler); with the fused Adam its inf check and
-        # update are tensor operations, so they are captured in the CUDA graph with the step
-        self.scaler = torch.amp.GradScaler(self.device.type) if self.precision == "fp16" else None
-        self.train_step = self._step
-        if self.graphs:
-            features = self._features if self.source.outside_graph else None
-            self.train_step = CudaGraphStep(self._step, features, self.device)
-        self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)
+        groups = adam_groups(self.model, train_cfg)
+        self.step = build_step(self.model, self.source, lambda **fast: torch.optim.Adam(groups, **fast),
+                               speed or StepSettings.of(train_cfg, self.device), self.device)
+        self.opt, self.scaler = self.step.optimiser, self.step.scaler  # what a checkpoint saves
+        self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)  # the batches' shuffling
         if run_hash is None:
             run_hash = config_hash({"model": asdict(model_cfg), "train": train_cfg.result_settings()})
         self.fingerprint = {"config_hash": run_hash, "item_order_hash": data.item_order_hash, "version": __version__}
 
-    def _autocast(self):
-        """Training's autocast (bf16 or fp16 on CUDA, off otherwise)."""
-        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.bfloat16, enabled=self.amp_dtype is not None,
-                              cache_enabled=False)
-
-    def _eval_autocast(self):
-        """Evaluation's autocast for the encoders: bf16 under bf16, off under fp16 (the authors
-        evaluate in fp32) and fp32."""
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.eval_dtype is not None, cache_enabled=False)
-
-    def _features(self, ids: torch.Tensor):
-        """Features of a batch's windows `ids` (B, S), computed under autocast."""
-        with self._autocast():
-            return self.source.gather(ids.reshape(-1))  # [(B*S, K, d)] (ids for ID-based models)
-
-    def _step(self, ids: torch.Tensor, feats=None) -> torch.Tensor:
-        """One training step on windows `ids` (B, S); `feats`: their features when computed
-        outside the step (a CUDA graph's frozen backbones)."""
-        with self._autocast():
-            loss = self.train_forward(ids, self._features(ids) if feats is None else feats)
-        self.opt.zero_grad(set_to_none=True)  # no zeroing kernels, no accumulation adds: backward writes each gradient
-        if self.scaler is None:
-            loss.backward()
-            self.opt.step()
-        else:
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.opt)
-            self.scaler.update()
-        return loss.detach()
-
-    def _batches(self):
-        """Shuffled batches; with CUDA graphs the last batch is padded with all-padding users,
-        which add no loss rows and only masked columns, so the step is unchanged."""
+    def batches(self):
+        """One epoch's shuffled batches of training windows (B, S). With a CUDA-graph step every
+        batch has B rows: the last one is padded with all-padding users, which add no loss rows
+        and only masked columns, so the step is unchanged."""
         train = self.data.train
         B = self.cfg.batch_size
         perm = torch.randperm(train.shape[0], generator=self.gen).to(self.device)
-        if self.graphs:  # the same batches gathered at once, (steps, B, S)
+        if self.step.graphs:  # the same batches gathered at once, (steps, B, S)
             ids = train[perm]
             yield from torch.cat([ids, ids.new_zeros(-ids.shape[0] % B, ids.shape[1])]).view(-1, B, ids.shape[1])
             return
         for start in range(0, perm.shape[0], B):
             yield train[perm[start : start + B]]
 
+    def train_step(self, ids: torch.Tensor) -> torch.Tensor:
+        """Train on one batch of windows `ids` (B, S): loss, backward, Adam step. Returns the loss."""
+        return self.step(ids)
+
     def train_epoch(self) -> float:
+        """One pass over the training windows; the mean batch loss."""
         self.model.train()
         total, steps = torch.zeros((), device=self.device), 0
-        for ids in self._batches():
+        for ids in self.batches():
             total += self.train_step(ids)
             steps += 1
         return float(total) / max(steps, 1)
@@ -286,7 +169,7 @@ class Trainer:
     def item_table(self) -> torch.Tensor:
         """Embeddings of every item (row 0 = padding), (N+1, D)."""
         self.model.eval()
-        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self._eval_autocast)
+        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self.step.evaluation)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float]:
@@ -297,7 +180,7 @@ class Trainer:
         table = self.item_table()
         hits, ndcgs = [], []
         for s in range(0, inp.shape[0], self.cfg.eval_batch):
-            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self._eval_autocast)  # (b, N+1)
+            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self.step.evaluation)  # (b, N+1)
             rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
             h, n = hr_ndcg(rank, self.cfg.k)
             hits.append(h)
@@ -319,7 +202,8 @@ class Trainer:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
         return peak, "cpu_peak_rss", platform.processor() or platform.machine()
 
-    def _sync(self) -> None:
+    def sync(self) -> None:
+        """Wait for the accelerator's queued work (to time it)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
@@ -328,24 +212,24 @@ class Trainer:
         capture) and read the peak memory: the memory sweep and time estimate of Fig. 5 without
         a full epoch."""
         self.model.train()
-        batches = self._batches()
+        batches = self.batches()
         done = 0
         for _ in range(warmup):
             ids = next(batches, None)
             if ids is None:
-                batches = self._batches()
+                batches = self.batches()
                 ids = next(batches)
             self.train_step(ids)
-        self._sync()
+        self.sync()
         t0 = time.perf_counter()
         while done < steps:
             ids = next(batches, None)
             if ids is None:
-                batches = self._batches()
+                batches = self.batches()
                 continue
             self.train_step(ids)
             done += 1
-        self._sync()
+        self.sync()
         per_step = (time.perf_counter() - t0) / steps
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.cfg.batch_size)
         peak, kind, name = self._peak_memory()
@@ -426,7 +310,7 @@ class Trainer:
         k = self.cfg.k
         t0 = time.perf_counter()
         loss = self.train_epoch()
-        self._sync()
+        self.sync()
         t1 = time.perf_counter()
         val = self.evaluate("valid")
         t2 = time.perf_counter()
