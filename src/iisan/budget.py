@@ -66,6 +66,16 @@ GPU_RULES = ("caption", "cache", "train", "profile")  # the workflow's GPU rules
 USABLE = 0.94  # share of a card's memory a job may plan to fill (the CUDA context and the allocator's slack)
 
 
+def caption_rates(rates: dict, captions: dict) -> dict:
+    """The measured caption rates of a `captions` section's KV cache and attention: the static
+    cache's with `sdpa_gqa` where measured (`static_sdpa_gqa`), else the static cache's, else the
+    dynamic cache's."""
+    r = rates["captions"]
+    if captions.get("kv_cache") != "static":
+        return r
+    return r.get(f"static_{captions.get('attention', 'sdpa')}", r["static"])
+
+
 def usable_gib(config: dict) -> float:
     """GiB of one card (`cluster.gpu_gib`) a job may plan to fill."""
     return config["cluster"]["gpu_gib"] * USABLE
@@ -221,7 +231,7 @@ class Budget:
         r = self.rates["captions"]
         demo = cap.get("source") == "demo"
         size = 0.01 if demo else cap.get("params_b", 8)
-        per_item = (r["static"] if self.config["captions"].get("kv_cache") == "static" else r)[f"{source}_item_s"]
+        per_item = caption_rates(self.rates, self.config["captions"])[f"{source}_item_s"]
         seconds = items * per_item * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
         return Job("caption", name, seconds, peak,

@@ -69,17 +69,22 @@ class Graph:
 def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os.PathLike] = (),
               overrides: Mapping[str, object] | None = None, targets: Iterable[str] = ()) -> Graph:
     """The DAG Snakemake builds for `targets` (default: the Snakefile's default target) with the
-    workflow in `directory`, its config files and `--config` overrides. Snakemake's own errors
-    (a missing input, a bad config) propagate as they are; the working directory is restored."""
+    workflow in `directory`, its config files and `--config` overrides (a string value is read
+    as Snakemake's command line reads it). Snakemake's own errors (a missing input, a bad
+    config) propagate as they are; the working directory is restored."""
     from snakemake.api import SnakemakeApi
+    from snakemake.cli import parse_config
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
 
     directory = Path(directory).resolve()
+    given = dict(overrides or {})
+    config = {**parse_config([f"{k}={v}" for k, v in given.items() if isinstance(v, str)]),
+              **{k: v for k, v in given.items() if not isinstance(v, str)}}
     files = [Path(f) if Path(f).is_absolute() else directory / f for f in configfiles]
     cwd = Path.cwd()
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-            workflow_api = api.workflow(ResourceSettings(cores=1), ConfigSettings(configfiles=files, config=dict(overrides or {})),
+            workflow_api = api.workflow(ResourceSettings(cores=1), ConfigSettings(configfiles=files, config=config),
                                         snakefile=directory / "Snakefile", workdir=directory)
             workflow_api.dag(DAGSettings(targets=set(targets), forceall=True))
             workflow = workflow_api._workflow

@@ -1,7 +1,11 @@
 # LLaVA-NeXT captions of one dataset's covers or video frames, or of one shard of them
 # (iisan.shards); resumable, reusing the captions of unchanged images (a manifest records the
 # model, prompt, decoding settings and frame positions).
+import os
 from pathlib import Path
+
+# growing segments instead of fixed blocks: prompts of several lengths do not fragment the cards
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from iisan.captions import caption_dataset, memo_dir
 from iisan.io import check_model_folder
