@@ -104,11 +104,10 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
             graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default") -> dict:
     from caption_speed import matmul_tflops
 
+    from iisan.data.synthetic import synthetic
     from iisan.fast_step import StepSettings
     from iisan.model import ModelConfig
     from iisan.train import TrainConfig, Trainer
-
-    from train_speed import synthetic
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()

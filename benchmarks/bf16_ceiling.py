@@ -25,9 +25,9 @@ import torch
 
 
 def build(method: str, pure: bool, smoke: bool, device: torch.device):
-    from baselines_speed import backbones, item_inputs
-
     from iisan.finetune import compile_layers
+
+    from baselines_speed import backbones, item_inputs
 
     torch.manual_seed(0)
     bert, vit, size = backbones(method, smoke)

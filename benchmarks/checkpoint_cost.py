@@ -8,18 +8,15 @@ and seconds per save, against the 0.7 s a cached epoch takes on an H100 (docs/be
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from test_resume import N_ITEMS, tiny_data  # noqa: E402
-
-from iisan.model import ModelConfig  # noqa: E402
-from iisan.train import FitState, TrainConfig, Trainer  # noqa: E402
+from iisan.data.synthetic import N_ITEMS, tiny_data
+from iisan.model import ModelConfig
+from iisan.train import FitState, TrainConfig, Trainer
 
 
 def main() -> None:

@@ -16,14 +16,14 @@ import os
 import sys
 import time
 
-import baselines_speed as bs
 import torch
 
+from iisan.data.synthetic import synthetic
 from iisan.fast_step import StepSettings
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
-from train_speed import synthetic
+import baselines_speed as bs
 
 
 def main(mode: str, method: str) -> dict:

@@ -23,10 +23,9 @@ import numpy as np
 import torch
 
 from iisan.data.sequences import SequenceData
+from iisan.data.synthetic import sequence_data
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
-
-from train_speed import sequence_data  # benchmarks/, the script's own folder
 
 
 def structured(users=12076, items=20314, groups=200, states=7, d=768, seed=0) -> tuple[SequenceData, list[np.ndarray]]:

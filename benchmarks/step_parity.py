@@ -2,7 +2,7 @@
 per-epoch losses and metrics compared exactly, and the cached epoch time of each.
 
 Each version runs in its own process with its own `src` folder first on the path; both read the
-same data (tests/test_resume.py's tiny data and caches, tiny random BERT and ViT backbones from
+same data (iisan.data.synthetic's tiny data and caches, tiny random BERT and ViT backbones from
 benchmarks/baselines_speed.py) and only the library's public entry points (`Trainer(...)`,
 `Trainer.fit`), so any two versions can be compared. The runs: cached IISAN-VS and IISAN-VA, a
 full cache with a layer selection, fp16 and fp32 precision, with and without CUDA graphs and
@@ -57,12 +57,24 @@ TINY_TRAIN = {"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3
               "lr_image_f": 5e-3, "eval_batch": 32}
 
 
+def data_module():
+    """This tree's iisan/data/synthetic.py, loaded by its path: whichever library version runs,
+    both train on the same data."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("parity_synthetic", REPO / "src" / "iisan" / "data" / "synthetic.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_source(kind: str, n_items: int):
     """(source, layer_index) of a tiny run; random weights seeded, so both versions build the same."""
     import torch
-    from test_resume import tiny_caches
 
     from iisan.features import IdFeatures
+
+    tiny_caches = data_module().tiny_caches
 
     if kind == "cached":
         return tiny_caches(), None
@@ -70,10 +82,10 @@ def tiny_source(kind: str, n_items: int):
         return tiny_caches(), [[0, 2], [1, 2]]
     if kind == "ids":
         return IdFeatures(n_items), None
-    from baselines_speed import backbones, item_inputs
-
     from iisan.backbones import BackboneSpec
     from iisan.features import BackboneFeatures, BackboneTower, Tower
+
+    from baselines_speed import backbones, item_inputs
 
     finetune = "frozen" if kind.startswith("frozen") else kind
     torch.manual_seed(0)
@@ -91,9 +103,7 @@ def scientific_run():
     """(data, caches, model settings, train settings) of the timed Scientific-sized cached run."""
     import numpy as np
 
-    from train_speed import synthetic
-
-    data = synthetic()
+    data = data_module().synthetic()
     rng = np.random.default_rng(1)
     caches = [rng.standard_normal((data.n_items + 1, 7, 768), dtype=np.float32).astype(np.float16) for _ in range(2)]
     return data, caches, {}, {"max_epochs": 3, "patience": 3, "cuda_graphs": True, "compile": True}
@@ -104,7 +114,6 @@ def child(out: Path, names: list[str]) -> None:
     import time
 
     import torch
-    from test_resume import tiny_data
 
     import iisan
     from iisan.model import ModelConfig
@@ -121,7 +130,7 @@ def child(out: Path, names: list[str]) -> None:
             layer_index = None
         else:
             kind, model, train = TINY[name]
-            data = tiny_data()
+            data = data_module().tiny_data()
             model, train = {**TINY_MODEL, **model}, {**TINY_TRAIN, **train}
             caches, layer_index = tiny_source(kind, data.n_items)
         trainer = Trainer(data, caches, ModelConfig(**model), TrainConfig(**train), layer_index=layer_index)

@@ -66,9 +66,8 @@ def prepare(work: Path, cfg: dict) -> None:
 
     from iisan.backbones import output_layer
     from iisan.cache import ARRAY, file_checksum, write_manifest
+    from iisan.data.synthetic import synthetic_sequences
     from iisan.io import write_json
-
-    from train_speed import synthetic_sequences
 
     data_dir = work / "Scientific"
     if (data_dir / "stats.json").exists():

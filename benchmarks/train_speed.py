@@ -18,45 +18,12 @@ import time
 import numpy as np
 import torch
 
-from iisan.data.sequences import SequenceData, left_pad
+from iisan.data.synthetic import synthetic
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
 from gpu_profile import kernels, summary
-
-
-def synthetic_sequences(users=12076, items=20314, interactions=81711, seed=0) -> list[list[int]]:
-    """Item sequences of Scientific's shape (window lengths 5..13, 81,711 interactions in all)."""
-    rng = np.random.default_rng(seed)
-    lengths = np.clip(rng.poisson(interactions / users - 5, size=users) + 5, 5, 13)
-    return [[int(i) for i in rng.integers(1, items + 1, size=n)] for n in lengths]
-
-
-def synthetic(users=12076, items=20314, interactions=81711, seed=0) -> SequenceData:
-    return sequence_data(synthetic_sequences(users, items, interactions, seed), items, "synthetic")
-
-
-def sequence_data(seqs: list[list[int]], items: int, item_order_hash: str) -> SequenceData:
-    """Leave-one-out windows, histories and popularity of full item sequences (as preprocessing
-    and load_sequences make them)."""
-    counts = np.bincount(np.concatenate([s[:-2] for s in seqs]), minlength=items + 1).astype(float)
-    p = counts / counts[1:].sum()
-    p[0] = 1.0
-    with np.errstate(divide="ignore"):
-        logp = np.log(p).astype(np.float32)
-    t = torch.from_numpy
-    return SequenceData(
-        n_items=items, item_order_hash=item_order_hash,
-        train=t(left_pad([s[:-2] for s in seqs], 11)),
-        valid_input=t(left_pad([s[-12:-2] for s in seqs], 10)),
-        valid_target=t(np.array([s[-2] for s in seqs], dtype=np.int64)),
-        valid_history=t(left_pad([s[:-2] for s in seqs], 13)),
-        test_input=t(left_pad([s[-11:-1] for s in seqs], 10)),
-        test_target=t(np.array([s[-1] for s in seqs], dtype=np.int64)),
-        test_history=t(left_pad([s[:-1] for s in seqs], 13)),
-        log_pop=t(logp), pop_count=t(counts.astype(np.int64)),
-    )
 
 
 def variants(text: str) -> list[dict]:

@@ -6,13 +6,13 @@
 import json
 import time
 
-import baselines_speed as bs
 import torch
 
+from iisan.data.synthetic import synthetic
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
 
-from train_speed import synthetic
+import baselines_speed as bs
 
 
 def timed(fn, n=20):

@@ -18,11 +18,10 @@ import time
 import numpy as np
 import torch
 
+from iisan.data.synthetic import synthetic
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
 from iisan.train import TrainConfig, Trainer
-
-from train_speed import synthetic
 
 
 def main():

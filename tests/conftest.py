@@ -77,3 +77,24 @@ def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
     from iisan.workflow import workflow_config as load
 
     return load(root, files, overrides)
+
+
+def trainer(data=None, run_hash=None, speed=None, **train):
+    """A Trainer of a tiny cached IISAN run (iisan.data.synthetic's tiny data) on the CPU."""
+    from iisan.data.synthetic import tiny_caches, tiny_data
+    from iisan.model import ModelConfig
+    from iisan.train import TrainConfig, Trainer
+
+    cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
+                         "lr_text_f": 5e-3, "eval_batch": 32, **train})
+    return Trainer(data or tiny_data(), tiny_caches(), ModelConfig(embed_dim=16, bottleneck=8), cfg, device="cpu",
+                   run_hash=run_hash, speed=speed)
+
+
+def stable(result: dict) -> dict:
+    """A run's result without the fields that measure time and memory or say whether it was resumed."""
+    from iisan.train import MEASURED_FIELDS
+
+    out = {k: v for k, v in result.items() if k not in MEASURED_FIELDS | {"resumed_from_epoch"}}
+    out["history"] = [{k: v for k, v in h.items() if k not in MEASURED_FIELDS} for h in result["history"]]
+    return out

@@ -2,13 +2,15 @@
 
 import pytest
 import torch
-from test_resume import stable, tiny_caches, trainer
 
 from iisan.backbones import BackboneSpec
+from iisan.data.synthetic import tiny_caches
 from iisan.fast_step import Precision, StepSettings, graph_features, prepare_backbones
 from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, IdFeatures, Tower
 from iisan.finetune import prepare_backbone
 from iisan.train import TrainConfig
+
+from conftest import stable, trainer
 
 N = 12
 

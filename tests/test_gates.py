@@ -5,10 +5,10 @@ import math
 
 import pytest
 import torch
-from test_resume import tiny_caches, tiny_data, write_dataset
 
 import iisan.experiment as experiment_mod
 from iisan.config import Experiment, TowerConfig, TrainConfig
+from iisan.data.synthetic import tiny_caches, tiny_data, write_dataset
 from iisan.features import CachedFeatures
 from iisan.model import Gate, ItemEncoder, ModelConfig, Recommender
 from iisan.train import MEASURED_FIELDS

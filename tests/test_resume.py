@@ -6,66 +6,14 @@ import logging
 import random
 
 import numpy as np
-import polars as pl
 import pytest
 import torch
 
 from iisan import train as train_mod
-from iisan.data.sequences import SequenceData, left_pad
-from iisan.model import ModelConfig
+from iisan.data.synthetic import tiny_data, write_dataset
 from iisan.train import TrainConfig, Trainer
 
-N_ITEMS, N_USERS, MAX_LEN = 40, 64, 6
-# fields that measure time and memory, or say whether the run was resumed: they may differ
-VOLATILE = train_mod.MEASURED_FIELDS | {"resumed_from_epoch"}
-VOLATILE_EPOCH = train_mod.MEASURED_FIELDS
-
-
-def walk(g, length: int) -> list[int]:
-    """A user's items: mostly the next item id after the last one (something to learn)."""
-    s = [int(g.integers(1, N_ITEMS + 1))]
-    for _ in range(length - 1):
-        s.append(int(g.integers(1, N_ITEMS + 1)) if g.random() < 0.2 else s[-1] % N_ITEMS + 1)
-    return s
-
-
-def tiny_data(item_order_hash="items-v1") -> SequenceData:
-    """Users of 4..9 items, split as load_sequences does."""
-    g = np.random.default_rng(0)
-    full = [walk(g, int(g.integers(4, 10))) for _ in range(N_USERS)]
-    train = [s[:-2] for s in full]
-    counts = np.bincount([i for s in train for i in s], minlength=N_ITEMS + 1)
-    counts[0] = 0
-    with np.errstate(divide="ignore"):
-        logp = np.log(counts / counts.sum()).astype(np.float32)
-    logp[0] = 0.0
-    hist = max(len(s) for s in full)
-    t = torch.from_numpy
-    return SequenceData(
-        n_items=N_ITEMS, item_order_hash=item_order_hash,
-        train=t(left_pad(train, MAX_LEN + 1)),
-        valid_input=t(left_pad([s[:-2] for s in full], MAX_LEN)), valid_target=torch.tensor([s[-2] for s in full]),
-        valid_history=t(left_pad([s[:-2] for s in full], hist)),
-        test_input=t(left_pad([s[:-1] for s in full], MAX_LEN)), test_target=torch.tensor([s[-1] for s in full]),
-        test_history=t(left_pad([s[:-1] for s in full], hist)),
-        log_pop=t(logp), pop_count=t(counts.astype(np.int64)),
-    )
-
-
-def tiny_caches():
-    """One text-like and one image-like field, 3 cached states each; row 0 (padding) is zero."""
-    g = np.random.default_rng(1)
-    caches = [g.standard_normal((N_ITEMS + 1, 3, d)).astype(np.float32) for d in (16, 12)]
-    for c in caches:
-        c[0] = 0
-    return caches
-
-
-def trainer(data=None, run_hash=None, speed=None, **train) -> Trainer:
-    cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
-                         "lr_text_f": 5e-3, "eval_batch": 32, **train})
-    return Trainer(data or tiny_data(), tiny_caches(), ModelConfig(embed_dim=16, bottleneck=8), cfg, device="cpu",
-                   run_hash=run_hash, speed=speed)
+from conftest import stable, trainer
 
 
 class Killed(Exception):
@@ -84,13 +32,6 @@ def kill_after(t: Trainer, epochs: int) -> Trainer:
 
     t.train_epoch = train_epoch
     return t
-
-
-def stable(result: dict) -> dict:
-    """The result without the fields that measure time and memory (and `resumed_from_epoch`)."""
-    out = {k: v for k, v in result.items() if k not in VOLATILE}
-    out["history"] = [{k: v for k, v in h.items() if k not in VOLATILE_EPOCH} for h in result["history"]]
-    return out
 
 
 def scramble_rngs():
@@ -189,7 +130,7 @@ def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
     (state-dict keys gain `_orig_mod.` there), while checkpoints read and write the plain model: a
     checkpoint moves between compiled and plain trainers either way, and the compiled trainer
     trains exactly as the plain one (dynamo's eager backend: the same operations)."""
-    from iisan.fast_step import StepSettings  # here: benchmarks/step_parity.py imports this file under older libraries too
+    from iisan.fast_step import StepSettings
 
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
@@ -214,21 +155,6 @@ def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
     plain = trainer()
     assert plain.load_checkpoint(ckpt).epoch == 2
     assert all(torch.equal(plain.model.state_dict()[k], v) for k, v in resaved.items())
-
-
-def write_dataset(folder, data: SequenceData) -> None:
-    """`data` as the preprocessed files that load_sequences reads."""
-    folder.mkdir()
-    unpad = lambda rows: [[int(i) for i in r if i] for r in rows.tolist()]  # noqa: E731
-    full = [h + [int(v), int(t)] for h, v, t in zip(unpad(data.valid_history), data.valid_target, data.test_target)]
-    pl.DataFrame({
-        "train": unpad(data.train), "valid_input": unpad(data.valid_input), "valid_target": data.valid_target.numpy(),
-        "test_input": unpad(data.test_input), "test_target": data.test_target.numpy(), "sequence": full,
-    }).write_parquet(folder / "sequences.parquet")
-    counts = data.pop_count.numpy()
-    p = np.concatenate([[1.0], counts[1:] / counts.sum()])  # p[0] = 1: log p[0] = 0, as preprocess writes
-    pl.DataFrame({"item": np.arange(N_ITEMS + 1), "count": counts, "p": p}).write_parquet(folder / "popularity.parquet")
-    (folder / "stats.json").write_text(json.dumps({"items": N_ITEMS, "item_order_hash": data.item_order_hash}))
 
 
 @pytest.mark.parametrize("keep", [0, 1])

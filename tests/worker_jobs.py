@@ -33,9 +33,10 @@ def wait(marker: str) -> None:
 
 
 def train(out: str) -> None:
-    """A tiny cached IISAN run (tests/test_resume.py's), its result to `out`."""
+    """A tiny cached IISAN run (tests/conftest.py's), its result to `out`."""
     import torch
-    from test_resume import stable, trainer
+
+    from conftest import stable, trainer
 
     torch.set_num_threads(1)
     Path(out).write_text(json.dumps(stable(trainer().fit(progress=False))))
