@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iisan.cache import file_checksum, file_chunks
+from iisan.cache_files import file_checksum, file_chunks
 
 CACHE_70B = 20826 * 81 * 8192 * 2  # bytes
 

@@ -65,7 +65,7 @@ def prepare(work: Path, cfg: dict) -> None:
     import polars as pl
 
     from iisan.backbones import output_layer
-    from iisan.cache import ARRAY, file_checksum, write_manifest
+    from iisan.cache_files import ARRAY, file_checksum, write_manifest
     from iisan.data.synthetic import synthetic_sequences
     from iisan.io import write_json
 

@@ -10,7 +10,8 @@ import torch
 from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, ViTConfig, ViTModel
 
 from iisan.backbones import BackboneSpec, build_standin, output_layer
-from iisan.cache import build_cache, prune_cache, read_manifest
+from iisan.cache import build_cache, prune_cache
+from iisan.cache_files import read_manifest
 from iisan.config import Experiment, ModelConfig, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate

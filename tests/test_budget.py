@@ -171,3 +171,13 @@ def test_gpu_rules_request_their_estimates(demo_graph):
     assert node(runtime_margin=1000, max_runtime_min=10).resources["runtime"] == 10
     with pytest.raises(WorkflowError, match="cluster.gpu_gib = 0.1 GiB"):
         node(gpu_gib=0.1)
+
+
+def test_planning_imports_no_torch():
+    """Building the job graph (the Snakefile, its checks, every input and resource function) and
+    pricing it never imports torch or transformers: a dry run on a submit host stays light."""
+    code = ("import sys; from iisan.graph import job_graph; from iisan.budget import Budget; g = job_graph(sys.argv[1]); "
+            "Budget(g.config).build(g); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.strip().splitlines()[-1] == "[]"

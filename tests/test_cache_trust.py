@@ -11,17 +11,8 @@ import pytest
 import iisan.cache as cache_mod
 import iisan.io as io_mod
 from iisan.backbones import BackboneSpec, build_standin
-from iisan.cache import (
-    CacheError,
-    CacheMismatch,
-    build_cache,
-    load_cache,
-    prune_cache,
-    read_manifest,
-    set_aside_damaged,
-    verify_cache,
-    write_manifest,
-)
+from iisan.cache import build_cache, load_cache, prune_cache
+from iisan.cache_files import CacheError, CacheMismatch, read_manifest, set_aside_damaged, verify_cache, write_manifest
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 

@@ -21,11 +21,12 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .io import check_model_folder, honour_umask
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -191,6 +192,7 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
     it with `save_pretrained` (plus tokenizer or image-processor config). A stand-in with
     ``quantization: bnb-4bit`` (or 8-bit) is saved quantised, so caching loads it exactly as a
     pre-quantised checkpoint."""
+    import torch
     from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
 
     out_dir = Path(out_dir)
@@ -272,6 +274,7 @@ def _gptq_quantize(folder: Path, titles: list[str]) -> None:  # pragma: no cover
 
 
 def _bnb_config(spec: BackboneSpec):
+    import torch
     from transformers import BitsAndBytesConfig
 
     compute = getattr(torch, spec.dtype) if torch.cuda.is_available() else torch.float32
@@ -380,11 +383,12 @@ def local_only(path: str) -> dict:
 
 
 def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
-    """Load (model, preprocessor) in eval mode; a local folder without the hub (`local_only`). On CUDA the model is spread over the job's GPUs
-    (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
+    """Load (model, preprocessor) in eval mode; a local folder without the hub (`local_only`).
+    On CUDA the model is spread over the job's GPUs (`device_map="auto"`); bitsandbytes quantisation is applied at load time unless the
     checkpoint is stored quantised already; GPTQ checkpoints need the gptq extra. A folder the
     workflow built (a stand-in) with a damaged weights or JSON file is moved aside first
     (`iisan.io.check_model_folder`), so the next run builds it again."""
+    import torch
     from transformers import AutoImageProcessor, AutoModel, AutoTokenizer
 
     if built_by_workflow(spec.source) and Path(path).is_dir():

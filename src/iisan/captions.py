@@ -728,7 +728,7 @@ def caption_items(
     manifest_file.unlink(missing_ok=True)  # a stale manifest must not vouch for the new Parquet
     frame = pl.DataFrame({"item_id": ids, "caption": [done[i][0] for i in ids]})
     write_parquet(frame, out_parquet)
-    from .cache import file_checksum
+    from .cache_files import file_checksum
 
     manifest = {
         "settings": key,
@@ -761,7 +761,7 @@ def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
     reader runs elsewhere). Raises `CaptionMismatch` naming each setting that differs."""
     import polars as pl
 
-    from .cache import file_checksum
+    from .cache_files import file_checksum
 
     out_parquet = Path(out_parquet)
     mpath = manifest_path(out_parquet)

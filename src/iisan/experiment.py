@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from .backbones import resolve_source
-from .cache import load_cache, verify_cache
+from .cache import load_cache
+from .cache_files import verify_cache
 from .config import Experiment
 from .data.sequences import load_sequences
 from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features

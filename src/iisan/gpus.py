@@ -105,8 +105,9 @@ def visible(env=None, use_torch: bool = False) -> list[str]:
 
 def machine_gpus() -> int:
     """How many GPU jobs' cards this machine has for a local run (the Snakefile's default for the
-    `gpu` resource): the cards visible to Snakemake, at least 1 (a CPU run's jobs ask for none)."""
-    return max(len(visible(use_torch=True)), 1)
+    `gpu` resource): the cards visible to Snakemake ($IISAN_GPUS, NVML or nvidia-smi: planning
+    imports no torch), at least 1 (a CPU run's jobs ask for none)."""
+    return max(len(visible()), 1)
 
 
 def lock_folder(env=None) -> Path:

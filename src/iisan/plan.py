@@ -12,7 +12,7 @@ from __future__ import annotations
 import re
 
 from . import methods
-from .cache import ARRAY, MANIFEST
+from .cache_files import ARRAY, MANIFEST
 from .config import Experiment, TowerConfig, backbone_entry
 from .data import CAPTIONS as CAPTIONS_FILE
 from .data.microlens import VIDEOS

@@ -65,7 +65,7 @@ def merge_captions(item_ids: Sequence, shard_parquets: Sequence[str | os.PathLik
     set's memo to the shards' records."""
     import polars as pl
 
-    from .cache import file_checksum
+    from .cache_files import file_checksum
     from .captions import COLUMNS, CaptionError, CaptionMismatch, _differences, load_captions, manifest_path, memo_dir, prune_memo
     from .io import read_json, write_json, write_parquet
 

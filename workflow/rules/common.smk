@@ -10,11 +10,12 @@ from snakemake.exceptions import WorkflowError
 from iisan import methods, plan, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.budget import Budget, usable_gib, weight_gb
-from iisan.cache import set_aside_damaged
+from iisan.cache_files import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
+from iisan.gpus import visible as visible_gpus
 from iisan.layerdrop import scheme_layers
 from iisan.models_fetch import hub_names, is_hub_id
 
@@ -329,10 +330,10 @@ def get_profile_experiment(wildcards):
 # --- resources (scaled by `attempt` on retries) ---------------------------------------------
 def _gpus_per_job():
     value = config["gpus_per_job"]
-    if value == "auto":
-        import torch
-
-        return 1 if torch.cuda.is_available() else 0
+    if (
+        value == "auto"
+    ):  # the cards NVML or nvidia-smi sees (iisan.gpus: no torch while planning)
+        return 1 if visible_gpus() else 0
     return int(value)
 
 
