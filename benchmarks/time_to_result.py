@@ -42,10 +42,10 @@ def process_age() -> float:
 
 
 def config() -> dict:
-    """config/config.yaml under config/paper.yaml, merged as Snakemake merges config files."""
-    from methods_table import load_config
+    """The config a run of the Snakefile sees with config/paper.yaml (defaults filled, checked)."""
+    from iisan.workflow import workflow_config
 
-    return load_config(["config/paper.yaml"])
+    return workflow_config(ROOT, ["config/paper.yaml"])
 
 
 def experiment(cfg: dict, epochs: int, speed: dict):
