@@ -1,5 +1,5 @@
 """Table III / Fig. 5 efficiency on a GPU: FFT, Adapter, LoRA, BitFit, IISAN uncached and IISAN
-cached with BERT-base and ViT-base architectures at Scientific size (issue: baselines).
+cached with BERT-base and ViT-base architectures at Scientific size.
 
 Random weights and synthetic data with the real shapes (speed and memory do not depend on the
 values): 12,076 users, 20,314 items, 30-token titles, 224x224 images, batch 32, bf16 autocast,

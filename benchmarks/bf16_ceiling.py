@@ -1,4 +1,4 @@
-"""What bf16 autocast itself costs the baselines (issue: time to result, target 3).
+"""What bf16 autocast itself costs the baselines.
 
 Under bf16 autocast (the workflow's arithmetic, as the authors' fp16 autocast) LayerNorm runs and
 returns fp32, so the residual stream, the residual adds and every LayerNorm read and write are

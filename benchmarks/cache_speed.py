@@ -1,4 +1,4 @@
-"""Caching throughput of a Llama-7B-shaped decoder (issue: IISAN-VA, benchmarks).
+"""Caching throughput of a Llama-7B-shaped decoder.
 
 Random weights (speed does not depend on values), 30-token titles (BOS + title cut at 30),
 the cache's own tokenisation and pooling (`iisan.item_inputs.encode_texts`, `pool_states`; unmasked mean over

@@ -1,5 +1,5 @@
 """Does a torch.compile mode for the backbone layers keep the results, and what does it do to the
-validation pass? (issue: time to result, target 3). BERT-base + ViT-base with random weights at
+validation pass?. BERT-base + ViT-base with random weights at
 Scientific size (`baselines_speed.build`), batch 32 with every item slot, bf16, compiled as with
 `--compile`: 12 training steps (their losses), two validation passes (metrics and seconds), then
 10 more training steps (seconds per step) and the peak GPU memory.

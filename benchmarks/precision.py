@@ -1,5 +1,5 @@
 """Mixed precision of cached IISAN-VS training: bf16 autocast (ours) against the authors' fp16
-autocast with a GradScaler and fp32 evaluation, and fp32 (issue: fidelity, item 9).
+autocast with a GradScaler and fp32 evaluation, and fp32.
 
 Scientific-sized synthetic data with a learnable sequential signal, so that metrics mean
 something: 12,076 users, 20,314 items in 200 groups; a user's next item is most often from the

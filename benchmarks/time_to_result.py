@@ -1,6 +1,5 @@
-"""One cached IISAN-VS experiment from process start to metrics.json at Scientific size (issue:
-time to result, target 2), the way the train rule runs it: a fresh Python process that imports
-the library, loads the dataset and the two pruned caches from disk (manifests and checksums
+"""One cached IISAN-VS experiment from process start to metrics.json at Scientific size, the
+way the train rule runs it: a fresh Python process that imports the library, loads the dataset and the two pruned caches from disk (manifests and checksums
 checked), builds the model, trains 100 epochs with a validation pass after each, evaluates the
 best epoch and writes metrics.json.
 

@@ -1,4 +1,4 @@
-"""Cached IISAN-VS training speed and peak memory at Scientific size (issue: foundation §7).
+"""Cached IISAN-VS training speed and peak memory at Scientific size.
 
 Synthetic data with the real shapes: 12,076 users (window lengths 5..13 averaging like the real
 81,711 interactions), 20,314 items, two fields with BERT-base-shaped caches (13 x 768, fp16),

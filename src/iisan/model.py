@@ -27,7 +27,7 @@ __all__ = ["ModelConfig", "Recommender", "ItemEncoder", "UserEncoder"]
 
 
 # Weight initialisation, one function per module family. Each runs on modules already built (so
-# the default initialisations draw first, in construction order, as they always did).
+# the default initialisations draw first, in construction order: a seed gives the same weights).
 
 
 def init_side_linear(lin: nn.Linear) -> None:

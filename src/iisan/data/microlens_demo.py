@@ -20,33 +20,11 @@ grey band sweeping the background), so frames at 10 %, 50 % and 90 % of a video 
 carries the group: `frame_group` recovers it from the dominant hue. `plan(spec)` gives the
 planted truth (item -> group, sub-group) without writing anything.
 
-Codec findings (PyAV 18.1.0 wheel from PyPI, FFmpeg libavcodec 62.28, checked on x86-64 Linux;
-`hevc_support()` repeats the check programmatically):
-
-* ENCODE H.265: yes. ``av.codec.Codec("libx265", "w")`` exists (``Codec("hevc", "w")`` resolves to
-  libx265); encoding 32 frames and decoding them back gives the 32 frames with the right colours.
-  ``hevc_nvenc``/``hevc_qsv``/``hevc_amf`` are listed too but need their hardware. libx264,
-  libsvtav1 and libvpx-vp9 encode as well.
-* DECODE H.265: yes, FFmpeg's native ``hevc`` decoder (``Codec("hevc", "r")``), so the real
-  MicroLens videos (H.265) are readable with the wheel alone.
-* The demo videos therefore use H.265 (libx265). ``VideoSpec.codec="auto"`` falls back to H.264
-  (libx264) only on a PyAV build without libx265; ``"hevc"``/``"h264"`` force one.
-
-Determinism: a fixed seed gives byte-identical files, MP4s included (tested). What that needed:
-
-* The container writes no wall-clock time: FFmpeg's mp4 muxer writes creation/modification times
-  of 0 unless a ``creation_time`` is set, and ``fflags=+bitexact`` drops the "Lavf<version>"
-  encoder tag; x265's ``info=0`` drops its SEI message with the x265 version and options string.
-* x265 runs single-threaded (``pools=none:frame-threads=1``), which is also cheapest per small video.
-* x265 frames must be LARGER than one coding-tree unit. With a 64x64 frame and the default 64x64
-  CTU, identical input gave different bitstreams from one encode to the next in the same process
-  (even lossless; the first encode of a fresh process was stable), and a 32x32 frame with
-  ``ctu=32`` at the medium preset aborted the process with ``free(): invalid next size`` -- x265
-  reads and writes outside its buffers when the whole frame is one CTU. With ``ctu=16`` and frames
-  of at least 32x32 (2x2 CTUs) hundreds of repeated encodes were identical, so `VideoSpec` asks for
-  a size that is a multiple of 16 and at least 32, and the encoder uses ``ctu=16``.
-* Identical bytes hold for one PyAV wheel (one FFmpeg/x265 build); another version of the encoder
-  may write other (equally valid) bitstreams, so no test pins a hash.
+Videos are H.265 (libx265; `VideoSpec.codec="auto"` takes H.264 where the PyAV build has no
+libx265, `hevc_support()` says which). A fixed seed gives byte-identical files for one PyAV build,
+MP4s included: the container carries no wall-clock time (``fflags=+bitexact``, x265 ``info=0``),
+x265 runs single-threaded with 16x16 coding-tree units, and `VideoSpec` sizes are multiples of 16
+of at least 32 (docs/notes.md: why).
 """
 
 from __future__ import annotations
