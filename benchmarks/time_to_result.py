@@ -1,7 +1,7 @@
-"""One cached IISAN-VS experiment from process start to metrics.json at Scientific size, the
-way the train rule runs it: a fresh Python process that imports the library, loads the dataset and the two pruned caches from disk (manifests and checksums
-checked), builds the model, trains 100 epochs with a validation pass after each, evaluates the
-best epoch and writes metrics.json.
+"""One cached IISAN-VS experiment from process start to metrics.json at Scientific size, the way the
+train rule runs it: a fresh Python process that imports the library, loads the dataset and the two
+pruned caches from disk (manifests and checksums checked), builds the model, trains 100 epochs with
+a validation pass after each, evaluates the best epoch and writes metrics.json.
 
 `--work DIR` first writes a synthetic Scientific-sized dataset folder (12,076 users, 20,314
 items) and two BERT-base / ViT-base shaped pruned caches (7 states x 768, float32, the paper's
