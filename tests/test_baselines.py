@@ -346,6 +346,7 @@ def test_table3_stars_a_significant_va_improvement(tmp_path, va_hr, star):
     assert fft["hr@10 vs FFT (%)"] == 0 and fft["TPME"] == pytest.approx(0.45)
 
 
+@pytest.mark.slow
 def test_uncached_run_loads_a_packaged_pretrained_backbone(demo):
     """A registry entry with source package:<module> (MiniLM from PyPI) runs in the loop too."""
     tmp, raw, _, _ = demo

@@ -198,6 +198,7 @@ def job_logs(tmp_path, asked, seconds, n, **extra):
     return [log.read_text() for log in logs]
 
 
+@pytest.mark.slow
 def test_workflow_jobs_take_their_own_cards(tmp_path):
     """iisan.jobs.job (every workflow script) takes the job's cards before its body runs."""
     logs = job_logs(tmp_path, 1, 2.0, 3, IISAN_GPUS="2")
@@ -299,6 +300,7 @@ with job(snakemake):
 """
 
 
+@pytest.mark.slow
 def test_a_local_snakemake_run_uses_every_card_once(tmp_path):
     """Snakemake runs as many GPU jobs at once as the machine has cards (no `--resources gpu=`), each on its own."""
     (tmp_path / "Snakefile").write_text(SNAKEFILE)

@@ -4,6 +4,8 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 JOB = """
 import logging, os, sys
 from types import SimpleNamespace
@@ -19,6 +21,7 @@ with job(snakemake, keep_attempts=True):
 """
 
 
+@pytest.mark.slow
 def test_every_attempt_of_a_job_stays_in_its_log(tmp_path):
     log = tmp_path / "logs" / "run.log"
     first = subprocess.run([sys.executable, "-c", JOB, str(log), "1"], capture_output=True, text=True)

@@ -14,6 +14,7 @@ def test_rule_files_are_snakefmt_formatted(root):
     assert res.returncode == 0, res.stderr + res.stdout
 
 
+@pytest.mark.slow
 def test_snakemake_lint_is_clean(root):
     res = subprocess.run([shutil.which("snakemake") or "snakemake", "--lint"], cwd=root, capture_output=True, text=True)
     out = res.stdout + res.stderr

@@ -125,6 +125,7 @@ def test_stopping_the_job_process_stops_the_job(worker, tmp_path, how):
                                signal.SIGKILL: -signal.SIGKILL}[how]
 
 
+@pytest.mark.slow
 def test_training_in_the_worker_gives_the_same_result(worker, tmp_path):
     results = []
     for via_worker in (True, False):
@@ -186,6 +187,7 @@ def test_a_hung_worker_does_not_hold_the_job(worker, tmp_path):
     assert json.loads(out.read_text())["pid"] != proc.pid, stderr  # and it takes the next job
 
 
+@pytest.mark.slow
 def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
     sock = tmp_path / "w.sock"
     first = subprocess.Popen([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=env(),
@@ -203,6 +205,7 @@ def test_worker_refuses_a_second_one_and_cleans_up(tmp_path):
     assert not sock.exists() and "Traceback" not in first.stderr.read()
 
 
+@pytest.mark.slow
 def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
     """A worker whose imports asked the CUDA driver anything could not serve GPU jobs (torch marks
     its forked children unable to start CUDA): it refuses to start, and a workflow's jobs then run
@@ -223,6 +226,7 @@ def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
     assert "the worker did not start" in done.stderr and "asked the CUDA driver" in done.stderr
 
 
+@pytest.mark.slow
 def test_worker_refuses_when_an_import_started_a_thread(tmp_path):
     """A thread started while preloading (inductor's compile pool, polars' jemalloc) would be
     missing in each forked job, with whatever locks it held: the worker refuses to start."""
