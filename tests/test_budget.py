@@ -181,3 +181,20 @@ def test_planning_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.slow
+def test_no_gpu_job_of_the_paper_asks_for_less_than_its_estimate():
+    """On a GPU cluster (gpus_per_job 1) every GPU job of config/paper.yaml requests at least its
+    estimated runtime and the cards its estimated peak needs; captions plan as several jobs."""
+    from iisan.budget import GPU_RULES, usable_gib
+    from iisan.graph import job_graph
+
+    graph = job_graph(ROOT, ["config/paper.yaml"], {"gpus_per_job": "1"})
+    budget = Budget(graph.config).build(graph)
+    nodes = [n for n in graph.nodes if n.rule in GPU_RULES]
+    assert len(nodes) == len(budget.jobs) and sum(n.rule == "caption" for n in nodes) > 2
+    for n in nodes:
+        job = budget.jobs[n.name]
+        assert n.resources["runtime"] * 60 >= job.seconds, n.name
+        assert n.resources["gpu"] >= job.gpus and job.peak_gib <= n.resources["gpu"] * usable_gib(graph.config), n.name
