@@ -190,7 +190,7 @@ def test_no_gpu_job_of_the_paper_asks_for_less_than_its_estimate():
     from iisan.budget import GPU_RULES, usable_gib
     from iisan.graph import job_graph
 
-    graph = job_graph(ROOT, ["config/paper.yaml"], {"gpus_per_job": "1"})
+    graph = job_graph(ROOT, ["config/paper.yaml"], {"gpus_per_job": "1"}, resources={"gpu": 8})  # 8 cards a node
     budget = Budget(graph.config).build(graph)
     nodes = [n for n in graph.nodes if n.rule in GPU_RULES]
     assert len(nodes) == len(budget.jobs) and sum(n.rule == "caption" for n in nodes) > 2

@@ -67,11 +67,14 @@ class Graph:
 
 
 def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os.PathLike] = (),
-              overrides: Mapping[str, object] | None = None, targets: Iterable[str] = ()) -> Graph:
+              overrides: Mapping[str, object] | None = None, targets: Iterable[str] = (),
+              resources: Mapping[str, int] | None = None) -> Graph:
     """The DAG Snakemake builds for `targets` (default: the Snakefile's default target) with the
     workflow in `directory`, its config files and `--config` overrides (a string value is read
     as Snakemake's command line reads it). Snakemake's own errors (a missing input, a bad
-    config) propagate as they are; the working directory is restored."""
+    config) propagate as they are; the working directory is restored. `resources`: the global
+    resources (`--resources`), which cap what a job may ask for (a local run caps `gpu` at this
+    machine's cards unless given)."""
     from snakemake.api import SnakemakeApi
     from snakemake.cli import parse_config
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
@@ -84,7 +87,7 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
     cwd = Path.cwd()
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
-            workflow_api = api.workflow(ResourceSettings(cores=1), ConfigSettings(configfiles=files, config=config),
+            workflow_api = api.workflow(ResourceSettings(cores=1, resources=dict(resources or {})), ConfigSettings(configfiles=files, config=config),
                                         snakefile=directory / "Snakefile", workdir=directory)
             workflow_api.dag(DAGSettings(targets=set(targets), forceall=True))
             workflow = workflow_api._workflow
