@@ -73,16 +73,18 @@ def test_budget_scales_with_the_rates_and_the_config():
 
 def test_captions_are_priced_at_the_rate_of_their_kv_cache():
     """captions.kv_cache: static prices the captions at the static cache's measured rate (per item,
-    scaled by the captioner's parameters), dynamic at the dynamic one's."""
+    scaled by the captioner's parameters), with `attention: sdpa_gqa` at that option's, dynamic at
+    the dynamic cache's; the peak stays."""
     rates = load_rates()
     cfg = paper()
     video = {"dataset": "MicroLens", "source": "video"}
-    dynamic = Budget(cfg, rates).caption(video)
-    cfg["captions"]["kv_cache"] = "static"
-    static = Budget(cfg, rates).caption(video)
     r = rates["captions"]
-    assert static.seconds / dynamic.seconds == pytest.approx(r["static"]["video_item_s"] / r["video_item_s"])
-    assert static.peak_gib == dynamic.peak_gib
+    seconds = {}
+    for kv, attention in (("dynamic", "sdpa"), ("static", "sdpa"), ("static", "sdpa_gqa")):
+        cfg["captions"].update(kv_cache=kv, attention=attention)
+        seconds[kv, attention] = Budget(cfg, rates).caption(video).seconds
+    assert seconds["static", "sdpa"] / seconds["dynamic", "sdpa"] == pytest.approx(r["static"]["video_item_s"] / r["video_item_s"])
+    assert seconds["static", "sdpa_gqa"] / seconds["dynamic", "sdpa"] == pytest.approx(r["static_sdpa_gqa"]["video_item_s"] / r["video_item_s"])
 
 
 def test_weight_size_of_quantised_and_demo_backbones():

@@ -121,10 +121,11 @@ def overlay(key: str, value, how: str) -> dict:
 
 def plan_everything(config: dict) -> None:
     """What a dry run computes from a config, through the library: the checks, every table's
-    runs with their experiments and caches, the targets and the budget."""
+    runs with their experiments and caches, the targets and the estimates their rules request."""
     workflow.validate(config, ROOT)
     workflow.check_config(config)
     tables.targets(config)
+    budget = Budget(config)
     for name in [*config["tables"], *config["figures"]]:
         for row, _ in tables.plan_runs(name, config):
             w = plan.run_wildcards(row["dataset"], {**row, "towers": _towers(config, name, row)})
@@ -132,7 +133,10 @@ def plan_everything(config: dict) -> None:
             for t in range(len(exp.towers)):
                 exp.tower_layers(t)
             plan.run_caches(config, row["dataset"], w["towers"], w["method"], w["scheme"], w["cache"])
-    Budget(config).build()
+            budget.train({**w, "seed": row["seed"]})  # what the train rule's resources ask for
+            if w["cache"] != "none":
+                for t in plan.parse_towers(config, w["towers"]):
+                    budget.cache({"dataset": row["dataset"], "field": t.field, "backbone": t.backbone})
 
 
 def _towers(config, name, row):

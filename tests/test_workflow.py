@@ -214,7 +214,8 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
                            "resources/MicroLens/captions/video.parquet", "resources/MicroLens/captions/cover.parquet"], wd)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-3000:]
-    for rule, n in (("fetch_microlens", 3), ("fetch_videos", 1), ("frames", 1), ("caption", 2)):
+    shards = workflow_config(root, "config/paper.yaml")["captions"]["shards"]
+    for rule, n in (("fetch_microlens", 3), ("fetch_videos", 1), ("frames", 1), ("caption", 2 * shards), ("merge_captions", 2)):
         assert re.search(rf"^{rule}\s+{n}$", out, re.M), (rule, out[-2000:])
 
 
