@@ -8,6 +8,7 @@ CAPTION_SHARDS = caption_shards(config)
 
 rule fetch_videos:
     input:
+        unpack(get_rehearsal_inputs),
         item_table=plan.ITEMS,
     output:
         plan.MICROLENS_VIDEOS_FETCHED,
