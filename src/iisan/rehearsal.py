@@ -40,9 +40,9 @@ from .io import atomic_path, current_umask, write_json
 
 log = logging.getLogger(__name__)
 
-RECORDS = "resources/rehearsal"
+RECORDS = "resources/rehearsal/records"  # beside, not inside, the mirror and hub cache config/rehearsal.yaml names
 MIRROR_RECORD = f"{RECORDS}/mirror/{{dataset}}.json"
-HUB_RECORD = f"{RECORDS}/hub/{{section}}/{{name}}.json"  # section: backbones | captioners
+HUB_RECORD = f"{RECORDS}/{{section}}/{{name}}.json"  # section: backbones | captioners
 COMMIT = re.compile(r"^[0-9a-f]{40}$")
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)
 
