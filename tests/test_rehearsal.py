@@ -13,9 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from conftest import SNAKEMAKE, copy_workflow, run
 from iisan import rehearsal
 from iisan.workflow import load_yaml
+
+from conftest import SNAKEMAKE, copy_workflow, run
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ["config/paper.yaml", "config/rehearsal.yaml"]
