@@ -92,3 +92,21 @@ def test_one_cache_job_of_the_paper_runs_from_the_mirror_and_the_hub_snapshot(tm
     assert fetched["repo_id"] == "google-bert/bert-base-uncased" and fetched["commit"] == made["commit"]
     assert "cannot list" in (wd / "logs/backbones/bert-base.log").read_text()  # the hub was not asked: offline
     assert (wd / target).stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_every_fetch_and_its_rehearsal_source_runs_on_the_submit_host():
+    """On a cluster the rules that reach the internet (and, in the rehearsal, the rules standing in
+    for it) run where Snakemake runs: compute nodes may have no network."""
+    code = f"""
+from pathlib import Path
+from snakemake.api import SnakemakeApi
+from snakemake.settings import types as t
+with SnakemakeApi(t.OutputSettings()) as api:
+    w = api.workflow(resource_settings=t.ResourceSettings(), storage_settings=t.StorageSettings(), snakefile=Path('Snakefile'),
+                     config_settings=t.ConfigSettings(configfiles=[Path(f) for f in {CONFIG!r}]), workdir=Path('.'))._workflow
+    print(sorted(r.name for r in w.rules if r.name.startswith(('fetch_', 'rehearsal_')) and r.name not in w._localrules))
+"""
+    res = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert res.stdout.strip().splitlines()[-1] == "[]"

@@ -6,6 +6,11 @@ from iisan.shards import caption_outputs, caption_shards
 CAPTION_SHARDS = caption_shards(config)
 
 
+# a download: on the host that runs Snakemake, as the other fetch rules
+localrules:
+    fetch_videos,
+
+
 rule fetch_videos:
     input:
         unpack(get_rehearsal_inputs),
