@@ -39,6 +39,12 @@ include: "workflow/rules/train.smk"
 include: "workflow/rules/tables.smk"
 
 
+# config `rehearsal: true` (config/rehearsal.yaml): the fetch rules' sources made locally
+if config["rehearsal"]:
+
+    include: "workflow/rules/rehearsal.smk"
+
+
 # config `worker: true`: one warm worker for this run's local train and profile jobs (iisan.worker)
 WORKER = {}
 

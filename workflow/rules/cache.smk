@@ -54,6 +54,8 @@ localrules:
 
 
 rule fetch_backbone:
+    input:
+        unpack(get_rehearsal_inputs),
     output:
         plan.STANDIN,
     log:
@@ -77,6 +79,8 @@ rule fetch_backbone:
 
 
 rule fetch_captioner:
+    input:
+        unpack(get_rehearsal_inputs),
     output:
         plan.CAPTIONER,
     log:

@@ -6,8 +6,14 @@ from iisan.shards import caption_outputs, caption_shards
 CAPTION_SHARDS = caption_shards(config)
 
 
+# a download: on the host that runs Snakemake, as the other fetch rules
+localrules:
+    fetch_videos,
+
+
 rule fetch_videos:
     input:
+        unpack(get_rehearsal_inputs),
         item_table=plan.ITEMS,
     output:
         plan.MICROLENS_VIDEOS_FETCHED,

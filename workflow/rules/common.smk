@@ -7,7 +7,7 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from iisan import methods, plan, tables
+from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
 from iisan.budget import Budget, usable_gib, weight_gb
 from iisan.cache_files import set_aside_damaged
@@ -188,6 +188,19 @@ def get_cache_inputs(wildcards):
     if backbone_entry(config, wildcards.backbone)["modality"] == "image":
         inputs.update(get_images(wildcards.dataset))
     return inputs
+
+
+def get_rehearsal_inputs(wildcards):
+    """A fetch job's source in the rehearsal (config `rehearsal: true`, workflow/rules/rehearsal.smk):
+    the record of its dataset's twin in the mirror, or of its model's stand-in in the hub cache;
+    {} in a real run."""
+    if not config["rehearsal"]:
+        return {}
+    if "dataset" in wildcards.keys():
+        return {"rehearsal": rehearsal.mirror_record(wildcards.dataset)}
+    if "backbone" in wildcards.keys():
+        return {"rehearsal": rehearsal.hub_record("backbones", wildcards.backbone)}
+    return {"rehearsal": rehearsal.hub_record("captioners", wildcards.captioner)}
 
 
 def get_videos(wildcards):

@@ -24,6 +24,8 @@ rule generate_demo:
 
 
 rule fetch_amazon:
+    input:
+        unpack(get_rehearsal_inputs),
     output:
         plan.RAW,
     log:
@@ -56,6 +58,8 @@ localrules:
 
 
 rule fetch_amazon_images:
+    input:
+        unpack(get_rehearsal_inputs),
     output:
         plan.RAW_IMAGES,
     log:
@@ -100,6 +104,8 @@ rule generate_microlens_demo:
 
 
 rule fetch_microlens:
+    input:
+        unpack(get_rehearsal_inputs),
     output:
         plan.MICROLENS_RAW,
     log:
