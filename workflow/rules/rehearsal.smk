@@ -10,6 +10,7 @@ from iisan.models_fetch import hub_names
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
+
 # They stand in for the internet, which the fetch rules reach from the host that runs Snakemake.
 localrules:
     rehearsal_mirror,
