@@ -60,9 +60,13 @@ def test_stand_in_snapshot_is_fetched_offline_at_its_revision(tmp_path):
 def test_rehearsal_plans_the_papers_jobs_plus_its_own(paper_graph):
     """Same rules and the same jobs per rule as config/paper.yaml's DAG; only the rehearsal's own
     rules are added (one twin per fetched dataset, one stand-in per hub model)."""
+    import os
+
     from iisan.graph import job_graph
 
+    before = dict(os.environ)
     graph = job_graph(ROOT, CONFIG)
+    assert dict(os.environ) == before  # the rehearsal's HF_HUB_OFFLINE stays in the Snakefile's run
     ours = Counter(n.rule for n in graph.nodes)
     paper = Counter(n.rule for n in paper_graph.nodes)
     assert {r: c for r, c in ours.items() if r not in OWN} == paper

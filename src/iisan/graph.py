@@ -72,9 +72,9 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
     """The DAG Snakemake builds for `targets` (default: the Snakefile's default target) with the
     workflow in `directory`, its config files and `--config` overrides (a string value is read
     as Snakemake's command line reads it). Snakemake's own errors (a missing input, a bad
-    config) propagate as they are; the working directory is restored. `resources`: the global
-    resources (`--resources`), which cap what a job may ask for (a local run caps `gpu` at this
-    machine's cards unless given)."""
+    config) propagate as they are; the working directory and the environment are restored.
+    `resources`: the global resources (`--resources`), which cap what a job may ask for (a local
+    run caps `gpu` at this machine's cards unless given)."""
     from snakemake.api import SnakemakeApi
     from snakemake.cli import parse_config
     from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
@@ -84,7 +84,7 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
     config = {**parse_config([f"{k}={v}" for k, v in given.items() if isinstance(v, str)]),
               **{k: v for k, v in given.items() if not isinstance(v, str)}}
     files = [Path(f) if Path(f).is_absolute() else directory / f for f in configfiles]
-    cwd = Path.cwd()
+    cwd, environ = Path.cwd(), dict(os.environ)  # the Snakefile may set variables (the rehearsal does)
     try:
         with SnakemakeApi(OutputSettings(quiet={Quietness.ALL})) as api:
             workflow_api = api.workflow(ResourceSettings(cores=1, resources=dict(resources or {})), ConfigSettings(configfiles=files, config=config),
@@ -102,3 +102,5 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
             return Graph(nodes, dict(workflow.config))
     finally:
         os.chdir(cwd)
+        os.environ.clear()
+        os.environ.update(environ)
