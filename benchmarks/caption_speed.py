@@ -249,6 +249,15 @@ def rule_call(model, processor, kind, b, batches, workers, cache, attention, new
     return {"e2e_items_s": steady, "e2e_wall_s": wall, "captions": pl.read_parquet(out)["caption"].to_list()}
 
 
+def release_cache(model, device) -> None:
+    """Forget the static cache length that generate keeps on the model (`_previous_max_cache_length`:
+    a later, shorter prompt would otherwise get a cache as long as the longest before it), then free
+    the allocator's blocks."""
+    if hasattr(model, "_previous_max_cache_length"):
+        del model._previous_max_cache_length
+    free(device)
+
+
 def free(device):
     gc.collect()
     torch._dynamo.reset()
@@ -363,6 +372,7 @@ def main():
             rows.append(row)
             if args.profile:
                 profile_decode(model, processor, kind, b, images, cache == "static", args.profile, device, option)
+            release_cache(model, device)  # the next prompt's cache and peak as in a job of its own
         del model
         free(device)
     print(table(rows, env))

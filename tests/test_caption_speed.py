@@ -95,10 +95,10 @@ def test_largest_batch_fits_the_card_and_the_next_does_not():
     s, card = cb.LLAVA_NEXT_MISTRAL_7B, 79.1 * 2**30  # an H100 80GB as torch reports it
     for p in PROMPTS.values():
         b = cb.largest_batch(s, prompt_tokens=p["tokens"], new_tokens=300, memory=card)
-        assert cb.memory_bytes(s, batch=b, prompt_tokens=p["tokens"], new_tokens=300) <= card - cb.RESERVE_BYTES
-        assert cb.memory_bytes(s, batch=b + 1, prompt_tokens=p["tokens"], new_tokens=300) > card - cb.RESERVE_BYTES
-    assert cb.largest_batch(s, prompt_tokens=5867, new_tokens=300, memory=card) == 43
-    assert cb.largest_batch(s, prompt_tokens=1968, new_tokens=300, memory=card) == 122
+        assert cb.memory_bytes(s, batch=b, prompt_tokens=p["tokens"], new_tokens=300) <= card - cb.reserve_bytes(card)
+        assert cb.memory_bytes(s, batch=b + 1, prompt_tokens=p["tokens"], new_tokens=300) > card - cb.reserve_bytes(card)
+    assert cb.largest_batch(s, prompt_tokens=5867, new_tokens=300, memory=card) == 37
+    assert cb.largest_batch(s, prompt_tokens=1968, new_tokens=300, memory=card) == 107
     assert cb.largest_batch(s, prompt_tokens=1968, new_tokens=300, memory=card, cap=64) == 64
     # free memory after loading: the weights are not counted again
     free = card - s.params * 2
@@ -304,10 +304,10 @@ def test_auto_batch_size_on_gpus_is_the_memory_plan_of_their_free_memory(monkeyp
     model = SimpleNamespace(device=torch.device("cuda", 0), dtype=torch.bfloat16, config=_config("7b"),
                             hf_device_map={"model.vision_tower": 0, "model.language_model.layers.20": 1, "lm_head": "cuda:1"})
     expected = cb.largest_batch(cb.LLAVA_NEXT_MISTRAL_7B, prompt_tokens=5888, new_tokens=300, memory=80 * 2**30, weights=False)
-    assert captions.auto_batch_size(model, 5888, 300, 1000) == expected == 53
+    assert captions.auto_batch_size(model, 5888, 300, 1000) == expected == 47
     assert captions.auto_batch_size(model, 5888, 300, 10) == 10
-    assert captions.batch_too_large(model, 53, 5888, 300) is None
-    assert captions.batch_too_large(model, 64, 5888, 300) == "the memory plan fits 53"
+    assert captions.batch_too_large(model, 47, 5888, 300) is None
+    assert captions.batch_too_large(model, 64, 5888, 300) == "the memory plan fits 47"
     free.update({0: 2**30, 1: 0})
     assert captions.batch_too_large(model, 8, 5888, 300).startswith("one item of 5888 prompt + 300 new tokens needs")
     free.update({0: 30 * 2**30, 1: 50 * 2**30})
