@@ -103,7 +103,7 @@ def test_largest_batch_fits_the_card_and_the_next_does_not():
     # free memory after loading: the weights are not counted again
     free = card - s.params * 2
     assert cb.largest_batch(s, prompt_tokens=5867, new_tokens=300, memory=free, weights=False) == 38
-    # the 34B model on one card leaves room for a few videos, on two for many more
+    # the 34B model on one card leaves room for one video prompt, on two for many more
     assert cb.largest_batch(cb.LLAVA_NEXT_34B, prompt_tokens=5867, new_tokens=300, memory=card) == 1
     assert cb.largest_batch(cb.LLAVA_NEXT_34B, prompt_tokens=5867, new_tokens=300, memory=2 * card) == 31
     with pytest.raises(ValueError, match="one item of 5867 prompt"):
