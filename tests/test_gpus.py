@@ -97,9 +97,8 @@ def test_a_two_gpu_job_gets_two_adjacent_cards(tmp_path):
 def test_several_card_jobs_and_one_card_jobs_share_a_machine(tmp_path):
     out = run_jobs(tmp_path, 3, [2, 1, 2, 1, 1], 0.2)
     assert sorted(len(got) for got, _, _ in out) == [1, 1, 1, 2, 2]
-    for got, _, _ in out:
-        idx = [int(c) for c in got]
-        assert idx == list(range(idx[0], idx[0] + len(idx)))  # adjacent
+    # (adjacent cards where two adjacent ones are free, which depends on the jobs' timing here:
+    # test_a_two_gpu_job_gets_two_adjacent_cards checks the choice itself)
     for i, a in enumerate(out):
         for b in out[i + 1:]:
             if overlap(a, b):
