@@ -80,7 +80,7 @@ rule frames:
 rule build_captioner_standin:
     input:
         titles=plan.ITEMS.format(dataset=config["standin_corpus"]),
-        prompts=config["captions"]["prompts"],
+        prompts=workflow_file(config["captions"]["prompts"]),
     output:
         plan.CAPTIONER,
     log:

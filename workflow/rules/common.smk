@@ -139,10 +139,21 @@ def get_plan_inputs(kind):
     return [p for _, p in tables.plan_runs(kind, config)]
 
 
+def workflow_file(path):
+    """A file the repository ships (config/cited/, config/prompts/) named relative to the working
+    directory, or to the Snakefile's folder when the run's working directory is elsewhere.
+    """
+    here = Path(path)
+    if here.is_absolute() or here.exists():
+        return path
+    shipped = Path(workflow.basedir) / path
+    return str(shipped) if shipped.exists() else path
+
+
 def get_table_extra_inputs(wildcards):
     """Files a table's builder reads besides the runs (Table V: its cited rows)."""
     t = tables.get(get_table_kind(wildcards))
-    return t.extra_inputs(config) if t.extra_inputs else []
+    return [workflow_file(f) for f in t.extra_inputs(config)] if t.extra_inputs else []
 
 
 def get_claims_inputs():
@@ -250,7 +261,7 @@ def get_caption_inputs(wildcards):
     ds = wildcards.dataset
     inputs = {
         "item_table": plan.ITEMS.format(dataset=ds),
-        "prompts": config["captions"]["prompts"],
+        "prompts": workflow_file(config["captions"]["prompts"]),
     }
     if wildcards.source == "video":
         inputs["images"] = plan.FRAMES.format(dataset=ds)

@@ -45,7 +45,7 @@ rule rehearsal_mirror:
 rule rehearsal_hub:
     input:
         titles=plan.ITEMS.format(dataset=config["standin_corpus"]),
-        prompts=config["captions"]["prompts"],
+        prompts=workflow_file(config["captions"]["prompts"]),
     output:
         rehearsal.HUB_RECORD,
     log:
