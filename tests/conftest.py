@@ -51,6 +51,14 @@ def tiny_workflow(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def prompts():
+    """The caption prompts the workflow ships (config/prompts/captions.yaml)."""
+    from iisan.captions import load_prompts
+
+    return load_prompts(ROOT / "config/prompts/captions.yaml")
+
+
+@pytest.fixture(scope="session")
 def paper_graph():
     """Snakemake's job graph of config/paper.yaml (iisan.graph), built once per session."""
     from iisan.graph import job_graph

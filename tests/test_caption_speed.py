@@ -128,11 +128,6 @@ VIDEOS = {"v1": [_image(10 + k, 36, 64) for k in range(3)], "v2": [_image(20 + k
 
 
 @pytest.fixture(scope="module")
-def prompts(root):
-    return captions.load_prompts(root / "config/prompts/captions.yaml")
-
-
-@pytest.fixture(scope="module")
 def standins(tmp_path_factory, prompts):
     """Mistral-style (covers) and Llama/ChatML-style (videos) stand-ins, both grouped-query (4 heads, 2 K/V heads)."""
     base = tmp_path_factory.mktemp("captioners")

@@ -21,11 +21,6 @@ MAX_NEW = 8
 
 
 @pytest.fixture(scope="module")
-def prompts(root):
-    return captions.load_prompts(root / "config/prompts/captions.yaml")
-
-
-@pytest.fixture(scope="module")
 def standins(tmp_path_factory, prompts):
     """Mistral-style (covers) and Llama/ChatML-style (video frames) stand-ins."""
     base = tmp_path_factory.mktemp("captioners")

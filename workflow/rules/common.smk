@@ -8,7 +8,7 @@ from pathlib import Path
 from snakemake.exceptions import WorkflowError
 
 from iisan import methods, plan, rehearsal, tables
-from iisan.backbones import BackboneSpec, built_by_workflow, output_layer
+from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
 from iisan.budget import Budget, usable_gib, weight_gb
 from iisan.cache_files import set_aside_damaged
 from iisan.config import backbone_entry
@@ -17,7 +17,7 @@ from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
 from iisan.gpus import visible as visible_gpus
 from iisan.layerdrop import scheme_layers
-from iisan.models_fetch import hub_names, is_hub_id
+from iisan.models_fetch import hub_names
 
 # Before the job graph is built (an error raised by an input function cannot stop a run:
 # Snakemake then takes the job's existing outputs as source files).
