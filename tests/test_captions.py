@@ -292,7 +292,7 @@ def _shard_run(standins, prompts, final, k, n, items=COVERS, **kw):
 def test_three_shards_merge_to_the_captions_of_one_job(reference, standins, prompts, tmp_path):
     final = tmp_path / "covers.parquet"
     parts = [_shard_run(standins, prompts, final, k, 3) for k in (1, 2, 3)]
-    manifest = shards.merge_captions(list(COVERS), parts, final)
+    manifest = captions.merge_captions(list(COVERS), parts, final)
     assert pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
     one = reference[1]
     assert manifest["shards"] == 3 and {k: v for k, v in manifest.items() if k not in ("shards", "batch_size")} == \
@@ -301,7 +301,7 @@ def test_three_shards_merge_to_the_captions_of_one_job(reference, standins, prom
     assert sorted(p.name for p in captions.memo_dir(final).glob("*/*.jsonl")) == ["1-of-3.jsonl", "2-of-3.jsonl", "3-of-3.jsonl"]
     # a shard that does not hold its items is refused
     with pytest.raises(captions.CaptionError, match="does not hold its items"):
-        shards.merge_captions(list(COVERS), [parts[1], parts[0], parts[2]], tmp_path / "wrong.parquet")
+        captions.merge_captions(list(COVERS), [parts[1], parts[0], parts[2]], tmp_path / "wrong.parquet")
 
 
 def test_a_failed_shard_loses_no_other_shards_captions(reference, standins, prompts, tmp_path, monkeypatch):
@@ -324,23 +324,23 @@ def test_a_failed_shard_loses_no_other_shards_captions(reference, standins, prom
         _shard_run(standins, prompts, final, 3, 3, batch_size=1)
     third = Path(str(parts[0]).replace("1-of-3", "3-of-3"))
     with pytest.raises(captions.CaptionError, match="3-of-3"):
-        shards.merge_captions(list(COVERS), [*parts, third], final)
+        captions.merge_captions(list(COVERS), [*parts, third], final)
     monkeypatch.setattr(captions, "_caption_batch", real)
     seen = _count_batches(monkeypatch)
     assert _shard_run(standins, prompts, final, 3, 3, batch_size=1) == third
     assert seen == [1], "only the item shard 3 had not finished"
     assert [p.stat().st_mtime_ns for p in parts] == stamps
-    shards.merge_captions(list(COVERS), [*parts, third], final)
+    captions.merge_captions(list(COVERS), [*parts, third], final)
     assert pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
 
 
 def test_resharding_reuses_the_captions_of_other_shards(reference, standins, prompts, tmp_path, monkeypatch):
     final = tmp_path / "covers.parquet"
     two = [_shard_run(standins, prompts, final, k, 2) for k in (1, 2)]
-    shards.merge_captions(list(COVERS), two, final)
+    captions.merge_captions(list(COVERS), two, final)
     seen = _count_batches(monkeypatch)
     three = [_shard_run(standins, prompts, final, k, 3) for k in (1, 2, 3)]
-    shards.merge_captions(list(COVERS), three, final)
+    captions.merge_captions(list(COVERS), three, final)
     assert seen == [] and pl.read_parquet(final).equals(pl.read_parquet(reference[0]))
 
 

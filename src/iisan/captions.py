@@ -636,7 +636,7 @@ def caption_items(
     item's images (default: `pixels_sha256` of ``images_for(item_id)``; `images_sha256` of the
     image files' sha256s is cheaper). `memo` is the memo folder; by default ``out_parquet``'s
     own (`memo_dir`), which is pruned to this call's items at the end. A shard job passes the
-    memo of its whole caption set, which the merge prunes (`iisan.shards.merge_captions`)."""
+    memo of its whole caption set, which the merge prunes (`merge_captions`)."""
     import polars as pl
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
@@ -856,3 +856,57 @@ def caption_dataset(items_parquet: Path, source: str, images_archive: Path, mode
     return caption_items(model_path, ids, images_for, prompt["text"], out_parquet, batch_size=batch_size,
                          max_new_tokens=max_new_tokens, device=device, settings=settings, revision=revision, kv_cache=kv_cache,
                          attention=attention, workers=workers, image_key=keys.__getitem__, memo=memo)
+
+
+def merge_captions(item_ids: Sequence, shard_parquets: Sequence[str | os.PathLike], out_parquet: str | os.PathLike) -> dict:
+    """Write the caption set `out_parquet` of `item_ids` (in that order) from its shards' Parquets,
+    each checked against its manifest; every shard must hold exactly its items
+    (`iisan.shards.shard_items`, in the order of `shard_parquets`) under the same settings. Returns the
+    manifest, which is the one a single job would write plus ``shards``; then prunes the caption
+    set's memo to the shards' records."""
+    import polars as pl
+
+    from .cache_files import file_checksum
+    from .io import read_json, write_json, write_parquet
+    from .shards import shard_items
+
+    out_parquet = Path(out_parquet)
+    ids = [i.item() if hasattr(i, "item") else i for i in item_ids]
+    n = len(shard_parquets)
+    captions: dict = {}
+    manifests = []
+    for k, path in enumerate(shard_parquets, start=1):
+        path = Path(path)
+        frame = load_captions(path, {})
+        m = read_json(manifest_path(path))
+        if manifests and m["settings"] != manifests[0]["settings"]:
+            differ = _differences(m["settings"], manifests[0]["settings"], set(m["settings"]) | set(manifests[0]["settings"]))
+            raise CaptionMismatch(f"caption shard {path} was made under other settings than {shard_parquets[0]}: " + "; ".join(differ))
+        want = shard_items(ids, k, n)
+        got = frame["item_id"].to_list()
+        if got != want:
+            lost, extra = sorted(set(want) - set(got), key=str), sorted(set(got) - set(want), key=str)
+            raise CaptionError(f"caption shard {path} ({k} of {n}) does not hold its items: missing {lost[:5]}, "
+                               f"not its own {extra[:5]}; rerun it")
+        captions.update(zip(got, frame["caption"].to_list()))
+        manifests.append(m)
+    manifest_file = manifest_path(out_parquet)
+    manifest_file.unlink(missing_ok=True)  # a stale manifest must not vouch for the new Parquet
+    write_parquet(pl.DataFrame({"item_id": ids, "caption": [captions[i] for i in ids]}), out_parquet)
+    first = manifests[0]
+    manifest = {
+        "settings": first["settings"],
+        "items": len(ids),
+        "columns": list(COLUMNS),
+        "truncated": sum(m["truncated"] for m in manifests),
+        "empty": sum(m["empty"] for m in manifests),
+        "batch_size": first["batch_size"],
+        "device": first["device"] if len({m["device"] for m in manifests}) == 1 else sorted({m["device"] for m in manifests}),
+        "library_version": first["library_version"],
+        "bytes": out_parquet.stat().st_size,
+        "checksum": file_checksum(out_parquet),
+        "shards": n,
+    }
+    write_json(manifest_file, manifest)
+    prune_memo(memo_dir(out_parquet), first["settings"], [Path(p).stem for p in shard_parquets])
+    return manifest

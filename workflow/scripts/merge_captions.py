@@ -4,8 +4,8 @@ from pathlib import Path
 
 import polars as pl
 
+from iisan.captions import merge_captions
 from iisan.jobs import job
-from iisan.shards import merge_captions
 
 with job(snakemake):
     ids = pl.read_parquet(snakemake.input.item_table)["item_id"].to_list()
