@@ -1,7 +1,8 @@
 """LLaVA-NeXT caption throughput on one GPU: the caption rule's library calls for each decoding
 option side by side, against the hardware bound (`iisan.caption_bound`).
 
-A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (CLIP ViT-L/14 at 336 px
+A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (`--model llava-34b`: of
+llava-v1.6-34b-hf, Yi-34B: 60 layers x 7168, GQA 56/8 heads, FFN 20480, vocab 64064) (CLIP ViT-L/14 at 336 px
 with any-resolution tiling on the checkpoint's grid pinpoints, the two-layer projector, Mistral-7B:
 32 layers x 4096, GQA 32/8 heads, FFN 14336, vocab 32064), bf16, built on the GPU for each option
 with the `attn_implementation` that `iisan.captions.load_captioner` passes for it. The tokenizer
@@ -59,26 +60,33 @@ PROMPTS = {"cover": {"text": "Describe this cover image in one or two sentences,
 DEFAULT_OPTIONS = "dynamic/sdpa/0,static/sdpa/0,static/sdpa_gqa/0,static/sdpa_gqa/2,static/flex_attention/2"
 
 
-def shapes(smoke: bool) -> dict:
+CLIP_336 = dict(v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16, tile=336, patch=14, pinpoints=PINPOINTS_336)
+MODELS = {  # the llava-hf checkpoints' shapes (config.json of each)
+    "llava-mistral-7b": dict(CLIP_336, family="mistral", hidden=4096, inter=14336, layers=32, heads=32, kv=8, vocab=32064, rope_theta=1e6),
+    "llava-34b": dict(CLIP_336, family="llama", hidden=7168, inter=20480, layers=60, heads=56, kv=8, vocab=64064, rope_theta=5e6),
+}
+
+
+def shapes(smoke: bool, model: str = "llava-mistral-7b") -> dict:
     if smoke:
         return dict(v_hidden=32, v_inter=64, v_layers=2, v_heads=2, tile=32, patch=8, hidden=64, inter=128, layers=2,
-                    heads=4, kv=2, vocab=2000, pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]])
-    return dict(v_hidden=1024, v_inter=4096, v_layers=24, v_heads=16, tile=336, patch=14, hidden=4096, inter=14336,
-                layers=32, heads=32, kv=8, vocab=32064, pinpoints=PINPOINTS_336)
+                    heads=4, kv=2, vocab=2000, pinpoints=[[32, 64], [64, 32], [64, 64], [96, 32], [32, 96]],
+                    family=MODELS[model]["family"], rope_theta=1e6)
+    return MODELS[model]
 
 
 def build_config(s: dict, prompts: list[str]):
     """(LlavaNextConfig, processor) with the shapes `s`."""
-    from transformers import CLIPVisionConfig, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
 
     from iisan.backbones import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(prompts * 4, vocab_size=500)
-    tok.add_special_tokens({"extra_special_tokens": ["<image>", *captions.TURN_TOKENS["mistral"]]})
-    text = MistralConfig(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"],
-                         num_attention_heads=s["heads"], num_key_value_heads=s["kv"], vocab_size=max(s["vocab"], len(tok)),
-                         max_position_embeddings=32768, sliding_window=None, rope_theta=1e6,
-                         pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    tok.add_special_tokens({"extra_special_tokens": ["<image>", *captions.TURN_TOKENS[s["family"]]]})
+    common = dict(hidden_size=s["hidden"], intermediate_size=s["inter"], num_hidden_layers=s["layers"], num_attention_heads=s["heads"],
+                  num_key_value_heads=s["kv"], vocab_size=max(s["vocab"], len(tok)), max_position_embeddings=32768,
+                  rope_theta=s["rope_theta"], pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+    text = MistralConfig(**common, sliding_window=None) if s["family"] == "mistral" else LlamaConfig(**common)
     vision = CLIPVisionConfig(hidden_size=s["v_hidden"], intermediate_size=s["v_inter"], num_hidden_layers=s["v_layers"],
                               num_attention_heads=s["v_heads"], image_size=s["tile"], patch_size=s["patch"], projection_dim=768)
     config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
@@ -88,7 +96,7 @@ def build_config(s: dict, prompts: list[str]):
         image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": s["tile"]}, crop_size={"height": s["tile"], "width": s["tile"]},
                                                    image_grid_pinpoints=s["pinpoints"]),
         tokenizer=tok, patch_size=s["patch"], vision_feature_select_strategy="default",
-        chat_template=captions.CHAT_TEMPLATES["mistral"], image_token="<image>", num_additional_image_tokens=1)
+        chat_template=captions.CHAT_TEMPLATES[s["family"]], image_token="<image>", num_additional_image_tokens=1)
     tok.padding_side = "left"
     return config, processor
 
@@ -174,19 +182,42 @@ def write_dataset(work: Path, kind: str, items: int, jpegs: list[bytes], frames:
     return table, archive
 
 
-def forced(model, processor, n: int, static: bool):
-    """The library's greedy generation config for exactly `n` new tokens."""
+# The library's static-cache layout: one cache of the job's longest prompt + max_new_tokens rounded
+# up to STATIC_BUCKET, prompts padded to their batch's longest (`static_cache_length`); a library
+# without it (an earlier tree on PYTHONPATH, for a before/after in one call) padded every prompt to a
+# multiple of STATIC_BUCKET and sized the cache to the padded prompt + max_new_tokens.
+CACHE_PER_JOB = hasattr(captions, "static_cache_length")
+
+
+def static_layout(prompt_tokens: int, new_tokens: int) -> tuple[int | None, int]:
+    """(multiple the prompts are padded to or None, static cache length) of the library on the path."""
+    if CACHE_PER_JOB:
+        return None, captions.static_cache_length(prompt_tokens, new_tokens)
+    padded = -(-prompt_tokens // captions.STATIC_BUCKET) * captions.STATIC_BUCKET
+    return captions.STATIC_BUCKET, padded + new_tokens
+
+
+def forced(model, processor, n: int, cache_len: int | None):
+    """The library's greedy generation config for exactly `n` new tokens (static cache of
+    `cache_len` tokens; dynamic when None)."""
     from transformers import GenerationConfig
 
     greedy = {k: v for k, v in captions.GREEDY.items() if k != "min_length"}  # min_new_tokens sets it
+    static = {} if cache_len is None else {"cache_implementation": "static", **({"max_cache_len": cache_len} if CACHE_PER_JOB else {})}
     return GenerationConfig(**greedy, max_new_tokens=n, min_new_tokens=n, eos_token_id=captions.stop_token_ids(model, processor.tokenizer),
-                            pad_token_id=processor.tokenizer.pad_token_id, **({"cache_implementation": "static"} if static else {}))
+                            pad_token_id=processor.tokenizer.pad_token_id, **static)
+
+
+def encode(processor, texts, images, pad, dtype) -> dict:
+    if CACHE_PER_JOB:
+        return captions._encode(processor, texts, images, dtype)
+    return captions._encode(processor, texts, images, pad, dtype)
 
 
 def timed_batch(model, processor, texts, images, gen, pad, device) -> tuple[float, list[str]]:
     sync(device)
     t = time.perf_counter()
-    caps, _ = captions._caption_batch(model, processor, texts, images, gen, pad)
+    caps, _ = captions._caption_batch(model, processor, texts, images, gen, *([] if CACHE_PER_JOB else [pad]))
     sync(device)
     return time.perf_counter() - t, caps
 
@@ -197,13 +228,15 @@ def batch_rates(model, processor, kind, b, images, static, new_tokens, device) -
 
     n_img = PROMPTS[kind]["images"]
     text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], n_img), add_generation_prompt=True)
-    texts, pad = [text] * b, captions.STATIC_BUCKET if static else None
+    texts = [text] * b
+    unpadded = encode(processor, texts[:1], images[:n_img], None, model.dtype)["input_ids"].shape[1]
+    pad, cache_len = static_layout(unpadded, new_tokens) if static else (None, None)
     t = time.perf_counter()
-    enc = captions._encode(processor, texts, images, pad, model.dtype)
+    enc = encode(processor, texts, images, pad, model.dtype)
     t_proc = time.perf_counter() - t
 
     def gen(n):
-        return forced(model, processor, n, static)
+        return forced(model, processor, n, cache_len)
 
     timed_batch(model, processor, texts, images, gen(new_tokens if static else 2), pad, device)  # warm-up (compiles the static decode)
     if device.type == "cuda":
@@ -213,6 +246,7 @@ def batch_rates(model, processor, kind, b, images, static, new_tokens, device) -
     pv = model.config.vision_config
     tiles = sum(image_size_to_num_patches(hw, model.config.image_grid_pinpoints, pv.image_size) for hw in enc["image_sizes"].tolist())
     return {"prompt_tokens": round(enc["attention_mask"].sum().item() / b), "padded_tokens": enc["input_ids"].shape[1],
+            "cache_tokens": cache_len,
             "tiles_per_item": tiles / b, "preprocess_s": t_proc, "prefill_s": t1 - t_proc, "step_s": (tn - t1) / (new_tokens - 1),
             "batch_s": tn, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
@@ -272,6 +306,7 @@ def fmt(x, spec):
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU: checks the script in seconds")
+    ap.add_argument("--model", default="llava-mistral-7b", choices=sorted(MODELS), help="whose shapes the random-weight model takes")
     ap.add_argument("--size", default="1280x720", help="cover / frame size, w x h")
     ap.add_argument("--prompts", default="cover,video")
     ap.add_argument("--options", default=DEFAULT_OPTIONS, help="cache/attention/workers, comma-separated; the first is the reference")
@@ -280,7 +315,9 @@ def main():
     ap.add_argument("--new-tokens", type=int, default=100)
     ap.add_argument("--e2e-batches", type=int, default=3, help="batches of the rule's call (0: skip it)")
     ap.add_argument("--work", default=None, help="folder for the synthetic dataset and outputs (default: a temporary one)")
-    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile N decode steps: GPU time per kernel family")
+    ap.add_argument("--profile", type=int, default=0, metavar="N", help="also profile the prefill and N decode steps: GPU time per kernel family")
+    ap.add_argument("--profile-prefill", action="store_true", help="also profile the prefill (without decode steps unless --profile N)")
+    ap.add_argument("--captions-out", default=None, help="write each (option, prompt)'s captions of the rule's call to this JSON file")
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
@@ -293,7 +330,7 @@ def main():
         args.e2e_batches = min(args.e2e_batches, 2)
         if args.options == DEFAULT_OPTIONS:  # FlexAttention compiles with inductor: minutes on a CPU
             args.options = "dynamic/sdpa/0,static/sdpa/0,static/sdpa_gqa/0,static/sdpa_gqa/2"
-    s = shapes(args.smoke)
+    s = shapes(args.smoke, args.model)
     config, processor = build_config(s, [p["text"] for p in PROMPTS.values()])
     w, h = map(int, args.size.split("x"))
     rate = matmul_tflops(device, dtype, n=512 if args.smoke else 8192, reps=3 if args.smoke else 50)
@@ -303,7 +340,7 @@ def main():
 
     env = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu", "torch": torch.__version__,
            "transformers": transformers.__version__, "dtype": str(dtype), "matmul_tflops": round(rate, 1),
-           "bandwidth_gbs": round(bw, 1), "params_b": round(shapes_from_config(config).params / 1e9, 3), "image": args.size,
+           "bandwidth_gbs": round(bw, 1), "model": args.model, "params_b": round(shapes_from_config(config).params / 1e9, 3), "image": args.size,
            "new_tokens": args.new_tokens, "dev_shm_gib": None if shm is None else round(shm, 1)}
     print(json.dumps(env), flush=True)
     from PIL import Image
@@ -312,7 +349,7 @@ def main():
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="caption_speed_"))
     work.mkdir(parents=True, exist_ok=True)
     bound_shapes = shapes_from_config(config)
-    rows, reference = [], {}
+    rows, reference, dumped = [], {}, {}
     for option in args.options.split(","):
         cache, attention, workers = option.split("/")
         workers = int(workers)
@@ -332,9 +369,9 @@ def main():
                 if batch_arg == "auto":
                     text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], n_img), add_generation_prompt=True)
                     one = [Image.open(io.BytesIO(jpegs[k])).convert("RGB") for k in range(n_img)]
-                    tokens = captions._encode(processor, [text], one, None, dtype)["input_ids"].shape[1]
+                    tokens = encode(processor, [text], one, None, dtype)["input_ids"].shape[1]
                     if cache == "static":
-                        tokens = -(-tokens // captions.STATIC_BUCKET) * captions.STATIC_BUCKET
+                        tokens = static_layout(tokens, args.new_tokens)[1] - args.new_tokens  # the plan's prompt: the cache less the new tokens
                     b = captions.auto_batch_size(model, tokens, args.new_tokens, 4096)
                 else:
                     b = int(batch_arg)
@@ -352,6 +389,7 @@ def main():
             caps = r.pop("captions", None)
             if caps is not None:
                 reference.setdefault(kind, caps)
+                dumped[f"{option} {kind}"] = caps
             items_s = b / r["batch_s"]
             row.update({
                 "batch": b, "prompt_tokens": r["prompt_tokens"], "padded_tokens": r["padded_tokens"], "tiles_per_item": r["tiles_per_item"],
@@ -363,40 +401,46 @@ def main():
                 "rule_wall_s": None if "e2e_wall_s" not in r else round(r["e2e_wall_s"], 1),
                 "hours_19738": round(MICROLENS_ITEMS / (r.get("e2e_items_s") or items_s) / 3600, 2),
                 "peak_gib": None if r["peak_gib"] is None else round(r["peak_gib"], 1),
-                "plan_gib": round(memory_bytes(bound_shapes, batch=b, prompt_tokens=r["padded_tokens"], new_tokens=args.new_tokens,
+                "cache_tokens": r["cache_tokens"],
+                "plan_gib": round(memory_bytes(bound_shapes, batch=b, new_tokens=args.new_tokens,
+                                               prompt_tokens=r["padded_tokens"] if r["cache_tokens"] is None else r["cache_tokens"] - args.new_tokens,
                                                elem=elem) / 2**30, 1),
                 "same_captions_as_first": None if caps is None else round(np.mean([a == c for a, c in zip(caps, reference[kind])]), 3),
                 "build_s": round(build_s, 1), "row_s": round(time.perf_counter() - t_row, 1),
             })
             print(json.dumps(row), flush=True)
             rows.append(row)
-            if args.profile:
-                profile_decode(model, processor, kind, b, images, cache == "static", args.profile, device, option)
+            if args.profile or args.profile_prefill:
+                profile(model, processor, kind, b, images, r["cache_tokens"], r["padded_tokens"], args.profile, device, option)
             release_cache(model, device)  # the next prompt's cache and peak as in a job of its own
         del model
         free(device)
     print(table(rows, env))
+    if args.captions_out:
+        Path(args.captions_out).write_text(json.dumps(dumped))
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
 
 
-def profile_decode(model, processor, kind, b, images, static, n, device, option):
-    """GPU kernel time per decode step by kernel family: a 1-token and an (n+1)-token generation,
-    the difference is n decode steps."""
+def profile(model, processor, kind, b, images, cache_len, padded_tokens, n, device, option):
+    """GPU kernel time by kernel family of the prefill (a 1-token generation: vision tower,
+    projector, prompt) and, when n > 0, per decode step (an (n+1)-token generation less it)."""
     from gpu_profile import kernels, summary
 
     text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], PROMPTS[kind]["images"]), add_generation_prompt=True)
-    pad = captions.STATIC_BUCKET if static else None
+    pad = None if cache_len is None or CACHE_PER_JOB else captions.STATIC_BUCKET
 
     def run(steps):
-        gen = forced(model, processor, steps, static)
+        gen = forced(model, processor, steps, cache_len)
         return kernels(lambda: timed_batch(model, processor, [text] * b, images, gen, pad, device), device)
 
     w1, e1 = run(1)
-    wn, en = run(n + 1)
-    decode = summary(en[len(e1):], n)
-    print(json.dumps({"profile": kind, "option": option, "batch": b, "decode_steps": n, "step_ms": round((wn - w1) / n * 1e3, 2),
-                      **decode}), flush=True)
+    print(json.dumps({"profile": kind, "part": "prefill", "option": option, "batch": b, "prompt_tokens": padded_tokens,
+                      "cache_tokens": cache_len, "wall_s": round(w1, 3), **summary(e1, 1, top=12, width=90)}), flush=True)
+    if n:
+        wn, en = run(n + 1)
+        print(json.dumps({"profile": kind, "part": "decode", "option": option, "batch": b, "decode_steps": n,
+                          "step_ms": round((wn - w1) / n * 1e3, 2), **summary(en[len(e1):], n)}), flush=True)
 
 
 def table(rows: list[dict], env: dict) -> str:

@@ -255,9 +255,9 @@ def test_workers_prepare_the_images_ahead_with_the_same_captions(reference, stan
     seen = []
     real = captions._caption_batch
 
-    def spy(model, processor, texts, images, generation_config, pad=None, **kw):
+    def spy(model, processor, texts, images, generation_config, **kw):
         seen.append((len(texts), images, sorted(kw)))
-        return real(model, processor, texts, images, generation_config, pad, **kw)
+        return real(model, processor, texts, images, generation_config, **kw)
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     out = tmp_path / "video.parquet"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import torch
 from PIL import Image
 
 from iisan import captions, shards
@@ -109,21 +110,26 @@ def test_images_steer_the_captions(reference):
 
 
 def test_static_kv_cache_gives_the_same_captions_under_its_own_key(reference, standins, prompts, tmp_path, monkeypatch):
-    """captions.kv_cache = static: prompts padded to a multiple of STATIC_BUCKET tokens, the short
-    last batch filled with its last item (4 covers, batch 3: batches of 3 and 1 + 2 fillers);
+    """captions.kv_cache = static: one cache length for the job (its longest prompt + max_new_tokens
+    rounded up to STATIC_BUCKET), prompts padded only to their batch's longest, the short last
+    batch filled with its last item (4 covers, batch 3: batches of 3 and 1 + 2 fillers);
     greedy captions equal the dynamic cache's, the settings key names the cache (the dynamic
     default stays out of it, so older caption sets keep theirs), and an unknown cache is refused."""
     seen = []
     real = captions._caption_batch
 
-    def spy(model, processor, texts, images, generation_config, pad_to_multiple_of=None):
-        seen.append((len(texts), pad_to_multiple_of, generation_config.cache_implementation))
-        return real(model, processor, texts, images, generation_config, pad_to_multiple_of)
+    def spy(model, processor, texts, images, generation_config, **kwargs):
+        mask = captions._encode(processor, texts, images, torch.float32)["attention_mask"]
+        assert mask.all(dim=1).any()  # padded to the batch's longest prompt, no further
+        seen.append((len(texts), mask.shape[1], generation_config.max_cache_len, generation_config.cache_implementation))
+        return real(model, processor, texts, images, generation_config, **kwargs)
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     out = tmp_path / "static.parquet"
     manifest = _run(standins, prompts, out, kv_cache="static")
-    assert seen == [(3, captions.STATIC_BUCKET, "static")] * 2
+    cache = captions.static_cache_length(max(n for _, n, _, _ in seen), MAX_NEW)
+    assert cache % captions.STATIC_BUCKET == 0 and cache - MAX_NEW - captions.STATIC_BUCKET < seen[0][1]
+    assert [(b, c, kind) for b, _, c, kind in seen] == [(3, cache, "static")] * 2
     assert pl.read_parquet(out).equals(pl.read_parquet(reference[0]))
     assert manifest["settings"]["decoding"]["kv_cache"] == "static"
     assert "kv_cache" not in reference[1]["settings"]["decoding"]
@@ -206,9 +212,9 @@ def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tm
     seen = []
     real = captions._caption_batch
 
-    def spy(model, processor, texts, images, config, pad_to_multiple_of=None):
+    def spy(model, processor, texts, images, config, **kwargs):
         seen.append((len(texts), len(images), [t.count("<image>") for t in texts]))
-        return real(model, processor, texts, images, config, pad_to_multiple_of)
+        return real(model, processor, texts, images, config, **kwargs)
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     out = tmp_path / "videos.parquet"
@@ -233,9 +239,9 @@ def _count_batches(monkeypatch) -> list[int]:
     seen = []
     real = captions._caption_batch
 
-    def spy(model, processor, texts, images, generation_config, pad_to_multiple_of=None):
+    def spy(model, processor, texts, images, generation_config, **kwargs):
         seen.append(len(texts))
-        return real(model, processor, texts, images, generation_config, pad_to_multiple_of)
+        return real(model, processor, texts, images, generation_config, **kwargs)
 
     monkeypatch.setattr(captions, "_caption_batch", spy)
     return seen

@@ -76,9 +76,12 @@ TURN_TOKENS = {"mistral": ["[INST]", "[/INST]"], "llama": ["<|im_start|>", "<|im
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
 # KV caches for decoding: transformers' default (dynamic, grown every step, eager) or a static one
 # allocated for prompt + max_new_tokens, whose decode step transformers compiles on CUDA (4-10x
-# faster decode on an H200, docs/benchmarks.md). Under the static cache prompts are left-padded
-# to a multiple of STATIC_BUCKET tokens and the last batch is filled up to the batch size, so a
-# job compiles for a few cache shapes only (each new shape compiles again).
+# faster decode on an H200, docs/benchmarks.md). Under the static cache every batch of a job gets
+# one cache, as long as the job's longest prompt plus max_new_tokens rounded up to a multiple of
+# STATIC_BUCKET tokens (`static_cache_length`), and the last batch is filled up to the batch size,
+# so a job compiles its decode step for one shape. Prompts are padded only to their batch's
+# longest: a batch of equal lengths (sorted by length, most are) then has no padding mask, and
+# its prefill takes SDPA's causal flash kernel over the empty cache instead of a masked one.
 KV_CACHES = ("dynamic", "static")
 STATIC_BUCKET = 128
 # Attention of the language model (captions.attention; the vision tower keeps SDPA):
@@ -290,7 +293,7 @@ def caption_settings(
     model_path = str(model_path)
     decoding = {**GREEDY, "max_new_tokens": int(max_new_tokens), "stop": "eos+end_of_turn", "padding_side": "left"}
     if kv_cache != "dynamic":  # the default stays out, so caption sets made before the option keep their key
-        decoding.update(kv_cache=kv_cache, pad_to_multiple_of=STATIC_BUCKET)
+        decoding.update(kv_cache=kv_cache, cache_length_multiple_of=STATIC_BUCKET)
     if attention != "sdpa":
         decoding["attention"] = attention
     computed = {
@@ -432,21 +435,27 @@ def prompt_lengths(processor, rendered: dict[int, str], sizes: Sequence[Sequence
     return out
 
 
-def _encode(processor, texts: list[str], images: list, pad_to_multiple_of: int | None, dtype: torch.dtype) -> dict:
-    """The model inputs of one left-padded batch on the CPU (images flattened in prompt order),
-    pixel values in the model's `dtype` (the cast rounds as it does on a GPU)."""
-    pad = {"pad_to_multiple_of": pad_to_multiple_of} if pad_to_multiple_of else {}
-    enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt", **pad))
+def static_cache_length(longest_prompt: int, max_new_tokens: int) -> int:
+    """Length of a job's static KV cache: its longest prompt plus `max_new_tokens`, rounded up to a
+    multiple of STATIC_BUCKET (jobs of similar prompts share a compiled shape)."""
+    return -(-(longest_prompt + max_new_tokens) // STATIC_BUCKET) * STATIC_BUCKET
+
+
+def _encode(processor, texts: list[str], images: list, dtype: torch.dtype) -> dict:
+    """The model inputs of one batch on the CPU, left-padded to its longest prompt (images
+    flattened in prompt order), pixel values in the model's `dtype` (the cast rounds as it does
+    on a GPU)."""
+    enc = dict(processor(images=images, text=texts, padding=True, return_tensors="pt"))
     enc["pixel_values"] = enc["pixel_values"].to(dtype)
     return enc
 
 
-def _caption_batch(model, processor, texts: list[str], images: list | None, generation_config,
-                   pad_to_multiple_of: int | None = None, *, encoded: dict | None = None) -> tuple[list[str], list[bool]]:
+def _caption_batch(model, processor, texts: list[str], images: list | None, generation_config, *,
+                   encoded: dict | None = None) -> tuple[list[str], list[bool]]:
     """Captions of one left-padded batch (images flattened in prompt order; or its inputs
     `encoded` ahead by `_encode`, `images` then unused) and whether each stopped on a stop token
     (False: cut at max_new_tokens)."""
-    enc = encoded if encoded is not None else _encode(processor, texts, images, pad_to_multiple_of, model.dtype)
+    enc = encoded if encoded is not None else _encode(processor, texts, images, model.dtype)
     enc = {k: v.to(model.device) for k, v in enc.items()}
     with torch.inference_mode():
         out = model.generate(**enc, generation_config=generation_config)
@@ -461,15 +470,15 @@ class _Prepared(torch.utils.data.Dataset):
     """Batch k's (k, texts, model inputs): `images_for` and the processor, run in a DataLoader
     worker while the GPU captions earlier batches."""
 
-    def __init__(self, batches, inputs, processor, pad_to_multiple_of, dtype):
-        self.batches, self.inputs, self.processor, self.pad, self.dtype = batches, inputs, processor, pad_to_multiple_of, dtype
+    def __init__(self, batches, inputs, processor, dtype):
+        self.batches, self.inputs, self.processor, self.dtype = batches, inputs, processor, dtype
 
     def __len__(self):
         return len(self.batches)
 
     def __getitem__(self, k):
         texts, images = self.inputs(self.batches[k])
-        return k, texts, _encode(self.processor, texts, images, self.pad, self.dtype)
+        return k, texts, _encode(self.processor, texts, images, self.dtype)
 
 
 class _Sizes(torch.utils.data.Dataset):
@@ -677,20 +686,20 @@ def caption_items(
     todo = [i for i in ids if i not in done]
     if todo:
         model, processor = load_captioner(model_path, dev, revision, attention)
-        generation_config = GenerationConfig(
-            **GREEDY, max_new_tokens=max_new_tokens,
-            eos_token_id=stop_token_ids(model, processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
-            **({"cache_implementation": "static"} if static else {}),
-        )
         chunks = [todo[s:s + 64] for s in range(0, len(todo), 64)]
         sizes = [hw for chunk in _loader(_Sizes(chunks, images_for), workers) for hw in chunk]
         rendered = {k: processor.apply_chat_template(conversation(prompt, k), add_generation_prompt=True)
                     for k in sorted({len(s) for s in sizes})}
         lengths = prompt_lengths(processor, rendered, sizes)
         order = sorted(range(len(todo)), key=lambda j: (-lengths[j], j))
-        pad = STATIC_BUCKET if static else None
         longest = max(lengths)
-        padded = -(-longest // pad) * pad if pad else longest
+        cache_length = static_cache_length(longest, max_new_tokens) if static else None
+        generation_config = GenerationConfig(
+            **GREEDY, max_new_tokens=max_new_tokens,
+            eos_token_id=stop_token_ids(model, processor.tokenizer), pad_token_id=processor.tokenizer.pad_token_id,
+            **({"cache_implementation": "static", "max_cache_len": cache_length} if static else {}),
+        )
+        padded = cache_length - max_new_tokens if static else longest  # the memory plan's prompt: the cache less the new tokens
         if batch_size == "auto":
             batch_size = auto_batch_size(model, padded, max_new_tokens, len(todo))
             log.info("captions.batch_size auto: %d (longest prompt %d tokens, %d new)", batch_size, longest, max_new_tokens)
@@ -711,14 +720,14 @@ def caption_items(
 
         if workers:
             prepared = ((batches[k], texts, None, enc) for k, texts, enc in
-                        _loader(_Prepared(batches, inputs, processor, pad, model.dtype), workers))
+                        _loader(_Prepared(batches, inputs, processor, model.dtype), workers))
         else:  # images read just before their batch
             prepared = ((batch, *inputs(batch), None) for batch in batches)
         with open(own, "a", encoding="utf-8") as fh:
             for batch, texts, images, enc in tqdm(prepared, total=len(batches), desc=f"captions {out_parquet.name}",
                                                   disable=None if progress is None else not progress):
                 ahead = {} if enc is None else {"encoded": enc}
-                captions, stopped = _caption_batch(model, processor, texts, images, generation_config, pad, **ahead)
+                captions, stopped = _caption_batch(model, processor, texts, images, generation_config, **ahead)
                 fh.write("".join(_record(i, keys[i], c, s) for i, c, s in zip(batch, captions, stopped)))
                 fh.flush()
                 os.fsync(fh.fileno())
