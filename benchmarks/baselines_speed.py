@@ -186,8 +186,9 @@ def main():
     ap.add_argument("--layer-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                     help="experimental, with --compile: torch.compile mode for each backbone layer")
-    ap.add_argument("--item-slots", choices=["all", "distinct"], default="distinct",
-                    help="backbones in the loop run every item slot (the authors' code) or each distinct item once")
+    ap.add_argument("--item-slots", choices=["all", "real", "distinct"], default="distinct",
+                    help="backbones in the loop run every item slot (the authors' code), every slot holding an item, "
+                         "or each distinct item once (train.item_slots)")
     args = ap.parse_args()
     global SMOKE
     SMOKE = args.smoke

@@ -227,8 +227,9 @@ def test_frozen_backbone_reads_the_output_state_cached_and_uncached(demo):
 
 
 def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
-    """The authors' accounting ("all": every slot, padding and repeats included) and ours
-    ("distinct") give the same features; only the number of rows the backbones see differs."""
+    """The authors' accounting ("all": every slot, padding and repeats included), every slot
+    holding an item ("real") and each distinct item once ("distinct") give the same features;
+    only the number of rows the backbones see differs."""
     tmp, raw, backbones, caches = demo
     trainer, _, _ = make_trainer(experiment("iisan", "none"), tmp / "ds", [], device="cpu",
                                  standins=backbones, images=str(raw["images"]))
@@ -239,13 +240,19 @@ def test_item_slots_all_runs_every_slot_and_gives_the_distinct_features(demo):
     ids = torch.tensor([0, 0, 5, 7, 5, 0, 9, 7, 7, 3, 0, 1])  # 12 slots, 5 distinct items, 4 padding
     source.item_slots = "all"
     every = source.gather(ids)
+    source.item_slots = "real"
+    real = source.gather(ids)
     source.item_slots = "distinct"
     distinct = source.gather(ids)
+    source.item_slots, source.pad_to = "real", 3  # 8 rows run as 9, the extra one dropped
+    padded = source.gather(ids)
     hook.remove()
-    assert seen == [12, 5]
-    for a, b in zip(every, distinct):
+    assert seen == [12, 8, 5, 9]
+    for a, b, c, d in zip(every, real, distinct, padded):
         assert a.shape == (12, 7, 16)
         torch.testing.assert_close(a, b)
+        torch.testing.assert_close(a, c)
+        torch.testing.assert_close(a, d)
         assert not a[ids == 0].any() and a[ids != 0].abs().sum(dim=(1, 2)).min() > 0
     with pytest.raises(ValueError, match="item_slots"):
         make_trainer(experiment("iisan", "none", item_slots="some"), tmp / "ds", [], device="cpu",

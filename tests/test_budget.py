@@ -53,6 +53,7 @@ def test_budget_scales_with_the_rates_and_the_config():
     """A run is priced at max_epochs from the measured step time: twice the step time or twice the
     epochs, about twice the hours; FFT (every weight trains) needs more memory than BitFit."""
     cfg = paper()
+    cfg["train"]["item_slots"] = "all"  # every slot: the rate's own shape
     rates = load_rates()
     row = plan.compared_row(cfg, "fft")
     base = Budget(cfg, rates).train(run("Scientific", row))
@@ -69,6 +70,34 @@ def test_budget_scales_with_the_rates_and_the_config():
     fig7 = {(r["label"], r["cache"]): r for r in tables.table_plan("fig7", cfg)}
     full, dropped = (Budget(cfg, rates).train(run("Scientific", fig7[("llama3-70b-gptq", c)])) for c in ("full", "dropped"))
     assert full.peak_gib > dropped.peak_gib + 15
+
+
+def test_real_item_slots_are_priced_by_the_share_of_slots_holding_an_item():
+    """train.item_slots real (config/paper.yaml): the backbones see the slots that hold an item
+    (Table I: 81,711 interactions of 12,076 Scientific users, two held out each, over 11 slots), so
+    a step costs the rows' fixed share plus the rest times that share and the activations shrink
+    with the rows; Fig. 5's profiles keep every slot (efficiency.item_slots)."""
+    from iisan.budget import slot_share
+
+    rates = load_rates()
+    cfg = paper()
+    share = slot_share(cfg, "Scientific", 11)
+    assert share == pytest.approx((81_711 / 12_076 - 2) / 11) and 0.43 < share < 0.44
+    row = plan.compared_row(cfg, "fft")
+    assert cfg["train"]["item_slots"] == "real"
+    w = plan.run_wildcards("Scientific", row)
+    assert plan.experiment(cfg, *w.values(), 12345).train.item_slots == "real"
+    assert plan.profile_experiment(cfg, *w.values()).train.item_slots == "all"
+    profile = {**w, "batch": 32}
+    real, real_profile = Budget(cfg, rates).train(run("Scientific", row)), Budget(cfg, rates).train(profile)
+    cfg["train"]["item_slots"] = "all"
+    every, every_profile = Budget(cfg, rates).train(run("Scientific", row)), Budget(cfg, rates).train(profile)
+    fixed = rates["in_loop"]["rows_fixed_share"]
+    steps = -(-12076 // 32)
+    saved = 100 * steps * rates["in_loop"]["step_s"]["fft"] * (1 - fixed) * (1 - share)
+    assert every.seconds - real.seconds == pytest.approx(saved)
+    assert real.peak_gib < every.peak_gib
+    assert (real_profile.seconds, real_profile.peak_gib) == (every_profile.seconds, every_profile.peak_gib)
 
 
 def test_captions_are_priced_at_the_rate_of_their_kv_cache():

@@ -32,7 +32,8 @@ if TYPE_CHECKING:
 RATES = Path(__file__).with_name("rates.yaml")
 
 # Table I: (users, items) of the paper's datasets, for datasets not preprocessed yet
-TABLE_I = {name: (t["users"], t["items"]) for name, t in {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}.items()}
+TABLE_I_FULL = {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}
+TABLE_I = {name: (t["users"], t["items"]) for name, t in TABLE_I_FULL.items()}
 QUANTIZED_BYTES = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}  # bytes per parameter
 
 
@@ -107,6 +108,20 @@ def dataset_size(config: dict, dataset: str) -> tuple[int, int]:
                      f"(snakemake {stats}) so that its size is known")
 
 
+def slot_share(config: dict, dataset: str, slots: int) -> float:
+    """Share of a training window's `slots` that hold an item: interactions per user less the two
+    held out (validation and test targets) over `slots`, at most 1, from the preprocessed
+    dataset's stats.json, else Table I; 1 when neither knows the interactions (every slot, the
+    upper bound). On Scientific 4.77 of 11 slots (0.433; the same as counted on its windows)."""
+    import json
+
+    stats = Path(plan.STATS.format(dataset=dataset))
+    s = json.loads(stats.read_text()) if stats.is_file() else TABLE_I_FULL.get(dataset, {})
+    if not s.get("interactions") or not s.get("users"):
+        return 1.0
+    return min(max(s["interactions"] / s["users"] - 2, 1) / slots, 1.0)
+
+
 @dataclass
 class Job:
     """One GPU job: what it is, the groups (tables, figures) that need it, its estimated GPU
@@ -142,8 +157,10 @@ class Budget:
         its steps at that batch size (the profile rule's)."""
         cfg, w = self.config, wildcards
         profile_batch = int(w["batch"]) if "batch" in w else None
-        seed = int(w["seed"]) if "seed" in w else cfg["seeds"][0]
-        exp = plan.experiment(cfg, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"], seed)
+        if profile_batch:
+            exp = plan.profile_experiment(cfg, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"])
+        else:
+            exp = plan.experiment(cfg, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"], int(w["seed"]))
         m = methods.get(exp.method)
         users, items = dataset_size(cfg, w["dataset"])
         B = profile_batch or exp.train.batch_size
@@ -153,18 +170,21 @@ class Budget:
         if exp.cache == "none" and not m.is_id:  # backbones in the loop
             r = self.rates["in_loop"]
             key = exp.method if exp.method in r["step_s"] else "iisan-uncached"
+            # rows through the backbones per step: every slot, or (real, distinct) the slots holding
+            # an item; the rest of an every-slot step (`rows_fixed_share`) does not shrink with them
+            rows = 1.0 if exp.train.item_slots == "all" else slot_share(cfg, w["dataset"], S)
             work = self._backbone_work(exp.towers)
-            step = r["step_s"][key] * work * B / r["batch"]
+            step = r["step_s"][key] * work * B / r["batch"] * (r["rows_fixed_share"] + (1 - r["rows_fixed_share"]) * rows)
             # weights (+ gradients and Adam moments when every weight trains) and activations,
             # the latter scaled from the reference peak by items per step x backbone work
             per_param = 16 if m.finetune == "fft" else 4
             ref = self.rates["reference"]["backbone"]
             ref_state = 2 * 12 * ref["layers"] * ref["hidden"] ** 2 * per_param
             state = sum(params_b(t.spec) * 1e9 for t in exp.towers) * per_param
-            peak = (state + max(r["peak_gib"][key] * 2**30 - ref_state, 0) * work * B / r["batch"]) / 2**30
+            peak = (state + max(r["peak_gib"][key] * 2**30 - ref_state, 0) * work * rows * B / r["batch"]) / 2**30
             eval_s = r["eval_s"] * work * items / self.rates["reference"]["items"]
             startup = r["startup_s"] + sum(weight_gb(t.spec) for t in exp.towers) / self.rates["caching"]["load_gb_per_s"]
-            detail = f"{exp.method}, backbones in the loop, batch {B}"
+            detail = f"{exp.method}, backbones in the loop ({exp.train.item_slots} item slots), batch {B}"
         else:
             r = self.rates["cached"]
             widths = [len(exp.tower_layers(t)) * tw.spec["hidden"] for t, tw in enumerate(exp.towers)]

@@ -71,7 +71,7 @@ class ModelConfig:
 
 
 PRECISIONS = ("bf16", "fp16", "fp32")  # train.precision (the config schema's enum is filled from these)
-ITEM_SLOTS = ("all", "distinct")  # train.item_slots
+ITEM_SLOTS = ("all", "real", "distinct")  # train.item_slots
 
 
 @dataclass
@@ -101,8 +101,9 @@ class TrainConfig:
     lr_backbone_image: float = 1e-4
     lr_peft_text: float = 4e-4
     lr_peft_image: float = 4e-4
-    # backbones in the loop: run every item slot of a batch (the authors' code) or each distinct
-    # item once (less work, same model); see BackboneFeatures.gather
+    # backbones in the loop: run every item slot of a batch (the authors' code), every slot that
+    # holds an item (padding skipped: the same model), or each distinct item once (repeats share a
+    # dropout mask); see BackboneFeatures.gather
     item_slots: str = "all"
 
     def __post_init__(self):

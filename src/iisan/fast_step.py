@@ -121,8 +121,8 @@ def graph_features(source: FeatureSource, settings: StepSettings) -> str | None:
 
 
 def prepare_backbones(source: FeatureSource, settings: StepSettings, precision: Precision, device: torch.device) -> None:
-    """Backbones in the loop, for speed: on CUDA the distinct items of a call padded to a
-    multiple of `BUCKET`; with `compile` each transformer layer compiled in place; under mixed
+    """Backbones in the loop, for speed: on CUDA the rows of a call (its real or distinct items)
+    padded to a multiple of `BUCKET`; with `compile` each transformer layer compiled in place; under mixed
     precision frozen backbones hold their weights in the autocast dtype (trainable ones keep fp32
     master weights)."""
     if not isinstance(source, BackboneFeatures):

@@ -161,7 +161,7 @@ class BackboneTower(nn.Module):
 class BackboneFeatures(nn.Module, FeatureSource):
     """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
     frozen backbones the states are computed under no_grad in eval mode and rounded to each
-    tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | distinct, the training config's)
+    tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | real | distinct, the training config's)
     is fixed when the source is built (see `gather`). `pad_to`: the distinct items of a call are
     padded up to a multiple of it (an item repeated, its extra rows dropped): fewer shapes for the
     backbones (set by `iisan.fast_step` on CUDA; 1 leaves them as they are)."""
@@ -172,7 +172,7 @@ class BackboneFeatures(nn.Module, FeatureSource):
         super().__init__()
         self.towers = nn.ModuleList(towers)
         self.finetune = finetune
-        self.item_slots = item_slots  # all | distinct (see `gather`)
+        self.item_slots = item_slots  # all | real | distinct (see `gather`)
         self.n_rows = next(iter(towers[0].inputs.values())).shape[0]
         self.pad_to = 1
 
@@ -214,25 +214,42 @@ class BackboneFeatures(nn.Module, FeatureSource):
 
         item_slots = "all" runs every slot through the backbones, padding and repeated items
         included, as the authors' code does (their time and memory figures count this work).
+        "real" runs every slot that holds an item, repeats included, and skips the padding: the
+        authors' model, each slot with its own dropout mask, without the work whose output is
+        zeroed (with dropout the random numbers fall on other rows, so a seed gives other masks).
         "distinct" runs each distinct item of the batch once: the same model with less work; with
         trainable backbones it differs only in that repeated items share one dropout mask.
         """
         if self.item_slots == "all":
             keep = (ids != 0).unsqueeze(1).unsqueeze(2)  # (M, 1, 1)
             return [torch.where(keep, f, torch.zeros((), dtype=f.dtype, device=f.device)) for f in self._states(ids)]
+        if self.item_slots == "real":
+            return self._real(ids)
         return self._distinct(ids)
+
+    def _padded_states(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """`_states` of `ids` (>= 1 each, at least one), run padded to a multiple of `pad_to` rows
+        (the first item repeated, its extra rows dropped)."""
+        n = ids.numel()
+        padded = -(-n // self.pad_to) * self.pad_to
+        if padded > n:
+            ids = torch.cat([ids, ids[:1].expand(padded - n)])
+        return [f[:n] for f in self._states(ids)]
+
+    def _real(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Every slot of `ids` that holds an item runs (padded to a multiple of `pad_to`); padding
+        slots get zeros."""
+        where = torch.nonzero(ids != 0).squeeze(1)
+        out = [torch.zeros(ids.shape[0], len(t.layers), t.spec.hidden, device=ids.device) for t in self.towers]
+        if where.numel():
+            out = [o.index_put((where,), f.to(o.dtype)) for o, f in zip(out, self._padded_states(ids[where]))]
+        return out
 
     def _distinct(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Each distinct item of `ids` runs once (padded to a multiple of `pad_to`)."""
         uniq, inv = torch.unique(ids, return_inverse=True)
         real = uniq[uniq != 0]
-        n = real.numel()
-        feats = None
-        if n:
-            padded = -(-n // self.pad_to) * self.pad_to
-            if padded > n:  # repeat an item; its extra rows are dropped below
-                real = torch.cat([real, real[:1].expand(padded - n)])
-            feats = [f[:n] for f in self._states(real)]
+        feats = self._padded_states(real) if real.numel() else None
         out = []
         for f, t in enumerate(self.towers):
             full = torch.zeros(uniq.shape[0], len(t.layers), t.spec.hidden, device=ids.device)

@@ -189,6 +189,17 @@ def experiment(config: dict, dataset: str, towers: str, method: str, scheme: str
     return Experiment.from_config(config, dataset, parse_towers(config, towers), method, scheme, cache, seed)
 
 
+def profile_experiment(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str) -> Experiment:
+    """What a profile (Fig. 5) times: the run's experiment with the first seed, its backbones in
+    the loop seeing the item slots `efficiency.item_slots` says (default every slot, the work the
+    authors' time and memory figures count), whatever the training runs use."""
+    import dataclasses
+
+    exp = experiment(config, dataset, towers, method, scheme, cache, config["seeds"][0])
+    slots = (config.get("efficiency") or {}).get("item_slots", "all")
+    return dataclasses.replace(exp, train=dataclasses.replace(exp.train, item_slots=slots))
+
+
 def run_caches(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str) -> list[str]:
     """Per tower the cache folder a run reads: the pruned ("dropped") cache of its tower's
     scheme, or the full cache; none for uncached runs and ID models."""

@@ -347,8 +347,11 @@ def get_experiment(wildcards, seed=None):
 
 
 def get_profile_experiment(wildcards):
-    """A profile times the run's experiment with the first configured seed."""
-    return get_experiment(wildcards, seed=config["seeds"][0])
+    """What a profile times (`iisan.plan.profile_experiment`)."""
+    w = wildcards
+    return plan.profile_experiment(
+        config, w.dataset, w.towers, w.method, w.scheme, w.cache
+    ).to_dict()
 
 
 # --- resources (scaled by `attempt` on retries) ---------------------------------------------

@@ -371,6 +371,9 @@ properties:
   methods: {type: array, items: {$ref: "#/definitions/compared"}, minItems: 1}
   batch_sizes: {type: array, items: {type: integer, minimum: 1}, minItems: 1, uniqueItems: true}
   steps: {type: integer, minimum: 1, default: 10}
+  # backbones in the loop: which item slots the profiles run (train.item_slots' values); every
+  # slot by default, as the authors' time and memory figures count, whatever the training runs use
+  item_slots: {allOf: [{$ref: "#/definitions/train/properties/item_slots"}], default: all}
 default: {}
 """),
 ))
