@@ -185,7 +185,7 @@ def experiment(method, cache, towers=None, **train):
                                            "lr_text_f": 2.5e-4, **train}))
 
 
-@pytest.mark.parametrize("item_slots", ["all", "distinct"])
+@pytest.mark.parametrize("item_slots", ["all", "real", "distinct"])
 def test_iisan_uncached_equals_cached(demo, item_slots):
     tmp, raw, backbones, caches = demo
     cached = run_experiment(experiment("iisan", "dropped"), tmp / "ds", caches, tmp / "cached.json", device="cpu")
