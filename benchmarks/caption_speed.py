@@ -1,10 +1,11 @@
 """LLaVA-NeXT caption throughput on one GPU: the caption rule's library calls for each decoding
 option side by side, against the hardware bound (`iisan.caption_bound`).
 
-A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (`--model llava-34b`: of
-llava-v1.6-34b-hf, Yi-34B: 60 layers x 7168, GQA 56/8 heads, FFN 20480, vocab 64064) (CLIP ViT-L/14 at 336 px
+A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (CLIP ViT-L/14 at 336 px
 with any-resolution tiling on the checkpoint's grid pinpoints, the two-layer projector, Mistral-7B:
-32 layers x 4096, GQA 32/8 heads, FFN 14336, vocab 32064), bf16, built on the GPU for each option
+32 layers x 4096, GQA 32/8 heads, FFN 14336, vocab 32064) or, with `--model llava-34b`, of
+llava-v1.6-34b-hf (the same vision side, Yi-34B: 60 layers x 7168, GQA 56/8 heads, FFN 20480,
+vocab 64064; 69.6 GB in bf16: one 141 GB card), bf16, built on the GPU for each option
 with the `attn_implementation` that `iisan.captions.load_captioner` passes for it. The tokenizer
 is a small word-level one trained here (the shapes of the text part are what cost); the images
 are synthetic `--size` (w x h) JPEGs. Every caption runs to exactly `--new-tokens` tokens
