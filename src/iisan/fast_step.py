@@ -23,7 +23,7 @@ allow, computing the same numbers whatever the speed settings:
   ones: its varying shapes would recompile; the loss stays eager), and each transformer layer of
   backbones in the loop compiled in place (training and evaluation). A compile that fails runs
   eagerly instead (`eager_on_failure`, scoped to the step and evaluation).
-* backbones in the loop on CUDA get the distinct items of a call padded to a multiple of
+* backbones in the loop on CUDA get the rows of a call (its real or distinct items) padded to a multiple of
   `BUCKET`, so they see a few shapes only.
 """
 
