@@ -646,7 +646,6 @@ def caption_items(
     image files' sha256s is cheaper). `memo` is the memo folder; by default ``out_parquet``'s
     own (`memo_dir`), which is pruned to this call's items at the end. A shard job passes the
     memo of its whole caption set, which the merge prunes (`merge_captions`)."""
-    import polars as pl
     from tqdm.auto import tqdm
     from transformers import GenerationConfig
 
@@ -733,29 +732,37 @@ def caption_items(
                 os.fsync(fh.fileno())
                 done.update({i: (c, s) for i, c, s in zip(batch, captions, stopped)})
 
-    manifest_file = manifest_path(out_parquet)
-    manifest_file.unlink(missing_ok=True)  # a stale manifest must not vouch for the new Parquet
-    frame = pl.DataFrame({"item_id": ids, "caption": [done[i][0] for i in ids]})
-    write_parquet(frame, out_parquet)
-    from .cache_files import file_checksum
-
-    manifest = {
-        "settings": key,
-        "items": len(ids),
-        "columns": list(COLUMNS),
-        "truncated": sum(not done[i][1] for i in ids),  # cut at max_new_tokens
-        "empty": sum(not done[i][0] for i in ids),
-        "batch_size": batch_size,
-        "device": str(dev),
-        "library_version": __version__,
-        "bytes": out_parquet.stat().st_size,
-        "checksum": file_checksum(out_parquet),
-    }
-    write_json(manifest_file, manifest)
+    manifest = _write_caption_set(
+        out_parquet, ids, [done[i][0] for i in ids], settings=key,
+        truncated=sum(not done[i][1] for i in ids),  # cut at max_new_tokens
+        empty=sum(not done[i][0] for i in ids), batch_size=batch_size, device=str(dev), library_version=__version__,
+    )
     if memo is None:
         prune_memo(memo_folder, key, [out_parquet.stem])
     if manifest["truncated"]:
         log.info("%s: %d of %d captions reached max_new_tokens=%d", out_parquet, manifest["truncated"], len(ids), max_new_tokens)
+    return manifest
+
+
+def _write_caption_set(out_parquet: Path, ids: list, texts: list[str], *, settings: dict, truncated: int, empty: int,
+                       batch_size: int | str, device: Any, library_version: str, **extra) -> dict:
+    """Write a caption set: the Parquet (``item_id``, ``caption``: `ids` and `texts` in order),
+    then its manifest (the given fields, the item count, columns, the Parquet's bytes and
+    checksum, and `extra`), which it returns. The old manifest is removed first: a stale one must
+    not vouch for the new Parquet."""
+    import polars as pl
+
+    from .cache_files import file_checksum
+
+    manifest_file = manifest_path(out_parquet)
+    manifest_file.unlink(missing_ok=True)
+    write_parquet(pl.DataFrame({"item_id": ids, "caption": texts}), out_parquet)
+    manifest = {
+        "settings": settings, "items": len(ids), "columns": list(COLUMNS), "truncated": truncated, "empty": empty,
+        "batch_size": batch_size, "device": device, "library_version": library_version,
+        "bytes": out_parquet.stat().st_size, "checksum": file_checksum(out_parquet), **extra,
+    }
+    write_json(manifest_file, manifest)
     return manifest
 
 
@@ -873,14 +880,10 @@ def merge_captions(item_ids: Sequence, shard_parquets: Sequence[str | os.PathLik
     (`iisan.shards.shard_items`, in the order of `shard_parquets`) under the same settings. Returns the
     manifest, which is the one a single job would write plus ``shards``; then prunes the caption
     set's memo to the shards' records."""
-    import polars as pl
-
-    from .cache_files import file_checksum
-    from .io import read_json, write_json, write_parquet
     from .shards import shard_items
 
     out_parquet = Path(out_parquet)
-    ids = [i.item() if hasattr(i, "item") else i for i in item_ids]
+    ids = [_plain_id(i) for i in item_ids]
     n = len(shard_parquets)
     captions: dict = {}
     manifests = []
@@ -899,23 +902,12 @@ def merge_captions(item_ids: Sequence, shard_parquets: Sequence[str | os.PathLik
                                f"not its own {extra[:5]}; rerun it")
         captions.update(zip(got, frame["caption"].to_list()))
         manifests.append(m)
-    manifest_file = manifest_path(out_parquet)
-    manifest_file.unlink(missing_ok=True)  # a stale manifest must not vouch for the new Parquet
-    write_parquet(pl.DataFrame({"item_id": ids, "caption": [captions[i] for i in ids]}), out_parquet)
     first = manifests[0]
-    manifest = {
-        "settings": first["settings"],
-        "items": len(ids),
-        "columns": list(COLUMNS),
-        "truncated": sum(m["truncated"] for m in manifests),
-        "empty": sum(m["empty"] for m in manifests),
-        "batch_size": first["batch_size"],
-        "device": first["device"] if len({m["device"] for m in manifests}) == 1 else sorted({m["device"] for m in manifests}),
-        "library_version": first["library_version"],
-        "bytes": out_parquet.stat().st_size,
-        "checksum": file_checksum(out_parquet),
-        "shards": n,
-    }
-    write_json(manifest_file, manifest)
+    devices = sorted({m["device"] for m in manifests})
+    manifest = _write_caption_set(
+        out_parquet, ids, [captions[i] for i in ids], settings=first["settings"], truncated=sum(m["truncated"] for m in manifests),
+        empty=sum(m["empty"] for m in manifests), batch_size=first["batch_size"], device=devices[0] if len(devices) == 1 else devices,
+        library_version=first["library_version"], shards=n,
+    )
     prune_memo(memo_dir(out_parquet), first["settings"], [Path(p).stem for p in shard_parquets])
     return manifest
