@@ -247,7 +247,7 @@ def batch_rates(model, processor, kind, b, images, static, new_tokens, device) -
     pv = model.config.vision_config
     tiles = sum(image_size_to_num_patches(hw, model.config.image_grid_pinpoints, pv.image_size) for hw in enc["image_sizes"].tolist())
     return {"prompt_tokens": round(enc["attention_mask"].sum().item() / b), "padded_tokens": enc["input_ids"].shape[1],
-            "cache_tokens": cache_len,
+            "cache_tokens": cache_len, "pad": pad,
             "tiles_per_item": tiles / b, "preprocess_s": t_proc, "prefill_s": t1 - t_proc, "step_s": (tn - t1) / (new_tokens - 1),
             "batch_s": tn, "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else None}
 
@@ -412,7 +412,7 @@ def main():
             print(json.dumps(row), flush=True)
             rows.append(row)
             if args.profile or args.profile_prefill:
-                profile(model, processor, kind, b, images, r["cache_tokens"], r["padded_tokens"], args.profile, device, option)
+                profile(model, processor, kind, b, images, r["cache_tokens"], r["pad"], r["padded_tokens"], args.profile, device, option)
             release_cache(model, device)  # the next prompt's cache and peak as in a job of its own
         del model
         free(device)
@@ -423,13 +423,12 @@ def main():
         shutil.rmtree(work, ignore_errors=True)
 
 
-def profile(model, processor, kind, b, images, cache_len, padded_tokens, n, device, option):
+def profile(model, processor, kind, b, images, cache_len, pad, padded_tokens, n, device, option):
     """GPU kernel time by kernel family of the prefill (a 1-token generation: vision tower,
     projector, prompt) and, when n > 0, per decode step (an (n+1)-token generation less it)."""
     from gpu_profile import kernels, summary
 
     text = processor.apply_chat_template(captions.conversation(PROMPTS[kind]["text"], PROMPTS[kind]["images"]), add_generation_prompt=True)
-    pad = None if cache_len is None or CACHE_PER_JOB else captions.STATIC_BUCKET
 
     def run(steps):
         gen = forced(model, processor, steps, cache_len)

@@ -31,9 +31,8 @@ if TYPE_CHECKING:
 
 RATES = Path(__file__).with_name("rates.yaml")
 
-# Table I: (users, items) of the paper's datasets, for datasets not preprocessed yet
-TABLE_I_FULL = {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}
-TABLE_I = {name: (t["users"], t["items"]) for name, t in TABLE_I_FULL.items()}
+# Table I: users, items and interactions of the paper's datasets, for datasets not preprocessed yet
+TABLE_I = {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}
 QUANTIZED_BYTES = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}  # bytes per parameter
 
 
@@ -90,34 +89,37 @@ def tokens(entry: dict, config: dict) -> int:
     return int((config.get("preprocess") or {}).get("max_tokens", 30))
 
 
-def dataset_size(config: dict, dataset: str) -> tuple[int, int]:
-    """(users, items): the preprocessed dataset's stats.json, else Table I, else the demo spec's."""
+def dataset_stats(config: dict, dataset: str) -> dict:
+    """``users``, ``items`` and, where known, ``interactions``: the preprocessed dataset's
+    stats.json, else Table I, else the demo spec's users and items."""
     import json
 
     stats = Path(plan.STATS.format(dataset=dataset))
     if stats.is_file():
-        s = json.loads(stats.read_text())
-        return int(s["users"]), int(s["items"])
+        return json.loads(stats.read_text())
     if dataset in TABLE_I:
         return TABLE_I[dataset]
     source = (config.get("dataset_sources") or {}).get(dataset) or {}
     demo = source.get("demo") or source.get("microlens_demo")
     if demo:  # a generated demo dataset (before preprocessing drops users and items)
-        return int(demo["n_users"]), int(demo["n_items"])
+        return {"users": demo["n_users"], "items": demo["n_items"]}
     raise ValueError(f"dataset {dataset!r}: no {stats} yet and not a Table I dataset; preprocess it first "
                      f"(snakemake {stats}) so that its size is known")
 
 
+def dataset_size(config: dict, dataset: str) -> tuple[int, int]:
+    """(users, items) of `dataset_stats`."""
+    s = dataset_stats(config, dataset)
+    return int(s["users"]), int(s["items"])
+
+
 def slot_share(config: dict, dataset: str, slots: int) -> float:
     """Share of a training window's `slots` that hold an item: interactions per user less the two
-    held out (validation and test targets) over `slots`, at most 1, from the preprocessed
-    dataset's stats.json, else Table I; 1 when neither knows the interactions (every slot, the
-    upper bound). On Scientific 4.77 of 11 slots (0.433; the same as counted on its windows)."""
-    import json
-
-    stats = Path(plan.STATS.format(dataset=dataset))
-    s = json.loads(stats.read_text()) if stats.is_file() else TABLE_I_FULL.get(dataset, {})
-    if not s.get("interactions") or not s.get("users"):
+    held out (validation and test targets) over `slots`, at most 1 (`dataset_stats`); 1 when the
+    interactions are not known (every slot, the upper bound). On Scientific 4.77 of 11 slots
+    (0.433; the same as counted on its windows)."""
+    s = dataset_stats(config, dataset)
+    if not s.get("interactions"):
         return 1.0
     return min(max(s["interactions"] / s["users"] - 2, 1) / slots, 1.0)
 
@@ -204,7 +206,7 @@ class Budget:
             startup = r["startup_s"]
             detail = f"{exp.method}, {exp.cache} cache, batch {B}"
         if profile_batch:  # a profile: warm-up and timed steps, no epochs
-            n = (self.config.get("efficiency") or {}).get("steps", 20) + 4
+            n = self.config["efficiency"]["steps"] + 4
             return Job("profile", plan.PROFILE.format(**w), startup + n * step, peak, f"{detail}, {n} steps")
         seconds = startup + epochs * (steps * step + eval_s) + 2 * eval_s
         return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps")

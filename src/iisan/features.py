@@ -162,8 +162,8 @@ class BackboneFeatures(nn.Module, FeatureSource):
     """Backbones in the training loop. `finetune` is fft | adapter | lora | bitfit | frozen; with
     frozen backbones the states are computed under no_grad in eval mode and rounded to each
     tower's cache storage dtype (`Tower.store_dtype`). `item_slots` (all | real | distinct, the training config's)
-    is fixed when the source is built (see `gather`). `pad_to`: the distinct items of a call are
-    padded up to a multiple of it (an item repeated, its extra rows dropped): fewer shapes for the
+    is fixed when the source is built (see `gather`). `pad_to`: the rows of a call (its real or
+    distinct items) are padded up to a multiple of it (an item repeated, its extra rows dropped): fewer shapes for the
     backbones (set by `iisan.fast_step` on CUDA; 1 leaves them as they are)."""
 
     chunk_size = 256

@@ -9,6 +9,7 @@ tables token, group, column, params_b, batch_size or seeds.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from . import methods
@@ -193,10 +194,8 @@ def profile_experiment(config: dict, dataset: str, towers: str, method: str, sch
     """What a profile (Fig. 5) times: the run's experiment with the first seed, its backbones in
     the loop seeing the item slots `efficiency.item_slots` says (default every slot, the work the
     authors' time and memory figures count), whatever the training runs use."""
-    import dataclasses
-
     exp = experiment(config, dataset, towers, method, scheme, cache, config["seeds"][0])
-    slots = (config.get("efficiency") or {}).get("item_slots", "all")
+    slots = config["efficiency"]["item_slots"]
     return dataclasses.replace(exp, train=dataclasses.replace(exp.train, item_slots=slots))
 
 
