@@ -1,4 +1,5 @@
 # IISAN-Versa reproducibility workflow. See README.md; the stages live in workflow/rules/.
+import sys
 from pathlib import Path
 
 from snakemake.utils import min_version, update_config
@@ -61,6 +62,15 @@ onsuccess:
 
 onerror:
     iisan.worker.stop_for_workflow(WORKER.get("process"))
+    # `snakemake --keep-going ... fetch` ends with what could not be fetched, and why
+    failed = fetch_failures()
+    if failed:
+        print(
+            f"fetch: {len(failed)} of {len(get_fetch_inputs())} not fetched:",
+            file=sys.stderr,
+        )
+        for path, why in failed:
+            print(f"  {path}: {why}", file=sys.stderr)
 
 
 rule all:

@@ -25,6 +25,22 @@ def _stop(signum, frame):
     raise JobStopped(signal.Signals(signum).name)
 
 
+def stops_file(log: str | os.PathLike) -> Path:
+    """Where a job records the attempts that SIGTERM stopped (`<log>.stops`, one number a line)."""
+    return Path(f"{log}.stops")
+
+
+def memory_factor_of(log: str | os.PathLike, attempt: int) -> int:
+    """1 plus the earlier attempts of the job writing `log` that failed otherwise than by SIGTERM.
+    A cluster's time limit ends a job with SIGTERM; its retry needs more time, not more memory,
+    while a failure for lack of memory (an OOM kill leaves no record) asks for one more share."""
+    try:
+        stopped = {int(x) for x in stops_file(log).read_text().split() if x.isdigit()}
+    except OSError:
+        stopped = set()
+    return 1 + sum(a not in stopped for a in range(1, attempt))
+
+
 @contextmanager
 def job(snakemake, keep_attempts: bool = False):
     """Run a job's body with stdout and stderr (Python's and native libraries') appended to
@@ -37,6 +53,9 @@ def job(snakemake, keep_attempts: bool = False):
     what it was writing is discarded, and the workflow's next run resumes it. A crash by signal
     (SIGBUS from a memory-mapped write, SIGSEGV) prints the Python stack into the log.
 
+    A job stopped by SIGTERM (a cluster's time limit) records its attempt in `<log>.stops`, so
+    that its retry asks for more time but not more memory (`memory_factor_of`).
+
     keep_attempts: Snakemake deletes the log before each attempt of a job, so a retried or
     resumed job would lose its earlier attempts' output. With this, `<log>.attempts` is the same
     file as the log (a hard link that survives the deletion): each attempt starts the new log from
@@ -44,6 +63,9 @@ def job(snakemake, keep_attempts: bool = False):
     """
     log = Path(snakemake.log[0])
     log.parent.mkdir(parents=True, exist_ok=True)
+    attempt = getattr(getattr(snakemake, "resources", None), "attempt", None)
+    if attempt == 1:  # a new run of the job: earlier runs' stop records no longer count
+        stops_file(log).unlink(missing_ok=True)
     compile_cache(getattr(snakemake, "config", None) or {})
     attempts = log.with_name(log.name + ".attempts")
     if keep_attempts:
@@ -64,8 +86,7 @@ def job(snakemake, keep_attempts: bool = False):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         stream=sys.stderr, force=True)
     if keep_attempts:
-        attempt = getattr(snakemake.resources, "attempt", "?")
-        print(f"== {datetime.now().astimezone().isoformat(timespec='seconds')} attempt {attempt} ==", flush=True)
+        print(f"== {datetime.now().astimezone().isoformat(timespec='seconds')} attempt {attempt or '?'} ==", flush=True)
     from . import gpus
 
     cards = gpus.for_job(int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0),
@@ -86,6 +107,9 @@ def job(snakemake, keep_attempts: bool = False):
     try:
         yield
     except JobStopped as stop:
+        if attempt is not None:
+            with open(stops_file(log), "a") as fh:
+                fh.write(f"{attempt}\n")
         print(f"stopped by {stop}: what was finished is kept (a training run's last checkpoint, a cache build's recorded "
               "batches); rerun the workflow to resume", file=sys.stderr, flush=True)
         raise SystemExit(STOPPED_STATUS) from None

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
-# Start a single-node SLURM (slurmctld + slurmd + munge) on this machine for the tests.
+# Start a single-node SLURM (slurmctld + slurmd + munge) on this machine for the tests, declared
+# as a GPU cluster's node: 8 GPUs as `gres` (fake device files; SLURM hands each job its own and
+# sets CUDA_VISIBLE_DEVICES to them), 64 CPUs and 512 GB (slurmd trusts these configured sizes over
+# the machine's own: SlurmdParameters=config_overrides), a `cpu` partition (the default, 24 h) and
+# a `gpu` partition (4 h), and requests beyond a partition's limits refused at submission
+# (EnforcePartLimits), as on a real cluster. Memory and CPUs are counted, not enforced.
 # Usage: tests/slurm/start.sh STATE_DIR   (prints `export SLURM_CONF=...` on success)
 # Needs root and the Debian packages slurm-wlm and munge (installed when missing).
-# A fake GPU (gres.conf with File=/dev/null) lets rules that declare `gpu` be scheduled.
+# NODE_GPUS, NODE_CPUS, NODE_MEM_MB, CPU_MAX_TIME, GPU_MAX_TIME override the node and partitions.
 set -euo pipefail
 STATE=${1:?usage: start.sh STATE_DIR}
 mkdir -p "$STATE"
@@ -11,8 +16,9 @@ if ! command -v slurmctld >/dev/null || ! command -v munged >/dev/null; then
   apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq slurm-wlm munge >"$STATE/apt.log" 2>&1
 fi
 HOST=$(hostname -s)
-CPUS=$(nproc)
-MEM=$(( $(awk '/MemTotal/ {print $2}' /proc/meminfo) / 1024 - 1024 ))
+GPUS=${NODE_GPUS:-8}
+CPUS=${NODE_CPUS:-64}
+MEM=${NODE_MEM_MB:-512000}
 
 # munge: its own key and socket under STATE
 mkdir -p "$STATE/munge" && chmod 700 "$STATE/munge"
@@ -49,11 +55,17 @@ AccountingStorageType=accounting_storage/none
 ReturnToService=2
 MinJobAge=600
 SchedulerType=sched/backfill
-NodeName=$HOST CPUs=$CPUS RealMemory=$MEM Gres=gpu:1 State=UNKNOWN
-PartitionName=debug Nodes=$HOST Default=YES MaxTime=INFINITE State=UP
+SlurmdParameters=config_overrides
+EnforcePartLimits=ALL
+NodeName=$HOST CPUs=$CPUS RealMemory=$MEM Gres=gpu:$GPUS State=UNKNOWN
+PartitionName=cpu Nodes=$HOST Default=YES MaxTime=${CPU_MAX_TIME:-24:00:00} State=UP
+PartitionName=gpu Nodes=$HOST MaxTime=${GPU_MAX_TIME:-4:00:00} State=UP
 CONF
+# one fake device per card: a character device like /dev/null (gres.conf accepts only devices)
+mkdir -p "$STATE/dev"
+for i in $(seq 0 $((GPUS - 1))); do [ -c "$STATE/dev/nvidia$i" ] || mknod "$STATE/dev/nvidia$i" c 1 3; done
 cat >"$STATE/gres.conf" <<CONF
-NodeName=$HOST Name=gpu File=/dev/null
+NodeName=$HOST Name=gpu File=$STATE/dev/nvidia[0-$((GPUS - 1))]
 CONF
 export SLURM_CONF="$STATE/slurm.conf"
 # Job steps (srun inside a batch job) read the default location, not SLURM_CONF: install the

@@ -120,6 +120,7 @@ rule cache:
         mem_mb=get_cache_mem_mb,
         runtime=get_runtime("cache"),
         gpu=get_gpus("cache"),
+        attempt=get_attempt,
     params:
         spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
         store_dtype=get_cache_dtype,

@@ -121,6 +121,7 @@ rule caption:
         mem_mb=get_caption_mem_mb,
         runtime=get_runtime("caption"),
         gpu=get_gpus("caption"),
+        attempt=get_attempt,
     params:
         captioner=get_captioner,
         positions=config["captions"]["frames"],

@@ -2,6 +2,7 @@
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
 import math
+import os
 import re
 from pathlib import Path
 
@@ -16,8 +17,13 @@ from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
 from iisan.gpus import machine_gpus
 from iisan.gpus import visible as visible_gpus
+from iisan.jobs import memory_factor_of
 from iisan.layerdrop import scheme_layers
 from iisan.models_fetch import hub_names
+
+# envs/*.post-deploy.sh install the library from this repository into a conda environment;
+# Snakemake runs them from this process, so they find it here whatever the working directory
+os.environ.update(IISAN_WORKFLOW_DIR=workflow.basedir)
 
 # Before the job graph is built (an error raised by an input function cannot stop a run:
 # Snakemake then takes the job's existing outputs as source files).
@@ -121,6 +127,79 @@ def get_source_names(section, kind):
     else:
         names = [n for n, e in registry.items() if e["source"] == kind]
     return "|".join(re.escape(n) for n in names) or "(?!)"
+
+
+def get_fetch_inputs():
+    """What the `fetch` target gathers; every file the fetch rules make for this config's tables and
+    figures: the raw files and covers of each dataset they run on, the MicroLens videos where
+    video captions are made, every hub model of the backbone registry and every hub captioner
+    the captions use."""
+    used = set()
+    for kind in [*config["tables"], *config["figures"]]:
+        used.update(tables.table_datasets(config, kind))
+    out = []
+    for ds in sorted(used):
+        kind = get_dataset_source(ds)["kind"]
+        if kind == "amazon":
+            out += [plan.RAW.format(dataset=ds, kind=k) for k in ("items", "users")]
+        elif kind == "microlens":
+            src = get_dataset_source(ds)
+            out += [
+                plan.MICROLENS_RAW.format(dataset=ds, name=name)
+                for key, name in MICROLENS_FILES.items()
+                if key in src
+            ]
+            if config["captions"].get("video") and "videos" in src:
+                out.append(plan.MICROLENS_VIDEOS_FETCHED.format(dataset=ds))
+        if kind in ("amazon", "microlens"):
+            out += list(get_images(ds).values())
+    out += [plan.STANDIN.format(backbone=n) for n in hub_names(config["backbones"])]
+    captioners = {config["captions"].get(s) for s in ("cover", "video")} & set(
+        hub_names(config.get("captioners") or {})
+    )
+    out += [plan.CAPTIONER.format(captioner=n) for n in sorted(captioners)]
+    return list(dict.fromkeys(out))
+
+
+FETCH_RULES = (
+    "fetch_amazon",
+    "fetch_amazon_images",
+    "fetch_microlens",
+    "fetch_videos",
+    "fetch_backbone",
+    "fetch_captioner",
+)
+
+
+def fetch_failures():
+    """After a failed run of the `fetch` target, each file of get_fetch_inputs() still
+    missing, with the error its fetch job's log ends with (a refused licence, a wrong revision, a
+    quota), or "not run" when the job never started (an input of it failed)."""
+    dag = getattr(workflow, "dag", None)
+    if dag is None or "fetch" not in {r.name for r in dag.targetrules or ()}:
+        return []
+    failures = []
+    for path in get_fetch_inputs():
+        if Path(path).exists():
+            continue
+        why = "not run (an input of its job failed)"
+        for name in FETCH_RULES:
+            producer = workflow.get_rule(name)
+            if producer.is_producer(path):
+                log = Path(producer.expand_log(producer.get_wildcards(path))[0])
+                lines = (
+                    log.read_text(errors="replace").splitlines() if log.exists() else []
+                )
+                errors = [
+                    l for l in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", l)
+                ]
+                if errors:
+                    why = f"{errors[-1].strip()} (log: {log})"
+                elif lines:
+                    why = f"failed (log: {log})"
+                break
+        failures.append((path, why))
+    return failures
 
 
 # --- planning ---------------------------------------------------------------------------------
@@ -355,21 +434,28 @@ def get_profile_experiment(wildcards):
 
 
 # --- resources (scaled by `attempt` on retries) ---------------------------------------------
+# A run that executes jobs on this machine: not a dry run, not a cluster executor's submitting
+# process, not `iisan plan`'s graph (no executor). Only such a run is capped by this machine's cards.
+RUNS_HERE = (
+    workflow.executor_plugin is not None and workflow.local_exec and not workflow.dryrun
+)
+
+
 def _gpus_per_job():
     value = config["gpus_per_job"]
-    if (
-        value == "auto"
-    ):  # the cards NVML or nvidia-smi sees (iisan.gpus: no torch while planning)
-        return 1 if visible_gpus() else 0
+    if value == "auto":
+        # a cluster's jobs run on its GPU nodes, whatever the submitting host has; a local run
+        # asks for cards where NVML or nvidia-smi sees some (iisan.gpus: no torch while planning)
+        return 1 if not workflow.local_exec or visible_gpus() else 0
     return int(value)
 
 
-# GPUs each GPU rule asks for (0 on a machine without CUDA, so CPU runs are not serialised).
+# GPUs each GPU rule asks for at least (0 on a machine without CUDA, so CPU runs are not serialised).
 GPUS = _gpus_per_job()
 
 # Local runs: GPU jobs at once take at most this machine's cards, each job its own (iisan.gpus),
 # unless `--resources gpu=N` (or a profile's `resources: gpu`) says how many.
-if workflow.local_exec and "gpu" not in workflow.global_resources:
+if RUNS_HERE and "gpu" not in workflow.global_resources:
     workflow.register_resource("gpu", machine_gpus())
 
 
@@ -378,9 +464,25 @@ def get_backbone_weight_gb(name):
     return weight_gb(backbone_entry(config, name))
 
 
+def get_attempt(wildcards, attempt):
+    """The retry number, as a resource the job reads (its log's attempt headers, its stop record)."""
+    return attempt
+
+
+def memory_factor(name, wildcards, attempt):
+    """How much more host memory than its first attempt a retry of a GPU job asks for: one more
+    share for every earlier attempt that failed, except those stopped by SIGTERM (a time limit,
+    which more memory would not help: iisan.jobs records them beside the job's log)."""
+    if attempt == 1:
+        return 1
+    log = workflow.get_rule(name).expand_log(wildcards)[0]
+    return memory_factor_of(log, attempt)
+
+
 def get_cache_mem_mb(wildcards, attempt):
-    """Host memory to load a backbone: its weights plus 8 GB, more on each retry."""
-    return int((8 + 1.2 * get_backbone_weight_gb(wildcards.backbone)) * 1024 * attempt)
+    """Host memory to load a backbone: its weights plus 8 GB (more on a retry that was not a time-out)."""
+    gb = 8 + 1.2 * get_backbone_weight_gb(wildcards.backbone)
+    return int(gb * 1024 * memory_factor("cache", wildcards, attempt))
 
 
 # Every GPU job asks for the runtime and cards of its estimate (iisan.budget: what `iisan plan`
@@ -395,7 +497,9 @@ def get_estimate(name, wildcards):
 def get_gpus(name):
     """The GPUs a job of GPU rule `name` asks for, the cards its estimated peak needs (none for a
     stand-in captioner, none on a machine without CUDA). A run's model lives on one card: one
-    whose peak does not fit `cluster.gpu_gib` stops before it starts."""
+    whose peak does not fit `cluster.gpu_gib` stops before it starts. A local run whose card limit
+    (this machine's cards, or `--resources gpu=N`) is below a job's need stops, naming both.
+    """
 
     def gpus(wildcards):
         if GPUS == 0:
@@ -407,31 +511,45 @@ def get_gpus(name):
                 f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB (a run's model is not split "
                 f"over cards); set cluster.gpu_gib to your cards' memory or leave this run out"
             )
-        return 0 if job.gpus == 0 else max(GPUS, job.gpus)
+        need = 0 if job.gpus == 0 else max(GPUS, job.gpus)
+        limit = workflow.global_resources.get("gpu")
+        if isinstance(limit, int) and need > limit and (RUNS_HERE or workflow.dryrun):
+            raise WorkflowError(
+                f"{job.name}: needs {need} GPUs of {config['cluster']['gpu_gib']} GiB "
+                f"(estimated peak {job.peak_gib:.1f} GiB), but this run may use {limit} "
+                f"(--resources gpu={limit}, or the cards of this machine); raise the limit, run "
+                f"it on a machine with {need} cards, or set cluster.gpu_gib to larger cards"
+            )
+        return need
 
     return gpus
 
 
 def get_runtime(name):
-    """The minutes a job of GPU rule `name` asks for, its estimate times cluster.runtime_margin, at most
-    cluster.max_runtime_min (a longer job resumes where it stopped on its next attempt).
-    """
+    """The minutes a job of GPU rule `name` asks for, its estimate times cluster.runtime_margin,
+    times the attempt (a retry after a time-out asks for more), at most cluster.max_runtime_min (a
+    longer job resumes where it stopped on its next attempt)."""
 
-    def runtime(wildcards):
+    def runtime(wildcards, attempt):
         job = get_estimate(name, wildcards)
         minutes = max(
             10, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
         )
-        limit = config["cluster"]["max_runtime_min"]
-        return min(minutes, limit) if limit else minutes
+        return capped_runtime(minutes, attempt)
 
     return runtime
+
+
+def capped_runtime(minutes, attempt):
+    """`minutes` times the attempt, at most cluster.max_runtime_min."""
+    limit = config["cluster"]["max_runtime_min"]
+    return min(minutes * attempt, limit) if limit else minutes * attempt
 
 
 def get_caption_mem_mb(wildcards, attempt):
     c = get_captioner(wildcards)
     gb = 2 if c["source"] == "demo" else 8 + 2.2 * c.get("params_b", 8)
-    return int(gb * 1024 * attempt)
+    return int(gb * 1024 * memory_factor("caption", wildcards, attempt))
 
 
 def get_cache_threads(wildcards):
@@ -439,13 +557,19 @@ def get_cache_threads(wildcards):
     return 1 if backbone_entry(config, wildcards.backbone)["source"] == "demo" else 4
 
 
-def get_train_mem_mb(wildcards, attempt):
-    """Host memory for one training run: the caches it loads (items x states x width x 4 bytes,
-    float32 in memory on a CPU, for every tower, full caches when asked) plus 4 GB."""
-    items = config["fig6_items"] if config["datasets"] == ["demo"] else 25000
-    total = 0
-    for t in plan.parse_towers(config, wildcards.towers):
-        stored = output_layer(t.spec["family"], t.spec["layers"]) + 1
-        states = stored if wildcards.cache == "full" else min(stored, 25)
-        total += items * states * t.spec["hidden"] * 4
-    return int((4096 + 2 * total / 2**20) * attempt)
+def get_train_mem_mb(name):
+    """Host memory for one run of rule `name` (train or profile), the caches it loads (items x
+    states x width x 4 bytes, float32 in memory on a CPU, for every tower, full caches when asked)
+    plus 4 GB (more on a retry that was not a time-out)."""
+
+    def mem_mb(wildcards, attempt):
+        items = config["fig6_items"] if config["datasets"] == ["demo"] else 25000
+        total = 0
+        for t in plan.parse_towers(config, wildcards.towers):
+            stored = output_layer(t.spec["family"], t.spec["layers"]) + 1
+            states = stored if wildcards.cache == "full" else min(stored, 25)
+            total += items * states * t.spec["hidden"] * 4
+        factor = memory_factor(name, wildcards, attempt)
+        return int((4096 + 2 * total / 2**20) * factor)
+
+    return mem_mb

@@ -154,3 +154,12 @@ rule preprocess:
         preprocess=config["preprocess"],
     script:
         "../scripts/preprocess.py"
+
+
+# `snakemake --keep-going --configfile config/paper.yaml -- fetch`: everything the run needs from
+# the network, fetched on the host that runs Snakemake before any cluster job (the MicroLens
+# videos need that dataset's preprocessing first, which runs here too).
+rule fetch:
+    input:
+        get_fetch_inputs(),
+    localrule: True

@@ -16,12 +16,12 @@ rule train:
         "../../envs/iisan.yaml"
     threads: 1
     resources:
-        mem_mb=get_train_mem_mb,
+        mem_mb=get_train_mem_mb("train"),
         runtime=get_runtime("train"),
         gpu=get_gpus("train"),
         # the retry number, for the log's attempt headers (a killed run resumes from the
         # checkpoint.pt beside its output; <log>.attempts keeps every attempt's output)
-        attempt=lambda wildcards, attempt: attempt,
+        attempt=get_attempt,
     params:
         experiment=get_experiment,
     script:
@@ -36,9 +36,10 @@ use rule train as profile with:
     benchmark:
         "results/benchmarks/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.tsv"
     resources:
-        mem_mb=get_train_mem_mb,
+        mem_mb=get_train_mem_mb("profile"),
         runtime=get_runtime("profile"),
         gpu=get_gpus("profile"),
+        attempt=get_attempt,
     params:
         experiment=get_profile_experiment,
         steps=config["efficiency"]["steps"],
