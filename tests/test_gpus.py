@@ -2,11 +2,17 @@
 own from a machine-wide pool of lock files, on simulated machines (IISAN_GPUS); and `iisan plan
 --gpus N` schedules the budget's jobs on N cards."""
 
+import errno
 import multiprocessing
 import os
+import shutil
 import signal
+import socket
+import stat
 import subprocess
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -170,7 +176,313 @@ def test_under_slurm_the_allocation_is_the_jobs_cards(tmp_path):
     inside = dict(base, CUDA_VISIBLE_DEVICES="4,5,6,7")
     with for_job(1, env=inside):
         assert inside["CUDA_VISIBLE_DEVICES"] == "4"
-        assert (tmp_path / "slurm-42" / "card-4.lock").exists()
+        assert (tmp_path / socket.gethostname() / "slurm-42" / "card-4.lock").exists()
+
+
+# --- one pool per machine, for every user ---------------------------------------------------------
+
+def test_the_pool_is_one_folder_per_machine_whatever_the_tmpdir(monkeypatch):
+    host = socket.gethostname()
+    monkeypatch.setattr(tempfile, "tempdir", "/scratch/job-tmp")  # what a job's own TMPDIR makes of it
+    assert gpus.DEFAULT_BASE == Path("/tmp/iisan-gpus")
+    for env in ({}, {"TMPDIR": "/scratch/job1"}, {"TMPDIR": "/scratch/job2"}):
+        assert gpus.lock_folder(env) == Path("/tmp/iisan-gpus") / host
+    # a base on a shared filesystem still has a folder per machine
+    assert gpus.lock_folder({gpus.LOCKS_ENV: "/nfs/locks"}) == Path("/nfs/locks") / host
+    assert gpus.lock_folder({"SLURM_JOB_ID": "42"}) == Path("/tmp/iisan-gpus") / host / "slurm-42"
+    monkeypatch.setattr(gpus.socket, "gethostname", lambda: "node/7 a")
+    assert gpus.lock_folder({}) == Path("/tmp/iisan-gpus/node_7_a")
+
+
+TMPDIR_JOB = """
+import os, sys, tempfile
+from pathlib import Path
+from iisan import gpus
+
+gpus.DEFAULT_BASE = Path(sys.argv[1])  # the machine's default base, moved into the test's folder
+held = gpus.for_job(1, label="job")
+print(os.environ["CUDA_VISIBLE_DEVICES"], gpus.lock_folder(), tempfile.gettempdir(), flush=True)
+sys.stdin.read()  # holds the card until the test closes stdin
+"""
+
+
+def clean_env(**extra) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "IISAN_WORKER", gpus.LOCKS_ENV)}
+    return dict(env, PYTHONPATH=str(SRC), **extra)
+
+
+def test_jobs_with_their_own_tmpdir_take_different_cards(tmp_path):
+    """Snakemake gives each job its own TMPDIR: two jobs (real processes, no $IISAN_GPU_LOCKS) on a
+    machine of two cards still share one pool, so each gets its own card."""
+    jobs, got = [], []
+    try:
+        for i in range(2):
+            (tmp_path / f"tmp{i}").mkdir()
+            env = clean_env(IISAN_GPUS="2", TMPDIR=str(tmp_path / f"tmp{i}"))
+            jobs.append(subprocess.Popen([sys.executable, "-c", TMPDIR_JOB, str(tmp_path / "base")], env=env, stdin=subprocess.PIPE,
+                                         stdout=subprocess.PIPE, text=True))
+            got.append(jobs[-1].stdout.readline().split())
+    finally:
+        for p in jobs:
+            p.stdin.close()
+            p.wait(timeout=30)
+    assert [p.returncode for p in jobs] == [0, 0]
+    assert [card for card, _, _ in got] == ["0", "1"]
+    assert {folder for _, folder, _ in got} == {str(tmp_path / "base" / socket.gethostname())}
+    assert [tmp for _, _, tmp in got] == [str(tmp_path / "tmp0"), str(tmp_path / "tmp1")]  # their TMPDIR did differ
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_the_pool_is_open_to_every_user_whatever_the_umask(tmp_path):
+    base = tmp_path / "base"
+    folder = gpus.lock_folder({gpus.LOCKS_ENV: str(base)})
+    old = os.umask(0o077)
+    try:
+        with claim(1, cards(1), folder):
+            with pytest.raises(TimeoutError):  # a waiter: its ticket, the queue's gate
+                claim(1, cards(1), folder, poll=0.01, timeout=0.05)
+    finally:
+        os.umask(old)
+    assert [mode(f) for f in (base, folder, folder / "queue")] == [0o1777] * 3
+    assert [mode(f) for f in (folder / "card-0.lock", folder / "queue" / ".gate")] == [0o666] * 2
+    assert not list((folder / "queue").glob("*.ticket"))  # the waiter left the queue
+
+
+@pytest.fixture
+def shared_tmp():
+    """A folder every user of the machine can reach (pytest's tmp_path is root's own), removed afterwards."""
+    path = Path(tempfile.mkdtemp(prefix="iisan-gpus-test-"))
+    try:
+        if not all(mode(p) & stat.S_IXOTH for p in path.parents):
+            pytest.skip(f"{path.parent} is not reachable by other users")
+        os.chmod(path, 0o1777)
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+# the jobs of another user: root drops to `uid` with umask 077 once Python and iisan.gpus are loaded
+# (a preexec_fn would drop it before exec, where the interpreter may lie in a folder the user cannot
+# reach, such as /root)
+AS_USER = """
+import logging, os, sys
+from iisan import gpus
+
+uid = int(sys.argv[1])
+os.setgroups([])
+os.setgid(uid)
+os.setuid(uid)
+os.umask(0o077)
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(message)s")
+"""
+
+USER_JOB = AS_USER + """
+held = gpus.for_job(1, label=f"uid {uid}", poll=0.05)
+print(os.getuid(), os.environ["CUDA_VISIBLE_DEVICES"], flush=True)
+sys.stdin.read()  # holds the card until the test closes stdin
+"""
+
+FIRST_UID, SECOND_UID = 65534, 65533  # nobody, and a user of no name: neither is root
+
+
+def as_user(script: str, uid: int, *args, env=None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", script, str(uid), *map(str, args)], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="runs jobs as two other users (os.setuid), which needs root")
+
+
+@needs_root
+def test_another_users_job_waits_for_the_card_instead_of_failing(shared_tmp):
+    """Two users, each under umask 077, on a machine of one card: the second user's job waits for
+    the card the first holds (in the pool the first one made), then takes it."""
+    base = shared_tmp / "pool"
+    env = clean_env(IISAN_GPUS="1", IISAN_GPU_LOCKS=str(base))
+    first = as_user(USER_JOB, FIRST_UID, env=env)
+    procs = [first]
+    watchdog = threading.Timer(60, lambda: [p.kill() for p in procs])
+    watchdog.start()
+    try:
+        assert first.stdout.readline().split() == [str(FIRST_UID), "0"], first.stderr.read()
+        folder = base / socket.gethostname()
+        assert base.stat().st_uid == FIRST_UID and (folder / "card-0.lock").stat().st_uid == FIRST_UID
+        assert [mode(f) for f in (base, folder, folder / "queue")] == [0o1777] * 3 and mode(folder / "card-0.lock") == 0o666
+        second = as_user(USER_JOB, SECOND_UID, env=env)
+        procs.append(second)
+        said = []
+        for line in second.stderr:
+            said.append(line)
+            if "waiting for 1 free GPU(s) of 1; busy: 0 (pid" in line:
+                break
+        else:
+            pytest.fail(f"the second user's job ended (status {second.wait()}) instead of waiting: {''.join(said)}")
+        assert f"uid {FIRST_UID}" in said[-1] and second.poll() is None
+        first.stdin.close()
+        assert first.wait(timeout=30) == 0
+        assert second.stdout.readline().split() == [str(SECOND_UID), "0"]
+        assert f"uid {SECOND_UID}" in (folder / "card-0.lock").read_text()  # it could note itself in the first one's file
+        second.stdin.close()
+        assert second.wait(timeout=30) == 0
+    finally:
+        watchdog.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+READ_ONLY_JOB = AS_USER + """
+held = gpus.claim(1, ["0"], sys.argv[2], label="reader")
+print(",".join(held.cards), flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_lock_file_one_cannot_write_is_still_locked(shared_tmp):
+    """A card's file another user made read-only (or one made before the pool's modes) is locked
+    through a read-only descriptor; its holder note stays as it was."""
+    folder = shared_tmp / "pool"
+    folder.mkdir(mode=0o1777)
+    os.chmod(folder, 0o1777)
+    card = folder / "card-0.lock"
+    card.write_text("pid 1 someone\n")
+    os.chmod(card, 0o444)
+    if os.geteuid() == 0:  # root may write any file: the holder is another user
+        holder = as_user(READ_ONLY_JOB, FIRST_UID, folder, env=clean_env())
+        try:
+            assert holder.stdout.readline().strip() == "0", holder.stderr.read()
+            with pytest.raises(TimeoutError):
+                claim(1, ["0"], folder, poll=0.01, timeout=0.1)
+        finally:
+            holder.stdin.close()
+            holder.wait(timeout=30)
+        assert holder.returncode == 0
+    else:
+        with claim(1, ["0"], folder, label="reader") as held:
+            assert held.cards == ("0",)
+            with pytest.raises(TimeoutError):
+                claim(1, ["0"], folder, poll=0.01, timeout=0.1)
+    assert card.read_text() == "pid 1 someone\n"
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.EOPNOTSUPP])
+def test_a_filesystem_without_locks_stops_the_job_naming_the_folder(tmp_path, monkeypatch, code):
+    def no_locks(fd, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(gpus.fcntl, "flock", no_locks)  # as on an NFS mount without locking
+    env = {gpus.LOCKS_ENV: str(tmp_path / "nfs"), gpus.COUNT_ENV: "2"}
+    with pytest.raises(gpus.LockUnsupported) as raised:
+        for_job(1, env=env)
+    message = str(raised.value)
+    assert raised.value.errno == code and errno.errorcode[code] in message
+    assert str(gpus.lock_folder(env)) in message and "$IISAN_GPU_LOCKS" in message
+    assert "CUDA_VISIBLE_DEVICES" not in env
+
+
+# --- waiting in line ------------------------------------------------------------------------------
+
+def wait_until(check, seconds: float = 20):
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        got = check()
+        if got:
+            return got
+        time.sleep(0.01)
+    raise AssertionError("never happened")
+
+
+def in_thread(*args, **kwargs):
+    """claim(*args, **kwargs) in a thread (its own descriptors: its flocks are another holder's);
+    the thread and a list that gets the Claim."""
+    got = []
+    thread = threading.Thread(target=lambda: got.append(claim(*args, **kwargs)))
+    thread.start()
+    return thread, got
+
+
+def test_a_waiting_two_card_job_does_not_starve_behind_one_card_jobs(tmp_path, caplog):
+    caplog.set_level("INFO", logger="iisan.gpus")
+    first = claim(1, cards(2), tmp_path, label="first")
+    thread, big = in_thread(2, cards(2), tmp_path, label="big", poll=0.02)
+    try:
+        assert wait_until(lambda: gpus.waiting(tmp_path)) == [f"2 GPU(s), pid {os.getpid()} big"]
+        # a stream of one-card jobs: card 1 is free, but each waits behind the two-card job
+        for _ in range(3):
+            with pytest.raises(TimeoutError):
+                claim(1, cards(2), tmp_path, label="small", poll=0.01, timeout=0.05)
+        assert "waiting before it: 2 GPU(s), pid" in caplog.text
+        assert gpus.waiting(tmp_path) == [f"2 GPU(s), pid {os.getpid()} big"]  # the one-card jobs left the line
+    finally:
+        first.release()
+        thread.join(timeout=20)
+    assert big[0].cards == ("0", "1")
+    assert gpus.waiting(tmp_path) == []
+    big[0].release()
+    assert claim(1, cards(2), tmp_path, timeout=1).cards == ("0",)
+
+
+def test_jobs_wait_in_line_in_order_of_arrival(tmp_path):
+    held = claim(2, cards(2), tmp_path)
+    one, got_one = in_thread(1, cards(2), tmp_path, label="one", poll=0.02)
+    wait_until(lambda: len(gpus.waiting(tmp_path)) == 1)
+    two, got_two = in_thread(2, cards(2), tmp_path, label="two", poll=0.02)
+    wait_until(lambda: len(gpus.waiting(tmp_path)) == 2)
+    assert [w.split()[-1] for w in gpus.waiting(tmp_path)] == ["one", "two"]
+    held.release()
+    one.join(timeout=20)
+    assert got_one[0].cards == ("0",)
+    time.sleep(0.1)  # card 1 is free, but not two of them: the two-card job still waits
+    assert not got_two and gpus.waiting(tmp_path)[0].endswith("two")
+    got_one[0].release()
+    two.join(timeout=20)
+    assert got_two[0].cards == ("0", "1")
+    got_two[0].release()
+
+
+def test_jobs_on_other_cards_do_not_wait_for_a_waiting_job(tmp_path):
+    """Runs that split the machine (CUDA_VISIBLE_DEVICES=0,1 and 2,3) share the pool, not the line."""
+    held = claim(1, ["0", "1"], tmp_path)
+    thread, big = in_thread(2, ["0", "1"], tmp_path, poll=0.02)
+    try:
+        wait_until(lambda: gpus.waiting(tmp_path))
+        with claim(1, ["2", "3"], tmp_path, timeout=0.5) as other:
+            assert other.cards == ("2",)
+    finally:
+        held.release()
+        thread.join(timeout=20)
+    assert big[0].cards == ("0", "1")
+    big[0].release()
+
+
+WAITER = """
+import sys
+from iisan.gpus import claim
+
+claim(int(sys.argv[2]), sys.argv[3].split(","), sys.argv[1], label="waiter", poll=0.05)
+"""
+
+
+def test_a_killed_waiter_leaves_nothing_that_blocks(tmp_path):
+    held = claim(1, cards(2), tmp_path)
+    waiter = subprocess.Popen([sys.executable, "-c", WAITER, str(tmp_path), "2", "0,1"], env=clean_env())
+    try:
+        wait_until(lambda: gpus.waiting(tmp_path))
+        with pytest.raises(TimeoutError):
+            claim(1, cards(2), tmp_path, poll=0.01, timeout=0.05)
+    finally:
+        waiter.kill()
+        waiter.wait()
+    assert gpus.waiting(tmp_path) == [] and list((tmp_path / "queue").glob("*.ticket"))  # its ticket, unlocked
+    assert claim(1, cards(2), tmp_path, timeout=0).cards == ("1",)
+    with pytest.raises(TimeoutError):  # a waiter: taking its ticket deletes the dead one
+        claim(1, cards(2), tmp_path, poll=0.01, timeout=0.05)
+    assert not list((tmp_path / "queue").glob("*.ticket"))
+    held.release()
 
 
 JOB = """
@@ -257,12 +569,13 @@ def test_the_warm_worker_gives_each_child_its_card(tmp_path):
         # the job process killed outright: its child ends, and the card is free again
         jobs[0].kill()
         jobs[0].wait()
-        with claim(1, ["0", "1"], locks, poll=0.05, timeout=30) as freed:
+        pool = gpus.lock_folder({gpus.LOCKS_ENV: str(locks)})
+        with claim(1, ["0", "1"], pool, poll=0.05, timeout=30) as freed:
             assert freed.cards == (got[0][1],)
         # stopped (SIGTERM to the job process, forwarded to its child): its card too
         jobs[1].terminate()
         assert jobs[1].wait(timeout=60) != 0
-        with claim(2, ["0", "1"], locks, poll=0.05, timeout=30) as both:
+        with claim(2, ["0", "1"], pool, poll=0.05, timeout=30) as both:
             assert both.cards == ("0", "1")
     finally:
         for p in (*jobs, worker):
