@@ -2,6 +2,7 @@
 the GPU rules request the same estimates."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -143,16 +144,24 @@ def test_dataset_size_from_stats_table_i_or_demo_spec(tmp_path, monkeypatch):
 
 @pytest.mark.slow
 def test_iisan_plan_command(tmp_path):
-    """`iisan plan` prints a row per table and figure and the total, and writes every job."""
+    """`iisan plan` prints a row per table and figure and the total (GPU hours and card-hours),
+    where the rates come from, the disk with the videos, the wall time on 8 GPUs longest chain
+    first and in random orders, and writes every job."""
     jobs = tmp_path / "jobs.csv"
-    out = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--configfile", "config/paper.yaml", "--jobs", str(jobs)],
-                         cwd=ROOT, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--configfile", "config/paper.yaml", "--jobs", str(jobs),
+                          "--gpus", "8"], cwd=ROOT, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
     for name in ("table3", "table4", "table5", "table9", "fig5", "fig7", "total"):
         assert any(line.startswith(name) for line in lines), name
+    assert "card-hours" in lines[1]
+    for said in ("measured on NVIDIA H200", "measured on NVIDIA H100", "extrapolated", "not measured", "scaled", "MicroLens: 19,738 videos"):
+        assert said in out.stdout, said
+    assert re.search(r"wall time on 8 GPUs: [\d.]+ h \(GPU hours [\d.]+\) longest chain first, [\d.]+–[\d.]+ h in random orders", out.stdout)
     rows = list(csv.DictReader(jobs.open()))
-    assert len(rows) == int(next(line for line in lines if line.startswith("total")).split()[1])
+    total = next(line for line in lines if line.startswith("total")).split()
+    assert len(rows) == int(total[1])
+    assert sum(float(r["card_hours"]) for r in rows) == pytest.approx(float(total[7]), abs=0.1)
     assert {r["kind"] for r in rows} == {"caption", "cache", "train", "profile"}
     bad = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--config", "tables=[table42]"], cwd=ROOT,
                          capture_output=True, text=True)
@@ -217,7 +226,8 @@ def test_planning_imports_no_torch():
 @pytest.mark.slow
 def test_no_gpu_job_of_the_paper_asks_for_less_than_its_estimate():
     """On a GPU cluster (gpus_per_job 1) every GPU job of config/paper.yaml requests at least its
-    estimated runtime and the cards its estimated peak needs; captions plan as several jobs."""
+    estimated runtime (or the partition's limit, cluster.max_runtime_min, where it is longer: it
+    resumes on its next attempt) and the cards its estimated peak needs; captions plan as several jobs."""
     from iisan.budget import GPU_RULES, usable_gib
     from iisan.graph import job_graph
 
@@ -227,5 +237,135 @@ def test_no_gpu_job_of_the_paper_asks_for_less_than_its_estimate():
     assert len(nodes) == len(budget.jobs) and sum(n.rule == "caption" for n in nodes) > 2
     for n in nodes:
         job = budget.jobs[n.name]
-        assert n.resources["runtime"] * 60 >= job.seconds, n.name
+        limit = graph.config["cluster"]["max_runtime_min"]
+        assert n.resources["runtime"] * 60 >= min(job.seconds, limit * 60 if limit else job.seconds), n.name
         assert n.resources["gpu"] >= job.gpus and job.peak_gib <= n.resources["gpu"] * usable_gib(graph.config), n.name
+
+
+def video_shard(shard=1, shards=12) -> dict:
+    return {"dataset": "MicroLens", "source": "video", "shard": str(shard), "shards": str(shards)}
+
+
+def test_card_hours_count_a_job_once_per_card(tmp_path, monkeypatch):
+    """A 34B caption shard holds two 80 GB cards: its card-hours are twice its GPU hours, per table
+    and in total, and in the --jobs CSV; a one-card job's are its GPU hours."""
+    from iisan.budget import write_jobs
+
+    monkeypatch.chdir(tmp_path)  # Table I sizes
+    cfg = paper()
+    budget = Budget(cfg)
+    video = budget.estimate("caption", video_shard())
+    run_ = budget.estimate("train", run("Scientific", plan.compared_row(cfg, "fft")))
+    assert (video.gpus, run_.gpus) == (2, 1)
+    video.groups, run_.groups = ("table9",), ("table3",)
+    budget.jobs = {j.name: j for j in (video, run_)}
+    rows = {r["group"]: r for r in budget.summary()}
+    assert rows["table9"]["card_hours"] == pytest.approx(2 * rows["table9"]["gpu_hours"])
+    assert rows["table3"]["card_hours"] == pytest.approx(rows["table3"]["gpu_hours"])
+    assert rows["total"]["card_hours"] == pytest.approx((2 * video.seconds + run_.seconds) / 3600)
+    write_jobs(budget, tmp_path / "jobs.csv")
+    got = {r["output"]: r for r in csv.DictReader((tmp_path / "jobs.csv").open())}
+    assert float(got[video.name]["card_hours"]) == pytest.approx(2 * float(got[video.name]["gpu_hours"]), abs=1e-4)
+    assert got[video.name]["gpus"] == "2"
+
+
+def test_videos_are_in_the_disk_report_per_dataset(tmp_path, monkeypatch):
+    """The fetched MicroLens videos the video captions need: the dataset's items (Table I: 19,738)
+    at the assumed 20-50 MB each, said so; none without video captions or for a generated twin."""
+    from iisan.budget import VIDEO_MB, render_videos
+
+    monkeypatch.chdir(tmp_path)
+    budget = Budget(paper())
+    cover = budget.estimate("caption", {**video_shard(), "source": "cover"})
+    budget.jobs = {cover.name: cover}
+    assert budget.videos() == [] and render_videos(budget) == ""
+    video = budget.estimate("caption", video_shard())
+    budget.jobs[video.name] = video
+    (row,) = budget.videos()
+    assert (row["dataset"], row["items"]) == ("MicroLens", 19_738)
+    assert row["gb"] == pytest.approx((19_738 * VIDEO_MB[0] / 1e3, 19_738 * VIDEO_MB[1] / 1e3))
+    text = render_videos(budget)
+    assert "MicroLens: 19,738 videos, 395-987 GB" in text and "assumed" in text
+    budget.config["dataset_sources"]["MicroLens"] = {"kind": "microlens-demo"}  # generated videos: not fetched
+    assert budget.videos() == []
+
+
+def test_every_rate_section_says_where_its_rates_come_from(paper_graph):
+    """Every section of rates.yaml that holds rates has a provenance (device, how, source), and so
+    has each rate any of the paper's jobs is priced from; measured and extrapolated rates name
+    their device. The facts recorded: the in-loop validation and fixed row share on an H100, the
+    sdpa_gqa caption rates extrapolated from 100 tokens on an H100, start-ups and disk load set by
+    hand; the 34B captioner is scaled from the 7.6B's rate."""
+    from iisan.budget import HOW, NOT_RATES, provenance
+
+    rates = load_rates()
+    sections = [k for k, v in rates.items() if isinstance(v, dict) and k not in NOT_RATES]
+    assert {"cached", "in_loop", "caching", "captions"} <= set(sections)
+    for name in sections:
+        record = rates[name].get("provenance")
+        assert record, f"rates.yaml section {name!r}: no provenance"
+        for key, r in [(name, record), *((f"{name}.{k}", v) for k, v in (record.get("rates") or {}).items())]:
+            assert r["how"] in HOW and r.get("source"), key
+            assert (r.get("device") is None) == (r["how"] == "not measured"), key
+            if key != name:  # a per-rate record names a rate or sub-section of its section
+                section = rates[name]
+                for part in key.split(".")[1:]:
+                    assert part in section, f"rates.yaml {key}: provenance of a rate that is not there"
+                    section = section[part]
+    budget = Budget(paper_graph.config).build(paper_graph)
+    used = {k for j in budget.jobs.values() for k in j.rates}
+    assert used and all(provenance(rates, k)["how"] in HOW for k in used)
+    assert provenance(rates, "in_loop.eval_s")["device"].startswith("NVIDIA H100")
+    assert provenance(rates, "in_loop.step_s.fft")["device"] == "NVIDIA H200"
+    gqa = provenance(rates, "captions.static_sdpa_gqa.video_item_s")
+    assert gqa["how"] == "extrapolated" and gqa["device"].startswith("NVIDIA H100")
+    assert provenance(rates, "in_loop.startup_s")["how"] == "not measured"
+    assert {"in_loop.startup_s", "caching.load_gb_per_s", "captions.static_sdpa_gqa.video_item_s"} <= used
+    scaled = {j.name for j in budget.jobs.values() if j.scaled}
+    assert scaled == {j.name for j in budget.jobs.values() if j.kind == "caption" and j.wildcards["source"] == "video"}
+    assert provenance({"device": "mine"}, "cached.eval_s")["how"] == "not recorded"  # an older rates file
+
+
+def test_priority_is_the_longest_chain_of_gpu_work_to_the_end(paper_graph, demo_graph):
+    """A GPU job's priority is the whole minutes of its own estimate plus the longest chain of the
+    GPU jobs waiting for it. Worked out from the config alone (what a rule's `priority:` can call
+    while Snakemake builds the DAG), the jobs and what each waits for are exactly those of
+    Snakemake's DAG, so the priorities are the DAG's longest chains."""
+    import math
+
+    from iisan.schedule import chains
+
+    for graph in (paper_graph, demo_graph):
+        budget = Budget(graph.config).build(graph)
+        from_config = Budget(graph.config).config_jobs()
+        assert {n: j.after for n, j in from_config.items()} == {n: j.after for n, j in budget.jobs.items()}
+        chain = chains(budget.jobs.values())
+        for job in budget.jobs.values():
+            assert job.priority == math.ceil(chain[job.name] / 60), job.name
+    # an upstream job's priority counts its downstream chain: a video caption shard, then the FFT
+    # run on the video captions with its backbones in the loop (and the cache of those captions)
+    budget = Budget(paper_graph.config).build(paper_graph)
+    chain = chains(budget.jobs.values())
+    shard = budget.jobs[plan.CAPTION_SHARD.format(**video_shard())]
+    waiting = [j for j in budget.jobs.values() if shard.name in j.after]
+    assert {j.kind for j in waiting} == {"cache", "train"}
+    assert shard.priority == math.ceil((shard.seconds + max(chain[j.name] for j in waiting)) / 60)
+    assert shard.priority > math.ceil(shard.seconds / 60) + 60  # the FFT run's hour and more
+    assert Budget(paper_graph.config).priority("caption", video_shard()) == shard.priority  # without the DAG
+
+
+def test_budget_does_not_depend_on_the_planning_machines_gpus(monkeypatch):
+    """The cards, hours, peaks and priorities of the paper's jobs are the same whether the host
+    that plans has no GPU or one: a job's cards are its peak over cluster.gpu_gib (two for the
+    34B captioner), never the host's."""
+    from iisan.graph import job_graph
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen = []
+    for count in ("0", "1"):
+        monkeypatch.setenv("IISAN_GPUS", count)
+        graph = job_graph(ROOT, ["config/paper.yaml"])
+        budget = Budget(graph.config).build(graph)
+        seen.append({n: (j.gpus, j.seconds, j.peak_gib, j.priority) for n, j in budget.jobs.items()})
+    assert seen[0] == seen[1]
+    assert seen[0][plan.CAPTION_SHARD.format(**video_shard())][0] == 2

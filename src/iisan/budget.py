@@ -7,14 +7,22 @@ priced from measured reference rates (`rates.yaml` beside this file, each from a
 docs/benchmarks.md) scaled by the backbone registry (layers, width, parameters, tokens), the
 dataset's size and each run's batch size. Training runs are priced at `max_epochs` (an upper
 bound: early stopping usually ends them sooner). Estimates, not measurements: docs/benchmarks.md
-compares them with measured runs.
+compares them with measured runs, and each rate's `provenance` in rates.yaml says which device it
+was measured on, or that it was extrapolated or set by hand (`Budget.provenance`).
+
+A job's Snakemake priority (`Budget.priority`) is the length of the longest chain of GPU work from
+it to the end (its own estimate and the longest chain of the GPU jobs that wait for it), worked
+out from the config alone as the workflow's rules wire the jobs (`Budget.config_jobs`), so that
+the rules can ask for it while Snakemake builds the DAG; `iisan plan --gpus N` schedules by it
+(iisan.schedule).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -23,6 +31,7 @@ import yaml
 from . import methods, plan, shards, tables
 from .backbones import output_layer
 from .config import backbone_entry
+from .data import CAPTION_FIELDS
 from .data.amazon import TABLE_I as AMAZON_TABLE_I
 from .data.microlens import TABLE_I as MICROLENS_TABLE_I
 
@@ -34,6 +43,13 @@ RATES = Path(__file__).with_name("rates.yaml")
 # Table I: users, items and interactions of the paper's datasets, for datasets not preprocessed yet
 TABLE_I = {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}
 QUANTIZED_BYTES = {"bnb-4bit": 0.55, "gptq": 0.55, "4bit": 0.55, "bnb-8bit": 1.1}  # bytes per parameter
+# MB of one MicroLens video (the fetch_videos rule's script says about 20-50 MB each): an assumed
+# range, not measured here; `iisan plan` prints the videos' disk at it and says so
+VIDEO_MB = (20, 50)
+# sections of rates.yaml that hold no rates (the shapes the rates were measured at) and so no provenance
+NOT_RATES = ("reference",)
+HOW = ("measured", "extrapolated", "not measured")  # a rate's provenance: how it was found
+SCALED_OFF = 0.05  # a captioner priced from a rate measured on one this far off its size is "scaled"
 
 
 def load_rates(path: Path | None = None) -> dict:
@@ -70,10 +86,40 @@ def caption_rates(rates: dict, captions: dict) -> dict:
     """The measured caption rates of a `captions` section's KV cache and attention: the static
     cache's with `sdpa_gqa` where measured (`static_sdpa_gqa`), else the static cache's, else the
     dynamic cache's."""
-    r = rates["captions"]
+    return _dig(rates, caption_rates_key(rates, captions))
+
+
+def caption_rates_key(rates: dict, captions: dict) -> str:
+    """Where `caption_rates` are in the rates: captions, captions.static or captions.static_<attention>."""
     if captions.get("kv_cache") != "static":
-        return r
-    return r.get(f"static_{captions.get('attention', 'sdpa')}", r["static"])
+        return "captions"
+    key = f"static_{captions.get('attention', 'sdpa')}"
+    return f"captions.{key if key in rates['captions'] else 'static'}"
+
+
+def _dig(rates: dict, key: str):
+    value = rates
+    for part in key.split("."):
+        value = value[part]
+    return value
+
+
+def provenance(rates: dict, key: str) -> dict:
+    """Where the rate at dotted `key` (in_loop.step_s.fft) comes from: the record of its section's
+    `provenance` for the longest part of the key its `rates` name, else the section's own;
+    `device`, `how` (HOW), `source` and `note` (None where not said). A rates file without
+    provenance (an older copy) gives its `device` and how "not recorded"."""
+    section, _, rest = key.partition(".")
+    record = dict((rates.get(section) or {}).get("provenance") or {})
+    if not record:
+        return {"device": rates.get("device"), "how": "not recorded", "source": None, "note": None}
+    overrides = record.pop("rates", None) or {}
+    parts = rest.split(".") if rest else []
+    for n in range(len(parts), 0, -1):
+        if ".".join(parts[:n]) in overrides:
+            record = overrides[".".join(parts[:n])]
+            break
+    return {k: record.get(k) for k in ("device", "how", "source", "note")}
 
 
 def usable_gib(config: dict) -> float:
@@ -138,6 +184,14 @@ class Job:
     gpus: int = 1  # cards it takes at once (iisan.schedule), as the workflow's rules ask
     after: frozenset = frozenset()  # the GPU jobs it waits for, by name
     wildcards: dict = field(default_factory=dict)  # its rule's
+    rates: tuple = ()  # the rates it is priced from, as dotted keys of rates.yaml (in_loop.step_s.fft)
+    scaled: str = ""  # what its price is scaled from, where that is more than shapes (a captioner's size)
+    priority: int = 0  # Budget.priority: minutes of the longest chain of GPU work from it to the end
+
+    @property
+    def card_seconds(self) -> float:
+        """Seconds x the cards it holds (none for a job that takes no card)."""
+        return self.seconds * self.gpus
 
 
 class Budget:
@@ -145,6 +199,8 @@ class Budget:
         self.config, self.rates = config, rates or load_rates()
         self.jobs: dict[str, Job] = {}
         self._estimates: dict[tuple, Job] = {}
+        self._chains: dict[str, float] | None = None  # config_jobs' longest chains, by name
+        self._waiting: dict[str, set] = {}  # config_jobs' GPU jobs waiting for a job, by name
 
     # --- pricing ------------------------------------------------------------------------------
     def _backbone_work(self, towers) -> float:
@@ -189,6 +245,8 @@ class Budget:
             eval_s = r["eval_s"] * work * items / self.rates["reference"]["items"]
             startup = r["startup_s"] + sum(weight_gb(t.spec) for t in exp.towers) / self.rates["caching"]["load_gb_per_s"]
             detail = f"{exp.method}, backbones in the loop ({exp.train.item_slots} item slots), batch {B}"
+            used = [f"in_loop.step_s.{key}", f"in_loop.peak_gib.{key}", "in_loop.startup_s", "caching.load_gb_per_s"]
+            used += ["in_loop.rows_fixed_share"] * (rows < 1) + ["in_loop.eval_s"] * (not profile_batch)
         else:
             r = self.rates["cached"]
             widths = [len(exp.tower_layers(t)) * tw.spec["hidden"] for t, tw in enumerate(exp.towers)]
@@ -205,11 +263,14 @@ class Budget:
             peak = (cache_bytes + 16 * trainable + r["memory_fixed_mb"] * 2**20 + r["memory_per_unit_byte"] * units * 4) / 2**30
             startup = r["startup_s"]
             detail = f"{exp.method}, {exp.cache} cache, batch {B}"
+            used = [f"cached.{k}" for k in ("step_fixed_s", "step_per_unit_s", "memory_fixed_mb", "memory_per_unit_byte", "startup_s")]
+            used += ["cached.eval_s"] * (not profile_batch)
         if profile_batch:  # a profile: warm-up and timed steps, no epochs
             n = self.config["efficiency"]["steps"] + 4
-            return Job("profile", plan.PROFILE.format(**w), startup + n * step, peak, f"{detail}, {n} steps")
+            return Job("profile", plan.PROFILE.format(**w), startup + n * step, peak, f"{detail}, {n} steps", rates=tuple(used))
         seconds = startup + epochs * (steps * step + eval_s) + 2 * eval_s
-        return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps")
+        return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps",
+                   rates=tuple(used))
 
     def _side_params(self, exp) -> int:
         """Trainable parameters of a cached run's model, without building it: per SANB 2 d r, per
@@ -240,7 +301,8 @@ class Budget:
         act_gb = batch * tokens(entry, self.config) * entry["hidden"] * states * 2 / 1e9
         peak = (weight_gb(entry) * 1.05 + act_gb + 1) * 1e9 / 2**30
         return Job("cache", plan.CACHE_ARRAY.format(**wildcards), seconds, peak,
-                   f"{items} items x {tokens(entry, self.config)} tokens", gpus=self.cards(peak))
+                   f"{items} items x {tokens(entry, self.config)} tokens", gpus=self.cards(peak),
+                   rates=("caching.tflops", "caching.load_gb_per_s", "caching.startup_s"))
 
     def caption(self, wildcards: dict) -> Job:
         """The captions of one source of a dataset, or of one shard of its items (the caption
@@ -255,11 +317,15 @@ class Budget:
         r = self.rates["captions"]
         demo = cap.get("source") == "demo"
         size = 0.01 if demo else cap.get("params_b", 8)
-        per_item = caption_rates(self.rates, self.config["captions"])[f"{source}_item_s"]
-        seconds = items * per_item * size / r["params_b"]
+        key = f"{caption_rates_key(self.rates, self.config['captions'])}.{source}_item_s"
+        seconds = items * _dig(self.rates, key) * size / r["params_b"]
         peak = ((captioner_gb({"params_b": size}) if demo else captioner_gb(cap)) + 4) * 1e9 / 2**30
+        scaled = "" if demo or abs(size / r["params_b"] - 1) <= SCALED_OFF else (
+            f"{self.config['captions'][source]} ({size:g} B parameters) at the rate measured on a {r['params_b']:g} B "
+            f"captioner x {size / r['params_b']:.2f} (parameters)")
         return Job("caption", name, seconds, peak,
-                   f"{items} items, {self.config['captions'][source]}", gpus=0 if demo else self.cards(peak))
+                   f"{items} items, {self.config['captions'][source]}", gpus=0 if demo else self.cards(peak),
+                   rates=(key,), scaled=scaled)
 
     def cards(self, peak_gib: float) -> int:
         """Cards of `cluster.gpu_gib` that hold a peak spread over them (at least one)."""
@@ -291,23 +357,152 @@ class Budget:
                     gpu[i].groups = (*gpu[i].groups, group)
         for i, job in gpu.items():
             job.after = frozenset(gpu[k].name for k in graph.nearest(i, lambda n: n.index in gpu))
+            job.priority = self.priority(graph.nodes[i].rule, job.wildcards)
         self.jobs = {job.name: job for job in gpu.values()}
         return self
 
+    # --- priorities ---------------------------------------------------------------------------------
+    def config_jobs(self) -> dict[str, Job]:
+        """Every GPU job of the config's tables and figures, each with the GPU jobs it waits for
+        (`after`), from the config alone, as the workflow's rules wire them: a training run or
+        profile waits for the caches of its towers (their full caches, behind the pruning jobs),
+        or, with its backbones in the loop, for the captions of its caption fields; a cache of a
+        caption field waits for those captions (every shard, behind their merge). Jobs are
+        priced by `estimate`; one whose dataset's size is not known yet (not preprocessed, not in
+        Table I) is left out. The same jobs and dependencies as Snakemake's DAG of the config's
+        default targets (`build`; a test compares them), without the DAG, which a rule's
+        priority cannot wait for."""
+        cfg = self.config
+        found: dict[str, tuple[Job, set]] = {}
+
+        def add(rule: str, wildcards: dict, after=()) -> list[str]:
+            try:
+                job = self.estimate(rule, wildcards)
+            except ValueError:  # dataset_stats: not preprocessed yet
+                return []
+            found.setdefault(job.name, (job, set()))[1].update(after)
+            return [job.name]
+
+        def captions(dataset: str, field: str) -> list[str]:
+            if field not in CAPTION_FIELDS:
+                return []
+            out = []
+            for path in shards.caption_outputs(cfg, dataset, CAPTION_FIELDS[field]):
+                w = _wildcards(plan.CAPTION_SHARD, path) or _wildcards(plan.CAPTIONS, path)
+                out += add("caption", w)
+            return out
+
+        def cache(dataset: str, field: str, backbone: str) -> list[str]:
+            return add("cache", {"dataset": dataset, "field": field, "backbone": backbone}, captions(dataset, field))
+
+        def run(rule: str, path: str) -> None:
+            w = _wildcards(plan.RUN_METRICS if rule == "train" else plan.PROFILE, path)
+            towers = plan.parse_towers(cfg, w["towers"])
+            if plan.run_caches(cfg, w["dataset"], w["towers"], w["method"], w["scheme"], w["cache"]):
+                after = [n for t in towers for n in cache(w["dataset"], t.field, t.backbone)]
+            else:  # backbones in the loop (or an ID model): the captions of its caption fields
+                after = [n for t in towers for n in captions(w["dataset"], t.field)] if w["cache"] == "none" else []
+            add(rule, w, after)
+
+        figures = {"fig4": "table4", "fig7": "fig7"}  # figures drawn from a table's (or their own) runs
+        for name in [*cfg["tables"], *(figures[f] for f in cfg["figures"] if f in figures)]:
+            for _, path in tables.plan_runs(name, cfg):
+                run("train", path)
+        if "fig5" in cfg["figures"]:
+            for _, path in tables.efficiency_plan(cfg):
+                run("profile", path)
+        if "fig6" in cfg["figures"]:
+            for folder in tables.fig6_caches(cfg):
+                if w := _wildcards(plan.CACHE_DIR, folder):
+                    cache(w["dataset"], w["field"], w["backbone"])
+        return {name: replace(job, after=frozenset(after)) for name, (job, after) in found.items()}
+
+    def priority(self, rule: str, wildcards: Mapping) -> int:
+        """The Snakemake priority of the job of GPU rule `rule` (GPU_RULES) with these wildcards:
+        the whole minutes (rounded up) of the longest chain of GPU work from it to the end, its
+        own estimate plus the longest chain among the GPU jobs that wait for it
+        (`config_jobs`, iisan.schedule.chains), so that Snakemake starts the job that the most
+        work waits for first. A job the config's tables and figures do not need (a target of its
+        own) counts the chains of the jobs among them that wait for it. The workflow's GPU rules
+        call it from `priority:` with the job's wildcards, as they call `estimate` for resources."""
+        from .schedule import chains
+
+        job = self.estimate(rule, dict(wildcards))
+        if self._chains is None:
+            jobs = self.config_jobs()
+            self._chains = chains(jobs.values())
+            self._waiting = {}
+            for j in jobs.values():
+                for name in j.after:
+                    self._waiting.setdefault(name, set()).add(j.name)
+        seconds = self._chains.get(job.name)
+        if seconds is None:
+            seconds = job.seconds + max((self._chains[n] for n in self._waiting.get(job.name, ())), default=0.0)
+        return math.ceil(seconds / 60)
+
+    # --- where the rates come from --------------------------------------------------------------
+    def provenance(self) -> list[dict]:
+        """The rates the jobs are priced from, grouped by where they come from (device, how,
+        note): per group its rates (dotted keys), the jobs priced from any of them and their
+        GPU hours; measured first, then extrapolated, then set by hand."""
+        groups: dict[tuple, dict] = {}
+        for job in self.jobs.values():
+            for key in job.rates:
+                p = provenance(self.rates, key)
+                g = groups.setdefault((p["how"], p["device"], p["note"]), {**p, "rates": set(), "jobs": {}})
+                g["rates"].add(key)
+                g["jobs"][job.name] = job.seconds
+        order = {h: i for i, h in enumerate(HOW)}
+        out = sorted(groups.values(), key=lambda g: (order.get(g["how"], len(HOW)), str(g["device"])))
+        return [{**g, "rates": sorted(g["rates"]), "jobs": len(g["jobs"]), "gpu_hours": sum(g["jobs"].values()) / 3600} for g in out]
+
+    def scaled(self) -> list[dict]:
+        """Jobs priced from a rate measured on another model than theirs (beyond shapes): per
+        note, its jobs and their GPU hours."""
+        out: dict[str, list] = {}
+        for job in self.jobs.values():
+            if job.scaled:
+                out.setdefault(job.scaled, []).append(job)
+        return [{"note": k, "jobs": len(v), "gpu_hours": sum(j.seconds for j in v) / 3600} for k, v in sorted(out.items())]
+
+    # --- disk beyond models and caches ------------------------------------------------------------
+    def videos(self) -> list[dict]:
+        """The MicroLens videos the video captions need (rule fetch_videos, the kept items'), per
+        dataset whose video captions the jobs make from fetched videos: its items
+        (`dataset_stats`) and GB at VIDEO_MB each (an assumed range; a generated twin's videos
+        are left out)."""
+        out = []
+        for dataset in sorted({j.wildcards["dataset"] for j in self.jobs.values() if j.kind == "caption" and j.wildcards.get("source") == "video"}):
+            if ((self.config.get("dataset_sources") or {}).get(dataset) or {}).get("kind") != "microlens":
+                continue
+            items = int(dataset_stats(self.config, dataset)["items"])
+            out.append({"dataset": dataset, "items": items, "folder": plan.MICROLENS_VIDEOS.format(dataset=dataset),
+                        "gb": tuple(items * mb / 1e3 for mb in VIDEO_MB)})
+        return out
+
     # --- report -----------------------------------------------------------------------------------
     def summary(self) -> list[dict]:
-        """Per group (table or figure) and in total: jobs, GPU hours, largest peak memory."""
+        """Per group (table or figure) and in total: jobs, GPU hours (each job's hours once),
+        card-hours (each job's hours times the cards it holds), largest peak memory."""
         out = []
         names = sorted({g for j in self.jobs.values() for g in j.groups}, key=_group_order)
         for name in [*names, "total"]:
             jobs = [j for j in self.jobs.values() if name == "total" or name in j.groups]
             top = max(jobs, key=lambda j: j.peak_gib)
             out.append({"group": name, "jobs": len(jobs), **{k: sum(j.kind == k for j in jobs) for k in KINDS},
-                        "gpu_hours": sum(j.seconds for j in jobs) / 3600, "peak_gib": top.peak_gib, "peak_job": top.name})
+                        "gpu_hours": sum(j.seconds for j in jobs) / 3600, "card_hours": sum(j.card_seconds for j in jobs) / 3600,
+                        "peak_gib": top.peak_gib, "peak_job": top.name})
         return out
 
 
 KINDS = ("caption", "cache", "train", "profile")
+
+
+def _wildcards(template: str, path: str) -> dict | None:
+    """The wildcards of `path` as an output of `template` (plan.RUN_METRICS), or None."""
+    pattern = re.sub(r"\\\{(\w+)\\\}", r"(?P<\1>[^/]+)", re.escape(template))
+    m = re.fullmatch(pattern, path)
+    return m.groupdict() if m else None
 
 
 def _target_group(target: str) -> str:
@@ -321,15 +516,58 @@ def _group_order(name: str):
 
 
 def render(budget: Budget) -> str:
-    """The summary as a fixed-width table (shared jobs count once in the total)."""
+    """The summary as a fixed-width table (shared jobs count once in the total), then where its
+    rates come from (`render_provenance`)."""
     rows = budget.summary()
     w = max(14, *(len(r["group"]) + 2 for r in rows))
-    head = f"{'table/figure':<{w}}{'GPU jobs':>9}{'caption':>9}{'cache':>7}{'train':>7}{'profile':>9}{'GPU hours':>11}{'peak GiB':>10}  largest job"
-    lines = [f"GPU-hour budget (upper bound: every run to max_epochs) from rates measured on {budget.rates['device']}", head]
+    head = (f"{'table/figure':<{w}}{'GPU jobs':>9}{'caption':>9}{'cache':>7}{'train':>7}{'profile':>9}{'GPU hours':>11}"
+            f"{'card-hours':>12}{'peak GiB':>10}  largest job")
+    lines = ["GPU-hour budget (upper bound: every run to max_epochs; where each rate comes from: below the table)", head]
     for r in rows:
         lines.append(f"{r['group']:<{w}}{r['jobs']:>9}{r['caption']:>9}{r['cache']:>7}{r['train']:>7}{r['profile']:>9}"
-                     f"{r['gpu_hours']:>11.1f}{r['peak_gib']:>10.1f}  {r['peak_job']}")
-    lines.append("A job shared by several tables counts in each of them and once in the total.")
+                     f"{r['gpu_hours']:>11.1f}{r['card_hours']:>12.1f}{r['peak_gib']:>10.1f}  {r['peak_job']}")
+    lines.append("A job shared by several tables counts in each of them and once in the total. GPU hours count a job's "
+                 "hours once, card-hours times the cards it holds (a 34B captioner two 80 GB cards).")
+    return "\n".join([*lines, render_provenance(budget)])
+
+
+def render_provenance(budget: Budget) -> str:
+    """Which device each rate the jobs use was measured on, and whether measured, extrapolated
+    or set by hand; and the jobs priced from another model's rate."""
+    says = {"measured": "measured on {device}", "extrapolated": "extrapolated from a measurement on {device}",
+            "not measured": "not measured"}
+    lines = ["Rates these jobs are priced from (rates.yaml, each section's provenance; docs/benchmarks.md names each benchmark):"]
+    for g in budget.provenance():
+        how = says.get(g["how"], "no provenance recorded, device {device}").format(device=g["device"] or "unknown")
+        note = f" ({g['note']})" if g["note"] else (f" ({g['source']})" if g["how"] == "not measured" and g["source"] else "")
+        lines.append(f"  {how}{note}, {g['jobs']} jobs: {_keys(g['rates'])}")
+    for s in budget.scaled():
+        lines.append(f"  scaled, {s['jobs']} jobs ({s['gpu_hours']:.1f} GPU hours): {s['note']}; that model not run")
+    lines.append("  (each rate scaled to a job's backbones, dataset and batch; a job counts in each line whose rates it uses)")
+    return "\n".join(lines)
+
+
+def _keys(keys: list[str]) -> str:
+    """Dotted keys, those of one parent together: cached.{eval_s, startup_s}."""
+    parents: dict[str, list[str]] = {}
+    for k in keys:
+        parent, _, leaf = k.rpartition(".")
+        parents.setdefault(parent, []).append(leaf)
+    return ", ".join(f"{p}.{v[0]}" if len(v) == 1 else f"{p}.{{{', '.join(v)}}}" for p, v in parents.items())
+
+
+def render_videos(budget: Budget) -> str:
+    """The videos' disk, per dataset (`Budget.videos`), or '' when the jobs need none."""
+    rows = budget.videos()
+    if not rows:
+        return ""
+    lo, hi = VIDEO_MB
+    lines = [f"Videos the video captions are made from (rule fetch_videos, the kept items' videos; at {lo}-{hi} MB each, "
+             "an assumed range, not measured):"]
+    for r in rows:
+        lines.append(f"  {r['dataset']}: {r['items']:,} videos, {r['gb'][0]:,.0f}-{r['gb'][1]:,.0f} GB in {r['folder']}")
+    if len(rows) > 1:
+        lines.append(f"  total: {sum(r['gb'][0] for r in rows):,.0f}-{sum(r['gb'][1] for r in rows):,.0f} GB")
     return "\n".join(lines)
 
 
@@ -340,6 +578,7 @@ def write_jobs(budget: Budget, path: Path) -> None:
 
     with atomic_path(Path(path), ".csv") as tmp, open(tmp, "w", newline="") as fh:
         out = csv.writer(fh)
-        out.writerow(["kind", "output", "gpu_hours", "peak_gib", "groups", "detail"])
+        out.writerow(["kind", "output", "gpus", "gpu_hours", "card_hours", "peak_gib", "priority_min", "groups", "detail"])
         for j in sorted(budget.jobs.values(), key=lambda j: (KINDS.index(j.kind), j.name)):
-            out.writerow([j.kind, j.name, f"{j.seconds / 3600:.4f}", f"{j.peak_gib:.2f}", " ".join(j.groups), j.detail])
+            out.writerow([j.kind, j.name, j.gpus, f"{j.seconds / 3600:.4f}", f"{j.card_seconds / 3600:.4f}", f"{j.peak_gib:.2f}",
+                          j.priority, " ".join(j.groups), j.detail])

@@ -14,7 +14,7 @@ from pathlib import Path
 
 
 def plan(args: argparse.Namespace) -> int:
-    from .budget import Budget, load_rates, render, write_jobs
+    from .budget import GPU_RULES, Budget, load_rates, render, render_videos, write_jobs
     from .graph import job_graph
     from .models_fetch import disk_report
     from .workflow import load_yaml
@@ -41,6 +41,8 @@ def plan(args: argparse.Namespace) -> int:
         os.chdir(cwd)
     print(render(budget))
     print(disk_report(budget))
+    if videos := render_videos(budget):
+        print(videos)
     limit = graph.config["cluster"]["max_runtime_min"]
     if limit:
         margin = graph.config["cluster"]["runtime_margin"]
@@ -50,16 +52,30 @@ def plan(args: argparse.Namespace) -> int:
             print(f"at cluster.max_runtime_min = {limit}, {sum(a > 1 for a in attempts.values())} jobs resume over several attempts, "
                   f"at most {most} ({max(attempts, key=attempts.get)}): run snakemake with --retries {most - 1} or more")
     if args.gpus is not None:
-        from .schedule import wall_seconds
+        from .schedule import ORDERS, chains, random_walls, wall_seconds
 
         jobs = list(budget.jobs.values())
         try:
-            wall = wall_seconds(jobs, args.gpus)
+            wall = wall_seconds(jobs, args.gpus, {j.name: j.priority for j in jobs})
+            walls = random_walls(jobs, args.gpus, ORDERS)
+            chain = chains(jobs)
         except ValueError as err:
             print(f"iisan plan --gpus {args.gpus}: {err}", file=sys.stderr)
             return 2
-        print(f"wall time on {args.gpus} GPU{'s' * (args.gpus != 1)}: {wall / 3600:.1f} h (GPU hours {sum(j.seconds for j in jobs) / 3600:.1f})\n"
-              "(a list schedule: the longest job whose inputs are done first, each on cards of its own; iisan.schedule)")
+        gpus = f"{args.gpus} GPU{'s' * (args.gpus != 1)}"
+        card_hours = sum(j.card_seconds for j in jobs) / 3600
+        longest = max(chain, key=chain.get, default="")
+        held = sum(j.seconds * min(j.gpus, args.gpus) for j in jobs) / 3600  # a job of more cards than there are takes them all
+        bound = max(chain.get(longest, 0) / 3600, held / args.gpus)
+        print(f"wall time on {gpus}: {wall / 3600:.1f} h (GPU hours {sum(j.seconds for j in jobs) / 3600:.1f}) longest chain first, "
+              f"{min(walls) / 3600:.1f}–{max(walls) / 3600:.1f} h in random orders (card-hours {card_hours:.1f})\n"
+              f"(a list schedule, iisan.schedule: whenever cards free up, the ready job with the longest chain of GPU work after it "
+              f"starts, each on cards of its own; {ORDERS} seeded random orders for the range; no order ends before {bound:.1f} h: "
+              f"the longest chain, {chain.get(longest, 0) / 3600:.1f} h from {longest or '-'}, or {held:.1f} card-hours over {gpus})")
+        set_by_rules = [n.priority for n in graph.nodes if n.rule in GPU_RULES]
+        if not any(set_by_rules):
+            print("The workflow's GPU rules set no priority: Snakemake then starts ready jobs in no set order (the random range); "
+                  "`priority:` from iisan.budget.Budget.priority gives the first figure.")
         for j in jobs:
             if j.gpus > args.gpus:
                 print(f"{j.name} asks for {j.gpus} GPUs and gets {args.gpus}: it may not fit them")
@@ -87,9 +103,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("targets", nargs="*", metavar="TARGET", help="output files, as snakemake's targets (default: the config's tables and figures)")
     p.add_argument("--configfile", nargs="+", help="config files over config/config.yaml, as snakemake --configfile")
     p.add_argument("--config", nargs="+", metavar="KEY=VALUE", help="config overrides, as snakemake --config")
-    p.add_argument("--rates", type=Path, help="measured rates (default: the package's rates.yaml, an H200)")
-    p.add_argument("--jobs", type=Path, help="also write every job (kind, output, GPU hours, peak GiB, tables) to this CSV")
-    p.add_argument("--gpus", type=int, metavar="N", help="also the wall time of the jobs on one machine with N GPUs")
+    p.add_argument("--rates", type=Path,
+                   help="reference rates with their provenance (default: the package's rates.yaml, measured on an H200 and an H100)")
+    p.add_argument("--jobs", type=Path,
+                   help="also write every job (kind, output, cards, GPU hours, card-hours, peak GiB, priority, tables) to this CSV")
+    p.add_argument("--gpus", type=int, metavar="N",
+                   help="also the wall time of the jobs on one machine with N GPUs, longest chain first and in random orders")
     p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
     from .worker import ENV, default_socket
 

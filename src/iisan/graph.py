@@ -24,6 +24,7 @@ class Node:
     outputs: tuple[str, ...]
     after: frozenset[int] = field(default_factory=frozenset)
     resources: Mapping[str, object] = field(default_factory=dict)  # as the rule requests them (runtime in minutes)
+    priority: float = 0  # as the rule's `priority` gives it (0 where the rule sets none)
 
     @property
     def name(self) -> str:
@@ -94,11 +95,13 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
             workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
             workflow._build_dag()
             dag = workflow.dag
+            dag.update_priority()  # the rules' priorities, as a run sets them before it schedules
             jobs = sorted(dag.jobs, key=lambda j: (j.rule.name, str(j.output[0]) if j.output else ""))
             index = {job: i for i, job in enumerate(jobs)}
             nodes = [Node(i, job.rule.name, dict(job.wildcards_dict), tuple(str(o) for o in job.output),
                           frozenset(index[d] for d in dag.dependencies[job] if d in index),
-                          {k: v for k, v in job.resources.items() if not k.startswith("_")}) for i, job in enumerate(jobs)]
+                          {k: v for k, v in job.resources.items() if not k.startswith("_")},
+                          dag.priority(job)) for i, job in enumerate(jobs)]
             return Graph(nodes, dict(workflow.config))
     finally:
         os.chdir(cwd)
