@@ -113,6 +113,7 @@ rule cache:
         "logs/cache/{dataset}/{field}/{backbone}.log",
     benchmark:
         "results/benchmarks/cache/{dataset}/{field}/{backbone}.tsv"
+    priority: get_priority("cache")
     conda:
         get_cache_env
     threads: get_cache_threads

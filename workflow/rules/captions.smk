@@ -54,7 +54,14 @@ rule videos_content:
         "../scripts/videos_content.py"
 
 
-# frames.zip is updated in place: the job takes the frames of unchanged videos from it
+# frames.zip is updated in place: the job takes the frames of unchanged videos from it. It decodes
+# videos on all its threads and keeps the finished ones in frames.zip.parts/ as it goes, so that
+# a job stopped by its time limit resumes there on its next attempt (iisan.frames). Its threads
+# and minutes come from the measured seconds per video (rates.yaml frames:) and the dataset's
+# items; the minutes at most cluster.max_runtime_min.
+from iisan.frames import frames_minutes, frames_threads
+
+
 rule frames:
     input:
         item_table=plan.ITEMS,
@@ -66,10 +73,13 @@ rule frames:
         "logs/captions/{dataset}/frames.log",
     conda:
         "../../envs/iisan.yaml"
-    threads: 1
+    threads: lambda wildcards: frames_threads(config, wildcards.dataset)
     resources:
-        mem_mb=2000,
-        runtime=120,
+        mem_mb=lambda wildcards, threads: 1000 + 300 * threads,
+        runtime=lambda wildcards, threads: min(
+            frames_minutes(config, wildcards.dataset, threads),
+            config["cluster"]["max_runtime_min"] or math.inf,
+        ),
     params:
         positions=config["captions"]["frames"],
         missing=config["captions"]["missing_videos"],
@@ -114,6 +124,7 @@ rule caption:
         source="cover|video",
         shard=r"\d+",
         shards=str(CAPTION_SHARDS),
+    priority: get_priority("caption")
     conda:
         "../../envs/iisan.yaml"
     threads: 2

@@ -494,6 +494,17 @@ def get_estimate(name, wildcards):
     return ESTIMATES.estimate(name, dict(wildcards.items()))
 
 
+def get_priority(name):
+    """The priority Snakemake gives a job of GPU rule `name`, the whole minutes of the longest chain of
+    GPU work from it to the end (iisan.budget.Budget.priority), so that the job the most work
+    waits for starts first."""
+
+    def priority(wildcards):
+        return ESTIMATES.priority(name, dict(wildcards.items()))
+
+    return priority
+
+
 def get_gpus(name):
     """The GPUs a job of GPU rule `name` asks for, the cards its estimated peak needs (none for a
     stand-in captioner, none on a machine without CUDA). A run's model lives on one card: one

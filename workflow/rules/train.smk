@@ -12,6 +12,7 @@ rule train:
         "logs/train/{dataset}/{towers}/{method}/{scheme}/{cache}/seed{seed}.log",
     benchmark:
         "results/benchmarks/train/{dataset}/{towers}/{method}/{scheme}/{cache}/seed{seed}.tsv"
+    priority: get_priority("train")
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -35,6 +36,7 @@ use rule train as profile with:
         "logs/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.log",
     benchmark:
         "results/benchmarks/efficiency/{dataset}/{towers}/{method}/{scheme}/{cache}/batch{batch}.tsv"
+    priority: get_priority("profile")
     resources:
         mem_mb=get_train_mem_mb("profile"),
         runtime=get_runtime("profile"),
