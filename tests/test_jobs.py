@@ -109,3 +109,82 @@ with job(SimpleNamespace(log=[sys.argv[1]], threads=0)):
     res = subprocess.run([sys.executable, "-c", code, str(tmp_path / "job.log")], capture_output=True, text=True)
     text = (tmp_path / "job.log").read_text()
     assert res.returncode != 0 and "Fatal Python error: Bus error" in text and "write_rows" in text, text
+
+
+def test_a_job_stopped_by_sigterm_records_its_attempt(tmp_path):
+    """SIGTERM (a cluster's time limit) leaves `<log>.stops` naming the attempt; a new first attempt
+    forgets earlier records; memory_factor_of counts only the other failures."""
+    import signal
+    import time
+
+    from iisan.jobs import memory_factor_of, stops_file
+
+    code = """
+import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+from iisan.jobs import job
+
+snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0, resources=SimpleNamespace(attempt=int(sys.argv[2])))
+with job(snakemake):
+    Path(sys.argv[1] + ".ready").touch()
+    time.sleep(60)
+"""
+    log = tmp_path / "job.log"
+
+    def stopped(attempt):
+        (tmp_path / "job.log.ready").unlink(missing_ok=True)
+        proc = subprocess.Popen([sys.executable, "-c", code, str(log), str(attempt)])
+        deadline = time.time() + 60
+        while not (tmp_path / "job.log.ready").exists() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 143
+
+    stopped(1)
+    assert stops_file(log).read_text().split() == ["1"]
+    assert memory_factor_of(log, 2) == 1  # a time-out: the retry asks the same memory
+    stopped(2)
+    assert memory_factor_of(log, 3) == 1
+    stops_file(log).write_text("2\n")  # attempt 1 failed otherwise (an OOM kill leaves no record)
+    assert memory_factor_of(log, 3) == 2 and memory_factor_of(log, 2) == 2
+    stopped(1)  # a new run of the job: the earlier record is gone
+    assert stops_file(log).read_text().split() == ["1"]
+
+
+def test_a_job_under_slurm_says_which_allocation_runs_it():
+    from iisan.jobs import slurm_allocation
+
+    line = slurm_allocation({"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "gpu03", "SLURM_JOB_PARTITION": "gpu",
+                             "SLURM_CPUS_PER_TASK": "4", "SLURM_MEM_PER_NODE": "87000", "CUDA_VISIBLE_DEVICES": "3,4"})
+    assert line == "SLURM job 7 on gpu03, partition gpu: 4 CPUs, 87000 MB, CUDA_VISIBLE_DEVICES=3,4"
+
+
+@pytest.mark.slow
+def test_a_retry_after_a_time_out_asks_for_more_time_not_more_memory(root, tmp_path):
+    """A GPU job's runtime is its estimate times the attempt, at most cluster.max_runtime_min; its
+    memory grows on a retry only when the attempt before was not stopped by the time limit."""
+    from conftest import copy_workflow
+
+    from iisan.graph import job_graph
+    from iisan.jobs import stops_file
+
+    wd = copy_workflow(root, tmp_path)
+    overrides = {"gpus_per_job": "1", "cluster": "{max_runtime_min: 25, runtime_margin: 1}"}
+
+    def train(attempt):
+        graph = job_graph(wd, ["tests/configs/tiny.yaml"], overrides, ["results/table7.csv"], attempt=attempt)
+        node = min((n for n in graph.nodes if n.rule == "train"), key=lambda n: n.name)
+        w = node.wildcards
+        log = wd / f"logs/train/{w['dataset']}/{w['towers']}/{w['method']}/{w['scheme']}/{w['cache']}/seed{w['seed']}.log"
+        return node.resources, log
+
+    first, log = train(1)
+    assert first["runtime"] == 10  # the floor: a tiny run
+    oom, _ = train(2)  # attempt 1 failed and left no stop record: more memory, more time
+    assert oom["mem_mb"] == 2 * first["mem_mb"] and oom["runtime"] == min(2 * first["runtime"], 25)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    stops_file(log).write_text("1\n")  # attempt 1 was stopped by the time limit
+    timeout, _ = train(2)
+    assert timeout["mem_mb"] == first["mem_mb"] and timeout["runtime"] == min(2 * first["runtime"], 25)
+    assert train(3)[0]["runtime"] == 25

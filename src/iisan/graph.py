@@ -69,16 +69,17 @@ class Graph:
 
 def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os.PathLike] = (),
               overrides: Mapping[str, object] | None = None, targets: Iterable[str] = (),
-              resources: Mapping[str, int] | None = None) -> Graph:
+              resources: Mapping[str, int] | None = None, attempt: int = 1) -> Graph:
     """The DAG Snakemake builds for `targets` (default: the Snakefile's default target) with the
     workflow in `directory`, its config files and `--config` overrides (a string value is read
     as Snakemake's command line reads it). Snakemake's own errors (a missing input, a bad
     config) propagate as they are; the working directory and the environment are restored.
     `resources`: the global resources (`--resources`), which cap what a job may ask for (a local
-    run caps `gpu` at this machine's cards unless given)."""
+    run caps `gpu` at this machine's cards unless given). `attempt`: the jobs' resources as a
+    retry with this number would ask for them."""
     from snakemake.api import SnakemakeApi
     from snakemake.cli import parse_config
-    from snakemake.settings.types import ConfigSettings, DAGSettings, OutputSettings, Quietness, ResourceSettings
+    from snakemake.settings.types import ConfigSettings, DAGSettings, ExecutionSettings, OutputSettings, Quietness, ResourceSettings
 
     directory = Path(directory).resolve()
     given = dict(overrides or {})
@@ -92,6 +93,8 @@ def job_graph(directory: str | os.PathLike = ".", configfiles: Iterable[str | os
                                         snakefile=directory / "Snakefile", workdir=directory)
             workflow_api.dag(DAGSettings(targets=set(targets), forceall=True))
             workflow = workflow_api._workflow
+            if attempt != 1:
+                workflow.execution_settings = ExecutionSettings(attempt=attempt)
             workflow._prepare_dag(forceall=True, ignore_incomplete=True, lock_warn_only=True, nolock=True)
             workflow._build_dag()
             dag = workflow.dag

@@ -87,6 +87,8 @@ def job(snakemake, keep_attempts: bool = False):
                         stream=sys.stderr, force=True)
     if keep_attempts:
         print(f"== {datetime.now().astimezone().isoformat(timespec='seconds')} attempt {attempt or '?'} ==", flush=True)
+    if os.environ.get("SLURM_JOB_ID"):
+        print(slurm_allocation(os.environ), flush=True)
     from . import gpus
 
     cards = gpus.for_job(int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0),
@@ -122,6 +124,14 @@ def job(snakemake, keep_attempts: bool = False):
             cards.release()
         if keep_attempts and attempts is None:
             log.with_name(log.name + ".attempts").write_bytes(log.read_bytes())
+
+
+def slurm_allocation(env) -> str:
+    """One line saying which SLURM job runs this one, where, and what it was given."""
+    cpus = env.get("SLURM_CPUS_PER_TASK") or env.get("SLURM_JOB_CPUS_PER_NODE", "?")
+    return (f"SLURM job {env.get('SLURM_JOB_ID')} on {env.get('SLURMD_NODENAME', '?')}, partition "
+            f"{env.get('SLURM_JOB_PARTITION', '?')}: {cpus} CPUs, {env.get('SLURM_MEM_PER_NODE', '?')} MB, "
+            f"CUDA_VISIBLE_DEVICES={env.get('CUDA_VISIBLE_DEVICES', '')}")
 
 
 def compile_cache(config: dict) -> None:
