@@ -164,10 +164,10 @@ def test_a_job_under_slurm_says_which_allocation_runs_it():
 def test_a_retry_after_a_time_out_asks_for_more_time_not_more_memory(root, tmp_path):
     """A GPU job's runtime is its estimate times the attempt, at most cluster.max_runtime_min; its
     memory grows on a retry only when the attempt before was not stopped by the time limit."""
-    from conftest import copy_workflow
-
     from iisan.graph import job_graph
     from iisan.jobs import stops_file
+
+    from conftest import copy_workflow
 
     wd = copy_workflow(root, tmp_path)
     overrides = {"gpus_per_job": "1", "cluster": "{max_runtime_min: 25, runtime_margin: 1}"}

@@ -109,8 +109,8 @@ def test_readme_cluster_commands_run_as_written(root, tmp_path, cluster):
         import snakemake_executor_plugin_slurm  # noqa: F401
     except ImportError:
         pytest.fail("the SLURM executor plugin is not installed (pip install -e '.[test]')")
+    (tmp_path / "wd").mkdir()
     wd = copy_workflow(root, tmp_path / "wd")
-    wd.mkdir(exist_ok=True)
     env = {**cluster, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{cluster['PATH']}"}
     ran = []
     for command in readme_commands():

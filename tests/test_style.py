@@ -49,3 +49,12 @@ def test_every_document_the_repository_names_is_in_it(root):
             if ref not in present and ref.rsplit("/", 1)[-1] not in present:
                 missing.append(f"{name}: {ref}")
     assert not missing, missing
+
+
+def test_config_files_named_in_the_readme_and_the_catalog_exist(root):
+    """Every config/*.yaml the README, config/README.md and the workflow catalog name is shipped."""
+    import re
+
+    for doc in ("README.md", "config/README.md", ".snakemake-workflow-catalog.yml"):
+        for name in set(re.findall(r"config/[\w./-]+\.yaml", (root / doc).read_text())):
+            assert (root / name).is_file(), f"{doc} names {name}, which does not exist"

@@ -50,7 +50,6 @@ SwitchType=switch/none
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core_Memory
 GresTypes=gpu
-AccountingStorageTRES=gres/gpu
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 ReturnToService=2
@@ -80,7 +79,7 @@ echo "$STATE" >/etc/slurm/.iisan-test-state
 slurmctld -c -f "$SLURM_CONF"
 slurmd -f "$SLURM_CONF"
 for _ in $(seq 1 30); do
-  if sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed"; then
+  if timeout 5 sinfo -h -o %T 2>/dev/null | grep -qE "idle|mixed"; then
     echo "export SLURM_CONF=$SLURM_CONF"
     exit 0
   fi
