@@ -369,3 +369,23 @@ def test_budget_does_not_depend_on_the_planning_machines_gpus(monkeypatch):
         seen.append({n: (j.gpus, j.seconds, j.peak_gib, j.priority) for n, j in budget.jobs.items()})
     assert seen[0] == seen[1]
     assert seen[0][plan.CAPTION_SHARD.format(**video_shard())][0] == 2
+
+
+@pytest.mark.slow
+def test_a_card_limit_below_a_jobs_need_stops_the_run_naming_both(tmp_path):
+    """The 34B captioner needs two 80 GB cards: with `--resources gpu=1` the run stops before any
+    job starts, naming both numbers, instead of giving the job one card; a dry run without a limit
+    shows the two cards a cluster job will ask for, whatever GPUs this host has."""
+    from conftest import SNAKEMAKE, copy_workflow, run
+
+    wd = copy_workflow(ROOT, tmp_path)
+    shard = "resources/MicroLens/captions/video.shards/1-of-12.parquet"
+    base = SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml", "--config", "gpus_per_job=1"]
+    capped = run(base + ["--resources", "gpu=1", "--", shard], wd)
+    out = capped.stdout + capped.stderr
+    assert capped.returncode != 0 and re.search(r"needs 2 GPUs of 80 GiB .*but this run may use 1 \(--resources gpu=1", out), out[-3000:]
+    free = run(base + ["--", shard], wd)
+    out = free.stdout + free.stderr
+    assert free.returncode == 0, out[-3000:]
+    block = out[out.index("rule caption:"):]
+    assert re.search(r"resources: .*\bgpu=2\b", block.split("\n\n")[0]), block[:2000]

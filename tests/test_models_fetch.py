@@ -196,3 +196,27 @@ def test_plan_reports_the_disk_of_every_model_and_cache(paper_graph):
     total = report.splitlines()[-2].split()
     assert total[0] == "total" and 400 < float(total[1]) < 500 and float(total[3]) > 100
     assert report.splitlines()[-1].startswith("18 of the fetched models have no revision")
+
+
+@pytest.mark.slow
+def test_fetch_keeps_going_past_a_model_it_cannot_fetch_and_lists_it(root, tmp_path):
+    """`snakemake --keep-going ... -- fetch` (README, Reproducing the paper): a model missing from
+    the hub (a licence not accepted, a misspelt id) does not stop the others, and the run ends with
+    the list of what was not fetched, each with its error and log."""
+    from conftest import SNAKEMAKE, copy_workflow, run
+
+    cache, _ = hub_cache(tmp_path)
+    (tmp_path / "wd").mkdir()
+    wd = copy_workflow(root, tmp_path / "wd")
+    entry = "{family: bert, modality: text, layers: 2, hidden: 32, heads: 2, pooling: cls, dtype: float32}"
+    (wd / "fetch.yaml").write_text(
+        f"model_cache: {cache}\ndatasets: [demo]\ntables: []\nfigures: []\n"
+        f"backbones:\n  present: {{source: {REPO}, {entry[1:]}\n  refused: {{source: example-org/gated-model, {entry[1:]}\n")
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="")
+    res = run(SNAKEMAKE + ["--cores", "2", "--keep-going", "--configfile", "fetch.yaml", "--", "fetch"], wd, env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode != 0
+    assert (wd / "resources/backbones/present/config.json").exists(), out[-3000:]
+    tail = out[out.index("fetch: 1 of 2 not fetched:"):]
+    assert re.search(r"resources/backbones/refused/config.json: \S*ModelFetchError: backbone refused "
+                     r"\(example-org/gated-model at revision main\).*\(log: logs/backbones/refused.log\)", tail), tail
