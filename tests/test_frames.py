@@ -1,6 +1,7 @@
 """Frames of videos (iisan.frames) on the MicroLens demo twin's videos."""
 
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -144,7 +145,7 @@ def test_frames_of_unchanged_videos_are_reused(damaged, videos, tmp_path, monkey
     before = _members(out)
     decoded = []
     real = frames.extract_frames
-    monkeypatch.setattr(frames, "extract_frames", lambda path, positions: decoded.append(path.stem) or real(path, positions))
+    monkeypatch.setattr(frames, "extract_frames", lambda path, positions, **kw: decoded.append(path.stem) or real(path, positions, **kw))
 
     # nothing changed: nothing decoded (but the missing video's path), the same archive
     again = extract_all(items, folder, out, missing="skip", previous=out)
@@ -194,3 +195,187 @@ def test_a_content_manifest_changes_only_with_the_content(damaged, tmp_path, mon
     assert folders.refresh_manifest(folder, manifest, "*.mp4")
     assert f"{items[2]}.mp4" not in json.loads(manifest.read_text())["files"]
     assert folders.current_manifest(folder, manifest, "*.mp4") == json.loads(manifest.read_text())
+
+
+# --- parallel and resumable extraction ------------------------------------------------------
+def _copy_videos(videos: Path, folder: Path, items) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in items:
+        (folder / f"{item}.mp4").write_bytes((videos / f"{item}.mp4").read_bytes())
+    return folder
+
+
+class Killed(Exception):
+    """Stands for the job's end part-way (a time-out): raised by the n-th decode."""
+
+
+def _die_at(monkeypatch, n: int) -> list[str]:
+    """Make the n-th call of extract_frames raise `Killed`; returns the stems it was called on."""
+    calls, real = [], frames.extract_frames
+
+    def extract(path, positions, **kw):
+        calls.append(path.stem)
+        if len(calls) == n:
+            raise Killed(path.stem)
+        return real(path, positions, **kw)
+
+    monkeypatch.setattr(frames, "extract_frames", extract)
+    return calls
+
+
+def _parts(out: Path) -> list[str]:
+    return sorted(p.name for p in frames.work_folder(out).glob("part-*.zip"))
+
+
+def test_threads_give_the_same_archive(damaged, tmp_path):
+    folder, items = damaged
+    runs = {}
+    for threads in (1, 3):
+        out = tmp_path / f"t{threads}" / "frames.zip"
+        runs[threads] = extract_all(items, folder, out, missing="skip", threads=threads), out.read_bytes()
+    assert runs[1] == runs[3]
+    video = folder / f"{items[0]}.mp4"
+    assert [np.asarray(f).tobytes() for f in extract_frames(video, threads=1)] == \
+        [np.asarray(f).tobytes() for f in extract_frames(video, threads=0)]
+    with pytest.raises(ValueError, match="threads"):
+        extract_all(items, folder, tmp_path / "x.zip", threads=0)
+
+
+def test_an_interrupted_run_resumes_to_the_same_archive(damaged, tmp_path, monkeypatch):
+    """Killed at its third video, a run has kept the finished ones in parts; the next run decodes
+    only the others and writes the archive and manifest an uninterrupted run writes."""
+    folder, items = damaged
+    ref = tmp_path / "ref" / "frames.zip"
+    want = extract_all(items, folder, ref, missing="skip")
+    out = tmp_path / "frames.zip"
+    calls = _die_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        extract_all(items, folder, out, missing="skip", flush_s=0)
+    assert not out.exists() and _parts(out)  # nothing written but the parts
+    kept = set(frames._Work(frames.work_folder(out), POSITIONS, 95).found)
+    assert set(items[:2]) <= kept and items[2] not in kept
+    calls.clear()
+    monkeypatch.setattr(frames, "extract_frames", lambda path, positions, **kw: calls.append(path.stem) or real(path, positions, **kw))
+    got = extract_all(items, folder, out, missing="skip", flush_s=0)
+    assert sorted(calls) == sorted(set(items) - kept)  # items[5], without a video, is tried every time
+    assert got == want and out.read_bytes() == ref.read_bytes()
+    assert not frames.work_folder(out).exists()
+
+
+real = frames.extract_frames
+
+
+def test_resuming_with_a_previous_archive_and_changed_videos(videos, tmp_path, monkeypatch):
+    """Reuse of unchanged videos' frames and resuming together: the run that completes after
+    two interruptions equals an uninterrupted one from the same previous archive."""
+    items = plan(SPEC).item_ids[:10]
+    folder = _copy_videos(videos, tmp_path / "videos", items[:8])
+    out = tmp_path / "frames.zip"
+    extract_all(items[:8], folder, out)
+    # three videos replaced by others, two added
+    for a, b in [(0, 9), (3, 8), (5, 10)]:
+        (folder / f"{items[a]}.mp4").write_bytes((videos / f"{plan(SPEC).item_ids[b]}.mp4").read_bytes())
+    _copy_videos(videos, folder, items[8:])
+    previous = tmp_path / "previous.zip"
+    previous.write_bytes(out.read_bytes())
+    ref = tmp_path / "ref" / "frames.zip"
+    want = extract_all(items, folder, ref, previous=previous, threads=2)
+    assert (want["reused"], want["extracted"]) == (5, 10)
+    kept = []
+    for _ in range(2):  # each run decodes one video more than the last kept (and maybe others ahead)
+        _die_at(monkeypatch, 2)
+        with pytest.raises(Killed):
+            extract_all(items, folder, out, previous=out, flush_s=0)
+        assert out.read_bytes() == previous.read_bytes()  # the previous archive untouched
+        kept.append(set(frames._Work(frames.work_folder(out), POSITIONS, 95).found))
+    assert kept[0] and kept[0] < kept[1] and len(kept[1]) < 5
+    calls = _die_at(monkeypatch, 0)
+    got = extract_all(items, folder, out, previous=out, threads=2)
+    assert sorted(calls) == sorted({items[i] for i in (0, 3, 5, 8, 9)} - kept[1])
+    assert got == want and out.read_bytes() == ref.read_bytes()
+
+
+def test_parts_of_other_settings_changed_videos_and_damaged_parts_are_not_used(damaged, videos, tmp_path, monkeypatch):
+    folder, items = damaged
+    out = tmp_path / "frames.zip"
+    ref = tmp_path / "ref" / "frames.zip"
+    _die_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        extract_all(items[:3], folder, out, quality=80, flush_s=0)
+    assert len(_parts(out)) == 2
+    calls = _die_at(monkeypatch, 0)
+    extract_all(items[:3], folder, out, flush_s=0)  # quality 95: both parts ignored
+    assert calls == items[:3] and not frames.work_folder(out).exists()
+
+    _die_at(monkeypatch, 3)
+    with pytest.raises(Killed):
+        extract_all(items[:3], folder, out, previous=None, flush_s=0)
+    work = frames.work_folder(out)
+    first, second = sorted(work.glob("part-*.zip"))
+    first.write_bytes(first.read_bytes()[:100])  # damaged
+    (folder / f"{items[1]}.mp4").write_bytes((videos / f"{items[4]}.mp4").read_bytes())  # changed since
+    (work / ".part-000009.zip.tmp").write_bytes(b"a part being written when the job was killed")
+    calls = _die_at(monkeypatch, 0)
+    got = extract_all(items[:3], folder, out, flush_s=0)
+    assert calls == items[:3]
+    assert got == extract_all(items[:3], folder, ref) and out.read_bytes() == ref.read_bytes()
+    assert not work.exists()
+
+
+KILLER = """
+import os, signal, sys
+from pathlib import Path
+from iisan import frames, jobs
+signal.signal(signal.SIGTERM, jobs._stop)  # as a workflow job has it
+real, calls = frames.extract_frames, []
+def extract(path, positions, **kw):
+    calls.append(path.stem)
+    if len(calls) == int(sys.argv[4]):
+        os.kill(os.getpid(), getattr(signal, sys.argv[5]))
+    return real(path, positions, **kw)
+frames.extract_frames = extract
+items = sys.argv[3].split(",")
+frames.extract_all(items, Path(sys.argv[1]), Path(sys.argv[2]), threads=2, flush_s=float(sys.argv[6]))
+"""
+
+
+@pytest.mark.parametrize("sig", ["SIGKILL", "SIGTERM"])
+def test_a_killed_job_resumes_to_the_same_archive(videos, tmp_path, sig):
+    """A real job process killed at its 9th video (2 threads, so at least 7 had finished):
+    SIGKILL loses what was not yet in a part (with parts after every video, at most the last
+    few); SIGTERM, as the workflow's jobs take it, keeps every finished video even with an hour
+    between parts. The next run decodes the rest and writes the uninterrupted run's archive."""
+    import subprocess
+    import sys
+
+    items = plan(SPEC).item_ids
+    out, ref = tmp_path / "frames.zip", tmp_path / "ref" / "frames.zip"
+    flush_s = 0 if sig == "SIGKILL" else 3600
+    run = subprocess.run([sys.executable, "-c", KILLER, str(videos), str(out), ",".join(items), "9", sig, str(flush_s)],
+                         capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(Path(frames.__file__).parents[1])})
+    if sig == "SIGKILL":
+        assert run.returncode == -9, run.stderr
+    else:
+        assert run.returncode == 1 and "JobStopped: SIGTERM" in run.stderr, run.stderr
+    kept = frames._Work(frames.work_folder(out), POSITIONS, 95).found
+    assert not out.exists() and (1 if sig == "SIGKILL" else 7) <= len(kept) < len(items)
+    want = extract_all(items, videos, ref)
+    assert extract_all(items, videos, out, threads=2) == want and out.read_bytes() == ref.read_bytes()
+
+
+def test_the_job_is_sized_from_the_measured_rate():
+    rates = {"frames": {"video_s": 9.0, "assemble_item_s": 0.01,
+                        "video": {"width": 1080, "height": 1920, "fps": 30, "seconds": 60}}}
+    config = {"cluster": {"runtime_margin": 1.5},
+              "dataset_sources": {"MicroLens": {"kind": "microlens"},
+                                  "twin": {"kind": "microlens-demo", "microlens_demo": {"n_items": 300, "n_users": 400}}}}
+    items = 19_738
+    assert frames.frames_seconds(config, "MicroLens", 1, rates) == pytest.approx(items * 9.01)
+    assert frames.frames_threads(config, "MicroLens", rates) == frames.MAX_THREADS
+    assert frames.frames_minutes(config, "MicroLens", 8, rates) == math.ceil(items * (9.0 / 8 + 0.01) * 1.5 / 60)
+    assert frames.frames_minutes(config, "MicroLens", rates=rates) == frames.frames_minutes(config, "MicroLens", 8, rates)
+    # the twin's 32 x 32 videos of at most 40 frames: a few seconds, the floor
+    assert frames.frames_seconds(config, "twin", 1, rates) < 60
+    assert frames.frames_threads(config, "twin", rates) == 1 and frames.frames_minutes(config, "twin", rates=rates) == frames.FLOOR_MIN
+    # the repository's own rate is there
+    assert frames.frames_minutes({"dataset_sources": {}}, "MicroLens", 1) > 120

@@ -14,7 +14,9 @@ the frames an edit list cuts (for the demo videos it equals both counts; tested)
 then decoded in order (B-frames reordered by the decoder) up to the last wanted index only, so a
 video costs one demux pass plus decoding up to max(positions) of its length. A decoder that
 delivers fewer frames than the packets promised is an error (the video is damaged), as is a file
-FFmpeg cannot open or decode, one without a video stream, and one without frames.
+FFmpeg cannot open or decode, one without a video stream, and one without frames. The number of
+decoder threads changes the speed, not the pixels: FFmpeg's H.264 and H.265 decoders give the
+same frames with any number of threads.
 
 `extract_all` runs this over items, ``<videos_dir>/<item_id>.mp4`` each, into a zip archive of
 ``<item_id>_<k>.jpg`` members (k = index of the position) written atomically, and returns a
@@ -24,20 +26,45 @@ each video's sha256; given the previous archive and manifest, an item whose vide
 sha256 (under the same positions and JPEG quality) takes its frames, or its skip, from there
 without decoding, so a replaced, added or removed video is the only one extracted again.
 
+Parallel and resumable: the videos to decode are decoded `threads` at a time (a thread pool, one
+decoder thread per video; PyAV releases the GIL while it demuxes and decodes), and the finished
+ones are kept in a work folder beside the archive (``<archive>.parts/``, `work_folder`) as the
+run goes: every `flush_s` seconds the frames (or the skip reason) of the videos finished since
+the last part go into a new ``part-<n>.zip``, written atomically, and when the run stops on an
+exception (a failed video, or SIGTERM, which `iisan.jobs` turns into `JobStopped`) the finished
+ones not yet kept go into one more part. A part records the positions, the JPEG quality and each
+item's video sha256. A run that finds parts there takes an item from them, as it does from the
+previous archive, when its video's sha256 and the settings match, and decodes the others. So a
+job killed with SIGKILL loses at most the last `flush_s` seconds of decoding (one stopped with
+SIGTERM loses only the videos it was decoding), and the archive the run that completes writes is
+the one an uninterrupted run writes, byte for byte: its members are written in item order,
+whatever order the videos finished in, and its manifest counts an item taken from a part as the
+run that decoded it counted it. An unreadable part, or a member whose CRC fails, only means that
+its videos are decoded again. Once the archive is in place the work folder is removed. Items
+without a video file are not kept in parts (trying them again costs nothing).
+
 `read_frames` is the reading side: the frame names of an archive after checking it (every
 member's CRC, and the frame count of its manifest ``frames.json`` beside it); a damaged archive
 is moved aside so that the workflow's next run extracts the frames again.
+
+`frames_seconds`, `frames_threads` and `frames_minutes` size the workflow's frames job from the
+measured extraction rate under ``frames:`` in rates.yaml (benchmarks/frames_speed.py).
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import json
 import logging
 import math
+import re
+import shutil
+import time
 import zipfile
 from collections.abc import Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from PIL import Image
@@ -50,6 +77,10 @@ log = logging.getLogger(__name__)
 POSITIONS = (0.1, 0.5, 0.9)
 MANIFEST_MEMBER = "frames.json"  # the archive's own manifest: what its frames were extracted from
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same videos give the same archive
+PART_MEMBER = "part.json"  # a work part's own record: settings, and each item's sha256 and skip
+FLUSH_S = 60.0  # seconds of decoding between two parts of the work folder (the most a SIGKILL loses)
+MAX_THREADS = 8  # the most threads the frames job asks for (`frames_threads`)
+FLOOR_MIN = 10  # the least minutes it asks for (`frames_minutes`)
 
 
 class VideoError(DataError):
@@ -95,9 +126,10 @@ def count_frames(video: Path) -> int:
         raise _fail(video, f"cannot read the video ({type(err).__name__}: {err})") from err
 
 
-def extract_frames(video: Path, positions: Sequence[float] = POSITIONS) -> list[Image.Image]:
+def extract_frames(video: Path, positions: Sequence[float] = POSITIONS, *, threads: int = 0) -> list[Image.Image]:
     """The frames at `positions` (fractions of the frame count) of `video`, as RGB images, in the
-    order of `positions` (a repeated position gives the frame again)."""
+    order of `positions` (a repeated position gives the frame again). `threads`: the decoder's
+    threads (0: FFmpeg's choice, about one per core), the same frames either way."""
     import av
 
     video = Path(video)
@@ -115,6 +147,7 @@ def extract_frames(video: Path, positions: Sequence[float] = POSITIONS) -> list[
     try:
         with av.open(str(video)) as container:
             stream = container.streams.video[0]
+            stream.codec_context.thread_count = threads
             for index, frame in enumerate(container.decode(stream)):
                 decoded = index + 1
                 if index in wanted:
@@ -146,6 +179,166 @@ def _previous(archive: Path | None, positions: tuple[float, ...], quality: int) 
     return zf, manifest
 
 
+def work_folder(out_zip: Path) -> Path:
+    """Where `extract_all` keeps the frames of finished videos until `out_zip` is written:
+    ``<out_zip>.parts`` beside it."""
+    out_zip = Path(out_zip)
+    return out_zip.with_name(out_zip.name + ".parts")
+
+
+class _Work:
+    """The work folder of `extract_all`: parts ``part-<n>.zip`` of finished videos' frames (the
+    module docstring). `found` maps an item to (its part, its video's sha256, its skip reason or
+    None) for the parts made at this run's positions and JPEG quality; a later part wins."""
+
+    _OPEN = 4  # parts kept open at once while the archive is assembled
+
+    def __init__(self, folder: Path, positions: tuple[float, ...], quality: int):
+        self.folder, self.positions, self.quality = Path(folder), list(positions), quality
+        self.found: dict[str, tuple[Path, str, str | None]] = {}
+        self._open: collections.OrderedDict[Path, zipfile.ZipFile] = collections.OrderedDict()
+        self._next = 0
+        numbered = []
+        for part in (self.folder.glob("part-*.zip") if self.folder.is_dir() else ()):
+            m = re.fullmatch(r"part-(\d+)\.zip", part.name)
+            if m:
+                numbered.append((int(m[1]), part))
+        for n, part in sorted(numbered):
+            self._next = max(self._next, n + 1)
+            try:
+                with zipfile.ZipFile(part) as zf:
+                    meta = json.loads(zf.read(PART_MEMBER))
+                    names = set(zf.namelist())
+                if meta.get("positions") != self.positions or meta.get("quality") != self.quality:
+                    log.info("%s: made at other positions or JPEG quality; not used", part)
+                    continue
+                records = {str(item): (str(r["sha256"]), r.get("skip")) for item, r in meta["items"].items()}
+            except (OSError, KeyError, TypeError, AttributeError, ValueError, zipfile.BadZipFile) as err:
+                log.warning("%s: unreadable (%s); its videos are decoded again", part, err)
+                continue
+            for item, (sha, skip) in records.items():
+                if skip is None and not all(f"{item}_{k}.jpg" in names for k in range(len(positions))):
+                    continue
+                self.found[item] = (part, sha, None if skip is None else str(skip))
+
+    def get(self, item: str, sha: str | None) -> tuple[Path, str, str | None] | None:
+        """The part's record of `item` when it was made from a video of this `sha`."""
+        record = self.found.get(item)
+        return record if record is not None and sha is not None and record[1] == sha else None
+
+    def read(self, item: str, names: Sequence[str]) -> list[bytes]:
+        """The members `names` of the part holding `item` (each checked against its CRC)."""
+        part = self.found[item][0]
+        zf = self._open.pop(part, None) or zipfile.ZipFile(part)
+        self._open[part] = zf
+        while len(self._open) > self._OPEN:
+            self._open.popitem(last=False)[1].close()
+        return [zf.read(n) for n in names]
+
+    def write(self, done: dict[str, tuple[str, str | None, list[bytes] | None]]) -> Path:
+        """A new part of `done`: item -> (video sha256, skip reason or None, JPEGs or None)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        path = self.folder / f"part-{self._next:06d}.zip"
+        self._next += 1
+        meta = {"positions": self.positions, "quality": self.quality,
+                "items": {item: {"sha256": sha, "skip": skip} for item, (sha, skip, _) in done.items()}}
+        with atomic_path(path, ".zip") as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as zf:
+            for item, (_, _, jpegs) in done.items():
+                for k, data in enumerate(jpegs or ()):
+                    zf.writestr(zipfile.ZipInfo(f"{item}_{k}.jpg", date_time=_ZIP_TIME), data)
+            zf.writestr(zipfile.ZipInfo(PART_MEMBER, date_time=_ZIP_TIME), json.dumps(meta))
+        for item, (sha, skip, _) in done.items():
+            self.found[item] = (path, sha, skip)
+        return path
+
+    def close(self) -> None:
+        while self._open:
+            self._open.popitem()[1].close()
+
+
+def _jpegs(video: Path, positions: tuple[float, ...], quality: int) -> list[bytes]:
+    """The frames of `video` at `positions` as JPEG bytes (one decoder thread: `extract_all`
+    decodes several videos side by side instead)."""
+    out = []
+    for image in extract_frames(video, positions, threads=1):
+        buf = io.BytesIO()
+        image.save(buf, format="JPEG", quality=quality)
+        out.append(buf.getvalue())
+    return out
+
+
+def _skip_or_raise(item: str, err: VideoError, missing: str) -> str:
+    """The skip reason of `item`, or with ``missing="error"`` the error naming it."""
+    if missing == "error":
+        raise VideoError(f"item {item!r}: {err} (set missing='skip' to skip and count such items)") from err
+    log.warning("skipping item %r: %s", item, err)
+    return str(err)
+
+
+def _decode(todo: list[str], paths: dict[str, Path], shas: dict[str, str], positions: tuple[float, ...],
+            quality: int, missing: str, threads: int, work: _Work, flush_s: float) -> dict[str, str]:
+    """Decode the videos of `todo`, `threads` at a time, handled in the order of `todo` (the
+    first failing one raises with ``missing="error"``), keeping the finished ones in parts of
+    `work` (every `flush_s` seconds, at the end, and when stopped by an exception). Returns the
+    skip reasons of items without a video file (not kept in parts)."""
+    unkept: dict[str, str] = {}
+    pending: dict[str, tuple[str, str | None, list[bytes] | None]] = {}
+    window: collections.deque = collections.deque()  # (item, future), at most 4 x threads ahead
+    queue = iter(todo)
+    start = last = time.monotonic()
+    finished = 0
+
+    def keep() -> None:
+        nonlocal pending
+        part = work.write(pending)
+        pending = {}
+        elapsed = time.monotonic() - start
+        log.info("%d of %d videos decoded in %.0f s (%.2f s per video per thread, %d threads); kept in %s",
+                 finished, len(todo), elapsed, elapsed * threads / max(finished, 1), threads, part)
+
+    with ThreadPoolExecutor(max_workers=threads, thread_name_prefix="frames") as pool:
+
+        def fill() -> None:
+            while len(window) < 4 * threads:
+                item = next(queue, None)
+                if item is None:
+                    return
+                window.append((item, pool.submit(_jpegs, paths[item], positions, quality)))
+
+        try:
+            fill()
+            while window:
+                item, future = window[0]
+                try:
+                    jpegs, skip = future.result(), None
+                except VideoError as err:
+                    jpegs, skip = None, _skip_or_raise(item, err, missing)
+                window.popleft()
+                fill()
+                finished += 1
+                if item in shas:
+                    pending[item] = (shas[item], skip, jpegs)
+                else:  # no video file: no sha256 to key a part's record by
+                    unkept[item] = skip
+                if pending and time.monotonic() - last >= flush_s:
+                    keep()
+                    last = time.monotonic()
+        except BaseException:
+            for item, future in window:  # finished ahead of the one that stopped the run
+                future.cancel()
+                if item in shas and future.done() and not future.cancelled() and future.exception() is None:
+                    pending[item] = (shas[item], None, future.result())
+            if pending:
+                try:
+                    keep()
+                except Exception:  # noqa: BLE001 - the stopping exception is the one to raise
+                    log.exception("could not keep the frames of %d finished videos", len(pending))
+            raise
+        if pending:
+            keep()
+    return unkept
+
+
 def extract_all(
     item_ids: Iterable[str],
     videos_dir: Path,
@@ -156,6 +349,9 @@ def extract_all(
     quality: int = 95,
     video_sha256: dict[str, str] | None = None,
     previous: Path | None = None,
+    threads: int = 1,
+    work: Path | None = None,
+    flush_s: float = FLUSH_S,
 ) -> dict:
     """Extract the frames at `positions` of ``<videos_dir>/<item_id>.mp4`` for each item into the
     zip archive `out_zip` (members ``<item_id>_<k>.jpg``, k the index of the position; JPEG at
@@ -168,13 +364,20 @@ def extract_all(
     The manifest is also the archive's last member, ``frames.json``. `video_sha256` maps video
     file names to their sha256 (a content manifest's, `iisan.folders`; a file it leaves out is
     read here). `previous` is an earlier run's archive, which may be `out_zip` itself: items whose
-    video is unchanged take their frames or skip from it (module docstring)."""
+    video is unchanged take their frames or skip from it (module docstring).
+
+    `threads` videos are decoded at a time; `work` (default `work_folder(out_zip)`) keeps the
+    finished ones every `flush_s` seconds, so that a run stopped part-way resumes from there
+    (module docstring); it is removed once `out_zip` is written. Neither changes the archive."""
     if missing not in ("error", "skip"):
         raise ValueError(f"missing={missing!r}: expected 'error' or 'skip'")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads={threads!r}: expected a positive integer")
     from .folders import file_sha256
 
     positions = check_positions(positions)
     videos_dir, out_zip = Path(videos_dir), Path(out_zip)
+    work = work_folder(out_zip) if work is None else Path(work)
     item_ids = [str(i) for i in item_ids]
     seen: set[str] = set()
     for item in item_ids:
@@ -187,6 +390,7 @@ def extract_all(
 
     skipped: dict[str, str] = {}
     shas: dict[str, str] = {}
+    paths = {item: videos_dir / f"{item}.mp4" for item in item_ids}
     extracted = reused = 0
     with contextlib.ExitStack() as stack:
         old_zip, old = _previous(previous, positions, quality) or (None, {})
@@ -194,42 +398,70 @@ def extract_all(
             stack.enter_context(old_zip)
         old_sha, old_skips = old.get("video_sha256") or {}, old.get("skip_reasons") or {}
         old_members = set(old_zip.namelist()) if old_zip else set()
-        tmp = stack.enter_context(atomic_path(out_zip, ".zip"))
-        zf = stack.enter_context(zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED))
+        parts = _Work(work, positions, quality)
+        stack.callback(parts.close)
+
+        # where each item's frames come from: the previous archive, a part, or its video
+        source: dict[str, str] = {}
         for item in item_ids:
-            path = videos_dir / f"{item}.mp4"
+            path = paths[item]
             sha = video_sha256.get(path.name) or (file_sha256(path) if path.is_file() else None)
             if sha is not None:
                 shas[item] = sha
             names = [f"{item}_{k}.jpg" for k in range(len(positions))]
             if sha is not None and old_sha.get(item) == sha:
                 if item in old_skips and missing == "skip":
-                    skipped[item] = old_skips[item]
-                    reused += 1
+                    source[item] = "previous skip"
                     continue
                 if item not in old_skips and all(n in old_members for n in names):
-                    try:
-                        kept = [old_zip.read(n) for n in names]
-                    except (OSError, zipfile.BadZipFile) as err:  # a damaged member: extracted again
-                        log.warning("%s: frames of item %r unreadable (%s); extracting them again", previous, item, err)
-                    else:
-                        for n, data in zip(names, kept):
-                            zf.writestr(zipfile.ZipInfo(n, date_time=_ZIP_TIME), data)
-                        extracted += 1
-                        reused += 1
-                        continue
-            try:
-                frames = extract_frames(path, positions)
-            except VideoError as err:
-                if missing == "error":
-                    raise VideoError(f"item {item!r}: {err} (set missing='skip' to skip and count such items)") from err
-                log.warning("skipping item %r: %s", item, err)
-                skipped[item] = str(err)
+                    source[item] = "previous"
+                    continue
+            kept = parts.get(item, sha)
+            source[item] = "part" if kept is not None and (kept[2] is None or missing == "skip") else "video"
+        todo = [item for item in item_ids if source[item] == "video"]
+        counts = collections.Counter(source.values())
+        log.info("%d items: %d from the previous archive, %d from the parts of an earlier run in %s, %d videos to decode "
+                 "(%d threads)", len(item_ids), counts["previous"] + counts["previous skip"], counts["part"], work, len(todo), threads)
+        unkept = _decode(todo, paths, shas, positions, quality, missing, threads, parts, flush_s)
+
+        # the archive, in item order
+        tmp = stack.enter_context(atomic_path(out_zip, ".zip"))
+        zf = stack.enter_context(zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED))
+        for item in item_ids:
+            how = source[item]
+            names = [f"{item}_{k}.jpg" for k in range(len(positions))]
+            data = None
+            if how == "previous skip":
+                skipped[item] = old_skips[item]
+                reused += 1
                 continue
-            for n, image in zip(names, frames):
-                buf = io.BytesIO()
-                image.save(buf, format="JPEG", quality=quality)
-                zf.writestr(zipfile.ZipInfo(n, date_time=_ZIP_TIME), buf.getvalue())
+            if item in unkept:
+                skipped[item] = unkept[item]
+                continue
+            if how == "previous":
+                try:
+                    data = [old_zip.read(n) for n in names]
+                except (OSError, zipfile.BadZipFile) as err:  # a damaged member: extracted again
+                    log.warning("%s: frames of item %r unreadable (%s); extracting them again", previous, item, err)
+                else:
+                    reused += 1
+            else:  # decoded by this run or an earlier one: in a part
+                skip = parts.found[item][2]
+                if skip is not None:
+                    skipped[item] = skip
+                    continue
+                try:
+                    data = parts.read(item, names)
+                except (OSError, zipfile.BadZipFile) as err:
+                    log.warning("%s: frames of item %r unreadable (%s); extracting them again", work, item, err)
+            if data is None:
+                try:
+                    data = _jpegs(paths[item], positions, quality)
+                except VideoError as err:
+                    skipped[item] = _skip_or_raise(item, err, missing)
+                    continue
+            for n, jpeg in zip(names, data):
+                zf.writestr(zipfile.ZipInfo(n, date_time=_ZIP_TIME), jpeg)
             extracted += 1
         manifest = {
             "positions": list(positions),
@@ -245,6 +477,8 @@ def extract_all(
             "video_sha256": shas,
         }
         zf.writestr(zipfile.ZipInfo(MANIFEST_MEMBER, date_time=_ZIP_TIME), json.dumps(manifest, indent=1))
+    parts.close()
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
 
 
@@ -270,3 +504,61 @@ def read_frames(archive: Path) -> set[str]:
         return names
 
     return read_or_set_aside(archive, read, then)
+
+
+# --- sizing the workflow's frames job ---------------------------------------------------------
+def _frames_rate(rates: dict | None) -> dict:
+    if rates is None:
+        from .budget import load_rates
+
+        rates = load_rates()
+    return rates["frames"]
+
+
+def _video_scale(config: dict, dataset: str, rate: dict) -> float:
+    """The decoding work of one of `dataset`'s videos against the measured reference video of
+    `rate`: 1, but for a generated MicroLens twin, whose videos are size x size pixels and at
+    most max_frames long (`iisan.data.microlens_demo.VideoSpec`)."""
+    source = (config.get("dataset_sources") or {}).get(dataset) or {}
+    if "microlens_demo" not in source:
+        return 1.0
+    from .data.microlens_demo import _spec
+
+    video = _spec(source["microlens_demo"]).video
+    ref = rate["video"]
+    return min(1.0, video.size**2 * video.max_frames / (ref["width"] * ref["height"] * ref["fps"] * ref["seconds"]))
+
+
+def frames_seconds(config: dict, dataset: str, threads: int = 1, rates: dict | None = None) -> float:
+    """Estimated seconds of the frames job of `dataset` with nothing to reuse: items x (seconds
+    per video / `threads` + seconds per item to write the archive), the item count from
+    `iisan.budget.dataset_stats` (MicroLens-100K's when it is not known yet), the per-video
+    seconds measured on one thread (rates.yaml ``frames:``; scaled for a generated twin)."""
+    from .budget import dataset_stats
+    from .data.microlens import TABLE_I
+
+    rate = _frames_rate(rates)
+    try:
+        items = int(dataset_stats(config, dataset)["items"])
+    except ValueError:
+        items = int(TABLE_I["items"])
+        log.warning("dataset %r: item count not known yet; the frames job is sized for %d videos", dataset, items)
+    video_s = float(rate["video_s"]) * _video_scale(config, dataset, rate)
+    return items * (video_s / max(1, int(threads)) + float(rate.get("assemble_item_s", 0.0)))
+
+
+def frames_threads(config: dict, dataset: str, rates: dict | None = None) -> int:
+    """Threads of the frames job of `dataset`: one per hour of decoding on one thread
+    (`frames_seconds`), at least 1, at most `MAX_THREADS`."""
+    return min(MAX_THREADS, max(1, math.ceil(frames_seconds(config, dataset, 1, rates) / 3600)))
+
+
+def frames_minutes(config: dict, dataset: str, threads: int | None = None, rates: dict | None = None) -> int:
+    """Minutes the frames job of `dataset` asks for on `threads` threads (default
+    `frames_threads`): `frames_seconds` x cluster.runtime_margin, at least `FLOOR_MIN`. Not
+    capped: a job longer than a partition's limit resumes from its work folder on its next
+    attempt (module docstring), so the caller caps it at cluster.max_runtime_min."""
+    if threads is None:
+        threads = frames_threads(config, dataset, rates)
+    margin = float((config.get("cluster") or {}).get("runtime_margin", 1.5))
+    return max(FLOOR_MIN, math.ceil(frames_seconds(config, dataset, threads, rates) * margin / 60))

@@ -75,7 +75,7 @@ rule frames:
         "../../envs/iisan.yaml"
     threads: lambda wildcards: frames_threads(config, wildcards.dataset)
     resources:
-        mem_mb=lambda wildcards, threads: 1000 + 300 * threads,
+        mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
         runtime=lambda wildcards, threads: min(
             frames_minutes(config, wildcards.dataset, threads),
             config["cluster"]["max_runtime_min"] or math.inf,

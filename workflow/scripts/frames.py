@@ -1,7 +1,9 @@
 # Three frames of every item's video (positions from the config), in one zip with a manifest; the
 # frames of videos whose sha256 is unchanged are taken from the previous zip, which the rule marks
 # as updated in place. The sha256s are the folder's now (the content manifest's stat cache saves
-# reading unchanged files), not the tracked manifest's, which only triggers this job.
+# reading unchanged files), not the tracked manifest's, which only triggers this job. The videos
+# are decoded on the job's threads, and the finished ones kept in the work folder beside the zip,
+# from which a stopped job's next attempt resumes (iisan.frames).
 from pathlib import Path
 
 import polars as pl
@@ -18,5 +20,6 @@ with job(snakemake):
     videos = Path(plan.MICROLENS_VIDEOS.format(dataset=snakemake.wildcards.dataset))
     content = current_manifest(videos, i.videos, "*.mp4")
     sha = {name: f["sha256"] for name, f in content["files"].items()}
-    manifest = extract_all(ids, videos, Path(o.frames), p.positions, missing=p.missing, video_sha256=sha, previous=Path(o.frames))
+    manifest = extract_all(ids, videos, Path(o.frames), p.positions, missing=p.missing, video_sha256=sha,
+                           previous=Path(o.frames), threads=snakemake.threads)
     write_json(Path(o.manifest), manifest)
