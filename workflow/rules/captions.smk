@@ -76,10 +76,10 @@ rule frames:
     threads: lambda wildcards: frames_threads(config, wildcards.dataset)
     resources:
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
-        runtime=lambda wildcards, threads: min(
-            frames_minutes(config, wildcards.dataset, threads),
-            config["cluster"]["max_runtime_min"] or math.inf,
+        runtime=lambda wildcards, threads, attempt: capped_runtime(
+            frames_minutes(config, wildcards.dataset, threads), attempt
         ),
+        attempt=get_attempt,
     params:
         positions=config["captions"]["frames"],
         missing=config["captions"]["missing_videos"],
