@@ -129,12 +129,15 @@ def test_readme_cluster_commands_run_as_written(root, tmp_path, cluster):
     assert "Finished jobid" in again and (wd / run_file).exists()
     submitted = re.findall(r"has been submitted with SLURM jobid", submit)
     assert len(submitted) >= 10, submit[-3000:]
-    logs = sorted((wd / ".snakemake/log").glob("*.snakemake.log"))
-    for log in logs:
-        text = log.read_text()
-        if "has been submitted with SLURM jobid" not in text:
-            continue
-        audit = run([sys.executable, str(root / "tests/slurm/audit.py"), str(log)], wd, env=cluster, timeout=300)
-        assert audit.returncode == 0, audit.stdout + audit.stderr
-        assert re.search(r"^train\s.*\sgpu\s", audit.stdout, re.M), audit.stdout
-        assert re.search(r"^prune\s.*\scpu\s", audit.stdout, re.M), audit.stdout
+    audits = []
+    for log in sorted((wd / ".snakemake/log").glob("*.snakemake.log")):
+        if "has been submitted with SLURM jobid" in log.read_text():
+            audit = run([sys.executable, str(root / "tests/slurm/audit.py"), str(log)], wd, env=cluster, timeout=300)
+            assert audit.returncode == 0, audit.stdout + audit.stderr
+            audits.append(audit.stdout)
+    assert len(audits) == 2, audits  # the submission and the rerun
+    # GPU jobs on the GPU partition with a card each, CPU jobs on the CPU partition with none
+    assert re.search(r"^train\s+\d+\s+gpu\s+1\s+\S+\s+\S+\s+1\s", audits[0], re.M), audits[0]
+    assert re.search(r"^cache\s+\d+\s+gpu\s+\S+\s+\S+\s+\S+\s+1\s", audits[0], re.M), audits[0]
+    assert re.search(r"^prune\s+\d+\s+cpu\s+1\s+\S+\s+\S+\s+0\s", audits[0], re.M), audits[0]
+    assert re.search(r"^train\s+1\s+gpu\s", audits[1], re.M), audits[1]

@@ -1,6 +1,7 @@
 # Shared by the rule files. Checks, wildcard constraints, and the input functions (get_*), grouped
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
+import functools
 import math
 import os
 import re
@@ -15,7 +16,6 @@ from iisan.cache_files import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
-from iisan.gpus import machine_gpus
 from iisan.gpus import visible as visible_gpus
 from iisan.jobs import memory_factor_of
 from iisan.layerdrop import scheme_layers
@@ -434,29 +434,49 @@ def get_profile_experiment(wildcards):
 
 
 # --- resources (scaled by `attempt` on retries) ---------------------------------------------
-# A run that executes jobs on this machine: not a dry run, not a cluster executor's submitting
-# process, not `iisan plan`'s graph (no executor). Only such a run is capped by this machine's cards.
-RUNS_HERE = (
-    workflow.executor_plugin is not None and workflow.local_exec and not workflow.dryrun
-)
+# Snakemake reads this file before it knows the executor: whether a run is local, a dry run or a
+# cluster's is asked when the job graph is built (the resource functions), not here.
+def runs_here():
+    """Whether this run executes its jobs on this machine: not a dry run, not a cluster executor's
+    submitting process, not `iisan plan`'s graph (no executor)."""
+    return (
+        workflow.executor_plugin is not None
+        and workflow.local_exec
+        and not workflow.dryrun
+    )
 
 
-def _gpus_per_job():
+@functools.cache
+def machine_cards():
+    """The GPUs NVML or nvidia-smi sees here (iisan.gpus: no torch while planning), asked once."""
+    return len(visible_gpus())
+
+
+def gpus_per_job():
+    """GPUs each GPU job asks for at least (config gpus_per_job; `auto`: 1 on a cluster, where the
+    jobs run on its GPU nodes whatever the submitting host has, and in a dry run, which shows what
+    they will ask; locally 1 where this machine has a GPU, else 0, so CPU runs are not serialised).
+    """
     value = config["gpus_per_job"]
-    if value == "auto":
-        # a cluster's jobs run on its GPU nodes, whatever the submitting host has; a local run
-        # asks for cards where NVML or nvidia-smi sees some (iisan.gpus: no torch while planning)
-        return 1 if not workflow.local_exec or visible_gpus() else 0
-    return int(value)
+    if value != "auto":
+        return int(value)
+    executor = workflow.executor_plugin is not None
+    if executor and (not workflow.local_exec or workflow.dryrun):
+        return 1
+    return 1 if machine_cards() else 0
 
 
-# GPUs each GPU rule asks for at least (0 on a machine without CUDA, so CPU runs are not serialised).
-GPUS = _gpus_per_job()
-
-# Local runs: GPU jobs at once take at most this machine's cards, each job its own (iisan.gpus),
-# unless `--resources gpu=N` (or a profile's `resources: gpu`) says how many.
-if RUNS_HERE and "gpu" not in workflow.global_resources:
-    workflow.register_resource("gpu", machine_gpus())
+def gpu_limit():
+    """The cards this run's GPU jobs may hold at once, or None where no limit applies (a cluster,
+    `iisan plan`'s graph): `--resources gpu=N` (or a profile's `resources: gpu`), else in a local
+    run this machine's cards (at least 1), registered as the `gpu` resource so that Snakemake runs
+    at most that many GPU jobs' cards at once, each job its own (iisan.gpus)."""
+    if runs_here() and "gpu" not in workflow.global_resources:
+        workflow.register_resource("gpu", max(machine_cards(), 1))
+    if runs_here() or workflow.dryrun:
+        limit = getattr(workflow.global_resources.get("gpu"), "value", None)
+        return limit if isinstance(limit, int) else None
+    return None
 
 
 def get_backbone_weight_gb(name):
@@ -513,7 +533,8 @@ def get_gpus(name):
     """
 
     def gpus(wildcards):
-        if GPUS == 0:
+        least = gpus_per_job()
+        if least == 0:
             return 0
         job = get_estimate(name, wildcards)
         if name in ("train", "profile") and job.peak_gib > usable_gib(config):
@@ -522,9 +543,9 @@ def get_gpus(name):
                 f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB (a run's model is not split "
                 f"over cards); set cluster.gpu_gib to your cards' memory or leave this run out"
             )
-        need = 0 if job.gpus == 0 else max(GPUS, job.gpus)
-        limit = workflow.global_resources.get("gpu")
-        if isinstance(limit, int) and need > limit and (RUNS_HERE or workflow.dryrun):
+        need = 0 if job.gpus == 0 else max(least, job.gpus)
+        limit = gpu_limit()
+        if limit is not None and need > limit:
             raise WorkflowError(
                 f"{job.name}: needs {need} GPUs of {config['cluster']['gpu_gib']} GiB "
                 f"(estimated peak {job.peak_gib:.1f} GiB), but this run may use {limit} "
