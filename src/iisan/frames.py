@@ -270,7 +270,8 @@ def _jpegs(video: Path, positions: tuple[float, ...], quality: int) -> list[byte
 def _skip_or_raise(item: str, err: VideoError, missing: str) -> str:
     """The skip reason of `item`, or with ``missing="error"`` the error naming it."""
     if missing == "error":
-        raise VideoError(f"item {item!r}: {err} (set missing='skip' to skip and count such items)") from err
+        raise VideoError(f"item {item!r}: {err}; to skip such items (counted and listed in the frames manifest), set the "
+                         "config key captions.missing_videos: skip (iisan.frames.extract_all's missing='skip')") from err
     log.warning("skipping item %r: %s", item, err)
     return str(err)
 

@@ -8,11 +8,18 @@ as ``<name>.damaged-<UTC time>`` (nothing is deleted) and raises `DamagedFileErr
 message names the path, the failure, the new name and what happens next. The file is then
 missing, so the workflow's next run makes it again (Snakemake reruns a job whose output is
 missing) instead of failing on it every time.
+
+A full disk: a write through `atomic_path` (every writer here: `write_json`, `write_parquet`, and
+the library's other outputs) that fails for lack of space raises `DiskFullError` naming the file
+instead of the bare ``No space left on device (os error 28)`` of the writing library, as does
+`require_free_space` before a large write; both list the ``.damaged-*`` copies of the file beside
+it, which may be what filled the disk.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -23,6 +30,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+from .errors import NamedError, is_named
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -30,14 +39,21 @@ T = TypeVar("T")
 NOT_DAMAGE = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, MemoryError)
 
 
-class DamagedFileError(ValueError):
+class DamagedFileError(NamedError, ValueError):
     """A file that could not be read or parsed; it has been moved aside (the message says where
     and what happens next)."""
 
 
-class DiskFullError(OSError):
-    """Too little free space for a file about to be written (the message names the file, the
-    bytes needed and the bytes free)."""
+class DiskFullError(NamedError, OSError):
+    """Too little free space for a file about to be written, or a write that ran out of it (the
+    message names the file, the space, and the file's ``.damaged-*`` copies beside it; `errno` is
+    ENOSPC or EDQUOT)."""
+
+
+# why a write failed for lack of space, by errno; the writing libraries' messages carry the
+# errno's text and, from Rust (polars), "(os error N)"
+DISK_FULL = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is exceeded"}
+NEARLY_FULL = 2**20  # bytes free below which a write failing with an unnamed error (torch.save's) is taken for a full disk
 
 
 def current_umask() -> int:
@@ -65,8 +81,10 @@ def honour_umask(folder: str | os.PathLike) -> None:
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """Yield a temporary path in the target's directory; rename it onto `path` on success.
 
-    On an exception the temporary file is removed and an existing `path` is left untouched.
-    The result gets the mode a plain ``open(path, "w")`` would give (0666 minus the umask).
+    On an exception the temporary file is removed and an existing `path` is left untouched; one
+    that says the disk is full (or the quota exceeded) becomes `DiskFullError` naming `path`
+    (`disk_full_error`). The result gets the mode a plain ``open(path, "w")`` would give (0666
+    minus the umask).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,9 +95,96 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         yield tmp
         os.chmod(tmp, output_mode())  # mkstemp creates 0600; outputs honour the umask
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
+        code = _disk_full(err, path.parent) if isinstance(err, Exception) and not is_named(err) else None
         tmp.unlink(missing_ok=True)
-        raise
+        if code is None:
+            raise
+        detail = f"{type(err).__name__}: {err}"
+        try:
+            free = f"; its filesystem has {size_text(shutil.disk_usage(path.parent).free)} free now"
+        except OSError:
+            free = ""
+        raise disk_full_error(path, f"cannot write it: {DISK_FULL[code]} ({detail[:300]}){free}", code) from err
+
+
+def _disk_full(err: BaseException, folder: Path) -> int | None:
+    """ENOSPC or EDQUOT when `err` (or an exception it was raised from) says the write ran out of
+    space; ENOSPC when it says nothing of the kind but `folder`'s filesystem has less than
+    `NEARLY_FULL` bytes free (torch.save's "unexpected pos" error); else None."""
+    seen = err
+    for _ in range(5):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in DISK_FULL:
+            return seen.errno
+        text = str(seen)
+        for code in DISK_FULL:
+            if f"(os error {code})" in text or os.strerror(code) in text:
+                return code
+        seen = seen.__cause__ or seen.__context__
+    try:
+        return errno.ENOSPC if shutil.disk_usage(folder).free < NEARLY_FULL else None
+    except OSError:
+        return None
+
+
+def size_text(n: int) -> str:
+    """A number of bytes for people: `812 bytes`, `3.4 MiB`, `1.50 GiB`."""
+    if n < 2**10:
+        return f"{n} bytes"
+    if n < 2**20:
+        return f"{n / 2**10:.1f} KiB"
+    if n < 2**30:
+        return f"{n / 2**20:.1f} MiB"
+    return f"{n / 2**30:.2f} GiB"
+
+
+def damaged_copies(path: str | os.PathLike) -> list[tuple[Path, int]]:
+    """The copies of `path` that `set_aside` moved aside beside it (``<name>.damaged-*``; for
+    ``<name>.partial``, being written, those of ``<name>``), oldest first, with their sizes in
+    bytes (a folder's: the files in it)."""
+    path = Path(path)
+    names = {path.name, path.name.removesuffix(".partial")}
+    out = []
+    try:
+        entries = sorted(path.parent.iterdir())
+    except OSError:
+        return []
+    for p in entries:
+        if not any(p.name.startswith(f"{n}.damaged-") for n in names):
+            continue
+        try:
+            if p.is_dir() and not p.is_symlink():
+                size = sum(f.lstat().st_size for f in p.rglob("*") if f.is_file() and not f.is_symlink())
+            else:
+                size = p.lstat().st_size
+        except OSError:
+            continue
+        out.append((p, size))
+    return out
+
+
+def disk_full_error(path: str | os.PathLike, what: str, code: int = errno.ENOSPC) -> DiskFullError:
+    """`DiskFullError`: ``<path>: <what>``, the damaged copies of `path` beside it (they may be
+    what filled the disk) with their sizes, and what to do."""
+    path = Path(path)
+    copies = damaged_copies(path)
+    text = f"{path}: {what}"
+    if copies:
+        one = len(copies) == 1
+        listed = ", ".join(f"{p.name} ({size_text(size)})" for p, size in copies[:10])
+        more = f" and {len(copies) - 10} more" if len(copies) > 10 else ""
+        total = sum(size for _, size in copies)
+        text += (f". Beside it, {'a damaged copy' if one else f'{len(copies)} damaged copies'} of it moved aside earlier "
+                 f"{'takes' if one else 'take'} {size_text(total)} and may be what filled the disk: {listed}{more}. "
+                 f"Delete {'it if you no longer need it' if one else 'those you no longer need'}, or free other space, "
+                 "and rerun")
+    else:
+        text += "; free some space and rerun"
+    err = DiskFullError(text)
+    err.errno = code
+    return err
 
 
 def require_free_space(path: str | os.PathLike, needed: int) -> None:
@@ -89,8 +194,8 @@ def require_free_space(path: str | os.PathLike, needed: int) -> None:
     folder = next(p for p in (path.parent, *path.parents) if p.exists())
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise DiskFullError(f"{path}: needs {needed} bytes ({needed / 2**30:.2f} GiB), but its filesystem has only "
-                            f"{free} bytes ({free / 2**30:.2f} GiB) free; free some space and rerun")
+        raise disk_full_error(path, f"needs {needed} bytes ({needed / 2**30:.2f} GiB), but its filesystem has only "
+                                    f"{free} bytes ({free / 2**30:.2f} GiB) free")
 
 
 def set_aside(path: str | os.PathLike, reason: str) -> Path:

@@ -56,6 +56,11 @@ def job(snakemake, keep_attempts: bool = False):
     A job stopped by SIGTERM (a cluster's time limit) records its attempt in `<log>.stops`, so
     that its retry asks for more time but not more memory (`memory_factor_of`).
 
+    One of the project's named errors escaping the job (iisan.errors: a damaged or truncated
+    file, a full disk, a model that cannot be fetched, ...) is printed as its message alone, with
+    no traceback, and the job exits with status 1 (`exit_if_named`); any other exception is
+    unexpected and Python prints its traceback into the log.
+
     keep_attempts: Snakemake deletes the log before each attempt of a job, so a retried or
     resumed job would lose its earlier attempts' output. With this, `<log>.attempts` is the same
     file as the log (a hard link that survives the deletion): each attempt starts the new log from
@@ -91,8 +96,12 @@ def job(snakemake, keep_attempts: bool = False):
         print(slurm_allocation(os.environ), flush=True)
     from . import gpus
 
-    cards = gpus.for_job(int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0),
-                         label=f"{getattr(snakemake, 'rule', 'job')} {log}")
+    try:
+        cards = gpus.for_job(int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0),
+                             label=f"{getattr(snakemake, 'rule', 'job')} {log}")
+    except Exception as err:  # e.g. LockUnsupported: said alone, like the body's named errors
+        exit_if_named(err)
+        raise
     try:
         import transformers
 
@@ -115,6 +124,9 @@ def job(snakemake, keep_attempts: bool = False):
         print(f"stopped by {stop}: what was finished is kept (a training run's last checkpoint, a cache build's recorded "
               "batches); rerun the workflow to resume", file=sys.stderr, flush=True)
         raise SystemExit(STOPPED_STATUS) from None
+    except Exception as err:
+        exit_if_named(err)
+        raise  # unexpected: Python prints its traceback into the log
     finally:
         if main:
             signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
@@ -124,6 +136,20 @@ def job(snakemake, keep_attempts: bool = False):
             cards.release()
         if keep_attempts and attempts is None:
             log.with_name(log.name + ".attempts").write_bytes(log.read_bytes())
+
+
+def exit_if_named(err: BaseException) -> None:
+    """For one of the project's named errors (iisan.errors: their message names the file, key or
+    model and what to do), print the message alone to stderr (the job's log, which Snakemake's
+    show-failed-logs prints) and exit with status 1; return for any other exception, which the
+    caller re-raises so that its traceback is printed."""
+    from .errors import is_named, message
+
+    if not is_named(err):
+        return
+    sys.stdout.flush()
+    print(f"error: {message(err)}", file=sys.stderr, flush=True)
+    raise SystemExit(1) from None
 
 
 def slurm_allocation(env) -> str:

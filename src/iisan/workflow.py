@@ -2,13 +2,18 @@
 section's schema from the table registry), its defaults, and the checks no schema can make.
 
 The Snakefile calls `validate` and `check_config`; `workflow_config` does what a run does for
-Python callers (`iisan plan`, tests).
+Python callers (`iisan plan`, tests). `warn_future_files` is the Snakefile's check, when a run
+starts, for outputs dated ahead of the clock.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
+import math
+import os
+import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -174,7 +179,24 @@ def validate(config: dict, root: Path | str = ".") -> dict:
     err = best_match(Validator(schema(root)).iter_errors(config))
     if err is not None:
         raise ValueError(_message(err))
+    check_finite(config)
     return config
+
+
+def check_finite(config, path: tuple = ()) -> None:
+    """Refuse a NaN or infinite number anywhere in the config (YAML's `.nan`, `.inf`, or `nan`
+    and `inf` on the command line, which Snakemake reads as floats): JSON Schema's bounds let
+    NaN through (every comparison with it is false) and a training run would fail on it much
+    later naming no key. The ValueError names the key."""
+    if isinstance(config, float) and not math.isfinite(config):
+        what = "NaN (not a number)" if math.isnan(config) else f"{'-' if config < 0 else ''}infinity"
+        raise ValueError(f"config key {key_name(path) or '(top level)'}: {config!r} reads as {what}; give a finite number")
+    if isinstance(config, dict):
+        for k, v in config.items():
+            check_finite(v, (*path, k))
+    elif isinstance(config, list | tuple):
+        for i, v in enumerate(config):
+            check_finite(v, (*path, i))
 
 
 def check_config(config: dict) -> None:
@@ -279,3 +301,79 @@ def workflow_config(root: Path | str = ".", files: tuple[str, ...] | list[str] =
     validate(config, root)
     check_config(config)
     return config
+
+
+FUTURE_SLACK_S = 300  # how far ahead of this machine's clock a file's time may be before it is reported
+FUTURE_SCAN_S = 20.0  # the most seconds the scan takes (a slow network filesystem): what it saw by then is reported
+
+
+def future_files(folders=("results", "resources"), slack_s: float = FUTURE_SLACK_S, now: float | None = None,
+                 budget_s: float = FUTURE_SCAN_S) -> tuple[list[tuple[Path, float]], bool]:
+    """The files and folders under `folders` (relative to the working directory) whose
+    modification time is more than `slack_s` seconds ahead of `now` (default: this machine's
+    clock), with how many seconds ahead each is, furthest ahead first; and whether the scan
+    saw everything (False: it stopped after `budget_s` seconds). `folders` themselves may be
+    symbolic links (to a scratch filesystem); links below them are judged by their own time and
+    not followed."""
+    now = time.time() if now is None else now
+    deadline = time.monotonic() + budget_s
+    ahead: list[tuple[Path, float]] = []
+    todo = [Path(f) for f in folders if Path(f).is_dir()]
+    for top in todo:
+        mtime = top.stat().st_mtime
+        if mtime > now + slack_s:
+            ahead.append((top, mtime - now))
+    while todo:
+        if time.monotonic() >= deadline:
+            return sorted(ahead, key=lambda x: -x[1]), False
+        folder = todo.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for e in entries:
+            try:
+                mtime = e.stat(follow_symlinks=False).st_mtime
+                if e.is_dir(follow_symlinks=False):
+                    todo.append(Path(e.path))
+            except OSError:
+                continue
+            if mtime > now + slack_s:
+                ahead.append((Path(e.path), mtime - now))
+    return sorted(ahead, key=lambda x: -x[1]), True
+
+
+def future_files_warning(ahead: list[tuple[Path, float]], complete: bool = True, shown: int = 10) -> str | None:
+    """The warning about files dated ahead of the clock (`future_files`), or None when there are
+    none: the first `shown` of them with how far ahead, what it means for a run, and what to do."""
+    if not ahead:
+        return None
+
+    def span(s: float) -> str:
+        return f"{s / 86400:.1f} days" if s >= 86400 else f"{s / 3600:.1f} h" if s >= 3600 else f"{s / 60:.0f} min"
+
+    lines = [f"warning: {len(ahead)} file{'s' if len(ahead) > 1 else ''} under results/ or resources/ "
+             f"{'are' if len(ahead) > 1 else 'is'} dated ahead of this machine's clock"
+             f"{'' if complete else ' (the scan stopped before the end; there may be more)'}:"]
+    lines += [f"  {p} ({span(s)} ahead)" for p, s in ahead[:shown]]
+    if len(ahead) > shown:
+        lines.append(f"  ... and {len(ahead) - shown} more")
+    lines.append(
+        "Until the clock reaches their dates, Snakemake takes them for newer than anything made since: it may not "
+        "rerun what makes them when its inputs change (a table dated ahead does not take in a run retrained since), "
+        "and may rerun what is made from them every time. Usually a clock differs between the machine or file "
+        "server that wrote them and this one: fix that clock, or give the files this machine's time "
+        "(`touch -d now <file>`; a plain `touch` on a network filesystem may take the server's clock), then rerun."
+    )
+    return "\n".join(lines)
+
+
+def warn_future_files(folders=("results", "resources"), slack_s: float = FUTURE_SLACK_S, file=None) -> list[tuple[Path, float]]:
+    """Print `future_files_warning` to stderr (or `file`) if any file under `folders` is dated
+    more than `slack_s` seconds ahead of now; return those files. Only reads: the Snakefile calls
+    it when a run starts, in Snakemake's main process."""
+    ahead, complete = future_files(folders, slack_s)
+    text = future_files_warning(ahead, complete)
+    if text:
+        print(text, file=file or sys.stderr, flush=True)
+    return ahead
