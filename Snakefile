@@ -6,7 +6,13 @@ from snakemake.utils import min_version, update_config
 
 import iisan.worker
 from iisan.config import typed
-from iisan.workflow import DEFAULT_CONFIG, check_config, load_yaml, validate
+from iisan.workflow import (
+    DEFAULT_CONFIG,
+    check_config,
+    load_yaml,
+    validate,
+    warn_future_files,
+)
 
 min_version("9.0")
 
@@ -30,6 +36,11 @@ update_config(config, typed(dict(workflow.config_settings.config)))
 # and the checks no schema can make; an error names the key
 validate(config, workflow.basedir)
 check_config(config)
+
+# outputs dated ahead of this machine's clock (a file server's clock ahead) mislead Snakemake's
+# comparisons of file times: name them, once, in the main process (dry runs too; jobs skip it)
+if workflow.is_main_process:
+    warn_future_files()
 
 
 include: "workflow/rules/common.smk"
