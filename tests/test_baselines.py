@@ -392,3 +392,72 @@ def test_a_failed_compile_falls_back_to_eager():
     torch._dynamo.reset()
     with pytest.raises(Exception, match="no compiler here"):
         compile_for_training(module, backend=broken_backend)(x)
+
+
+def _slot_source(method: str, item_slots: str, n_items: int = 12):
+    """BackboneFeatures of a tiny BERT (title) and a tiny ViT (image), dropout 0, reading each
+    backbone's output state as the baselines do; the same weights for every `item_slots`."""
+    from iisan.backbones import output_layer
+    from iisan.features import BackboneFeatures, BackboneTower, Tower
+
+    g = torch.Generator().manual_seed(0)
+    length = torch.randint(3, 9, (n_items + 1,), generator=g)
+    length[0] = 2  # the padding row as item_inputs gives it: [CLS] [SEP]
+    text = {"input_ids": torch.randint(5, 100, (n_items + 1, 8), generator=g),
+            "attention_mask": (torch.arange(8) < length.unsqueeze(1)).long()}
+    pixels = torch.randint(0, 256, (n_items + 1, 3, 16, 16), generator=g, dtype=torch.uint8)
+    pixels[0] = 0
+    towers = []
+    for family, modality, inputs in (("bert", "text", text), ("vit", "image", {"pixels": pixels})):
+        torch.manual_seed(0)
+        if family == "bert":
+            model = BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                         vocab_size=100, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                              add_pooling_layer=False)
+        else:
+            model = ViTModel(ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                                       image_size=16, patch_size=8, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0),
+                             add_pooling_layer=False)
+        model = prepare_backbone(model, family, method)
+        if method == "lora":  # B = 0 at the start would give A no gradient: make both matter
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    if "lora_B" in n:
+                        p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        extra = {"image_size": 16, "patch_size": 8} if family == "vit" else {}
+        spec = BackboneSpec.from_config(f"{family}-slots", {"source": "random", "family": family, "modality": modality,
+                                                            "layers": 2, "hidden": 32, **extra})
+        mean_std = ([0.5] * 3, [0.5] * 3) if family == "vit" else (None, None)
+        towers.append(BackboneTower(Tower(spec, "", "title" if family == "bert" else "image", [output_layer(family, 2)]),
+                                    model, inputs, *mean_std))
+    return BackboneFeatures(towers, method, item_slots).train()
+
+
+@pytest.mark.parametrize("method", ["fft", "adapter", "lora", "bitfit"])
+def test_item_slots_real_and_all_give_the_same_backbone_gradients(method):
+    """With dropout off, running only the slots that hold an item (`real`) or every slot (`all`,
+    padding zeroed after the backbone) gives every trainable backbone tensor the same gradient
+    after one backward of the same loss: the padding rows the authors' accounting runs add
+    nothing (no NaN or stray term through the zeroed rows)."""
+    ids = torch.tensor([0, 0, 5, 7, 5, 0, 9, 7, 7, 3, 0, 1, 12, 0])  # padding, repeats, first and last item
+    g = torch.Generator().manual_seed(1)
+    readout = [torch.randn(ids.shape[0], 1, 32, generator=g) for _ in range(2)]  # a different weight per slot
+    grads = {}
+    for slots in ("real", "all"):
+        source = _slot_source(method, slots)
+        feats = source.gather(ids)
+        assert [f.shape for f in feats] == [(ids.shape[0], 1, 32)] * 2
+        loss = sum((f * w).sum() + 0.1 * f.pow(2).sum() for f, w in zip(feats, readout))
+        loss.backward()
+        grads[slots] = {n: p.grad for n, p in source.named_parameters() if p.requires_grad}
+    real, every = grads["real"], grads["all"]
+    assert real.keys() == every.keys() and len(real) > 0
+    assert all(g is not None for g in (*real.values(), *every.values()))
+    # both towers' trainable tensors get a gradient that is not zero
+    for tower in ("towers.0.", "towers.1."):
+        assert any(g.abs().sum() > 0 for n, g in real.items() if n.startswith(tower)), tower
+    # equal up to fp32 summation order: within a millionth of the largest gradient entry (what a
+    # gradient that is zero but for rounding, a key bias's, holds is far below that)
+    tol = 1e-6 * max(float(g.abs().max()) for g in real.values())
+    for n in real:
+        torch.testing.assert_close(every[n], real[n], rtol=1e-5, atol=tol, msg=n)

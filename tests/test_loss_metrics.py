@@ -89,7 +89,8 @@ def brute_force_rank(scores, target, history):
         s[h] = float("-inf")
     if torch.isinf(s[target]):
         return 2**31 - 1
-    order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i != target))
+    # ties: the smaller item id first (docs/method.md §7)
+    order = sorted(range(len(s)), key=lambda i: (-s[i].item(), i))
     return order.index(target) + 1
 
 
@@ -114,3 +115,69 @@ def test_target_in_history_is_a_miss():
     r = rank_of_target(scores, torch.tensor([1]), torch.tensor([[1]]))
     assert float(hr_ndcg(r, 10)[0]) == 0.0
     assert int(rank_of_target(scores, torch.tensor([2]), torch.tensor([[1]]))) == 1
+
+
+def test_ranking_with_ties_matches_brute_force():
+    """Scores on a coarse grid (as bf16 / fp16 scores are): many ties, each broken by item id."""
+    g = torch.Generator().manual_seed(2)
+    B, N = 200, 40
+    scores = torch.randint(0, 6, (B, N + 1), generator=g).float()
+    target = torch.randint(1, N + 1, (B,), generator=g)
+    history = torch.randint(0, N + 1, (B, 5), generator=g)
+    ranks = rank_of_target(scores, target, history)
+    for b in range(B):
+        assert int(ranks[b]) == brute_force_rank(scores[b], int(target[b]), history[b].tolist())
+
+
+def test_a_target_tied_with_k_others_is_ranked_behind_the_smaller_ids():
+    """rank = 1 + #higher + #tied with a smaller id; over the tied items' ids the expected rank
+    is 1 + #higher + k / 2."""
+    N, higher, k = 30, 3, 4
+    tied = [6, 11, 17, 23, 29]  # the target and its k = 4 tied others
+    scores = torch.zeros(1, N + 1)
+    scores[0, [2, 8, 20]] = 5.0  # `higher` items above the tie
+    scores[0, tied] = 1.0
+    history = torch.tensor([[20, 0]])  # a masked item never counts, even one scoring higher
+    got = [int(rank_of_target(scores, torch.tensor([t]), history)) for t in tied]
+    assert got == [1 + (higher - 1) + j for j in range(k + 1)]
+    assert sum(got) / len(got) == 1 + (higher - 1) + k / 2
+    # masked items tied with the target do not count either: of its four smaller tied ids, 17 and 23
+    assert int(rank_of_target(scores, torch.tensor([29]), torch.tensor([[6, 11]]))) == 1 + higher + 2
+
+
+def test_ties_at_the_top10_cut_hr_and_ndcg():
+    """9 items above a tie of three: the tied item with the smallest id is rank 10 (a hit), the
+    others 11 and 12 (misses)."""
+    N = 50
+    scores = torch.linspace(0, 1, N + 1).unsqueeze(0).repeat(3, 1)  # item i scores i / 50
+    scores[:, [12, 30, 40]] = 0.83  # below items 42..50 (9 items), above the rest
+    target = torch.tensor([12, 30, 40])
+    history = torch.zeros(3, 1, dtype=torch.long)
+    ranks = rank_of_target(scores, target, history)
+    assert ranks.tolist() == [10, 11, 12]
+    hit, ndcg = hr_ndcg(ranks, 10)
+    assert hit.tolist() == [1.0, 0.0, 0.0]
+    assert math.isclose(float(ndcg[0]), 1 / math.log2(11), rel_tol=1e-6) and ndcg[1:].tolist() == [0.0, 0.0]
+    # the mean over the three ids is the expected HR@10 / NDCG@10 of a random order among them
+    assert math.isclose(float(hit.mean()), 1 / 3, rel_tol=1e-6)
+    assert math.isclose(float(ndcg.mean()), 1 / math.log2(11) / 3, rel_tol=1e-6)
+
+
+def test_rank_is_the_position_in_a_stable_descending_sort():
+    """The rule is the target's position in argsort(descending=True, stable=True) of the masked
+    scores, the order the authors' GPU evaluation gets from argsort on their catalogues; bf16
+    scores give many ties."""
+    from iisan.metrics import masked_scores
+
+    g = torch.Generator().manual_seed(3)
+    B, N = 64, 5000
+    scores = (torch.randn(B, N + 1, generator=g) * 0.05).bfloat16()
+    target = torch.randint(1, N + 1, (B,), generator=g)
+    history = torch.randint(0, N + 1, (B, 8), generator=g)
+    ranks = rank_of_target(scores, target, history)
+    order = torch.argsort(masked_scores(scores, history), dim=1, descending=True, stable=True)
+    pos = (order == target.unsqueeze(1)).float().argmax(1) + 1
+    masked = (history == target.unsqueeze(1)).any(1)
+    assert torch.equal(ranks[~masked], pos[~masked]) and (ranks[masked] == 2**31 - 1).all()
+    t = scores.float().gather(1, target.unsqueeze(1))
+    assert ((scores.float() == t).sum(1) > 1).float().mean() > 0.5  # most targets are tied
