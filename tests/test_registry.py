@@ -47,10 +47,12 @@ def test_a_method_added_to_the_registry_alone_is_planned_trained_and_tabulated(f
     assert model.items.inter is None and all(t.gates is None for t in model.items.intra)
     # tabulated under its label
     paths = []
-    for i in range(len(runs)):
+    for i, (_, path) in enumerate(runs):
         paths.append(tmp_path / f"{i}.json")
+        run = plan.experiment(cfg, *path.split("/")[2:7], path.split("/")[7].removeprefix("seed"))  # recorded as its job does
         paths[-1].write_text(json.dumps({"test": {"hr@10": 0.1 * (i + 1), "ndcg@10": 0.05}, "trainable_params": 10, "best_epoch": 1,
-                                         "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "x"}))
+                                         "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "x",
+                                         "experiment": run.to_dict(), "config_hash": run.hash()}))
     df = build_table("methods", [r for r, _ in runs], paths, tmp_path / "methods.csv")
     assert df["method"].to_list() == ["IISAN-VS", "Fake side net"] and df["hr@10"].to_list() == [10.0, 20.0]
 

@@ -111,7 +111,7 @@ def test_the_demo_prints_no_paper_columns():
 def test_a_table_registered_alone_is_validated_planned_built_and_priced(tmp_path):
     """One register() call: its config section is validated with its defaults, its rows planned on
     its datasets, its CSV built from runs and its runs priced."""
-    from iisan.plan import method_row
+    from iisan.plan import experiment, method_row
 
     def rows(config):
         return [method_row(config, m, key=m) for m in config["toy"]["methods"]]
@@ -133,10 +133,12 @@ def test_a_table_registered_alone_is_validated_planned_built_and_priced(tmp_path
         budget = Budget(graph.config).build(graph)
         assert {p for _, p in runs} <= set(budget.jobs) and "toy" in {s["group"] for s in budget.summary()}
         metrics = []
-        for i in range(len(runs)):
+        for i, (_, path) in enumerate(runs):
             metrics.append(tmp_path / f"{i}.json")
+            exp = experiment(cfg, *path.split("/")[2:7], path.split("/")[7].removeprefix("seed"))  # the run's, as its job records it
             metrics[-1].write_text(json.dumps({"test": {"hr@10": 0.1 * (i + 1), "ndcg@10": 0.05}, "trainable_params": 1, "best_epoch": 1,
-                                               "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "cpu-rss"}))
+                                               "time_per_epoch_train_s": 1.0, "peak_memory_mb": 1.0, "peak_memory_kind": "cpu-rss",
+                                               "experiment": exp.to_dict(), "config_hash": exp.hash()}))
         df = tables.build_table("toy", [d for d, _ in runs], metrics, tmp_path / "toy.csv")
         assert df["hr@10"].to_list() == [10.0, 20.0] and (tmp_path / "toy.csv").is_file()
     finally:

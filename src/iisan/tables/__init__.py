@@ -41,19 +41,26 @@ def table_datasets(config: dict, name: str) -> list[str]:
 
 
 def plan_runs(name: str, config: dict) -> list[tuple[dict, str]]:
-    """[(row description, metrics path)] for every dataset, row and seed of a table or figure."""
+    """[(row description, metrics path)] for every dataset, row and seed of a table or figure.
+    Each description holds `config_hash`, the hash of the experiment the config gives its run
+    (what the train rule's params `experiment` hold, and its metrics.json records): the
+    builders check that the file is that run's (`iisan.tables.build.foreign_run`)."""
     out = []
     for dataset in table_datasets(config, name):
         for row in table_plan(name, config):
+            wildcards = plan.run_wildcards(dataset, row)
             for seed in row.get("seeds") or config["seeds"]:
                 desc = {k: v for k, v in row.items() if k not in ("towers", "seeds")}
-                out.append((dict(desc, dataset=dataset, seed=seed), plan.run_path(dataset, row, seed)))
+                identity = plan.experiment(config, **wildcards, seed=seed).hash()
+                out.append((dict(desc, dataset=dataset, seed=seed, config_hash=identity), plan.run_path(dataset, row, seed)))
     return out
 
 
 def efficiency_plan(config: dict) -> list[tuple[dict, str]]:
-    """[(row, profile path)]: every Fig. 5 method x batch size on its dataset."""
-    return [(dict(row, dataset=dataset), plan.profile_path(dataset, row))
+    """[(row, profile path)]: every Fig. 5 method x batch size on its dataset; each row holds
+    the `config_hash` of the experiment its profile times (`iisan.plan.profile_experiment`)."""
+    return [(dict(row, dataset=dataset, config_hash=plan.profile_experiment(config, **plan.run_wildcards(dataset, row)).hash()),
+             plan.profile_path(dataset, row))
             for dataset in table_datasets(config, "fig5") for row in table_plan("fig5", config)]
 
 

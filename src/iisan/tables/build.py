@@ -8,19 +8,84 @@ from pathlib import Path
 import polars as pl
 
 from .. import methods
-from ..io import atomic_path, read_json
+from ..config import config_hash
+from ..io import DamagedFileError, atomic_path, read_json, set_aside
 
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 METRICS = ("hr@10", "ndcg@10")
 DAMAGED_NEXT = "rerun the workflow: it redoes the job that writes this file, then this table"
+# what happens after another run's file was moved aside, by what `read_runs` reads
+FOREIGN_NEXT = {"metrics files": "rerun the workflow: it retrains this run, then builds this table or figure",
+                "profiles": "rerun the workflow: it profiles this run again, then builds this table or figure"}
+
+
+class ForeignRunError(DamagedFileError):
+    """A run's file (metrics.json, a profile) that holds another run's result than the one its
+    row stands for; it has been moved aside (the message says where and what happens next)."""
+
+
+def describe_experiment(exp: dict) -> str:
+    """A run's identity in words: dataset, towers, method, scheme, cache and seed."""
+    try:
+        towers = "+".join(f"{t['field']}@{t['backbone']}" for t in exp.get("towers") or []) or "id"
+        return (f"dataset {exp.get('dataset')}, towers {towers}, method {exp.get('method')}, scheme {exp.get('scheme')}, "
+                f"cache {exp.get('cache')}, seed {(exp.get('train') or {}).get('seed')}")
+    except (AttributeError, KeyError, TypeError):
+        return "an experiment in an unknown form"
+
+
+def foreign_run(row: dict, m) -> str | None:
+    """Why a run's file `m` (parsed metrics.json or profile) is not the run that `row` stands
+    for, or None. The row's `config_hash` (`iisan.tables.plan_runs`: the hash of the experiment
+    the config gives its run, `iisan.config.Experiment.hash`, i.e. of the train rule's params
+    `experiment`) must equal the hash of the file's `experiment` (the job writes the experiment
+    it ran, `Experiment.to_dict`) and its `config_hash` field, where it has one; a profile's
+    `batch_size` must be its row's. A row without `config_hash` is not checked."""
+    expected = row.get("config_hash")
+    if expected is None:
+        return None
+    exp = m.get("experiment") if isinstance(m, dict) else None
+    if not isinstance(exp, dict):
+        return f"it records no experiment (field 'experiment'), expected experiment {expected}"
+    found = config_hash(exp)
+    recorded = m.get("config_hash", found)
+    if recorded != found:
+        return (f"its field 'config_hash' is {recorded!r}, but its own field 'experiment' hashes to {found} "
+                "(the file was edited or pieced together)")
+    if found != expected:
+        return (f"expected experiment {expected} (the config's run for row {row.get('label')!r}, dataset "
+                f"{row.get('dataset')}, seed {row.get('seed')}), found experiment {found} ({describe_experiment(exp)})")
+    if "batch_size" in row and m.get("batch_size") != row["batch_size"]:
+        return f"expected batch size {row['batch_size']}, found {m.get('batch_size')!r}"
+    return None
 
 
 def read_runs(rows: list[dict], paths: list[Path], what: str = "metrics files"):
-    """(row, its run's JSON) pairs; rows[i] describes paths[i]. A file that is not valid JSON is
-    moved aside and named in the error: the workflow's next run redoes the job that writes it."""
+    """(row, its run's JSON) pairs; rows[i] describes paths[i]. A file that is not valid JSON,
+    or that holds another run's result than its row's (`foreign_run`), is moved aside
+    (``<name>.damaged-<UTC time>``) and named in the error: the workflow's next run redoes the
+    job that writes it. Every file is checked before the error, so that one rerun redoes them all."""
     if len(rows) != len(paths):
         raise ValueError(f"{len(rows)} rows but {len(paths)} {what}")
-    return [(row, read_json(path, then=DAMAGED_NEXT)) for row, path in zip(rows, paths)]
+    out, errors = [], []
+    for row, path in zip(rows, paths):
+        try:
+            m = read_json(path, then=DAMAGED_NEXT)
+            why = foreign_run(row, m)
+            if why is not None:
+                dst = set_aside(path, f"another run's result: {why}")
+                raise ForeignRunError(f"{path}: another run's result: {why}; moved aside to {dst}; "
+                                      f"{FOREIGN_NEXT.get(what, DAMAGED_NEXT)}")
+        except DamagedFileError as err:
+            errors.append(err)
+            continue
+        out.append((row, m))
+    if len(errors) == 1:
+        raise errors[0]
+    if errors:
+        kind = ForeignRunError if all(isinstance(e, ForeignRunError) for e in errors) else DamagedFileError
+        raise kind(f"{len(errors)} of {len(paths)} {what} cannot be used and were moved aside:\n" + "\n".join(map(str, errors)))
+    return out
 
 
 def _records(rows: list[dict], metrics: list[Path], header: str) -> pl.DataFrame:
