@@ -5,6 +5,7 @@ prompt."""
 
 import json
 import logging
+import re
 import zipfile
 from pathlib import Path
 
@@ -206,6 +207,76 @@ def test_a_replaced_parquet_is_refused(reference, tmp_path):
     captions.manifest_path(copy).write_text(captions.manifest_path(out).read_text())
     with pytest.raises(captions.CaptionError, match="checksum"):
         captions.load_captions(copy, {})
+
+
+def _aside(path: Path) -> list[Path]:
+    return sorted(path.parent.glob(f"{path.name}.damaged-*"))
+
+
+def test_a_caption_set_short_of_its_manifest_is_moved_aside_and_made_again_from_its_memo(reference, standins, prompts, tmp_path,
+                                                                                        monkeypatch):
+    """A valid Parquet with fewer rows than its manifest's items (the item fields used to fail on
+    it with a KeyError at every rerun): the reader names it and moves it aside with its manifest;
+    the next caption job writes it again from the memo, captioning nothing."""
+    from iisan.data import caption_file, item_texts
+    from iisan.io import DamagedFileError
+
+    items = tmp_path / "ds" / "items.parquet"
+    items.parent.mkdir()
+    pl.DataFrame({"item_id": list(COVERS), "title": ["t"] * len(COVERS)}).write_parquet(items)
+    out = caption_file(items, "cover_caption")
+    _run(standins, prompts, out)
+    whole = item_texts(items, "cover_caption")
+    assert whole == pl.read_parquet(reference[0])["caption"].to_list()
+    manifest = captions.manifest_path(out)
+    pl.read_parquet(out).head(3).write_parquet(out)  # valid, one row short; the manifest says 4 items
+    with pytest.raises(captions.DamagedCaptions) as err:
+        item_texts(items, "cover_caption")
+    assert isinstance(err.value, DamagedFileError)
+    assert str(err.value).startswith(f"{out}: columns ['item_id', 'caption'] and 3 rows, but its manifest {manifest.name} "
+                                     "says ['item_id', 'caption'] and 4 items; moved aside to ")
+    assert "the next run of the workflow captions the items again" in str(err.value)
+    assert not out.exists() and not manifest.exists() and len(_aside(out)) == len(_aside(manifest)) == 1
+
+    seen = _count_batches(monkeypatch)
+    _run(standins, prompts, out)  # what the workflow's next run does
+    assert seen == [] and item_texts(items, "cover_caption") == whole
+
+
+def test_a_caption_set_without_every_item_is_moved_aside(standins, prompts, tmp_path):
+    from iisan.data import caption_file, item_texts
+
+    items = tmp_path / "ds" / "items.parquet"
+    items.parent.mkdir()
+    pl.DataFrame({"item_id": list(COVERS), "title": ["t"] * len(COVERS)}).write_parquet(items)
+    out = caption_file(items, "cover_caption")
+    _run(standins, prompts, out, items={i: COVERS[i] for i in (101, 102, 104)})  # sound, but made for other items
+    with pytest.raises(captions.DamagedCaptions, match=rf"{out}: no caption for 1 of the 4 items of {items} \(first: 103; it "
+                                                       r"holds 3 rows\); moved aside to .*; the next run of the workflow"):
+        item_texts(items, "cover_caption")
+    assert not out.exists() and len(_aside(out)) == 1
+
+
+def test_a_caption_shard_without_its_manifest_is_moved_aside(reference, tmp_path):
+    copy = tmp_path / "1-of-2.parquet"
+    copy.write_bytes(reference[0].read_bytes())
+    with pytest.raises(captions.DamagedCaptions, match=rf"{copy}: no manifest 1-of-2.manifest.json beside it"):
+        captions.load_captions(copy, {})
+    assert not copy.exists() and len(_aside(copy)) == 1
+
+
+def test_an_undecodable_cover_stops_its_caption_job_naming_the_item(tmp_path):
+    """The caption job reads covers as the caches do (`iisan.images.open_image`)."""
+    from iisan.images import UndecodableImage
+
+    archive = tmp_path / "images.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("covers/I1.jpg", b"")
+    assert captions._zip_images(archive, [None])[0].size == (32, 32)
+    with pytest.raises(UndecodableImage, match=re.escape(f"{archive}: the image of item 'I1' (member 'covers/I1.jpg') cannot be "
+                                                         "decoded (it is empty (0 bytes)); replace it in the archive, or set "
+                                                         "dataset_sources.Office.missing_images: blank in the config")):
+        captions._zip_images(archive, ["covers/I1.jpg"], item="I1", dataset="Office")
 
 
 def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tmp_path, monkeypatch):

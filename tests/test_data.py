@@ -96,23 +96,69 @@ def test_bad_lines_skipped_and_counted(tmp_path):
     assert any("users.tsv:3" in s for s in stats["skipped"])
 
 
-def _zip(path, names):
+def _jpeg(shade: int = 128, size: int = 8) -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), (shade, shade, shade)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _zip(path, names, content=None):
+    """A zip of JPEGs `names`; `content` replaces some members' bytes ({name: bytes})."""
     with zipfile.ZipFile(path, "w") as zf:
         for n in names:
-            zf.writestr(n, b"not needed here")
+            zf.writestr(n, (content or {}).get(n, _jpeg()))
     return path
 
 
 def test_missing_image_is_an_error_or_a_counted_blank(tmp_path):
     items, users = _tiny(tmp_path)
     archive = _zip(tmp_path / "covers.zip", [f"I{i}.jpg" for i in range(3, 20)])  # I20 missing
-    with pytest.raises(DataError, match="no image for item 'I20'"):
+    with pytest.raises(DataError, match=r"no image for item 'I20' \(set dataset_sources.out.missing_images: blank in the config"):
         preprocess(items, users, tmp_path / "out", images=archive)
     stats = preprocess(items, users, tmp_path / "out", images=archive, missing_images="blank")
     assert stats["blank_images"] == 1 and stats["blank_image_items"] == ["I20"]
     it = pl.read_parquet(tmp_path / "out" / "items.parquet")
     assert it.filter(pl.col("item_id") == "I20")["image"][0] is None
     assert it.filter(pl.col("item_id") == "I3")["image"][0] == "I3.jpg"
+
+
+@pytest.mark.parametrize("content,why", [(b"", "it is empty (0 bytes)"),
+                                         (_jpeg(size=64)[:-40], "OSError: image file is truncated"),
+                                         (b"<html>not found</html>", "its 22 bytes are in no image format PIL recognises")])
+def test_an_undecodable_image_is_an_error_naming_it_or_a_counted_blank(tmp_path, content, why):
+    """A zero-byte, truncated or non-image member stops preprocessing naming the item, the member,
+    the archive and the config key; with missing_images: blank the item gets a blank image and
+    is counted as one without an image, so the backbones and the captions never see it."""
+    from iisan.images import UndecodableImage
+    from iisan.item_inputs import load_images
+
+    items, users = _tiny(tmp_path)
+    names = [f"covers/I{i}.jpg" for i in range(3, 21)]
+    archive = _zip(tmp_path / "images.zip", names, {"covers/I7.jpg": content})
+    out = tmp_path / "Scientific"
+    with pytest.raises(UndecodableImage) as err:
+        preprocess(items, users, out, images=archive)
+    assert isinstance(err.value, DataError)
+    assert str(err.value).startswith(f"{archive}: the image of item 'I7' (member 'covers/I7.jpg') cannot be decoded ({why}")
+    assert str(err.value).endswith("set dataset_sources.Scientific.missing_images: blank in the config to give the item a "
+                                   "blank image, as an item without an image gets")
+    assert not (out / "stats.json").exists()
+    stats = preprocess(items, users, out, images=archive, missing_images="blank")
+    assert stats["blank_images"] == 1 and stats["blank_image_items"] == ["I7"]
+    table = pl.read_parquet(out / "items.parquet")
+    images = dict(zip(table["item_id"], table["image"]))
+    assert images["I7"] is None and images["I8"] == "covers/I8.jpg"
+    ids = table["item_id"].to_list()
+    loaded = load_images(archive, table["image"].to_list(), 8, ids, "Scientific")  # what the cache reads
+    assert loaded[ids.index("I7")].getextrema() == ((0, 0),) * 3 and loaded[ids.index("I8")].getpixel((0, 0))[0] > 100
+    # read anyway (an archive replaced after preprocessing): the reader names it the same way
+    with pytest.raises(UndecodableImage, match=re.escape(f"{archive}: the image of item 'I7' (member 'covers/I7.jpg') cannot "
+                                                         f"be decoded ({why}")):
+        load_images(archive, ["covers/I7.jpg"], 8, None, "Scientific")
 
 
 def test_demo_is_deterministic_and_small(tmp_path):

@@ -109,10 +109,16 @@ def test_bad_title_lines_skipped_and_counted(tmp_path):
 
 
 def test_covers_matched_by_file_stem(tmp_path):
+    import io
+
+    from PIL import Image
+
+    cover = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(cover, "JPEG")  # preprocessing decodes every cover
     archive = tmp_path / "covers.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         for i in ORDER:
-            zf.writestr(f"MicroLens-100k_covers/{i}.jpg", b"not needed here")
+            zf.writestr(f"MicroLens-100k_covers/{i}.jpg", cover.getvalue())
     stats = preprocess(FIXTURE / PAIRS, FIXTURE / TITLES, tmp_path / "out", images=archive)
     assert stats["blank_images"] == 0
     images = pl.read_parquet(tmp_path / "out" / "items.parquet")["image"].to_list()

@@ -13,9 +13,13 @@ whose inputs changed, captions only the items whose images under these settings 
 (an interrupted run resumes, a replaced video recaptions its item alone); records under other
 settings are not used (logged, naming the differences) and are pruned when the caption set is
 written. The Parquet (``item_id``, ``caption``) is written atomically, then
-``<stem>.manifest.json`` with the settings and the Parquet's checksum; `load_captions` refuses a
-caption set whose settings differ from the expected ones, naming each difference. A caption set
-may be made by several shard jobs and merged (`iisan.shards`).
+``<stem>.manifest.json`` with the settings, the item count and the Parquet's checksum. Readers
+check the Parquet against its manifest (`read_caption_set`; `caption_texts`, which the item
+fields read, also that every item has a caption): a caption set that fails is damaged, moved
+aside with its manifest (``<name>.damaged-<UTC time>``) and named in the error, so that the
+workflow's next run makes it again, from its memo. `load_captions` also refuses a caption set
+whose settings differ from the expected ones, naming each difference. A caption set may be made
+by several shard jobs and merged (`iisan.shards`).
 
 `build_captioner_standin` makes the demo's stand-in: the real architecture
 (`LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Mistral or Llama text
@@ -37,7 +41,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .io import atomic_path, honour_umask, read_json, write_json, write_parquet
+from .io import DamagedFileError, atomic_path, honour_umask, read_json, set_aside, write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +108,16 @@ class CaptionError(ValueError):
 
 class CaptionMismatch(CaptionError):
     """A sound caption set made under other settings than the expected ones."""
+
+
+class DamagedCaptions(CaptionError, DamagedFileError):
+    """A caption set whose Parquet disagrees with its manifest (rows, columns, size, checksum),
+    cannot be read, or lacks items; its Parquet and manifest have been moved aside (the message
+    says where and what happens next)."""
+
+
+# what happens after a caption set was moved aside
+RECAPTION = "the next run of the workflow captions the items again (the captions its memo holds are reused, not recomputed)"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -770,47 +784,112 @@ def _record(item_id: Any, images: str, caption: str, stopped: bool) -> str:
     return json.dumps({"item_id": item_id, "images": images, "caption": caption, "stopped": stopped}, ensure_ascii=False) + "\n"
 
 
-def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
-    """The caption table (``item_id``, ``caption``) of `out_parquet` after checking its manifest:
-    the Parquet's size and checksum, and every key of `expected_settings` (usually
-    `caption_settings(...)`; a key it leaves out is not checked, e.g. ``dtype`` when the
-    reader runs elsewhere). Raises `CaptionMismatch` naming each setting that differs."""
+def set_caption_set_aside(out_parquet: str | os.PathLike, reason: str) -> list[Path]:
+    """Move a caption set's Parquet and manifest aside (``<name>.damaged-<UTC time>``; nothing is
+    deleted, and its memo stays) so that the workflow makes it again; returns their new paths."""
+    out_parquet = Path(out_parquet)
+    return [set_aside(f, reason) for f in (out_parquet, manifest_path(out_parquet)) if f.is_file()]
+
+
+def _damaged(out_parquet: Path, why: str) -> DamagedCaptions:
+    """Move the caption set aside and return the error that names it, why and what happens next."""
+    moved = set_caption_set_aside(out_parquet, why)
+    where = ", ".join(str(p) for p in moved) or "nothing to move"
+    return DamagedCaptions(f"{out_parquet}: {why}; moved aside to {where}; {RECAPTION}")
+
+
+def read_caption_set(out_parquet: str | os.PathLike):
+    """(caption table, manifest) of the caption set `out_parquet`, the Parquet checked against
+    its manifest (``<stem>.manifest.json``): readable, the columns ``item_id``, ``caption``, as
+    many rows as the manifest's ``items``, its size and checksum. A caption set that fails is
+    damaged: its Parquet and manifest are moved aside (`set_caption_set_aside`) and
+    `DamagedCaptions` names the file, the failure and the new names; the workflow's next run makes
+    it again from its memo. A missing Parquet raises `CaptionError`."""
     import polars as pl
 
     from .cache_files import file_checksum
 
     out_parquet = Path(out_parquet)
     mpath = manifest_path(out_parquet)
+    if not out_parquet.is_file():
+        raise CaptionError(f"{out_parquet}: missing" + (f" ({mpath.name} describes it)" if mpath.is_file() else "")
+                           + "; the workflow's caption rule makes it")
     if not mpath.is_file():
-        raise CaptionError(f"{out_parquet}: no manifest {mpath.name}; rerun the captioning to rebuild it")
+        raise _damaged(out_parquet, f"no manifest {mpath.name} beside it (nothing vouches for its content)")
     try:
         m = read_json(mpath)
     except ValueError as err:
-        raise CaptionError(f"{mpath}: not valid JSON ({err}); rerun the captioning to rebuild it") from None
+        raise _damaged(out_parquet, f"its manifest {mpath.name} is not valid JSON ({err})") from None
     if not isinstance(m, dict) or not isinstance(m.get("settings"), dict):
-        raise CaptionError(f"{mpath}: no `settings` object; rerun the captioning to rebuild it")
-    if not out_parquet.is_file():
-        raise CaptionError(f"{out_parquet}: missing ({mpath.name} describes it); rerun the captioning")
+        raise _damaged(out_parquet, f"its manifest {mpath.name} has no `settings` object")
+    try:
+        frame = pl.read_parquet(out_parquet)
+    except Exception as err:  # polars raises several kinds on a damaged file
+        if isinstance(err, MemoryError):
+            raise
+        raise _damaged(out_parquet, f"unreadable ({type(err).__name__}: {err})") from err
+    if tuple(frame.columns) != COLUMNS or frame.height != m.get("items"):
+        raise _damaged(out_parquet, f"columns {frame.columns} and {frame.height} rows, but its manifest {mpath.name} says "
+                                    f"{list(COLUMNS)} and {m.get('items')} items")
     if out_parquet.stat().st_size != m.get("bytes") or file_checksum(out_parquet) != m.get("checksum"):
-        raise CaptionError(f"{out_parquet}: its content does not match the checksum in {mpath.name} (replaced or damaged)")
+        raise _damaged(out_parquet, f"its content does not match the size and checksum in its manifest {mpath.name} "
+                                    "(replaced or damaged)")
+    return frame, m
+
+
+def load_captions(out_parquet: str | os.PathLike, expected_settings: dict):
+    """The caption table (``item_id``, ``caption``) of `out_parquet` after checking it against
+    its manifest (`read_caption_set`: a damaged caption set is moved aside) and every key of
+    `expected_settings` (usually `caption_settings(...)`; a key it leaves out is not checked,
+    e.g. ``dtype`` when the reader runs elsewhere). Raises `CaptionMismatch` naming each
+    setting that differs (the caption set stays: it is sound)."""
+    frame, m = read_caption_set(out_parquet)
     expected = _jsonable(expected_settings)
     differ = _differences(m["settings"], expected, expected.keys())
     if differ:
         raise CaptionMismatch(f"captions {out_parquet} were made under other settings: " + "; ".join(differ))
-    frame = pl.read_parquet(out_parquet)
-    if tuple(frame.columns) != COLUMNS or frame.height != m.get("items"):
-        raise CaptionError(f"{out_parquet}: columns {frame.columns} and {frame.height} rows, "
-                           f"the manifest says {list(COLUMNS)} and {m.get('items')}")
     return frame
+
+
+def caption_texts(out_parquet: str | os.PathLike, item_ids: Sequence, items_parquet: str | os.PathLike | None = None) -> list[str]:
+    """The caption of every item of `item_ids`, in that order, from the caption set `out_parquet`
+    (`read_caption_set`; a Parquet without a manifest is read unchecked, with a warning). A
+    caption set that is damaged, or lacks a caption for any of the items (made for other items,
+    or cut short), is moved aside and named in the error: the workflow's next run makes it again,
+    taking the captions its memo holds."""
+    import polars as pl
+
+    from .io import read_or_set_aside
+
+    out_parquet = Path(out_parquet)
+    if manifest_path(out_parquet).is_file() or not out_parquet.is_file():
+        frame, _ = read_caption_set(out_parquet)
+    else:
+        log.warning("%s: no manifest %s beside it; its rows are not checked against one", out_parquet,
+                    manifest_path(out_parquet).name)
+        frame = read_or_set_aside(out_parquet, lambda p: pl.read_parquet(p).select(COLUMNS), RECAPTION)
+    captions = dict(zip(frame["item_id"].to_list(), frame["caption"].to_list()))
+    ids = [_plain_id(i) for i in item_ids]
+    missing = [i for i in ids if i not in captions]
+    if missing:
+        of = f" of {items_parquet}" if items_parquet is not None else ""
+        raise _damaged(out_parquet, f"no caption for {len(missing)} of the {len(ids)} items{of} (first: {missing[0]!r}; "
+                                    f"it holds {frame.height} rows)")
+    return [captions[i] for i in ids]
 
 
 # ---------------------------------------------------------------------------------------------
 # the workflow's caption job
 
 
-def _zip_images(archive: Path, members: list[str | None], blank: int = 32) -> list:
-    """RGB images of zip `members` at their own size (a black square for None)."""
+def _zip_images(archive: Path, members: list[str | None], blank: int = 32, item=None, dataset: str | None = None,
+                advice: str | None = None) -> list:
+    """RGB images of zip `members` (item `item`'s) at their own size (a black square for None);
+    one that does not decode raises `iisan.images.UndecodableImage` naming the archive, the
+    member, the item and `advice` (by default the config key that blanks a cover)."""
     from PIL import Image
+
+    from .images import open_image
 
     with zipfile.ZipFile(archive) as zf:
         out = []
@@ -818,8 +897,7 @@ def _zip_images(archive: Path, members: list[str | None], blank: int = 32) -> li
             if m is None:
                 out.append(Image.new("RGB", (blank, blank)))
             else:
-                with zf.open(m) as fh:
-                    out.append(Image.open(fh).convert("RGB"))
+                out.append(open_image(zf, m, archive, item, dataset, advice))
         return out
 
 
@@ -864,8 +942,13 @@ def caption_dataset(items_parquet: Path, source: str, images_archive: Path, mode
     else:
         raise ValueError(f"unknown caption source {source!r} (cover, video)")
 
+    # the dataset's folder (resources/<dataset>) is named after its dataset_sources entry
+    dataset = Path(items_parquet).parent.name
+    advice = None if source == "cover" else (f"{images_archive} is the frames job's output: move it aside and rerun the "
+                                              "workflow to extract the frames again")
+
     def images_for(item_id):
-        return _zip_images(images_archive, members[item_id])
+        return _zip_images(images_archive, members[item_id], item=item_id, dataset=dataset, advice=advice)
 
     keys = zip_images_sha256(images_archive, members)
     settings = {"source": source, "frame_positions": list(positions) if source == "video" else None}

@@ -7,7 +7,6 @@ Shared by the cache builder (`iisan.cache`) and the backbones in the training lo
 
 from __future__ import annotations
 
-import io
 import zipfile
 from pathlib import Path
 
@@ -40,17 +39,22 @@ def pool_states(hidden_states: tuple[torch.Tensor, ...], pooling: str, mask: tor
     raise ValueError(f"unknown pooling {pooling!r} (cls, mean, masked_mean, last)")
 
 
-def load_images(archive: Path, names: list[str | None], size: int) -> list:
-    """RGB images `names` of a zip archive; None gives a black `size` x `size` image."""
+def load_images(archive: Path, names: list[str | None], size: int, items: list | None = None, dataset: str | None = None) -> list:
+    """RGB images `names` of a zip archive; None gives a black `size` x `size` image. A member
+    that does not decode raises `iisan.images.UndecodableImage` naming the archive, the member,
+    its item (``items[i]`` for ``names[i]``, by default the member's file stem) and the config key
+    ``dataset_sources.<dataset>.missing_images: blank`` that gives it a blank image."""
     from PIL import Image
+
+    from .images import open_image
 
     out = []
     with zipfile.ZipFile(archive) as zf:
-        for name in names:
+        for i, name in enumerate(names):
             if name is None:
                 out.append(Image.new("RGB", (size, size), (0, 0, 0)))  # blank image
             else:
-                out.append(Image.open(io.BytesIO(zf.read(name))).convert("RGB"))
+                out.append(open_image(zf, name, archive, None if items is None else items[i], dataset))
     return out
 
 
@@ -83,11 +87,12 @@ def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images
         return enc, (None, None)
     if images_archive is None:
         raise ValueError(f"field {field!r}: an image backbone needs the dataset's image archive")
-    names = items["image"].to_list()
+    names, ids = items["image"].to_list(), items["item_id"].to_list()
     size = spec.image_size
     chunks = [torch.zeros(1, 3, size, size, dtype=torch.uint8)]
     for s in range(0, len(names), 512):
-        imgs = load_images(Path(images_archive), names[s : s + 512], size)
+        # the dataset's folder (resources/<dataset>) is named after its dataset_sources entry
+        imgs = load_images(Path(images_archive), names[s : s + 512], size, ids[s : s + 512], Path(items_parquet).parent.name)
         px = pre(images=imgs, return_tensors="pt", do_rescale=False, do_normalize=False)["pixel_values"]
         chunks.append(torch.as_tensor(px).to(torch.uint8))
     pixels = torch.cat(chunks)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..io import read_or_set_aside
-
 # Item fields a tower can read, with the modality of each: columns of items.parquet, and the
 # LLaVA captions of covers and video frames (CAPTION_FIELDS), text fields kept beside it in
 # captions/<source>.parquet (iisan.captions).
@@ -21,7 +19,8 @@ def caption_file(items_parquet: Path, field: str) -> Path:
 
 def item_texts(items_parquet: Path, field: str) -> list[str]:
     """The text of `field` for every item of items.parquet, in its order: a column of the table,
-    or a caption field read from its caption file (every item must have a caption row)."""
+    or a caption field read from its caption file (`iisan.captions.caption_texts`: checked against
+    its manifest, a caption for every item; one that fails is moved aside and remade by the next run)."""
     import polars as pl
 
     items = pl.read_parquet(items_parquet)
@@ -33,10 +32,6 @@ def item_texts(items_parquet: Path, field: str) -> list[str]:
     path = caption_file(items_parquet, field)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions for field {field!r}; the workflow's caption rule makes them")
-    rows = read_or_set_aside(path, lambda p: pl.read_parquet(p).select("item_id", "caption").rows(),
-                             "the next run of the workflow captions the items again")
-    captions = dict(rows)
-    missing = [i for i in items["item_id"].to_list() if i not in captions]
-    if missing:
-        raise KeyError(f"{path}: no caption for {len(missing)} items of {items_parquet} (first: {missing[0]!r})")
-    return [captions[i] for i in items["item_id"].to_list()]
+    from ..captions import caption_texts  # checked against its manifest; a damaged caption set is moved aside
+
+    return caption_texts(path, items["item_id"].to_list(), items_parquet)

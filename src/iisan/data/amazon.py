@@ -187,6 +187,42 @@ def _image_index(archive: Path) -> dict[str, str]:
     return out
 
 
+def _item_images(archive: Path, order: list[str], missing_images: str, dataset: str) -> tuple[list[str | None], list[str]]:
+    """(member of each item's image or None, items given a blank image): every item's image is
+    decoded once (`iisan.images.image_problem`); an item without an image, or whose image does
+    not decode (empty, truncated, not an image), stops preprocessing naming the item, the member,
+    the archive and the config key dataset_sources.<dataset>.missing_images (`dataset`: the
+    dataset's folder, named after its entry), or with ``missing_images: blank`` gets a blank
+    image (None) and is counted with the blank ones."""
+    from ..images import UndecodableImage, image_problem, missing_images_key, undecodable
+
+    available = _image_index(archive)
+    names: list[str | None] = [None] * len(order)
+    blanks: list[str] = []
+    bad: list[str] = []
+    with zipfile.ZipFile(archive) as zf:
+        for n, item in enumerate(order):
+            member = available.get(item)
+            why = None if member is None else image_problem(zf, member)
+            if member is not None and why is None:
+                names[n] = member
+            elif missing_images == "blank":
+                blanks.append(item)
+                if member is not None:
+                    bad.append(item)
+                    log.warning("%s: the image of item %r (member %r) cannot be decoded (%s); using a blank image "
+                                "(missing_images: blank)", archive, item, member, why)
+            elif member is None:
+                raise DataError(f"{archive}: no image for item {item!r} (set {missing_images_key(dataset)} in the config "
+                                "to give it a blank image)")
+            else:
+                raise UndecodableImage(undecodable(archive, member, item, why, dataset))
+    if blanks:
+        log.warning("%d items have no image in %s (%d of them one that does not decode); using a blank image",
+                    len(blanks), archive, len(bad))
+    return names, blanks
+
+
 MIN_WINDOW = 4  # T = window - 3 >= 1 evaluation input
 MIN_INTERACTIONS = 3  # a training item, a validation and a test target
 
@@ -245,18 +281,7 @@ def preprocess(
     image_names: list[str | None] = [None] * len(order)
     blanks: list[str] = []
     if images is not None:
-        available = _image_index(Path(images))
-        for n, item in enumerate(order):
-            if item in available:
-                image_names[n] = available[item]
-            elif missing_images == "blank":
-                blanks.append(item)
-            else:
-                raise DataError(
-                    f"{images}: no image for item {item!r} (set missing_images: blank to use a blank image)"
-                )
-        if blanks:
-            log.warning("%d items have no image in %s; using a blank image", len(blanks), images)
+        image_names, blanks = _item_images(Path(images), order, missing_images, out_dir.name)
 
     items_df = pl.DataFrame(
         {
