@@ -329,7 +329,12 @@ class Budget:
 
     def cards(self, peak_gib: float) -> int:
         """Cards of `cluster.gpu_gib` that hold a peak spread over them (at least one)."""
-        return max(1, math.ceil(peak_gib / usable_gib(self.config)))
+        usable = usable_gib(self.config)
+        n = peak_gib / usable if usable > 0 else math.inf
+        if not math.isfinite(n):
+            raise ValueError(f"config key cluster.gpu_gib: {self.config['cluster']['gpu_gib']} GiB a card cannot hold a peak of "
+                             f"{peak_gib:.1f} GiB on any number of cards; give your cards' memory in GiB (80 for an H100)")
+        return max(1, math.ceil(n))
 
     def estimate(self, rule: str, wildcards: dict) -> Job:
         """The job of a GPU rule (GPU_RULES) with these wildcards, priced once per Budget: what

@@ -191,7 +191,9 @@ def fetch_failures():
                     log.read_text(errors="replace").splitlines() if log.exists() else []
                 )
                 errors = [
-                    l for l in lines if re.match(r"^[\w.]*(Error|Exception)\b.*:", l)
+                    l
+                    for l in lines
+                    if re.match(r"^([\w.]*(Error|Exception)\b.*|error):", l)
                 ]
                 if errors:
                     why = f"{errors[-1].strip()} (log: {log})"
