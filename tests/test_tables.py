@@ -167,7 +167,7 @@ def test_claims_on_the_papers_own_numbers(tmp_path):
     fails = {k for k, v in got.items() if v != claims.HOLDS}
     assert ("table6", "Scientific", "IISAN-VA: the full model above no-intra") in fails
     assert ("table3", "Scientific", "IISAN-VA above IISAN-VS (HR@10 and NDCG@10)") not in fails
-    assert ("table4", "Scientific", "group means of HR@10 rise PLM < base LLM < MoE LLM < 70B") not in fails
+    assert ("table4", "Scientific", "group means of HR@10 and NDCG@10 rise PLM < base LLM < MoE LLM < 70B") not in fails
     assert all(v == claims.HOLDS for (t, _, _), v in got.items() if t in ("table7", "table8", "table9"))
 
 
@@ -180,6 +180,45 @@ def test_claims_csv_marks_tables_not_run(tmp_path):
     assert row["verdict"] == claims.HOLDS and row["dataset"] == "demo" and row["paper verdict"] == ""
     assert set(df.filter(pl.col("table") == "table3")["verdict"]) == {claims.NOT_RUN}
     assert set(df.filter(pl.col("table") == "efficiency")["verdict"]) == {claims.NOT_RUN}
+
+
+def test_best_row_claims_need_both_metrics(tmp_path):
+    """A best-row claim holds only where the row is best on HR@10 and on NDCG@10: best on HR@10
+    alone it does not hold, and its numbers show both metrics."""
+    t7 = tmp_path / "table7.csv"
+    pl.DataFrame({"dataset": ["demo"] * 3, "blocks": ["6 blocks", "2 blocks", "all"], "key": ["blocks6", "blocks2", "all"],
+                  "hr@10": [5.0, 4.0, 4.5], "ndcg@10": [3.0, 2.0, 3.2]}).write_csv(t7)
+    df = claims.build_claims({"table7": t7}, tmp_path / "claims.csv")
+    row = df.filter(pl.col("table") == "table7").row(0, named=True)
+    assert row["claim"] == "6 blocks give IISAN-VS's best HR@10 and NDCG@10"
+    assert row["verdict"] == claims.FAILS
+    assert row["ours"] == "hr@10: blocks6 5.00, best blocks6 5.00; ndcg@10: blocks6 3.00, best all 3.20"
+    # without NDCG@10 for the row the claim is not decided
+    src = claims.Source({("table7", "demo", k, None): {"hr@10": v} for k, v in (("blocks6", 5.0), ("blocks2", 4.0))})
+    assert claims._best(src, "table7", "demo", "blocks6", ["blocks6", "blocks2"]) == (claims.NOT_RUN, "")
+
+
+def test_rising_means_claim_needs_both_metrics():
+    """Table IV's group means must rise on HR@10 and on NDCG@10."""
+    means = {"PLM": (7.0, 4.3), "base LLM": (7.6, 4.7), "MoE LLM": (7.9, 4.6), "70B": (8.1, 4.9)}
+    src = claims.Source({("table4", "demo", f"mean:{g}", None): {"hr@10": h, "ndcg@10": n} for g, (h, n) in means.items()})
+    assert claims._rising(src, "demo") == (
+        claims.FAILS, "hr@10: PLM 7.00, base LLM 7.60, MoE LLM 7.90, 70B 8.10; ndcg@10: PLM 4.30, base LLM 4.70, MoE LLM 4.60, 70B 4.90")
+    src.cells[("table4", "demo", "mean:MoE LLM", None)]["ndcg@10"] = 4.8
+    assert claims._rising(src, "demo")[0] == claims.HOLDS
+
+
+def test_paper_verdict_on_best_rows_is_decided_on_both_metrics(tmp_path):
+    """On the paper's data the paper's verdict beside ours is decided on its HR@10 and NDCG@10."""
+    t8 = tmp_path / "table8.csv"
+    pl.DataFrame({"dataset": ["Scientific"] * 2, "group": ["12+6", "6+6"], "selection": ["mean (12+6)", "mean (6+6)"],
+                  "key": ["mean:12+6", "mean:6+6"], "hr@10": [7.0, 7.1], "ndcg@10": [4.4, 4.3]}).write_csv(t8)
+    df = claims.build_claims({"table8": t8}, tmp_path / "claims.csv", paper={"table8": True})
+    row = df.filter(pl.col("table") == "table8").row(0, named=True)
+    assert row["claim"] == "the 6+6 selections have the best mean HR@10 and NDCG@10"
+    assert row["verdict"] == claims.FAILS
+    assert row["paper verdict"] == claims.HOLDS
+    assert row["paper"] == "hr@10: mean:6+6 7.08, best mean:6+6 7.08; ndcg@10: mean:6+6 4.33, best mean:6+6 4.33"
 
 
 def test_methods_table_gives_spread_over_seeds_and_paired_differences(tmp_path):
