@@ -1,6 +1,6 @@
 """Seconds per video of the frames rule (`iisan.frames`) on this machine's CPU, for videos the
 size of MicroLens's: the rate `frames:` in src/iisan/rates.yaml records and the workflow sizes the
-frames job from (`iisan.frames.frames_minutes`).
+frames job from (`iisan.budget.frames_minutes`).
 
 For each codec (H.265 and H.264 by default) a synthetic video is encoded here with PyAV:
 `--size` (width x height, default 1080x1920, portrait), `--fps`, `--clip-s` seconds long, at

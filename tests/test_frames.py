@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iisan import folders, frames
+from iisan import budget, folders, frames
 from iisan.data.amazon import DataError
 from iisan.data.microlens_demo import MicroLensDemoSpec, frame_group, generate, plan
 from iisan.frames import MANIFEST_MEMBER, POSITIONS, VideoError, count_frames, extract_all, extract_frames, frame_indices
@@ -370,12 +370,12 @@ def test_the_job_is_sized_from_the_measured_rate():
               "dataset_sources": {"MicroLens": {"kind": "microlens"},
                                   "twin": {"kind": "microlens-demo", "microlens_demo": {"n_items": 300, "n_users": 400}}}}
     items = 19_738
-    assert frames.frames_seconds(config, "MicroLens", 1, rates) == pytest.approx(items * 9.01)
-    assert frames.frames_threads(config, "MicroLens", rates) == frames.MAX_THREADS
-    assert frames.frames_minutes(config, "MicroLens", 8, rates) == math.ceil(items * (9.0 / 8 + 0.01) * 1.5 / 60)
-    assert frames.frames_minutes(config, "MicroLens", rates=rates) == frames.frames_minutes(config, "MicroLens", 8, rates)
+    assert budget.frames_seconds(config, "MicroLens", 1, rates) == pytest.approx(items * 9.01)
+    assert budget.frames_threads(config, "MicroLens", rates) == budget.FRAMES_MAX_THREADS
+    assert budget.frames_minutes(config, "MicroLens", 8, rates) == math.ceil(items * (9.0 / 8 + 0.01) * 1.5 / 60)
+    assert budget.frames_minutes(config, "MicroLens", rates=rates) == budget.frames_minutes(config, "MicroLens", 8, rates)
     # the twin's 32 x 32 videos of at most 40 frames: a few seconds, the floor
-    assert frames.frames_seconds(config, "twin", 1, rates) < 60
-    assert frames.frames_threads(config, "twin", rates) == 1 and frames.frames_minutes(config, "twin", rates=rates) == frames.FLOOR_MIN
+    assert budget.frames_seconds(config, "twin", 1, rates) < 60
+    assert budget.frames_threads(config, "twin", rates) == 1 and budget.frames_minutes(config, "twin", rates=rates) == budget.FLOOR_MIN
     # the repository's own rate is there
-    assert frames.frames_minutes({"dataset_sources": {}}, "MicroLens", 1) > 120
+    assert budget.frames_minutes({"dataset_sources": {}}, "MicroLens", 1) > 120

@@ -19,6 +19,7 @@ the rules can ask for it while Snakemake builds the DAG; `iisan plan --gpus N` s
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from collections.abc import Mapping
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
     from .graph import Graph
 
 RATES = Path(__file__).with_name("rates.yaml")
+log = logging.getLogger(__name__)
 
 # Table I: users, items and interactions of the paper's datasets, for datasets not preprocessed yet
 TABLE_I = {**AMAZON_TABLE_I, "MicroLens": MICROLENS_TABLE_I}
@@ -587,3 +589,58 @@ def write_jobs(budget: Budget, path: Path) -> None:
         for j in sorted(budget.jobs.values(), key=lambda j: (KINDS.index(j.kind), j.name)):
             out.writerow([j.kind, j.name, j.gpus, f"{j.seconds / 3600:.4f}", f"{j.card_seconds / 3600:.4f}", f"{j.peak_gib:.2f}",
                           j.priority, " ".join(j.groups), j.detail])
+
+
+FRAMES_MAX_THREADS = 8  # the most threads the frames job asks for (`frames_threads`)
+FLOOR_MIN = 10  # the least minutes a job asks for (`frames_minutes`, the GPU rules' runtime)
+
+
+# --- sizing the workflow's frames job ---------------------------------------------------------
+def _frames_rate(rates: dict | None) -> dict:
+    return (rates if rates is not None else load_rates())["frames"]
+
+
+def _video_scale(config: dict, dataset: str, rate: dict) -> float:
+    """The decoding work of one of `dataset`'s videos against the measured reference video of
+    `rate`: 1, but for a generated MicroLens twin, whose videos are size x size pixels and at
+    most max_frames long (`iisan.data.microlens_demo.VideoSpec`)."""
+    source = (config.get("dataset_sources") or {}).get(dataset) or {}
+    if "microlens_demo" not in source:
+        return 1.0
+    from .data.microlens_demo import _spec
+
+    video = _spec(source["microlens_demo"]).video
+    ref = rate["video"]
+    return min(1.0, video.size**2 * video.max_frames / (ref["width"] * ref["height"] * ref["fps"] * ref["seconds"]))
+
+
+def frames_seconds(config: dict, dataset: str, threads: int = 1, rates: dict | None = None) -> float:
+    """Estimated seconds of the frames job of `dataset` with nothing to reuse: items x (seconds
+    per video / `threads` + seconds per item to write the archive), the item count from
+    `dataset_stats` (MicroLens-100K's when it is not known yet), the per-video
+    seconds measured on one thread (rates.yaml ``frames:``; scaled for a generated twin)."""
+    rate = _frames_rate(rates)
+    try:
+        items = int(dataset_stats(config, dataset)["items"])
+    except ValueError:
+        items = int(MICROLENS_TABLE_I["items"])
+        log.warning("dataset %r: item count not known yet; the frames job is sized for %d videos", dataset, items)
+    video_s = float(rate["video_s"]) * _video_scale(config, dataset, rate)
+    return items * (video_s / max(1, int(threads)) + float(rate.get("assemble_item_s", 0.0)))
+
+
+def frames_threads(config: dict, dataset: str, rates: dict | None = None) -> int:
+    """Threads of the frames job of `dataset`: one per hour of decoding on one thread
+    (`frames_seconds`), at least 1, at most `FRAMES_MAX_THREADS`."""
+    return min(FRAMES_MAX_THREADS, max(1, math.ceil(frames_seconds(config, dataset, 1, rates) / 3600)))
+
+
+def frames_minutes(config: dict, dataset: str, threads: int | None = None, rates: dict | None = None) -> int:
+    """Minutes the frames job of `dataset` asks for on `threads` threads (default
+    `frames_threads`): `frames_seconds` x cluster.runtime_margin, at least `FLOOR_MIN`. Not
+    capped: a job longer than a partition's limit resumes from its work folder on its next
+    attempt (iisan.frames keeps its finished videos), so the caller caps it at cluster.max_runtime_min."""
+    if threads is None:
+        threads = frames_threads(config, dataset, rates)
+    margin = float((config.get("cluster") or {}).get("runtime_margin", 1.5))
+    return max(FLOOR_MIN, math.ceil(frames_seconds(config, dataset, threads, rates) * margin / 60))

@@ -47,7 +47,7 @@ without a video file are not kept in parts (trying them again costs nothing).
 member's CRC, and the frame count of its manifest ``frames.json`` beside it); a damaged archive
 is moved aside so that the workflow's next run extracts the frames again.
 
-`frames_seconds`, `frames_threads` and `frames_minutes` size the workflow's frames job from the
+`iisan.budget.frames_minutes` and `frames_threads` size the workflow's frames job from the
 measured extraction rate under ``frames:`` in rates.yaml (benchmarks/frames_speed.py).
 """
 
@@ -79,8 +79,6 @@ MANIFEST_MEMBER = "frames.json"  # the archive's own manifest: what its frames w
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps: the same videos give the same archive
 PART_MEMBER = "part.json"  # a work part's own record: settings, and each item's sha256 and skip
 FLUSH_S = 60.0  # seconds of decoding between two parts of the work folder (the most a SIGKILL loses)
-MAX_THREADS = 8  # the most threads the frames job asks for (`frames_threads`)
-FLOOR_MIN = 10  # the least minutes it asks for (`frames_minutes`)
 
 
 class VideoError(DataError):
@@ -505,61 +503,3 @@ def read_frames(archive: Path) -> set[str]:
         return names
 
     return read_or_set_aside(archive, read, then)
-
-
-# --- sizing the workflow's frames job ---------------------------------------------------------
-def _frames_rate(rates: dict | None) -> dict:
-    if rates is None:
-        from .budget import load_rates
-
-        rates = load_rates()
-    return rates["frames"]
-
-
-def _video_scale(config: dict, dataset: str, rate: dict) -> float:
-    """The decoding work of one of `dataset`'s videos against the measured reference video of
-    `rate`: 1, but for a generated MicroLens twin, whose videos are size x size pixels and at
-    most max_frames long (`iisan.data.microlens_demo.VideoSpec`)."""
-    source = (config.get("dataset_sources") or {}).get(dataset) or {}
-    if "microlens_demo" not in source:
-        return 1.0
-    from .data.microlens_demo import _spec
-
-    video = _spec(source["microlens_demo"]).video
-    ref = rate["video"]
-    return min(1.0, video.size**2 * video.max_frames / (ref["width"] * ref["height"] * ref["fps"] * ref["seconds"]))
-
-
-def frames_seconds(config: dict, dataset: str, threads: int = 1, rates: dict | None = None) -> float:
-    """Estimated seconds of the frames job of `dataset` with nothing to reuse: items x (seconds
-    per video / `threads` + seconds per item to write the archive), the item count from
-    `iisan.budget.dataset_stats` (MicroLens-100K's when it is not known yet), the per-video
-    seconds measured on one thread (rates.yaml ``frames:``; scaled for a generated twin)."""
-    from .budget import dataset_stats
-    from .data.microlens import TABLE_I
-
-    rate = _frames_rate(rates)
-    try:
-        items = int(dataset_stats(config, dataset)["items"])
-    except ValueError:
-        items = int(TABLE_I["items"])
-        log.warning("dataset %r: item count not known yet; the frames job is sized for %d videos", dataset, items)
-    video_s = float(rate["video_s"]) * _video_scale(config, dataset, rate)
-    return items * (video_s / max(1, int(threads)) + float(rate.get("assemble_item_s", 0.0)))
-
-
-def frames_threads(config: dict, dataset: str, rates: dict | None = None) -> int:
-    """Threads of the frames job of `dataset`: one per hour of decoding on one thread
-    (`frames_seconds`), at least 1, at most `MAX_THREADS`."""
-    return min(MAX_THREADS, max(1, math.ceil(frames_seconds(config, dataset, 1, rates) / 3600)))
-
-
-def frames_minutes(config: dict, dataset: str, threads: int | None = None, rates: dict | None = None) -> int:
-    """Minutes the frames job of `dataset` asks for on `threads` threads (default
-    `frames_threads`): `frames_seconds` x cluster.runtime_margin, at least `FLOOR_MIN`. Not
-    capped: a job longer than a partition's limit resumes from its work folder on its next
-    attempt (module docstring), so the caller caps it at cluster.max_runtime_min."""
-    if threads is None:
-        threads = frames_threads(config, dataset, rates)
-    margin = float((config.get("cluster") or {}).get("runtime_margin", 1.5))
-    return max(FLOOR_MIN, math.ceil(frames_seconds(config, dataset, threads, rates) * margin / 60))

@@ -59,7 +59,7 @@ rule videos_content:
 # a job stopped by its time limit resumes there on its next attempt (iisan.frames). Its threads
 # and minutes come from the measured seconds per video (rates.yaml frames:) and the dataset's
 # items; the minutes at most cluster.max_runtime_min.
-from iisan.frames import frames_minutes, frames_threads
+from iisan.budget import frames_minutes, frames_threads
 
 
 rule frames:

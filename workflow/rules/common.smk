@@ -11,7 +11,7 @@ from snakemake.exceptions import WorkflowError
 
 from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
-from iisan.budget import Budget, usable_gib, weight_gb
+from iisan.budget import FLOOR_MIN, Budget, usable_gib, weight_gb
 from iisan.cache_files import set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -567,7 +567,7 @@ def get_runtime(name):
     def runtime(wildcards, attempt):
         job = get_estimate(name, wildcards)
         minutes = max(
-            10, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
+            FLOOR_MIN, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
         )
         return capped_runtime(minutes, attempt)
 
