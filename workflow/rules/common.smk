@@ -238,13 +238,11 @@ def get_table_extra_inputs(wildcards):
 
 
 def get_claims_inputs():
-    """The tables and the efficiency CSV this run builds, which the claims are decided on."""
+    """The CSVs of the tables and figures this run builds, by registry name, which the claims
+    are decided on."""
     out = {k: tables.table_file(config, k) for k in config["tables"]}
-    if "fig5" in config["figures"]:
-        out["efficiency"] = rules.efficiency.output.csv
-    if "fig7" in config["figures"]:
-        out["fig7"] = rules.fig7.output.csv
-    return out
+    csvs = {"fig5": rules.efficiency.output.csv, "fig6": rules.fig6.output.csv, "fig7": rules.fig7.output.csv}
+    return out | {k: v for k, v in csvs.items() if k in config["figures"]}
 
 
 def get_plan_rows(kind):

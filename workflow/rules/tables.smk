@@ -123,6 +123,6 @@ rule claims:
         mem_mb=1000,
         runtime=5,
     params:
-        paper={k: tables.compares_to_paper(config, k) for k in config["tables"]},
+        paper={k: tables.runs_on_paper_data(config, k) for k in config["tables"] + config["figures"]},
     script:
         "../scripts/claims.py"

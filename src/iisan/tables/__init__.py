@@ -95,10 +95,16 @@ def targets(config: dict) -> list[str]:
     return out + ([plan.CLAIMS] if config["claims"] else [])
 
 
+def runs_on_paper_data(config: dict, name: str) -> bool:
+    """Whether table or figure `name` runs on the paper's datasets with their real data (where
+    the paper's verdict on each of its claims is printed beside ours)."""
+    return paper.on_paper_data(config, table_datasets(config, name))
+
+
 def compares_to_paper(config: dict, name: str) -> bool:
     """Whether table `name` prints the paper's numbers beside ours: the paper prints it and it runs
     on the paper's datasets with their real data."""
-    return get(name).paper and paper.on_paper_data(config, table_datasets(config, name))
+    return get(name).paper and runs_on_paper_data(config, name)
 
 
 # --- building ------------------------------------------------------------------------------------

@@ -24,6 +24,30 @@ from .build import (
     build_table8,
     build_table9,
 )
+from .claims import (
+    CITED_BEST,
+    Claim,
+    above,
+    above_cited_best,
+    best,
+    best_in_group,
+    best_of_prefix,
+    cache_claims,
+    cache_size_claims,
+    drop_larger,
+    each_above,
+    efficiency_claims,
+    gate_claims,
+    group_gain,
+    instruct_helps_only,
+    larger_image_gain,
+    larger_image_lowers,
+    largest_image_adds_nothing,
+    rising,
+    significant,
+    stated,
+    versus_claims,
+)
 from .registry import Table, register
 
 DATASETS = {"type": "array", "items": {"type": "string"}, "minItems": 1,
@@ -85,8 +109,18 @@ properties:
   va_text_encoder: {type: string, description: "IISAN-VA's text tower (BERT-large in the paper); default: the first tower's backbone"}
 """
 
+BASELINES = ("fft", "adapter", "lora", "bitfit")  # Table III's fine-tuning baselines
+PAPER_STAR = "marked * in Table {} (paired t-test, p < 0.05)"
+TABLE3_CLAIMS = (
+    Claim("IISAN-VA above IISAN-VS (HR@10 and NDCG@10)", above("table3", "iisan-va", "iisan")),
+    Claim("IISAN-VA above IISAN-VS at p < 0.05 (paired t-test over the significance seeds)",
+          significant("table3", "iisan-va", "{m} p (VA vs VS)", "iisan"), paper=PAPER_STAR.format("III")),
+    *(Claim(f"IISAN-VS above {methods.get(b).label}", above("table3", "iisan", b)) for b in BASELINES),
+)
+
 register(Table(
     "table3", "Table III: FFT, Adapter, LoRA, BitFit, IISAN-VS and IISAN-VA", table3_rows, build_table3, header="method",
+    claims=TABLE3_CLAIMS,
     section="table3", datasets=section_datasets("table3"), paper=True, check=_checks(_check_tokens("table3"), _check_text_backbone("table3")),
     schema=_schema(COMPARED_SCHEMA + "  significance_seeds: {type: array, items: {type: integer, minimum: 0}, uniqueItems: true}\n"),
 ))
@@ -119,8 +153,20 @@ def check_table4(config: dict) -> None:
                                  "(each entry is [text encoder, image encoder])")
 
 
+TABLE4_CLAIMS = (
+    Claim("group means of HR@10 and NDCG@10 rise PLM < base LLM < MoE LLM < 70B", rising("table4")),
+    Claim("a 70B text encoder gives the best HR@10 and NDCG@10 (Llama3-70B-GPTQ)", best_in_group("table4", "70B")),
+    Claim("instruction tuning lifts only the MoE LLM (Mixtral) above its base model", instruct_helps_only("table4", "MoE LLM")),
+    Claim("the PLM (BERT-base) gains under 1 % from the first larger image encoder (ViT-large)",
+          larger_image_gain("table4", "PLM", 1.0)),
+    Claim("the PLM (BERT-base) gains nothing more from the largest image encoder (ViT-huge)",
+          largest_image_adds_nothing("table4", "PLM")),
+    Claim("the 70B text encoder falls with every larger image encoder", larger_image_lowers("table4", "70B")),
+    Claim("the larger PLM (BERT-large) gains over 6 % on the smaller (BERT-base)", group_gain("table4", "PLM", 6.0)),
+)
+
 register(Table(
-    "table4", "Table IV: IISAN-Versa with 13 text encoders and larger image encoders", table4_rows, build_table4,
+    "table4", "Table IV: IISAN-Versa with 13 text encoders and larger image encoders", table4_rows, build_table4, claims=TABLE4_CLAIMS,
     header="text encoder", section="table4", datasets=section_datasets("table4"), paper=True, check=check_table4,
     schema=_schema("""
 type: object
@@ -140,8 +186,40 @@ properties:
 
 
 # --- Table V: MicroLens, beside the benchmark's published rows -----------------------------------
+# Table V's printed class and label of the rows this workflow reruns
+TABLE5_PRINTED = {"fft": ("MM VideoRec", "Full finetuning"), "iisan": ("IISAN-Versa", "IISAN-VS (ours)"),
+                  "iisan-va": ("IISAN-Versa", "IISAN-VA (ours)"), "sasrec-id": ("IDRec (SR)", "SASRec (rerun)"),
+                  "gru4rec": ("IDRec (SR)", "GRU4Rec (rerun)")}
+
+
 def table5_rows(config: dict) -> list[dict]:
-    return [compared_row(config, t, table="table5") for t in config["table5"]["methods"]]
+    """The reruns with the paper's class and label (other methods: their own label, class
+    "rerun here"); IISAN-VS and IISAN-VA over `table5.significance_seeds` for the test against
+    the benchmark's best."""
+    t5 = config["table5"]
+    out = []
+    for t in t5["methods"]:
+        r = compared_row(config, t, t5.get("significance_seeds") if t in ("iisan", "iisan-va") else None, table="table5")
+        group, label = TABLE5_PRINTED.get(t, ("rerun here", r["label"]))
+        out.append(dict(r, group=group, label=label))
+    return out
+
+
+TABLE5_CLAIMS = (
+    Claim("IISAN-VA above IISAN-VS", above("table5", "iisan-va", "iisan")),
+    Claim("IISAN-VS above multimodal FFT", above("table5", "iisan", "fft")),
+    Claim("IISAN-VA above multimodal FFT", above("table5", "iisan-va", "fft")),
+    Claim("IISAN-VS above the benchmark's best cited row (GRU4Rec_V)", above_cited_best("table5", "iisan"), cited=True),
+    Claim("IISAN-VA above the benchmark's best cited row (GRU4Rec_V)", above_cited_best("table5", "iisan-va"), cited=True),
+    Claim("IISAN-VS above the benchmark's best at p < 0.05 (one-sample t-test of our seeds against the cited value: "
+          "the benchmark's per-seed results are not published)",
+          significant("table5", "iisan", "{m} p (vs cited best)", CITED_BEST), cited=True, paper=PAPER_STAR.format("V")),
+    Claim("IISAN-VA above the benchmark's best at p < 0.05 (one-sample t-test of our seeds against the cited value)",
+          significant("table5", "iisan-va", "{m} p (vs cited best)", CITED_BEST), cited=True, paper=PAPER_STAR.format("V")),
+    Claim("the video-encoder baselines (VideoRec) need over 4x the GPU resources of multimodal FFT",
+          stated("the benchmark's VideoRec rows are cited, not rerun: their costs are not measured here"),
+          paper="stated in the text (RQ3); no numbers printed"),
+)
 
 
 def table5_cited(config: dict) -> list[str]:
@@ -151,6 +229,7 @@ def table5_cited(config: dict) -> list[str]:
 
 register(Table(
     "table5", "Table V: MicroLens, our reruns beside the benchmark's published rows", table5_rows, build_table5, header="method",
+    claims=TABLE5_CLAIMS,
     section="table5", datasets=own_dataset("table5"), extra_inputs=table5_cited, paper=True,
     check=_checks(_check_tokens("table5"), _check_text_backbone("table5")),
     schema=_schema("""
@@ -165,6 +244,8 @@ properties:
     minItems: 1
     default: [fft, sasrec-id, gru4rec, iisan, iisan-va]
   va_text_encoder: {type: string, description: "IISAN-VA's text tower (BERT-large in the paper); default: the first tower's backbone"}
+  significance_seeds: {type: array, items: {type: integer, minimum: 0}, uniqueItems: true,
+                       description: "IISAN-VS's and IISAN-VA's seeds, for the test against the benchmark's best"}
   cited:
     type: [string, "null"]
     description: YAML file of the benchmark's published rows printed beside ours (null for none)
@@ -175,14 +256,24 @@ properties:
 
 # --- Table VI: ablations of IISAN-VS and IISAN-VA ------------------------------------------------
 # (key, IISAN-VS method, IISAN-VA method, scheme: None for the column's default, or "all")
+# in the paper's order: the full model last
 TABLE6 = [
-    ("iisan", "iisan", "iisan-va", None),
     ("w/o LayerDrop", "iisan", "iisan-va", "all"),
     ("no-gate", "no-gate", "no-gate-va", None),
     ("frozen", "frozen", "frozen", None),
     ("no-inter", "no-inter", "no-inter-va", None),
     ("no-intra", "no-intra", "no-intra-va", None),
+    ("iisan", "iisan", "iisan-va", None),
 ]
+TABLE6_COLUMNS = ("IISAN-VS", "IISAN-VA")
+TABLE6_CLAIMS = (
+    *(Claim(f"{column}: the full model above {key}", above("table6", "iisan", key, column))
+      for column in TABLE6_COLUMNS for key, *_ in TABLE6 if key != "iisan"),
+    *(Claim(f"{column}: each single SAN (no-inter: intra only; no-intra: inter only) above the frozen backbone",
+            each_above("table6", lambda src, ds: [("no-inter", "frozen"), ("no-intra", "frozen")], column))
+      for column in TABLE6_COLUMNS),
+    Claim("removing LayerDrop costs IISAN-VA more than IISAN-VS", drop_larger("table6", "iisan", "w/o LayerDrop", *TABLE6_COLUMNS)),
+)
 
 
 def table6_rows(config: dict) -> list[dict]:
@@ -206,7 +297,7 @@ def table6_rows(config: dict) -> list[dict]:
 
 
 register(Table(
-    "table6", "Table VI: ablations of IISAN-VS and IISAN-VA", table6_rows, build_table6, header="variant",
+    "table6", "Table VI: ablations of IISAN-VS and IISAN-VA", table6_rows, build_table6, header="variant", claims=TABLE6_CLAIMS,
     section="table6", datasets=section_datasets("table6"), paper=True, check=_check_text_backbone("table6"),
     schema=_schema("""
 type: object
@@ -227,6 +318,8 @@ TABLE7 = [("2 blocks", "blocks2"), ("3 blocks", "blocks3"), ("4 blocks", "blocks
 register(Table(
     "table7", "Table VII: LayerDrop blocks of IISAN-VS",
     lambda config: [method_row(config, "iisan", label, scheme, key=scheme) for label, scheme in TABLE7], build_plain,
+    claims=(Claim("6 blocks give IISAN-VS's best HR@10 and NDCG@10",
+                  best("table7", "blocks6", lambda src, ds: [s for _, s in TABLE7])),),
     header="blocks", section="table7", datasets=section_datasets("table7"), paper=True,
     schema=_schema("type: object\nadditionalProperties: false\ndefault: {}\n"),
 ))
@@ -245,8 +338,13 @@ def table8_rows(config: dict) -> list[dict]:
                 group=group(text, image)) for text, image in t8["rows"]]
 
 
+TABLE8_CLAIMS = (
+    Claim("the 6+6 selections have the best mean HR@10 and NDCG@10", best_of_prefix("table8", "mean:6+6", "mean:")),
+    Claim("the default 6(even_all)+6(even_all) above the mean of the 6+6 selections", above("table8", "blocks6+even_all", "mean:6+6")),
+)
+
 register(Table(
-    "table8", "Table VIII: block selections of IISAN-VA", table8_rows, build_table8, header="selection",
+    "table8", "Table VIII: block selections of IISAN-VA", table8_rows, build_table8, header="selection", claims=TABLE8_CLAIMS,
     section="table8", datasets=section_datasets("table8"), paper=True,
     schema=_schema("""
 type: object
@@ -269,6 +367,7 @@ properties:
 
 
 # --- Table IX: multimodal text on MicroLens ------------------------------------------------------
+TABLE9_GROUPS = ("FFT", "Same input", "Multimodal Text", "Multimodal")  # the paper's categories, in order
 FIELD_NAMES = {"title": "title", "video_caption": "video caption", "cover_caption": "cover caption", "image": "image"}
 
 
@@ -289,16 +388,31 @@ def table9_rows(config: dict) -> list[dict]:
         a, b = (t["backbone"] for t in tw)
         return row(label, tw, table4_method(config, a, b), va_scheme(config, a, b), key=key, group=group)
 
-    rows = [row(f"FFT: {FIELD_NAMES[f]}", towers(f), "fft", "last", "none", key=f"fft:{f}", group="single text") for f in t9["single"]]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[f]} x2", f"x2:{f}", (f, f), "same input x2") for f in t9["same_twice"]]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[a]} + {FIELD_NAMES[b]}", f"pair:{a}+{b}", (a, b), "multimodal text") for a, b in t9["pairs"]]
+    rows = [row(f"FFT: {FIELD_NAMES[f]}", towers(f), "fft", "last", "none", key=f"fft:{f}", group=TABLE9_GROUPS[0]) for f in t9["single"]]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[f]} x2", f"x2:{f}", (f, f), TABLE9_GROUPS[1]) for f in t9["same_twice"]]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[a]} + {FIELD_NAMES[b]}", f"pair:{a}+{b}", (a, b), TABLE9_GROUPS[2]) for a, b in t9["pairs"]]
     text = t9["text_field"]
-    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[text]} + image", f"text+image:{text}", (text, "image"), "text + image")]
+    rows += [versa(f"IISAN-Versa: {FIELD_NAMES[text]} + image", f"text+image:{text}", (text, "image"), TABLE9_GROUPS[3])]
     return rows
 
 
+def pairs_over_single(src, ds) -> list[tuple[str, str]]:
+    """(multimodal-text pair, the single-text FFT row of each of its texts)."""
+    keys = set(src.keys("table9", ds))
+    return [(k, f"fft:{f}") for k in src.keys("table9", ds, prefix="pair:") for f in k.removeprefix("pair:").split("+")
+            if f"fft:{f}" in keys]
+
+
+TABLE9_CLAIMS = (
+    Claim("title + image above every text-only row (HR@10 and NDCG@10)", best_of_prefix("table9", "text+image:title")),
+    Claim("title + video caption the best multimodal-text row (HR@10 and NDCG@10)",
+          best_of_prefix("table9", "pair:title+video_caption", "pair:")),
+    Claim("each multimodal-text pair above the FFT rows of its two single texts", each_above("table9", pairs_over_single)),
+)
+
+
 register(Table(
-    "table9", "Table IX: multimodal text on MicroLens", table9_rows, build_table9, header="input", section="table9",
+    "table9", "Table IX: multimodal text on MicroLens", table9_rows, build_table9, header="input", section="table9", claims=TABLE9_CLAIMS,
     datasets=own_dataset("table9"), paper=True,
     schema=_schema("""
 type: object
@@ -337,7 +451,7 @@ def check_methods(config: dict) -> None:
 
 register(Table(
     "methods", "Methods table: rows of the config's `methods`", methods_rows, build_methods_table, header="method",
-    file_name=lambda config: config["methods_table"], check=check_methods,
+    file_name=lambda config: config["methods_table"], check=check_methods, file_claims=versus_claims,
 ))
 
 
@@ -348,7 +462,7 @@ def gate_rows(config: dict) -> list[dict]:
 
 
 register(Table(
-    "gates", "Gates: learned gate values of IISAN-VS and IISAN-VA (RQ5)", gate_rows, build_gates, header="method",
+    "gates", "Gates: learned gate values of IISAN-VS and IISAN-VA (RQ5)", gate_rows, build_gates, header="method", file_claims=gate_claims,
     datasets=section_datasets("table3"),
 ))
 
@@ -363,7 +477,7 @@ register(Table("fig4", "Fig. 4: text-encoder scaling (Table IV's runs)", figure=
 register(Table(
     "fig5", "Fig. 5 and efficiency.csv: time and memory per method and batch size", efficiency_rows, figure=True, runs="profile",
     section="efficiency", datasets=lambda config: list((config.get("efficiency") or {}).get("datasets") or config["datasets"][:1]),
-    check=_check_tokens("efficiency"),
+    check=_check_tokens("efficiency"), file_claims=efficiency_claims,
     schema=_schema("""
 type: object
 additionalProperties: false
@@ -377,7 +491,8 @@ properties:
 default: {}
 """),
 ))
-register(Table("fig6", "Fig. 6: cache sizes of Table IV's backbones", figure=True, runs="cache", datasets=section_datasets("table4")))
+register(Table("fig6", "Fig. 6: cache sizes of Table IV's backbones", figure=True, runs="cache", datasets=section_datasets("table4"),
+               file_claims=cache_size_claims))
 
 
 def fig7_rows(config: dict) -> list[dict]:
@@ -391,6 +506,7 @@ def fig7_rows(config: dict) -> list[dict]:
 
 register(Table(
     "fig7", "Fig. 7: full against dropped caches", fig7_rows, figure=True, section="fig7", datasets=section_datasets("fig7"),
+    file_claims=cache_claims,
     schema=_schema("""
 type: object
 additionalProperties: false

@@ -4,8 +4,9 @@ An entry says what a table is called (its file, results/<name>.csv or .png), whi
 holds its settings and the JSON schema of that section (with its defaults), which rows it plans
 (a function of the config), on which datasets, and how its CSV is built from the rows' runs. The
 workflow's config check, its input functions and `iisan plan` read it from here; the paper's
-published numbers are keyed by the same names and row keys (`iisan.tables.paper`). Adding a table
-is one `register(Table(...))` call.
+published numbers are keyed by the same names and row keys (`iisan.tables.paper`), and the
+paper's claims on it are listed with it (`iisan.tables.claims`). Adding a table is one
+`register(Table(...))` call.
 
 A planned row is a dict: label, key (the row's name in the paper's numbers), towers
 ([{field, backbone}]), method, scheme, cache, and for some tables token, group, column,
@@ -39,6 +40,11 @@ class Table:
     extra_inputs: Callable[[dict], list[str]] | None = None  # files its build reads besides metrics
     file_name: Callable[[dict], str] | None = None  # its file name when configurable (the methods table)
     paper: bool = False  # the paper prints it: its numbers are in iisan/paper_values.yaml
+    # the paper's claims read from its rows (`iisan.tables.claims.Claim`), decided on ours and on
+    # the paper's numbers; and claims decided on its CSV as a whole:
+    # file_claims(csv path or None, on the paper's data, table=name) -> claims.csv rows
+    claims: tuple = ()
+    file_claims: Callable | None = None
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
