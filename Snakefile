@@ -10,6 +10,7 @@ from iisan.workflow import (
     DEFAULT_CONFIG,
     check_config,
     load_yaml,
+    refuse_stale_report,
     validate,
     warn_future_files,
 )
@@ -41,6 +42,10 @@ check_config(config)
 # comparisons of file times: name them, once, in the main process (dry runs too; jobs skip it)
 if workflow.is_main_process:
     warn_future_files()
+    # a report packs the tables and figures as they are: refuse it while one of them no longer
+    # stands for its runs (a run deleted, failed or retrained since the table was built)
+    if any(a == "--report" or a.startswith("--report=") for a in sys.argv):
+        refuse_stale_report(config)
 
 
 include: "workflow/rules/common.smk"

@@ -98,7 +98,7 @@ def test_an_edited_or_unlabelled_metrics_file_is_moved_aside_and_every_bad_one_n
     with pytest.raises(ForeignRunError) as err:
         read_runs([r for r, _ in runs], [tmp_path / p for _, p in runs])
     msg = str(err.value)
-    assert msg.startswith("2 of 5 metrics files cannot be used and were moved aside")
+    assert msg.startswith(f"2 of {len(runs)} metrics files cannot be used and were moved aside")
     assert f"{first}: another run's result: its field 'config_hash' is " in msg and "pieced together" in msg
     assert f"{second}: another run's result: it records no experiment" in msg
     assert not first.exists() and not second.exists() and all((tmp_path / p).exists() for _, p in runs[2:])
@@ -128,3 +128,36 @@ def test_a_row_without_an_identity_is_read_as_before(tmp_path):
     with pytest.raises(DamagedFileError, match="unreadable"):
         read_runs([{"label": "x"}], [path])
 
+
+
+def test_a_report_is_refused_while_a_table_stands_for_runs_that_are_gone_or_newer(tiny, tmp_path, monkeypatch):
+    """`snakemake --report` packs the tables as they are: while one of them stands for a run that
+    was deleted or remade since it was built, the report is refused, naming the table and runs."""
+    import os
+    import subprocess
+    import sys
+
+    from iisan.workflow import StaleReportError, refuse_stale_report, stale_outputs
+
+    config = dict(tiny, tables=["table7"], figures=[])
+    monkeypatch.chdir(tmp_path)
+    runs = [p for _, p in tables.plan_runs("table7", config)]
+    for path in runs:
+        _train(config, tmp_path, path, 0.05)
+    table = tmp_path / "results/table7.csv"
+    table.write_text("dataset\n")
+    assert stale_outputs(config) == []
+    refuse_stale_report(config)
+    (tmp_path / runs[0]).unlink()
+    os.utime(tmp_path / runs[1], (table.stat().st_mtime + 10,) * 2)
+    got = stale_outputs(config)
+    assert got == [f"results/table7.csv: 1 of its {len(runs)} runs are gone: {runs[0]}",
+                   f"results/table7.csv: 1 of its {len(runs)} runs are newer than it: {runs[1]}"]
+    with pytest.raises(StaleReportError, match="run the workflow to completion first"):
+        refuse_stale_report(config)
+    # through Snakemake, as the README asks for the report: the named error alone, no report
+    res = subprocess.run([sys.executable, "-m", "snakemake", "-s", str(ROOT / "Snakefile"), "--configfile",
+                          str(ROOT / "tests/configs/tiny.yaml"), "--config", "tables=[table7]", "figures=[]",
+                          "--report", "report.html"], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode != 0 and not (tmp_path / "report.html").exists()
+    assert "results/table7.csv: 1 of its" in res.stderr and "runs are gone" in res.stderr, res.stderr[-3000:]

@@ -62,7 +62,7 @@ def test_readme_section_has_every_step():
     assert fetch.endswith("-- fetch") and "--keep-going" in fetch
     assert "--conda-create-envs-only" in envs and price.startswith("iisan plan")
     assert "--workflow-profile profiles/slurm" in submit and "--" not in shlex.split(submit)
-    assert again.split(" -- ")[1].startswith("results/runs/") and "--report" in report
+    assert again.split("--forcerun ")[1].startswith("results/runs/") and "--report" in report
 
 
 def test_the_slurm_profile_sends_gpu_rules_to_the_gpu_partition_and_the_rest_to_the_cpu_one(root):
@@ -125,8 +125,9 @@ def test_readme_cluster_commands_run_as_written(root, tmp_path, cluster):
     fetch, price, submit, again, report = (out for _, out in ran)
     assert "card-hours" in price and "wall time on 8 GPUs" in price
     assert (wd / TABLE).exists() and (wd / "report.html").exists()
-    run_file = ran[3][0].split(" -- ")[1]
+    run_file = ran[3][0].split("--forcerun ")[1].split()[0]
     assert "Finished jobid" in again and (wd / run_file).exists()
+    assert (wd / TABLE).stat().st_mtime >= (wd / run_file).stat().st_mtime  # the rerun rebuilt the table it feeds
     submitted = re.findall(r"has been submitted with SLURM jobid", submit)
     assert len(submitted) >= 10, submit[-3000:]
     audits = []

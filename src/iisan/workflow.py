@@ -21,6 +21,7 @@ import yaml
 
 from . import methods, plan, tables
 from .config import TowerConfig, typed
+from .errors import NamedError
 
 SCHEMA = "config/schemas/config.schema.yaml"
 DEFAULT_CONFIG = "config/config.yaml"  # relative to the workflow's folder (the Snakefile's)
@@ -377,3 +378,44 @@ def warn_future_files(folders=("results", "resources"), slack_s: float = FUTURE_
     if text:
         print(text, file=file or sys.stderr, flush=True)
     return ahead
+
+
+class StaleReportError(NamedError):
+    """A report asked for while a table or figure stands for runs that are gone or newer."""
+
+
+def stale_outputs(config: dict) -> list[str]:
+    """The tables and figures of the config that exist but no longer stand for their runs: a
+    run's result (metrics.json, a profile) is missing or newer than the table. One line each,
+    naming the output and up to three of its runs."""
+    out = []
+    names = [*config["tables"], *config["figures"]]
+    for name in names:
+        t, runs = tables.get(name), tables.runs_entry(name)
+        if runs.runs == "profile":
+            paths = [p for _, p in tables.efficiency_plan(config)]
+        elif runs.runs == "train" and runs.rows:
+            paths = [p for _, p in tables.plan_runs(name, config)]
+        else:
+            continue
+        target = Path(plan.FIGURE.format(figure=name) if t.figure else tables.table_file(config, name))
+        if not target.exists():
+            continue
+        made = target.stat().st_mtime
+        gone = [p for p in dict.fromkeys(paths) if not Path(p).exists()]
+        newer = [p for p in dict.fromkeys(paths) if Path(p).exists() and Path(p).stat().st_mtime > made]
+        for what, files in (("gone", gone), ("newer than it", newer)):
+            if files:
+                more = f" and {len(files) - 3} more" if len(files) > 3 else ""
+                out.append(f"{target}: {len(files)} of its {len(set(paths))} runs are {what}: {', '.join(files[:3])}{more}")
+    return out
+
+
+def refuse_stale_report(config: dict) -> None:
+    """Raise StaleReportError when a report would pack tables or figures whose runs are gone or
+    were remade since (`stale_outputs`); the Snakefile calls it before `--report`."""
+    stale = stale_outputs(config)
+    if stale:
+        raise StaleReportError(
+            "the report would show tables or figures that no longer stand for their runs:\n  " + "\n  ".join(stale)
+            + "\nrun the workflow to completion first (it retrains what is gone and rebuilds these), then ask for the report")
