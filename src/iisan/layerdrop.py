@@ -9,6 +9,10 @@ top layer, stride ``k = L // n``, i.e. ``{k, 2k, ..., L}`` (for 12 layers: 2 -> 
 
 The asymmetric (IISAN-VA) stride of the authors' code, ``k = (L - 1) // (n - 1)`` anchored at
 the top, is :func:`authors_stride`; the paper's eq. 5 is :func:`paper_eq5_stride`.
+
+Several names can keep the same blocks (``stride6`` and ``blocks6`` on 24 layers, ``blocks6``
+and ``even_all`` on 12, ``blocks12`` and ``all`` on 12): :func:`canonical_name` picks one name
+per layer set, :func:`canonical_scheme` one name per run, which names its folder and its cache.
 """
 
 from __future__ import annotations
@@ -167,3 +171,33 @@ def tower_schemes(scheme: str, n_towers: int) -> list[str]:
     if len(parts) != n_towers:
         raise SchemeError(f"scheme {scheme!r} names {len(parts)} towers, the experiment has {n_towers}")
     return parts
+
+
+def canonical_name(scheme: str, num_layers: int) -> str:
+    """The one name of the blocks that `scheme` keeps of an L-layer backbone, by a fixed rule:
+    ``all`` if it keeps every block; else ``blocks<n>`` if that keeps the same blocks; else the
+    first Table VIII selection (in the order of SELECTIONS) that does; else ``stride<n>``; else
+    ``eq5-<n>`` (n: the blocks kept). ``last`` stays ``last``. A scheme the backbone cannot use
+    raises SchemeError (as `scheme_layers`). Canonical names are their own canonical name."""
+    if scheme == "last":
+        return scheme
+    kept = scheme_layers(scheme, num_layers, include_h0=False)
+    n = len(kept)
+    candidates = ["all", *([f"blocks{n}"] if num_layers % n == 0 else []), *valid_selections(num_layers), f"stride{n}", f"eq5-{n}"]
+    for name in candidates:
+        try:
+            if scheme_layers(name, num_layers, include_h0=False) == kept:
+                return name
+        except SchemeError:
+            continue
+    return scheme
+
+
+def canonical_scheme(scheme: str, layer_counts: list[int]) -> str:
+    """A run's scheme named by what it keeps: each tower's `canonical_name` (its backbone has
+    layer_counts[i] layers), one name when every tower's is the same, else joined by '+'.
+    Without towers (ID models) the scheme is returned as it is."""
+    if not layer_counts:
+        return scheme
+    names = [canonical_name(s, n) for s, n in zip(tower_schemes(scheme, len(layer_counts)), layer_counts)]
+    return names[0] if len(set(names)) == 1 else "+".join(names)

@@ -17,7 +17,7 @@ from .cache_files import ARRAY, MANIFEST
 from .config import Experiment, TowerConfig, backbone_entry
 from .data import CAPTIONS as CAPTIONS_FILE
 from .data.microlens import VIDEOS
-from .layerdrop import scheme_layers, tower_schemes
+from .layerdrop import canonical_scheme, scheme_layers, tower_schemes
 
 # --- path templates (the rules' outputs) -------------------------------------------------------
 RAW = "resources/raw/{dataset}/{kind}.tsv"  # kind: items | users
@@ -170,24 +170,50 @@ def va_towers(config: dict, text: str) -> dict:
 
 
 # --- runs -------------------------------------------------------------------------------------
-def run_wildcards(dataset: str, row: dict) -> dict:
-    """The wildcards of a row's run folder (RUN): the method decides what its runs read."""
+# A run is named by what it computes: its scheme wildcard is `run_scheme`, one name per set of
+# kept blocks (iisan.layerdrop.canonical_name), so rows that keep the same blocks under other
+# scheme names (Table III's IISAN-VA `stride6+blocks6` and Table VIII's `blocks6+even_all` on
+# BERT-large + ViT-base, `all+all` and `all`) read one run folder, one experiment (its hash) and
+# the same pruned caches. The seeds a run identity trains are planned in `iisan.tables`.
+def _layers(config: dict, tower) -> int:
+    backbone = tower["backbone"] if isinstance(tower, dict) else tower.backbone
+    return backbone_entry(config, backbone)["layers"]
+
+
+def run_scheme(config: dict, towers: list, method: str, scheme: str) -> str:
+    """The scheme that names a run of `method` on `towers` (dicts {field, backbone} or
+    TowerConfig): the method's own (`none` for ID models, `last` for last-state methods), else
+    the canonical name of the blocks each tower keeps (`iisan.layerdrop.canonical_scheme`)."""
+    m = methods.get(method)
+    scheme = m.scheme(scheme)
+    if m.is_id or m.reads_last or not towers:
+        return scheme
+    return canonical_scheme(scheme, [_layers(config, t) for t in towers])
+
+
+def run_wildcards(dataset: str, row: dict, config: dict | None = None) -> dict:
+    """The wildcards of a row's run folder (RUN): the method decides what its runs read; with
+    `config`, the scheme is the run's canonical one (`run_scheme`: what the workflow plans), else
+    the row's own name (an experiment of the same run, in a folder of its own)."""
     m = methods.get(row["method"])
+    scheme = run_scheme(config, row["towers"], m.name, row["scheme"]) if config is not None else m.scheme(row["scheme"])
     return {"dataset": dataset, "towers": "id" if m.is_id else towers_id(row["towers"]), "method": m.name,
-            "scheme": m.scheme(row["scheme"]), "cache": "none" if m.is_id else row.get("cache", m.default_cache)}
+            "scheme": scheme, "cache": "none" if m.is_id else row.get("cache", m.default_cache)}
 
 
-def run_path(dataset: str, row: dict, seed: int) -> str:
-    return RUN_METRICS.format(**run_wildcards(dataset, row), seed=seed)
+def run_path(dataset: str, row: dict, seed: int, config: dict | None = None) -> str:
+    return RUN_METRICS.format(**run_wildcards(dataset, row, config), seed=seed)
 
 
-def profile_path(dataset: str, row: dict) -> str:
-    return PROFILE.format(**run_wildcards(dataset, row), batch=row["batch_size"])
+def profile_path(dataset: str, row: dict, config: dict | None = None) -> str:
+    return PROFILE.format(**run_wildcards(dataset, row, config), batch=row["batch_size"])
 
 
 def experiment(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str, seed: int) -> Experiment:
-    """The experiment of one run folder (the train rule's wildcards)."""
-    return Experiment.from_config(config, dataset, parse_towers(config, towers), method, scheme, cache, seed)
+    """The experiment of one run folder (the train rule's wildcards), its scheme the canonical
+    one (`run_scheme`): its hash is the run's identity, whatever name the scheme was given."""
+    tw = parse_towers(config, towers)
+    return Experiment.from_config(config, dataset, tw, method, run_scheme(config, tw, method, scheme), cache, seed)
 
 
 def profile_experiment(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str) -> Experiment:
@@ -201,9 +227,10 @@ def profile_experiment(config: dict, dataset: str, towers: str, method: str, sch
 
 def run_caches(config: dict, dataset: str, towers: str, method: str, scheme: str, cache: str) -> list[str]:
     """Per tower the cache folder a run reads: the pruned ("dropped") cache of its tower's
-    scheme, or the full cache; none for uncached runs and ID models."""
+    scheme (its canonical name, `run_scheme`), or the full cache; none for uncached runs and ID
+    models."""
     if cache == "none":
         return []
     tw = parse_towers(config, towers)
-    schemes = tower_schemes(methods.get(method).scheme(scheme), len(tw))
+    schemes = tower_schemes(run_scheme(config, tw, method, scheme), len(tw))
     return [cache_dir(dataset, t.field, t.backbone, None if cache == "full" else s) for t, s in zip(tw, schemes)]
