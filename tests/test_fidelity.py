@@ -249,8 +249,8 @@ def test_table4_has_the_papers_17_rows():
     same-shape stand-ins (their own seeds: their own names) on the demo."""
     paper = workflow_config(ROOT, "config/paper.yaml")
     rows = table_plan("table4", paper)
-    text = ["bert-base", "bert-large", "gemma-7b", "gemma-7b-it", "mistral-7b", "llama2-7b", "llama2-7b-chat", "llama3-8b",
-            "llama3-8b-it", "mixtral-8x7b", "mixtral-8x7b-it", "llama3-70b-gptq", "llama3-70b-gptq-it"]
+    text = ["bert-base", "bert-large", "gemma-7b-it", "gemma-7b", "mistral-7b", "llama2-7b", "llama2-7b-chat", "llama3-8b",
+            "llama3-8b-it", "mixtral-8x7b-it", "mixtral-8x7b", "llama3-70b-gptq-it", "llama3-70b-gptq"]  # the paper's order
     pairs = [(t, "vit-base") for t in text] + [("bert-base", "vit-large"), ("bert-base", "vit-huge"),
                                                ("llama3-70b-gptq", "vit-large"), ("llama3-70b-gptq", "vit-huge")]
     assert [(r["towers"][0]["backbone"], r["towers"][1]["backbone"]) for r in rows] == pairs

@@ -241,7 +241,11 @@ def get_claims_inputs():
     """The CSVs of the tables and figures this run builds, by registry name, which the claims
     are decided on."""
     out = {k: tables.table_file(config, k) for k in config["tables"]}
-    csvs = {"fig5": rules.efficiency.output.csv, "fig6": rules.fig6.output.csv, "fig7": rules.fig7.output.csv}
+    csvs = {
+        "fig5": rules.efficiency.output.csv,
+        "fig6": rules.fig6.output.csv,
+        "fig7": rules.fig7.output.csv,
+    }
     return out | {k: v for k, v in csvs.items() if k in config["figures"]}
 
 

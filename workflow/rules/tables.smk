@@ -123,6 +123,9 @@ rule claims:
         mem_mb=1000,
         runtime=5,
     params:
-        paper={k: tables.runs_on_paper_data(config, k) for k in config["tables"] + config["figures"]},
+        paper={
+            k: tables.runs_on_paper_data(config, k)
+            for k in config["tables"] + config["figures"]
+        },
     script:
         "../scripts/claims.py"
