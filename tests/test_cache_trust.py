@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import sys
 import logging
 
 import numpy as np
@@ -284,3 +285,26 @@ def test_prune_checks_its_source_and_records_a_checksum(good, tmp_path):
     (out / "cache.npy").write_bytes(bytes(data))
     with pytest.raises(CacheError, match="checksum"):
         prune_cache(out, tmp_path / "r", [0, 2])
+
+
+def _tree(root):
+    """{path: (size, mtime)} of every file and folder under root, Snakemake's own folder aside."""
+    return {str(p.relative_to(root)): (p.stat().st_size if p.is_file() else 0, p.stat().st_mtime_ns)
+            for p in root.rglob("*") if ".snakemake" not in p.relative_to(root).parts}
+
+
+def test_a_dry_run_writes_nothing_and_names_a_damaged_cache(tmp_path):
+    """`snakemake -n` leaves the tree as it was, a damaged cache included (it is named, not
+    moved); a run that executes jobs moves it aside while it builds its graph (the test above)."""
+    from conftest import ROOT, copy_workflow, run
+
+    wd = copy_workflow(ROOT, tmp_path)
+    cache = wd / "resources/cache/demo/title/bert-demo"
+    cache.mkdir(parents=True)
+    (cache / "manifest.json").write_text("{not json")
+    (cache / "cache.npy").write_bytes(b"\x93NUMPY")
+    before = _tree(wd)
+    res = run([sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", "tests/configs/tiny.yaml"], wd, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert _tree(wd) == before
+    assert f"{cache.relative_to(wd)} is damaged" in res.stderr and "a run moves it aside" in res.stderr

@@ -137,11 +137,11 @@ def set_cache_aside(cache_dir: Path, reason: str) -> list[Path]:
     return [set_aside(f, reason) for f in (Path(cache_dir) / ARRAY, Path(cache_dir) / MANIFEST) if f.is_file()]
 
 
-def set_aside_damaged(root: Path) -> None:
-    """Check every cache under `root` without reading whole arrays (run before the workflow's job
-    graph is built): a cache whose manifest is invalid, incomplete or edited, or whose array's
-    size or .npy header disagrees with its manifest, is moved aside, so that a job needing it
-    rebuilds it in this run. The checksum is compared by the jobs that load an array."""
+def damaged_caches(root: Path) -> list[tuple[Path, str]]:
+    """(folder, what is wrong) of every cache under `root` whose manifest is invalid, incomplete or
+    edited, or whose array's size or .npy header disagrees with its manifest, checked without
+    reading whole arrays (the checksum is compared by the jobs that load an array). Only reads."""
+    out = []
     for manifest in sorted(Path(root).rglob(MANIFEST)):
         folder = manifest.parent
         try:
@@ -149,7 +149,17 @@ def set_aside_damaged(root: Path) -> None:
             if (folder / ARRAY).exists():
                 check_array(folder, m)
         except CacheError as err:
-            set_cache_aside(folder, str(err))
+            out.append((folder, str(err)))
+    return out
+
+
+def set_aside_damaged(root: Path) -> list[Path]:
+    """Move every damaged cache under `root` (`damaged_caches`) aside, so that a job needing it
+    rebuilds it (the workflow does this while it builds a run's job graph); returns the folders."""
+    damaged = damaged_caches(root)
+    for folder, why in damaged:
+        set_cache_aside(folder, why)
+    return [folder for folder, _ in damaged]
 
 
 def verify_cache(cache_dir: Path, *, checksum: bool = True, move_damaged: bool = True) -> dict:

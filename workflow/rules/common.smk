@@ -5,6 +5,7 @@ import functools
 import math
 import os
 import re
+import sys
 from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
@@ -12,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
 from iisan.budget import FLOOR_MIN, Budget, usable_gib, weight_gb
-from iisan.cache_files import set_aside_damaged
+from iisan.cache_files import damaged_caches, set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
@@ -24,10 +25,6 @@ from iisan.models_fetch import hub_names
 # envs/*.post-deploy.sh install the library from this repository into a conda environment;
 # Snakemake runs them from this process, so they find it here whatever the working directory
 os.environ.update(IISAN_WORKFLOW_DIR=workflow.basedir)
-
-# Before the job graph is built (an error raised by an input function cannot stop a run:
-# Snakemake then takes the job's existing outputs as source files).
-set_aside_damaged("resources/cache")
 
 
 wildcard_constraints:
@@ -307,12 +304,13 @@ def get_videos(wildcards):
 
 def get_videos_content(wildcards):
     """The content manifest of a MicroLens dataset's videos (iisan.folders), brought up to date
-    here, while the workflow is planned, when it exists: rewritten only when a video was added,
-    removed or changed (only files whose size or modification time changed are read), so that
-    exactly then the frames rerun. The videos_content rule makes it the first time."""
+    when a run that executes jobs builds its graph (`acts`) and it exists: rewritten only when a
+    video was added, removed or changed (only files whose size or modification time changed are
+    read), so that exactly then the frames rerun. The videos_content rule makes it the first time;
+    a dry run reads it as it is."""
     path = plan.VIDEOS_CONTENT.format(dataset=wildcards.dataset)
     videos = Path(plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset))
-    if Path(path).is_file() and videos.is_dir():
+    if acts() and Path(path).is_file() and videos.is_dir():
         refresh_manifest(videos, path, "*.mp4")
     return path
 
@@ -371,6 +369,7 @@ def get_caption_files(dataset, fields):
 
 
 def get_prune_source(wildcards):
+    caches_checked()
     return plan.CACHE_ARRAY.format(
         dataset=wildcards.dataset, field=wildcards.field, backbone=wildcards.backbone
     )
@@ -405,6 +404,7 @@ def get_run_inputs(wildcards):
     """A train or profile job's inputs: the sequences; per tower its cache array, or (backbones in
     the loop) the item table, stand-ins and image archive."""
     w = wildcards
+    caches_checked()
     inputs = {"sequences": plan.SEQUENCES.format(dataset=w.dataset)}
     caches = plan.run_caches(config, w.dataset, w.towers, w.method, w.scheme, w.cache)
     if caches:
@@ -440,6 +440,42 @@ def get_profile_experiment(wildcards):
 # --- resources (scaled by `attempt` on retries) ---------------------------------------------
 # Snakemake reads this file before it knows the executor: whether a run is local, a dry run or a
 # cluster's is asked when the job graph is built (the resource functions), not here.
+def acts():
+    """Whether this is the main process of a run that executes jobs, here or through a cluster
+    executor: not a dry run, not a job's own process, not `iisan plan`'s graph (no executor).
+    Only such a run changes files while its job graph is built (`caches_checked`,
+    `get_videos_content`): `snakemake -n` writes nothing."""
+    return (
+        workflow.is_main_process
+        and workflow.executor_plugin is not None
+        and not workflow.dryrun
+    )
+
+
+@functools.cache
+def caches_checked():
+    """Damaged caches under resources/cache (iisan.cache_files.damaged_caches), handled once, as
+    the job graph first asks for a cache (the input functions of prune, train, profile and fig6
+    call this before they name one): a run that executes jobs (`acts`) moves them aside, so that
+    the jobs making them are in this run's graph (an error raised by an input function could not
+    stop the run: Snakemake would take the damaged files as sources); any other only names them.
+    """
+    if acts():
+        set_aside_damaged("resources/cache")
+    elif workflow.is_main_process:
+        for folder, why in damaged_caches("resources/cache"):
+            print(
+                f"warning: {folder} is damaged ({why}); a run moves it aside and rebuilds it",
+                file=sys.stderr,
+            )
+    return True
+
+
+def get_fig6_caches(wildcards):
+    caches_checked()
+    return [plan.array(c) for c in tables.fig6_caches(config)]
+
+
 def runs_here():
     """Whether this run executes its jobs on this machine: not a dry run, not a cluster executor's
     submitting process, not `iisan plan`'s graph (no executor)."""

@@ -48,7 +48,7 @@ rule fig4:
 
 rule fig6:
     input:
-        [plan.array(c) for c in tables.fig6_caches(config)],
+        get_fig6_caches,
     output:
         png=report("results/fig6.png", caption="../report/fig6.rst", category="Figures"),
         csv="results/fig6.csv",
