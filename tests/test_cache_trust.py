@@ -2,8 +2,8 @@
 
 import dataclasses
 import json
-import sys
 import logging
+import sys
 
 import numpy as np
 import polars as pl
