@@ -12,7 +12,7 @@ from snakemake.exceptions import WorkflowError
 
 from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
-from iisan.budget import FLOOR_MIN, Budget, usable_gib, weight_gb
+from iisan.budget import FLOOR_MIN, Budget, dataset_size, usable_gib, weight_gb
 from iisan.cache_files import damaged_caches, set_aside_damaged
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
@@ -630,12 +630,12 @@ def get_cache_threads(wildcards):
 
 
 def get_train_mem_mb(name):
-    """Host memory for one run of rule `name` (train or profile), the caches it loads (items x
-    states x width x 4 bytes, float32 in memory on a CPU, for every tower, full caches when asked)
+    """Host memory for one run of rule `name` (train or profile), the caches it loads (items of
+    the budget's `dataset_size` x states x width x 4 bytes, float32 in memory on a CPU, for every tower, full caches when asked)
     plus 4 GB (more on a retry that was not a time-out)."""
 
     def mem_mb(wildcards, attempt):
-        items = config["fig6_items"] if config["datasets"] == ["demo"] else 25000
+        items = dataset_size(config, wildcards.dataset)[1]
         total = 0
         for t in plan.parse_towers(config, wildcards.towers):
             stored = output_layer(t.spec["family"], t.spec["layers"]) + 1
