@@ -13,6 +13,7 @@ from PIL import Image
 
 from iisan import caption_bound as cb
 from iisan import captions
+from iisan.captions import llava
 
 # ---------------------------------------------------------------------------------------------
 # the bound and the memory plan
@@ -140,7 +141,8 @@ def standins(tmp_path_factory, prompts):
 def _run(standins, prompts, out, kind="cover", batch_size=2, **kw):
     items = COVERS if kind == "cover" else VIDEOS
     return captions.caption_items(standins[kind], list(items), items.__getitem__, prompts[kind]["text"], out,
-                                  batch_size=batch_size, max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS, **kw)
+                                  batch_size=batch_size, max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS,
+                                  **{"workers": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +176,7 @@ def test_sdpa_gqa_attention_equals_transformers_sdpa(q_len):
     mask = torch.ones(b, 1, q_len, length, dtype=torch.bool)
     mask[0, ..., :5] = False  # left padding
     mask[2, ..., 30:] = False  # the static cache's unwritten tail
-    out, weights = captions._sdpa_gqa_attention(module, q, k, v, mask, scaling=0.25, dropout=0.0)
+    out, weights = llava._sdpa_gqa_attention(module, q, k, v, mask, scaling=0.25, dropout=0.0)
     expected = torch.nn.functional.scaled_dot_product_attention(q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=mask, scale=0.25)
     assert weights is None and out.shape == (b, q_len, heads, d)
     torch.testing.assert_close(out, expected.transpose(1, 2))
@@ -196,8 +198,8 @@ def test_attention_options_give_the_same_captions_under_their_own_key(reference,
     block_mask = masking_utils.create_block_mask
     monkeypatch.setattr(masking_utils, "create_block_mask", lambda *a, **k: block_mask(*a, **{**k, "_compile": False}))
     seen = []
-    real = captions._sdpa_gqa_attention
-    monkeypatch.setattr(captions, "_sdpa_gqa_attention", lambda *a, **k: seen.append(a[1].shape[2]) or real(*a, **k))
+    real = llava._sdpa_gqa_attention
+    monkeypatch.setattr(llava, "_sdpa_gqa_attention", lambda *a, **k: seen.append(a[1].shape[2]) or real(*a, **k))
     for kind in ("cover", "video"):
         out = tmp_path / f"{kind}.parquet"
         manifest = _run(standins, prompts, out, kind, kv_cache=kv_cache, attention=attention)
@@ -224,17 +226,17 @@ def test_sdpa_gqa_decode_compiles_without_graph_breaks(reference, standins, prom
     on the CPU), runs the K/V-head attention and gives the same captions."""
     from transformers import CompileConfig
 
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def compiled(model, processor, texts, images, generation_config, *args, **kwargs):
         generation_config.compile_config = CompileConfig(fullgraph=True, backend="eager", mode=None)
         generation_config.compile_config._compile_all_devices = True
         return real(model, processor, texts, images, generation_config, *args, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", compiled)
+    monkeypatch.setattr(llava, "_caption_batch", compiled)
     seen = []
-    attention = captions._sdpa_gqa_attention
-    monkeypatch.setattr(captions, "_sdpa_gqa_attention", lambda *a, **k: seen.append(torch.compiler.is_compiling()) or attention(*a, **k))
+    attention = llava._sdpa_gqa_attention
+    monkeypatch.setattr(llava, "_sdpa_gqa_attention", lambda *a, **k: seen.append(torch.compiler.is_compiling()) or attention(*a, **k))
     torch._dynamo.reset()
     out = tmp_path / "video.parquet"
     _run(standins, prompts, out, "video", batch_size=3, kv_cache="static", attention="sdpa_gqa")
@@ -253,13 +255,13 @@ def test_workers_prepare_the_images_ahead_with_the_same_captions(reference, stan
         return VIDEOS[item_id]
 
     seen = []
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def spy(model, processor, texts, images, generation_config, **kw):
         seen.append((len(texts), images, sorted(kw)))
         return real(model, processor, texts, images, generation_config, **kw)
 
-    monkeypatch.setattr(captions, "_caption_batch", spy)
+    monkeypatch.setattr(llava, "_caption_batch", spy)
     out = tmp_path / "video.parquet"
     # images keyed by id, as caption_dataset keys them by their files' bytes: no pixels hashed here
     manifest = captions.caption_items(standins["video"], list(VIDEOS), images_for, prompts["video"]["text"], out, batch_size=2,

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from iisan import captions, shards
+from iisan.captions import llava
 
 TITLES = ["The Cat Who Came for Christmas", "A Brief History of Time", "Blue Planet: Oceans",
           "Cooking with Herbs", "Mountain Trails of the Alps", "Street Food Stories"]
@@ -46,7 +47,8 @@ SETTINGS = {"images": "test covers"}
 
 def _run(standins, prompts, out, *, batch_size=3, prompt=None, items=COVERS, kind="cover", **kw):
     return captions.caption_items(standins[kind], list(items), items.__getitem__, prompt or prompts[kind]["text"], out,
-                                  batch_size=batch_size, max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS, **kw)
+                                  batch_size=batch_size, max_new_tokens=MAX_NEW, device="cpu", settings=SETTINGS,
+                                  **{"workers": 0, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -117,15 +119,15 @@ def test_static_kv_cache_gives_the_same_captions_under_its_own_key(reference, st
     greedy captions equal the dynamic cache's, the settings key names the cache (the dynamic
     default stays out of it, so older caption sets keep theirs), and an unknown cache is refused."""
     seen = []
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def spy(model, processor, texts, images, generation_config, **kwargs):
-        mask = captions._encode(processor, texts, images, torch.float32)["attention_mask"]
+        mask = llava._encode(processor, texts, images, torch.float32)["attention_mask"]
         assert mask.all(dim=1).any()  # padded to the batch's longest prompt, no further
         seen.append((len(texts), mask.shape[1], generation_config.max_cache_len, generation_config.cache_implementation))
         return real(model, processor, texts, images, generation_config, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", spy)
+    monkeypatch.setattr(llava, "_caption_batch", spy)
     out = tmp_path / "static.parquet"
     manifest = _run(standins, prompts, out, kv_cache="static")
     cache = captions.static_cache_length(max(n for _, n, _, _ in seen), MAX_NEW)
@@ -148,7 +150,7 @@ def test_batch_size_does_not_change_captions(reference, standins, prompts, tmp_p
 
 def test_resume_after_interruption_gives_the_same_captions(reference, standins, prompts, tmp_path, monkeypatch, caplog):
     out = tmp_path / "covers.parquet"
-    real = captions._caption_batch
+    real = llava._caption_batch
     calls = []
 
     def interrupted(*args, **kwargs):
@@ -157,14 +159,14 @@ def test_resume_after_interruption_gives_the_same_captions(reference, standins, 
         calls.append(len(args[2]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", interrupted)
+    monkeypatch.setattr(llava, "_caption_batch", interrupted)
     with pytest.raises(KeyboardInterrupt):
         _run(standins, prompts, out, batch_size=2)
     (memo,) = captions.memo_dir(out).glob("*/*.jsonl")
     assert len(memo.read_text().splitlines()) == 2 and not out.exists()
 
     resumed = []
-    monkeypatch.setattr(captions, "_caption_batch", lambda *a, **k: resumed.append(len(a[2])) or real(*a, **k))
+    monkeypatch.setattr(llava, "_caption_batch", lambda *a, **k: resumed.append(len(a[2])) or real(*a, **k))
     with caplog.at_level(logging.INFO, logger="iisan.captions"):
         _run(standins, prompts, out, batch_size=2)
     assert resumed == [2], "only the two unfinished items are captioned again"
@@ -174,16 +176,16 @@ def test_resume_after_interruption_gives_the_same_captions(reference, standins, 
 
 def test_partial_work_under_other_settings_is_discarded(standins, prompts, tmp_path, monkeypatch, caplog):
     out = tmp_path / "covers.parquet"
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def once(*args, **kwargs):
-        monkeypatch.setattr(captions, "_caption_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
+        monkeypatch.setattr(llava, "_caption_batch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt()))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", once)
+    monkeypatch.setattr(llava, "_caption_batch", once)
     with pytest.raises(KeyboardInterrupt):
         _run(standins, prompts, out, batch_size=2)
-    monkeypatch.setattr(captions, "_caption_batch", real)
+    monkeypatch.setattr(llava, "_caption_batch", real)
     with caplog.at_level(logging.WARNING, logger="iisan.captions"):
         _run(standins, prompts, out, batch_size=2, prompt=prompts["cover"]["text"] + " Be brief.")
     assert "not reusing the captions in" in caplog.text and "prompt_sha256" in caplog.text
@@ -272,32 +274,32 @@ def test_an_undecodable_cover_stops_its_caption_job_naming_the_item(tmp_path):
     archive = tmp_path / "images.zip"
     with zipfile.ZipFile(archive, "w") as zf:
         zf.writestr("covers/I1.jpg", b"")
-    assert captions._zip_images(archive, [None])[0].size == (32, 32)
+    assert captions.dataset._zip_images(archive, [None])[0].size == (32, 32)
     with pytest.raises(UndecodableImage, match=re.escape(f"{archive}: the image of item 'I1' (member 'covers/I1.jpg') cannot be "
                                                          "decoded (it is empty (0 bytes)); replace it in the archive, or set "
                                                          "dataset_sources.Office.missing_images: blank in the config")):
-        captions._zip_images(archive, ["covers/I1.jpg"], item="I1", dataset="Office")
+        captions.dataset._zip_images(archive, ["covers/I1.jpg"], item="I1", dataset="Office")
 
 
 def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tmp_path, monkeypatch):
     seen = []
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def spy(model, processor, texts, images, config, **kwargs):
         seen.append((len(texts), len(images), [t.count("<image>") for t in texts]))
         return real(model, processor, texts, images, config, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", spy)
+    monkeypatch.setattr(llava, "_caption_batch", spy)
     out = tmp_path / "videos.parquet"
     captions.caption_items(standins["video"], list(VIDEOS), VIDEOS.__getitem__, prompts["video"]["text"], out, batch_size=2,
-                           max_new_tokens=MAX_NEW, device="cpu", settings={"frames": [0.1, 0.5, 0.9]})
+                           max_new_tokens=MAX_NEW, device="cpu", settings={"frames": [0.1, 0.5, 0.9]}, workers=0)
     assert seen == [(2, 6, [3, 3])]
     frame = pl.read_parquet(out)
     assert frame["item_id"].to_list() == ["v1", "v2"] and all(frame["caption"])
     # the frames' order is part of the input: reversed frames give another caption
     rev = tmp_path / "reversed.parquet"
     captions.caption_items(standins["video"], ["v1"], lambda i: VIDEOS[i][::-1], prompts["video"]["text"], rev, batch_size=1,
-                           max_new_tokens=MAX_NEW, device="cpu", settings={"frames": "reversed"})
+                           max_new_tokens=MAX_NEW, device="cpu", settings={"frames": "reversed"}, workers=0)
     assert pl.read_parquet(rev)["caption"][0] != frame["caption"][0]
 
 
@@ -308,13 +310,13 @@ def test_video_frames_fill_three_image_slots_of_one_prompt(standins, prompts, tm
 def _count_batches(monkeypatch) -> list[int]:
     """Patch the captioner's batch call to record how many items each batch captions."""
     seen = []
-    real = captions._caption_batch
+    real = llava._caption_batch
 
     def spy(model, processor, texts, images, generation_config, **kwargs):
         seen.append(len(texts))
         return real(model, processor, texts, images, generation_config, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", spy)
+    monkeypatch.setattr(llava, "_caption_batch", spy)
     return seen
 
 
@@ -387,7 +389,7 @@ def test_a_failed_shard_loses_no_other_shards_captions(reference, standins, prom
     final = tmp_path / "covers.parquet"
     parts = [_shard_run(standins, prompts, final, k, 3, batch_size=1) for k in (1, 2)]
     stamps = [p.stat().st_mtime_ns for p in parts]
-    real = captions._caption_batch
+    real = llava._caption_batch
     calls = []
 
     def dies(*args, **kwargs):
@@ -396,13 +398,13 @@ def test_a_failed_shard_loses_no_other_shards_captions(reference, standins, prom
         calls.append(1)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(captions, "_caption_batch", dies)
+    monkeypatch.setattr(llava, "_caption_batch", dies)
     with pytest.raises(KeyboardInterrupt):
         _shard_run(standins, prompts, final, 3, 3, batch_size=1)
     third = Path(str(parts[0]).replace("1-of-3", "3-of-3"))
     with pytest.raises(captions.CaptionError, match="3-of-3"):
         captions.merge_captions(list(COVERS), [*parts, third], final)
-    monkeypatch.setattr(captions, "_caption_batch", real)
+    monkeypatch.setattr(llava, "_caption_batch", real)
     seen = _count_batches(monkeypatch)
     assert _shard_run(standins, prompts, final, 3, 3, batch_size=1) == third
     assert seen == [1], "only the item shard 3 had not finished"
@@ -445,8 +447,9 @@ def test_caption_dataset_recaptions_only_items_whose_frames_changed(standins, pr
     frames_zip(archive, VIDEOS)  # v3's video was skipped: black frames
 
     def caption():
-        return captions.caption_dataset(items, "video", archive, str(standins["video"]), prompts_file, out,
-                                        positions=[0.1, 0.5, 0.9], batch_size=2, max_new_tokens=MAX_NEW, device="cpu")
+        job = captions.CaptionJob("video", str(standins["video"]), str(out),
+                                  captions.CaptionSettings(batch_size=2, max_new_tokens=MAX_NEW, workers=0))
+        return captions.caption_dataset(job, items, archive, prompts_file, out, device="cpu")
 
     caption()
     first = dict(pl.read_parquet(out).iter_rows())

@@ -91,7 +91,7 @@ def test_the_dataset_parquet_writers_name_the_file_on_a_full_disk(tmp_path, monk
     """Preprocessing and the captions write their Parquet files through iisan.io.write_parquet."""
     import inspect
 
-    from iisan import captions
+    from iisan.captions import files as captions
     from iisan.data import amazon
 
     for module in (amazon, captions):

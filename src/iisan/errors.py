@@ -20,7 +20,7 @@ class NamedError(Exception):
 NAMED = frozenset({
     "iisan.backbones.MissingExtra",  # names the backbone and what to install
     "iisan.cache_files.CacheError",  # and CacheMismatch: names the file and the field
-    "iisan.captions.CaptionError",  # and CaptionMismatch: names the file or setting
+    "iisan.captions.files.CaptionError",  # and CaptionMismatch: names the file or setting
     "iisan.data.amazon.DataError",  # and iisan.frames.VideoError: names the file and line, item or video
     "iisan.download.ChecksumError",  # names the file and both checksums
     "iisan.download.MissingSource",  # names the raw file and how to supply it

@@ -54,12 +54,14 @@ def from_code() -> dict[tuple[str, ...], dict]:
     schema file leaves them out and `schema` fills them in, so that the values the schema allows
     are the ones the code takes."""
     from .backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
+    from .captions.settings import ATTENTIONS, KV_CACHES, CaptionSettings
     from .config import ITEM_SLOTS, PRECISIONS
     from .data.amazon import MIN_INTERACTIONS, MIN_WINDOW
 
     backbone = ("properties", "backbones", "additionalProperties", "properties")
     train = ("definitions", "train", "properties")
     preprocess = ("properties", "preprocess", "properties")
+    captions = ("properties", "captions", "properties")
     return {
         (*backbone, "family"): {"enum": sorted(FAMILIES)},
         (*backbone, "modality"): {"enum": sorted(set(FAMILIES.values()))},
@@ -71,7 +73,8 @@ def from_code() -> dict[tuple[str, ...], dict]:
         ("properties", "figures", "items"): {"enum": tables.names(figures=True)},
         (*preprocess, "min_interactions"): {"minimum": MIN_INTERACTIONS},
         (*preprocess, "window"): {"minimum": MIN_WINDOW},
-    }
+    } | {(*captions, key): {"default": value, **({"enum": list(enum)} if enum else {})}
+         for key, value in CaptionSettings.defaults().items() for enum in [{"kv_cache": KV_CACHES, "attention": ATTENTIONS}.get(key)]}
 
 
 @functools.lru_cache(maxsize=4)

@@ -134,14 +134,7 @@ rule caption:
         gpu=get_gpus("caption"),
         attempt=get_attempt,
     params:
-        captioner=get_captioner,
-        positions=config["captions"]["frames"],
-        max_new_tokens=config["captions"]["max_new_tokens"],
-        batch_size=config["captions"]["batch_size"],
-        kv_cache=config["captions"]["kv_cache"],
-        captions=lambda wildcards: plan.CAPTIONS.format(**wildcards),
-        attention=config["captions"]["attention"],
-        workers=config["captions"]["workers"],
+        job=get_caption_job,
     script:
         "../scripts/caption.py"
 

@@ -14,6 +14,7 @@ from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
 from iisan.budget import FLOOR_MIN, Budget, dataset_size, usable_gib, weight_gb
 from iisan.cache_files import damaged_caches, set_aside_damaged
+from iisan.captions.settings import CaptionJob, CaptionSettings
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, microlens
 from iisan.folders import refresh_manifest
@@ -334,6 +335,28 @@ def get_captioner(wildcards):
             f"(known: {', '.join(config['captioners']) or 'none'})"
         )
     return dict(config["captioners"][name], name=name)
+
+
+def get_caption_job(wildcards):
+    """The caption job (iisan.captions.CaptionJob) of the rule's wildcards: its source, shard,
+    captioner (a stand-in's folder, a fetched hub model's folder, or the hub id) and the settings
+    of config `captions`; its files are the rule's input and output."""
+    w = wildcards
+    captioner = get_captioner(w)
+    inputs = get_caption_inputs(w)
+    model = (
+        str(Path(inputs["captioner"]).parent)
+        if "captioner" in inputs
+        else captioner["source"]
+    )
+    return CaptionJob(
+        source=w.source,
+        captioner=model,
+        caption_set=plan.CAPTIONS.format(dataset=w.dataset, source=w.source),
+        settings=CaptionSettings.from_config(config["captions"]),
+        revision=captioner.get("revision"),
+        shard=(int(w.shard), int(w.shards)) if "shard" in w.keys() else (1, 1),
+    ).to_dict()
 
 
 def get_caption_inputs(wildcards):

@@ -32,6 +32,6 @@ def item_texts(items_parquet: Path, field: str) -> list[str]:
     path = caption_file(items_parquet, field)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions for field {field!r}; the workflow's caption rule makes them")
-    from ..captions import caption_texts  # checked against its manifest; a damaged caption set is moved aside
+    from ..captions.files import caption_texts  # checked against its manifest; a damaged caption set is moved aside
 
     return caption_texts(path, items["item_id"].to_list(), items_parquet)

@@ -1,0 +1,123 @@
+"""LLaVA-NeXT captions of item images: covers (one image slot) and videos (three frames as three
+image slots of ONE prompt), used as text item fields (paper Table IX).
+
+`caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
+the image tokens), bf16 on CUDA and fp32 on a CPU; forked workers can read and process the
+images ahead of the GPU, the batch size can come from a memory plan (`iisan.caption_bound`),
+and the language model's attention is selectable (`ATTENTIONS`). It reuses captions by content: a caption
+set's memo (``<stem>.memo/`` beside its Parquet, `memo_dir`) holds, in one folder per settings
+key (model, revision or weights fingerprint, prompt sha256, decoding settings, the caller's input
+settings such as frame positions), records of captioned items keyed by the sha256 of their
+images; every finished batch is appended to the job's own record file there. A rerun, or a job
+whose inputs changed, captions only the items whose images under these settings no record holds
+(an interrupted run resumes, a replaced video recaptions its item alone); records under other
+settings are not used (logged, naming the differences) and are pruned when the caption set is
+written. The Parquet (``item_id``, ``caption``) is written atomically, then
+``<stem>.manifest.json`` with the settings, the item count and the Parquet's checksum. Readers
+check the Parquet against its manifest (`read_caption_set`; `caption_texts`, which the item
+fields read, also that every item has a caption): a caption set that fails is damaged, moved
+aside with its manifest (``<name>.damaged-<UTC time>``) and named in the error, so that the
+workflow's next run makes it again, from its memo. `load_captions` also refuses a caption set
+whose settings differ from the expected ones, naming each difference. A caption set may be made
+by several shard jobs and merged (`iisan.shards`).
+
+The modules: `settings` (the options, `CaptionSettings` and `CaptionJob`), `files` (caption sets
+and their memo on disk, read without torch), `llava` (the model and `caption_items`), `dataset`
+(`caption_dataset`, `merge_captions`), `standin` (the demo's captioner).
+
+`build_captioner_standin` makes the demo's stand-in: the real architecture
+(`LlavaNextForConditionalGeneration`: CLIP vision tower, projector, Mistral or Llama text
+model, any-resolution tiling) at a tiny size with random weights; its captions carry no signal.
+"""
+
+from .dataset import caption_dataset, merge_captions, zip_images_sha256
+from .files import (
+    COLUMNS,
+    RECAPTION,
+    CaptionError,
+    CaptionMismatch,
+    DamagedCaptions,
+    caption_texts,
+    images_sha256,
+    load_captions,
+    manifest_path,
+    memo_dir,
+    pixels_sha256,
+    prune_memo,
+    read_caption_set,
+    set_caption_set_aside,
+    settings_id,
+)
+from .llava import (
+    attn_implementation,
+    auto_batch_size,
+    batch_too_large,
+    caption_items,
+    caption_settings,
+    compute_dtype,
+    load_captioner,
+    prompt_lengths,
+    static_cache_length,
+    stop_token_ids,
+)
+from .settings import (
+    ATTENTIONS,
+    AUTO_BATCH_CPU,
+    END_OF_TURN,
+    GREEDY,
+    KV_CACHES,
+    SOURCES,
+    STATIC_BUCKET,
+    CaptionJob,
+    CaptionSettings,
+    conversation,
+    load_prompts,
+    prompt_sha256,
+)
+from .standin import CHAT_TEMPLATES, TURN_TOKENS, build_captioner_standin
+
+__all__ = [
+    "ATTENTIONS",
+    "AUTO_BATCH_CPU",
+    "CHAT_TEMPLATES",
+    "COLUMNS",
+    "CaptionError",
+    "CaptionJob",
+    "CaptionMismatch",
+    "CaptionSettings",
+    "DamagedCaptions",
+    "END_OF_TURN",
+    "GREEDY",
+    "KV_CACHES",
+    "RECAPTION",
+    "SOURCES",
+    "STATIC_BUCKET",
+    "TURN_TOKENS",
+    "attn_implementation",
+    "auto_batch_size",
+    "batch_too_large",
+    "build_captioner_standin",
+    "caption_dataset",
+    "caption_items",
+    "caption_settings",
+    "caption_texts",
+    "compute_dtype",
+    "conversation",
+    "images_sha256",
+    "load_captioner",
+    "load_captions",
+    "load_prompts",
+    "manifest_path",
+    "memo_dir",
+    "merge_captions",
+    "pixels_sha256",
+    "prompt_lengths",
+    "prompt_sha256",
+    "prune_memo",
+    "read_caption_set",
+    "set_caption_set_aside",
+    "settings_id",
+    "static_cache_length",
+    "stop_token_ids",
+    "zip_images_sha256",
+]
