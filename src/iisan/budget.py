@@ -32,7 +32,7 @@ import yaml
 from . import methods, plan, shards, tables
 from .backbones import output_layer
 from .config import backbone_entry
-from .data import CAPTION_FIELDS
+from .data import CAPTION_FIELDS, kinds
 from .data.amazon import TABLE_I as AMAZON_TABLE_I
 from .data.microlens import TABLE_I as MICROLENS_TABLE_I
 
@@ -78,6 +78,12 @@ def captioner_gb(entry: dict) -> float:
     """GB of GPU memory a captioner's bf16 weights take, with 20 % for the vision tower's and the
     prompt's activations (`params_b`, 8 when the registry leaves it out)."""
     return 2 * entry.get("params_b", 8) * 1.2
+
+
+def captioner_host_gb(entry: dict) -> float:
+    """GB of host memory a caption job takes: its captioner's bf16 weights as they load (2.2 GB
+    per billion parameters) and 8 GB for the images its workers prepare; a stand-in 2 GB."""
+    return 2.0 if entry.get("source") == "demo" else 8 + 2.2 * entry.get("params_b", 8)
 
 
 GPU_RULES = ("caption", "cache", "train", "profile")  # the workflow's GPU rules, priced by Budget.estimate
@@ -139,7 +145,8 @@ def tokens(entry: dict, config: dict) -> int:
 
 def dataset_stats(config: dict, dataset: str) -> dict:
     """``users``, ``items`` and, where known, ``interactions``: the preprocessed dataset's
-    stats.json, else Table I, else the demo spec's users and items."""
+    stats.json, else Table I, else the size its kind reads from its entry (a generated dataset's
+    users and items; iisan.data.kinds)."""
     import json
 
     stats = Path(plan.STATS.format(dataset=dataset))
@@ -148,9 +155,10 @@ def dataset_stats(config: dict, dataset: str) -> dict:
     if dataset in TABLE_I:
         return TABLE_I[dataset]
     source = (config.get("dataset_sources") or {}).get(dataset) or {}
-    demo = source.get("demo") or source.get("microlens_demo")
-    if demo:  # a generated demo dataset (before preprocessing drops users and items)
-        return {"users": demo["n_users"], "items": demo["n_items"]}
+    kind = kinds.KINDS.get(source.get("kind"))
+    size = kind.size(source) if kind else None
+    if size:  # a generated dataset or twin (before preprocessing drops users and items)
+        return size
     raise ValueError(f"dataset {dataset!r}: no {stats} yet and not a Table I dataset; preprocess it first "
                      f"(snakemake {stats}) so that its size is known")
 
@@ -480,7 +488,8 @@ class Budget:
         are left out)."""
         out = []
         for dataset in sorted({j.wildcards["dataset"] for j in self.jobs.values() if j.kind == "caption" and j.wildcards.get("source") == "video"}):
-            if ((self.config.get("dataset_sources") or {}).get(dataset) or {}).get("kind") != "microlens":
+            kind = kinds.KINDS.get(((self.config.get("dataset_sources") or {}).get(dataset) or {}).get("kind"))
+            if not (kind and kind.fetches_videos):
                 continue
             items = int(dataset_stats(self.config, dataset)["items"])
             out.append({"dataset": dataset, "items": items, "folder": plan.MICROLENS_VIDEOS.format(dataset=dataset),

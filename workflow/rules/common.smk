@@ -12,11 +12,18 @@ from snakemake.exceptions import WorkflowError
 
 from iisan import methods, plan, rehearsal, tables
 from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
-from iisan.budget import FLOOR_MIN, Budget, dataset_size, usable_gib, weight_gb
+from iisan.budget import (
+    FLOOR_MIN,
+    Budget,
+    captioner_host_gb,
+    dataset_size,
+    usable_gib,
+    weight_gb,
+)
 from iisan.cache_files import damaged_caches, set_aside_damaged
 from iisan.captions.settings import CaptionJob, CaptionSettings
 from iisan.config import backbone_entry
-from iisan.data import CAPTION_FIELDS, microlens
+from iisan.data import CAPTION_FIELDS, kinds, microlens
 from iisan.folders import refresh_manifest
 from iisan.gpus import visible as visible_gpus
 from iisan.jobs import memory_factor_of
@@ -52,9 +59,25 @@ def get_dataset_source(dataset):
         )
 
 
+def get_dataset_kind(dataset):
+    """The kind of a dataset's entry (iisan.data.kinds)."""
+    return kinds.get(
+        get_dataset_source(dataset)["kind"],
+        f"config key dataset_sources.{dataset}.kind",
+    )
+
+
 def get_datasets_of_kind(kind):
+    """A wildcard regex of the datasets of kind `kind`."""
     names = [n for n, s in config["dataset_sources"].items() if s["kind"] == kind]
     return "|".join(names) if names else "(?!x)x"
+
+
+def get_datasets_made_by(rule):
+    """A wildcard regex of the datasets whose raw files rule `rule` makes: those of the kinds
+    that list it (iisan.data.kinds)."""
+    names = kinds.datasets(config, lambda k: rule in k.rules)
+    return "|".join(re.escape(n) for n in names) or "(?!x)x"
 
 
 # MicroLens files by config key (dataset_sources.<name>.pairs | titles | covers)
@@ -66,18 +89,11 @@ MICROLENS_FILES = {
 
 
 def get_images(dataset):
-    """The dataset's cover archive, if it has one: {"images": path} or {}. An Amazon
-    dataset's `images` is its path, or where rule fetch_amazon_images gets it."""
-    src = get_dataset_source(dataset)
-    if src["kind"] == "demo" or isinstance(src.get("images"), dict):
-        return {"images": plan.RAW_IMAGES.format(dataset=dataset)}
-    if src["kind"] == "microlens-demo" or (
-        src["kind"] == "microlens" and src.get("covers")
-    ):
-        return {
-            "images": plan.MICROLENS_RAW.format(dataset=dataset, name=microlens.COVERS)
-        }
-    return {"images": src["images"]} if src.get("images") else {}
+    """The dataset's cover archive, if it has one: {"images": path} or {}, as its kind
+    says (an Amazon dataset's `images` is its path, or where rule fetch_amazon_images gets it).
+    """
+    path = get_dataset_kind(dataset).images(dataset, get_dataset_source(dataset))
+    return {"images": path} if path else {}
 
 
 def get_microlens_key(wildcards):
@@ -129,28 +145,20 @@ def get_source_names(section, kind):
 
 def get_fetch_inputs():
     """What the `fetch` target gathers; every file the fetch rules make for this config's tables and
-    figures: the raw files and covers of each dataset they run on, the MicroLens videos where
-    video captions are made, every hub model of the backbone registry and every hub captioner
-    the captions use."""
+    figures: the raw files and covers of each dataset they run on whose kind fetches them, the
+    MicroLens videos where video captions are made, every hub model of the backbone registry and
+    every hub captioner the captions use."""
     used = set()
     for kind in [*config["tables"], *config["figures"]]:
         used.update(tables.table_datasets(config, kind))
     out = []
     for ds in sorted(used):
-        kind = get_dataset_source(ds)["kind"]
-        if kind == "amazon":
-            out += [plan.RAW.format(dataset=ds, kind=k) for k in ("items", "users")]
-        elif kind == "microlens":
-            src = get_dataset_source(ds)
-            out += [
-                plan.MICROLENS_RAW.format(dataset=ds, name=name)
-                for key, name in MICROLENS_FILES.items()
-                if key in src
-            ]
-            if config["captions"].get("video") and "videos" in src:
-                out.append(plan.MICROLENS_VIDEOS_FETCHED.format(dataset=ds))
-        if kind in ("amazon", "microlens"):
-            out += list(get_images(ds).values())
+        src, kind = get_dataset_source(ds), get_dataset_kind(ds)
+        if not kind.fetch:
+            continue
+        out += [*kind.raw(ds, src).values(), *get_images(ds).values()]
+        if kind.fetches_videos and config["captions"].get("video") and "videos" in src:
+            out.append(plan.MICROLENS_VIDEOS_FETCHED.format(dataset=ds))
     out += [plan.STANDIN.format(backbone=n) for n in hub_names(config["backbones"])]
     captioners = {config["captions"].get(s) for s in ("cover", "video")} & set(
         hub_names(config.get("captioners") or {})
@@ -159,14 +167,9 @@ def get_fetch_inputs():
     return list(dict.fromkeys(out))
 
 
-FETCH_RULES = (
-    "fetch_amazon",
-    "fetch_amazon_images",
-    "fetch_microlens",
-    "fetch_videos",
-    "fetch_backbone",
-    "fetch_captioner",
-)
+# the dataset kinds' download rules (fetch_amazon, fetch_amazon_images, fetch_microlens,
+# fetch_videos), then the models'
+FETCH_RULES = (*kinds.fetch_rules(), "fetch_backbone", "fetch_captioner")
 
 
 def fetch_failures():
@@ -258,18 +261,10 @@ def get_targets():
 
 # --- inputs and params ------------------------------------------------------------------------
 def get_preprocess_inputs(wildcards):
-    """Amazon format (items and users TSVs) or MicroLens format (pairs TSV, titles CSV)."""
+    """The raw files the dataset's kind reads (Amazon format: items and users TSVs; MicroLens
+    format: pairs TSV, titles CSV), and its covers."""
     ds = wildcards.dataset
-    if get_dataset_source(ds)["kind"].startswith("microlens"):
-        raw = {
-            "pairs": plan.MICROLENS_RAW.format(dataset=ds, name=microlens.PAIRS),
-            "titles": plan.MICROLENS_RAW.format(dataset=ds, name=microlens.TITLES),
-        }
-    else:
-        raw = {
-            "items_tsv": plan.RAW.format(dataset=ds, kind="items"),
-            "users_tsv": plan.RAW.format(dataset=ds, kind="users"),
-        }
+    raw = get_dataset_kind(ds).raw(ds, get_dataset_source(ds))
     return {**raw, **get_images(ds)}
 
 
@@ -296,9 +291,10 @@ def get_rehearsal_inputs(wildcards):
 
 
 def get_videos(wildcards):
-    """A MicroLens dataset's videos: the twin's generated folder, or the record of the fetched
-    ones (downloaded into the same folder, only for the kept items)."""
-    if get_dataset_source(wildcards.dataset)["kind"] == "microlens":
+    """A MicroLens dataset's videos: the twin's generated folder, or (a kind whose videos rule
+    fetch_videos downloads) the record of the fetched ones (downloaded into the same folder, only
+    for the kept items)."""
+    if get_dataset_kind(wildcards.dataset).fetches_videos:
         return plan.MICROLENS_VIDEOS_FETCHED.format(dataset=wildcards.dataset)
     return plan.MICROLENS_VIDEOS.format(dataset=wildcards.dataset)
 
@@ -568,13 +564,15 @@ def get_cache_mem_mb(wildcards, attempt):
     return int(gb * 1024 * memory_factor("cache", wildcards, attempt))
 
 
-# Every GPU job asks for the runtime and cards of its estimate (iisan.budget: what `iisan plan`
-# prints), priced once per job.
-ESTIMATES = Budget(config)
+@functools.cache
+def estimates():
+    """The budget every GPU job's runtime, cards and priority come from (iisan.budget: what `iisan
+    plan` prints), made when the job graph first asks, each job priced once."""
+    return Budget(config)
 
 
 def get_estimate(name, wildcards):
-    return ESTIMATES.estimate(name, dict(wildcards.items()))
+    return estimates().estimate(name, dict(wildcards.items()))
 
 
 def get_priority(name):
@@ -583,7 +581,7 @@ def get_priority(name):
     waits for starts first."""
 
     def priority(wildcards):
-        return ESTIMATES.priority(name, dict(wildcards.items()))
+        return estimates().priority(name, dict(wildcards.items()))
 
     return priority
 
@@ -642,8 +640,7 @@ def capped_runtime(minutes, attempt):
 
 
 def get_caption_mem_mb(wildcards, attempt):
-    c = get_captioner(wildcards)
-    gb = 2 if c["source"] == "demo" else 8 + 2.2 * c.get("params_b", 8)
+    gb = captioner_host_gb(get_captioner(wildcards))
     return int(gb * 1024 * memory_factor("caption", wildcards, attempt))
 
 
