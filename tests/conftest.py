@@ -87,16 +87,18 @@ def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
     return load(root, files, overrides)
 
 
-def trainer(data=None, run_hash=None, speed=None, **train):
+def trainer(data=None, run_hash=None, **train):
     """A Trainer of a tiny cached IISAN run (iisan.data.synthetic's tiny data) on the CPU."""
     from iisan.data.synthetic import tiny_caches, tiny_data
+    from iisan.features import CachedFeatures
     from iisan.model import ModelConfig
-    from iisan.train import TrainConfig, Trainer
+    from iisan.train import TrainConfig, Trainer, start_run
 
     cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
                          "lr_text_f": 5e-3, "eval_batch": 32, **train})
-    return Trainer(data or tiny_data(), tiny_caches(), ModelConfig(embed_dim=16, bottleneck=8), cfg, device="cpu",
-                   run_hash=run_hash, speed=speed)
+    device = start_run(cfg.seed, "cpu")
+    return Trainer(data or tiny_data(), CachedFeatures(tiny_caches()), ModelConfig(embed_dim=16, bottleneck=8), cfg, device,
+                   run_hash=run_hash)
 
 
 def stable(result: dict) -> dict:

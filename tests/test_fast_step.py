@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from iisan.backbones import BackboneSpec
+from iisan.config import Speed
 from iisan.data.synthetic import tiny_caches
-from iisan.fast_step import Precision, StepSettings, graph_features, prepare_backbones
+from iisan.fast_step import Precision, graph_features, on_device, prepare_backbones
 from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, IdFeatures, Tower
 from iisan.finetune import prepare_backbone
 from iisan.train import TrainConfig
@@ -30,19 +31,20 @@ def tiny_backbones(finetune: str, item_slots: str = "distinct") -> BackboneFeatu
 
 
 def test_where_a_cuda_graph_takes_the_features():
-    settings = StepSettings(cuda_graphs=True)
-    assert graph_features(CachedFeatures(tiny_caches()), settings) == "inside"
-    assert graph_features(IdFeatures(N), settings) == "inside"
-    assert graph_features(tiny_backbones("frozen"), settings) == "before"
-    assert graph_features(tiny_backbones("bitfit"), settings) is None
-    assert graph_features(tiny_backbones("bitfit"), StepSettings(cuda_graphs=True, graph_backbones=True)) == "inside"
+    speed = Speed(cuda_graphs=True)
+    assert graph_features(CachedFeatures(tiny_caches()), speed) == "inside"
+    assert graph_features(IdFeatures(N), speed) == "inside"
+    assert graph_features(tiny_backbones("frozen"), speed) == "before"
+    assert graph_features(tiny_backbones("bitfit"), speed) is None
+    assert graph_features(tiny_backbones("bitfit"), Speed(cuda_graphs=True, graph_backbones=True)) == "inside"
 
 
 def test_settings_follow_the_device():
-    """A CPU neither compiles nor uses mixed precision, whatever the training config says."""
+    """A CPU neither compiles with inductor nor uses mixed precision, whatever the training config says."""
     cpu = torch.device("cpu")
-    s = StepSettings.of(TrainConfig(precision="fp16", compile=True, cuda_graphs=True), cpu)
+    s = on_device(TrainConfig(precision="fp16", compile=True, cuda_graphs=True), cpu)
     assert (s.precision, s.compile, s.cuda_graphs) == ("fp16", False, True)
+    assert on_device(Speed(compile=True, compile_backend="eager"), cpu).compile
     assert Precision("fp16", cpu).dtype is None and Precision("bf16", cpu).eval_dtype is None
     cuda = Precision("fp16", torch.device("cuda"))  # no card needed to read the choice
     assert (cuda.dtype, cuda.eval_dtype) == (torch.float16, None)
@@ -52,7 +54,7 @@ def test_settings_follow_the_device():
 @pytest.mark.parametrize("finetune", ["frozen", "bitfit"])
 def test_prepare_backbones_lowers_only_frozen_weights_and_compiles_layers(finetune):
     source = tiny_backbones(finetune)
-    prepare_backbones(source, StepSettings(compile=True, compile_backend="eager"), Precision("bf16", torch.device("cuda")),
+    prepare_backbones(source, Speed(compile=True, compile_backend="eager"), Precision("bf16", torch.device("cuda")),
                       torch.device("cpu"))
     dtypes = {p.dtype for p in source.towers[0].backbone.parameters()}
     assert dtypes == ({torch.bfloat16} if finetune == "frozen" else {torch.float32})
@@ -77,6 +79,6 @@ def test_compiled_steps_train_exactly_as_the_plain_one():
     """Compiled encoders (dynamo's eager backend, the same operations) or the whole forward
     compiled: the same losses and metrics as the plain step."""
     plain = stable(trainer(max_epochs=1).fit(progress=False))
-    for speed in (StepSettings(compile=True, compile_backend="eager"),
-                  StepSettings(compile=True, compile_forward=True, compile_backend="eager")):
-        assert stable(trainer(max_epochs=1, speed=speed).fit(progress=False)) == plain
+    for speed in ({"compile": True, "compile_backend": "eager"},
+                  {"compile": True, "compile_forward": True, "compile_backend": "eager"}):
+        assert stable(trainer(max_epochs=1, **speed).fit(progress=False)) == plain

@@ -5,6 +5,7 @@ import math
 import torch
 from torch import nn
 
+from iisan.config import TrainConfig
 from iisan.layerdrop import scheme_layers
 from iisan.model import ItemEncoder, ModelConfig, OutputHead, Recommender, TransformerBlock, UserEncoder
 from iisan.plan import va_scheme
@@ -163,7 +164,7 @@ def test_baseline_heads_are_gelu_of_one_linear_at_the_main_rate():
         want = enc.fusion(torch.cat([F.gelu(image.proj(x_i[:, 0])), F.gelu(text.proj(x_t[:, 0]))], dim=-1))
         torch.testing.assert_close(enc([x_t, x_i]), want)
         rec = Recommender(ModelConfig(method=method), [d, d], [1, 1])
-        groups = {g["name"]: g["params"] for g in rec.param_groups(1e-4, 1e-4, 5e-5, 1e-4)}
+        groups = {g["name"]: g["params"] for g in rec.param_groups(TrainConfig())}
         assert set(groups) == {"main"} and sum(p.numel() for p in groups["main"]) == sum(p.numel() for p in rec.parameters())
 
 

@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from iisan.config import TrainConfig
 from iisan.model import SANB, Gate, InterSAN, IntraSAN, ItemEncoder, ModelConfig, Recommender
 
 
@@ -100,7 +101,7 @@ def test_vs_heads_and_learning_rate_groups():
     items = model.items
     head = items.heads[0]
     assert (head.F.in_features, head.F.out_features, head.P.out_features) == (32, 32, 64)
-    groups = {g["name"]: g for g in model.param_groups(2e-4, 1e-4, 5e-5, 1e-4)}
+    groups = {g["name"]: g for g in model.param_groups(TrainConfig(lr_main=2e-4, lr_san=1e-4, lr_text_f=5e-5, lr_image_f=1e-4))}
     assert {k: g["lr"] for k, g in groups.items()} == {"main": 2e-4, "san": 1e-4, "text_f": 5e-5, "image_f": 1e-4}
 
     def ids(*mods):

@@ -130,14 +130,12 @@ def test_checkpoint_loads_into_a_compiled_trainer(tmp_path):
     (state-dict keys gain `_orig_mod.` there), while checkpoints read and write the plain model: a
     checkpoint moves between compiled and plain trainers either way, and the compiled trainer
     trains exactly as the plain one (dynamo's eager backend: the same operations)."""
-    from iisan.fast_step import StepSettings
-
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(), 1).fit(progress=False, checkpoint=ckpt)
     saved = torch.load(ckpt, weights_only=True)["model"]
     assert not any("_orig_mod" in k for k in saved)
-    compiled = trainer(speed=StepSettings(compile=True, compile_backend="eager"))
+    compiled = trainer(compile=True, compile_backend="eager")
     encoders = compiled.step.encoders
     assert set(encoders) == {"items", "user"} and all(any("_orig_mod" in k for k in e.state_dict()) for e in encoders.values())
     assert compiled.load_checkpoint(ckpt).epoch == 1
@@ -217,7 +215,7 @@ def test_precision_is_checked_and_a_cpu_computes_in_fp32():
     runs = {}
     for precision in ("bf16", "fp16", "fp32"):
         t = trainer(precision=precision, max_epochs=2)
-        assert t.step.precision.name == "fp32" and t.step.precision.dtype is None and t.scaler is None
+        assert t.step.precision.name == "fp32" and t.step.precision.dtype is None and t.step.scaler is None
         runs[precision] = stable(t.fit(progress=False))
     assert runs["bf16"] == runs["fp16"] == runs["fp32"]
 

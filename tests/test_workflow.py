@@ -12,9 +12,10 @@ from iisan.cache import build_cache, load_cache
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.data.sequences import load_sequences
+from iisan.features import CachedFeatures
 from iisan.layerdrop import scheme_layers
 from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer, popularity_baseline
+from iisan.train import TrainConfig, Trainer, popularity_baseline, start_run
 
 from conftest import SNAKEMAKE, copy_workflow, run, workflow_config
 
@@ -151,8 +152,8 @@ def test_demo_structure_is_learnable(root, tmp_path):
                     tmp_path / "cache" / spec.name, images_archive=raw["images"], progress=False)
         caches.append(load_cache(tmp_path / "cache" / spec.name, backbone=spec.name, layers=layers,
                                  item_order_hash=data.item_order_hash)[0])
-    train = dict(cfg["train"], max_epochs=10, patience=10)
-    result = Trainer(data, caches, ModelConfig(), TrainConfig(**train)).fit(progress=False)
+    train = TrainConfig(**dict(cfg["train"], max_epochs=10, patience=10))
+    result = Trainer(data, CachedFeatures(caches), ModelConfig(), train, start_run(train.seed)).fit(progress=False)
     pop = popularity_baseline(data, "test")
     assert result["test"]["hr@10"] > 1.25 * pop["hr@10"], (result["test"], pop)
 

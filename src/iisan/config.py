@@ -75,7 +75,34 @@ ITEM_SLOTS = ("all", "real", "distinct")  # train.item_slots
 
 
 @dataclass
-class TrainConfig:
+class Speed:
+    """How fast a run trains, never what it computes: kept out of an experiment's identity, so
+    changing one reruns nothing. The training config holds these (`TrainConfig` is a `Speed`);
+    a workflow config sets SPEED_FIELDS in its `speed` section; the training step
+    (`iisan.fast_step`) and the Trainer read them."""
+
+    cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (CUDA only)
+    compile: bool = False  # torch.compile the item and user encoders, and backbone layers in the loop
+    eval_batch: int = 1024  # users per evaluation chunk
+    # write the fit checkpoint after an epoch only once this many seconds have passed since the
+    # last one (a 0.7 s cached epoch would spend a third of its time saving 60 MB)
+    checkpoint_every_s: float = 0.0
+    # experiments of benchmarks/ and tests (not config keys):
+    compile_backend: str = "inductor"  # inductor compiles on CUDA with triton only, other backends anywhere
+    compile_forward: bool = False  # the whole forward, loss included, compiled as one (with `compile`)
+    graph_backbones: bool = False  # trainable backbones inside the CUDA graph too (fixed shapes: item_slots all)
+    layer_mode: str | None = None  # torch.compile mode of each backbone layer (with `compile`)
+
+
+# the Speed fields a workflow config sets (its `speed` section)
+SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
+
+
+@dataclass
+class TrainConfig(Speed):
+    """Every setting of a training run: what changes its result (the fields below) and its
+    speed (the `Speed` fields)."""
+
     batch_size: int = 64
     max_epochs: int = 100
     patience: int = 11
@@ -88,12 +115,6 @@ class TrainConfig:
     # encoders at evaluation; fp16 autocast with a GradScaler for training and fp32 evaluation
     # (the authors'); fp32. Evaluation ranks in fp32 either way.
     precision: str = "bf16"
-    eval_batch: int = 1024
-    cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (speed only)
-    compile: bool = False  # torch.compile the item and user encoders, and backbone layers in the loop, on CUDA (speed only)
-    # write the fit checkpoint after an epoch only once this many seconds have passed since the
-    # last one (speed only: a 0.7 s cached epoch would spend a third of its time saving 60 MB)
-    checkpoint_every_s: float = 0.0
     k: int = 10
     # uncached baselines (the authors' scripts): pretrained backbone tensors (FFT's weights,
     # BitFit's biases) and inserted adapter/LoRA tensors, text and image backbone
@@ -113,16 +134,13 @@ class TrainConfig:
             raise ValueError(f"train.precision: {self.precision!r} is not one of {', '.join(PRECISIONS)}")
 
     def result_settings(self) -> dict:
-        """The fields that change a run's result: every field but the SPEED_FIELDS."""
-        return {k: v for k, v in asdict(self).items() if k not in SPEED_FIELDS}
+        """The fields that change a run's result: every field but the `Speed` ones."""
+        speed = {f.name for f in fields(Speed)}
+        return {k: v for k, v in asdict(self).items() if k not in speed}
 
 
 # ModelConfig fields whose None (the default) is left out of an experiment's identity
 OPTIONAL_MODEL_FIELDS = ("bottleneck_image", "bottleneck_inter")
-
-# TrainConfig fields that change speed, not results (the workflow's `speed` section): they are
-# kept out of an experiment's identity, so changing them reruns nothing
-SPEED_FIELDS = ("cuda_graphs", "compile", "eval_batch", "checkpoint_every_s")
 
 
 @dataclass
@@ -243,17 +261,18 @@ class Experiment:
         return dict(asdict(self), model=model, train=self.train.result_settings())
 
     @classmethod
-    def from_dict(cls, d: dict, speed: dict | None = None) -> Experiment:
+    def from_dict(cls, d: dict) -> Experiment:
         d = dict(d)
         return cls(
             **{k: v for k, v in d.items() if k not in ("towers", "model", "train", "finetune")},
             towers=[TowerConfig(**t) for t in d["towers"]],
             model=_build(ModelConfig, d["model"], "experiment model"),
-            train=_build(TrainConfig, {**d["train"], **(speed or {})}, "experiment train"),
+            train=_build(TrainConfig, d["train"], "experiment train"),
             finetune=_build(FinetuneConfig, d.get("finetune", {}), "experiment finetune"),
         )
 
     def with_speed(self, speed: dict | None) -> Experiment:
+        """This experiment at a workflow config's speed settings (its `speed` section)."""
         unknown = set(speed or {}) - set(SPEED_FIELDS)
         if unknown:
             raise ValueError(f"speed: unknown keys {sorted(unknown)} (known: {', '.join(SPEED_FIELDS)})")

@@ -13,7 +13,7 @@ from .config import Experiment
 from .data.sequences import load_sequences
 from .features import CachedFeatures, IdFeatures, Tower, build_backbone_features
 from .io import write_json
-from .train import Trainer, set_seed
+from .train import Trainer, start_run
 
 log = logging.getLogger(__name__)
 
@@ -77,17 +77,19 @@ def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], dev
     import torch
 
     data = load_sequences(dataset_dir, exp.model.max_len)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = start_run(exp.train.seed, device)
     info: list[dict] = []
-    set_seed(exp.train.seed)  # adapters and LoRA matrices are initialised while the source is built
-    if exp.spec.is_id:
-        source, layers = IdFeatures(data.n_items), []
-    elif exp.cache == "none":
-        source, layers = backbone_source(exp, dataset_dir, standins, images, dev)
-    else:
-        source, layers, info = cached_source(exp, data, cache_dirs)
+    # the source's random initialisation (adapters, LoRA matrices) draws from a copy of the seeded
+    # streams, so the model's starts from the seed too, whatever the source
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        if exp.spec.is_id:
+            source, layers = IdFeatures(data.n_items), []
+        elif exp.cache == "none":
+            source, layers = backbone_source(exp, dataset_dir, standins, images, dev)
+        else:
+            source, layers, info = cached_source(exp, data, cache_dirs)
     log.info("experiment %s: layers %s", exp.to_dict(), layers)
-    trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
+    trainer = Trainer(data, source, exp.model, exp.train, dev, run_hash=exp.hash())
     return trainer, layers, info
 
 

@@ -1,4 +1,4 @@
-"""The training step made fast: every speed setting of a step in one place (speed only).
+"""The training step made fast: where each speed setting of a step applies (speed only).
 
 The plain step of a batch of item windows `ids` (B, S) is
 
@@ -7,8 +7,10 @@ The plain step of a batch of item windows `ids` (B, S) is
     loss.backward()
     optimiser.step()
 
-`build_step` returns that step with the arithmetic the `StepSettings` ask for and as fast as they
-allow, computing the same numbers whatever the speed settings:
+`build_step` returns that step, and the one Adam it steps (at the training config's learning
+rates, `Recommender.param_groups`), with the config's arithmetic (its `precision`) and as fast
+as its `Speed` settings (`iisan.config.Speed`) allow, computing the same numbers whatever they
+are:
 
 * precision (CUDA only; a CPU computes in fp32): bf16 or fp16 autocast around the forward,
   features included; fp16 scales the loss with a GradScaler (the authors'). Frozen backbones in
@@ -30,19 +32,18 @@ allow, computing the same numbers whatever the speed settings:
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import importlib.util
-from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from .config import TrainConfig
+from .config import Speed, TrainConfig
 from .features import BackboneFeatures, FeatureSource
 from .finetune import compile_layers
 
-__all__ = ["StepSettings", "Precision", "FastStep", "CudaGraphStep", "build_step", "compile_for_training", "eager_on_failure",
-           "graph_features", "prepare_backbones", "BUCKET", "ENCODERS"]
+__all__ = ["Precision", "FastStep", "CudaGraphStep", "build_step", "compile_for_training", "eager_on_failure",
+           "graph_features", "on_device", "prepare_backbones", "BUCKET", "ENCODERS"]
 
 # On CUDA the distinct items of a step are padded up to a multiple of this, so the backbones
 # see a few shapes only (a new shape makes cuDNN attention and cuBLASLt plan again: twice the
@@ -52,24 +53,13 @@ BUCKET = 32
 ENCODERS = ("items", "user")
 
 
-@dataclass(frozen=True)
-class StepSettings:
-    """How a training step computes (`precision`) and how fast (the rest: speed only)."""
-
-    precision: str = "fp32"  # bf16 | fp16 | fp32 autocast, on CUDA (a CPU computes in fp32)
-    cuda_graphs: bool = False  # capture the step as one CUDA graph where its features allow (CUDA only)
-    compile: bool = False  # torch.compile the encoders for training and the layers of backbones in the loop
-    compile_backend: str = "inductor"
-    # experiments of benchmarks/ (off in the workflow):
-    compile_forward: bool = False  # the whole forward, loss included, compiled as one (with `compile`)
-    graph_backbones: bool = False  # trainable backbones inside the CUDA graph too (fixed shapes: item_slots all)
-    layer_mode: str | None = None  # torch.compile mode of each backbone layer (with `compile`)
-
-    @classmethod
-    def of(cls, cfg: TrainConfig, device: torch.device) -> StepSettings:
-        """What a training config asks for; it compiles on CUDA with triton installed only."""
-        compiles = device.type == "cuda" and cfg.compile and importlib.util.find_spec("triton") is not None
-        return cls(precision=cfg.precision, cuda_graphs=cfg.cuda_graphs, compile=compiles)
+def on_device(speed: Speed, device: torch.device) -> Speed:
+    """`speed` as far as `device` allows: the inductor backend compiles on CUDA with triton
+    installed only (another backend, as the tests' eager, anywhere)."""
+    inductor = device.type == "cuda" and importlib.util.find_spec("triton") is not None
+    if speed.compile and speed.compile_backend == "inductor" and not inductor:
+        return dataclasses.replace(speed, compile=False)
+    return speed
 
 
 class Precision:
@@ -105,7 +95,7 @@ def compile_for_training(module: nn.Module, backend="inductor", **options) -> nn
     return torch.compile(module, backend=backend, **options)
 
 
-def graph_features(source: FeatureSource, settings: StepSettings) -> str | None:
+def graph_features(source: FeatureSource, speed: Speed) -> str | None:
     """How a CUDA-graph step takes the source's features: "inside" (from memory, cache rows or
     ids: gathered in the graph), "before" (frozen backbones in the loop: computed eagerly under
     no_grad and copied into the graph) or None (trainable backbones: no graph).
@@ -115,12 +105,12 @@ def graph_features(source: FeatureSource, settings: StepSettings) -> str | None:
     otherwise passes none (it treated a capture as tracing), so attention left the flash kernels
     (docs/benchmarks.md; transformers 5.25 skips the mask-free case even in a capture: not yet
     measured on a GPU). `graph_backbones` captures them anyway (an experiment)."""
-    if not isinstance(source, BackboneFeatures) or settings.graph_backbones:
+    if not isinstance(source, BackboneFeatures) or speed.graph_backbones:
         return "inside"
     return "before" if source.finetune == "frozen" else None
 
 
-def prepare_backbones(source: FeatureSource, settings: StepSettings, precision: Precision, device: torch.device) -> None:
+def prepare_backbones(source: FeatureSource, speed: Speed, precision: Precision, device: torch.device) -> None:
     """Backbones in the loop, for speed: on CUDA the rows of a call (its real or distinct items)
     padded to a multiple of `BUCKET`; with `compile` each transformer layer compiled in place; under mixed
     precision frozen backbones hold their weights in the autocast dtype (trainable ones keep fp32
@@ -130,9 +120,9 @@ def prepare_backbones(source: FeatureSource, settings: StepSettings, precision: 
     if device.type == "cuda":
         source.pad_to = BUCKET
     for tower in source.towers:
-        if settings.compile:
-            options = {"mode": settings.layer_mode} if settings.layer_mode else {}
-            compile_layers(tower.backbone, backend=settings.compile_backend, **options)
+        if speed.compile:
+            options = {"mode": speed.layer_mode} if speed.layer_mode else {}
+            compile_layers(tower.backbone, backend=speed.compile_backend, **options)
         if precision.dtype is not None and source.finetune == "frozen" and not getattr(tower.backbone, "is_quantized", False):
             tower.backbone.to(precision.dtype)
 
@@ -199,28 +189,29 @@ class CudaGraphStep:
 class FastStep:
     """`build_step`'s step: `step(ids)` trains on one batch of windows (B, S) and returns its loss.
 
-    `optimiser` and `scaler` (None unless fp16) are what a checkpoint saves; `graphs` says
-    whether the step is a CUDA graph (then every batch must have the same shape); `precision`
-    gives the autocast of training, and `evaluation()` the context evaluation's encoders run in."""
+    `optimiser` (the model's one Adam) and `scaler` (None unless fp16) are what a checkpoint
+    saves; `graphs` says whether the step is a CUDA graph (then every batch must have the same
+    shape); `precision` gives the autocast of training, and `evaluation()` the context
+    evaluation's encoders run in."""
 
-    def __init__(self, model: nn.Module, source: FeatureSource, make_optimiser: Callable[..., torch.optim.Optimizer],
-                 settings: StepSettings, device: torch.device):
-        self.model, self.source, self.settings, self.device = model, source, settings, device
-        self.precision = Precision(settings.precision, device)
-        placement = graph_features(source, settings)
-        self.graphs = device.type == "cuda" and settings.cuda_graphs and placement is not None
-        self.optimiser = make_optimiser(fused=device.type == "cuda", capturable=self.graphs)
+    def __init__(self, model: nn.Module, source: FeatureSource, cfg: TrainConfig, device: torch.device):
+        self.model, self.source, self.device = model, source, device
+        self.speed = speed = on_device(cfg, device)
+        self.precision = Precision(cfg.precision, device)
+        placement = graph_features(source, speed)
+        self.graphs = device.type == "cuda" and speed.cuda_graphs and placement is not None
+        self.optimiser = torch.optim.Adam(model.param_groups(cfg), fused=device.type == "cuda", capturable=self.graphs)
         self.forward, self.encoders = model, {}  # the loss's function; compiled encoders swapped in for training
-        if settings.compile and settings.compile_forward:
-            self.forward = compile_for_training(model, settings.compile_backend)
-        elif settings.compile:
-            self.encoders = {name: compile_for_training(model.get_submodule(name), settings.compile_backend) for name in ENCODERS}
-        prepare_backbones(source, settings, self.precision, device)
+        if speed.compile and speed.compile_forward:
+            self.forward = compile_for_training(model, speed.compile_backend)
+        elif speed.compile:
+            self.encoders = {name: compile_for_training(model.get_submodule(name), speed.compile_backend) for name in ENCODERS}
+        prepare_backbones(source, speed, self.precision, device)
         # fp16 scales the loss (the authors' GradScaler); with the fused Adam its inf check and
         # update are tensor operations, so they are captured in the CUDA graph with the step
         self.scaler = torch.amp.GradScaler(device.type) if self.precision.name == "fp16" else None
         # graph trees of compiled backbone layers (a layer mode with CUDA graphs) need each step marked
-        self.mark_steps = settings.compile and settings.layer_mode is not None and "cudagraphs" not in settings.layer_mode
+        self.mark_steps = speed.compile and speed.layer_mode is not None and "cudagraphs" not in speed.layer_mode
         self.run = self._step
         if self.graphs:
             self.run = CudaGraphStep(self._step, self._features if placement == "before" else None, device)
@@ -229,7 +220,7 @@ class FastStep:
         return self.run(ids)
 
     def _compiling(self):
-        return eager_on_failure() if self.settings.compile else contextlib.nullcontext()
+        return eager_on_failure() if self.speed.compile else contextlib.nullcontext()
 
     def _features(self, ids: torch.Tensor):
         """Features of the windows `ids` (B, S), computed under autocast."""
@@ -265,8 +256,7 @@ class FastStep:
             yield
 
 
-def build_step(model: nn.Module, source: FeatureSource, make_optimiser: Callable[..., torch.optim.Optimizer],
-               settings: StepSettings, device: torch.device) -> FastStep:
-    """The training step of `model` over `source`'s features (module docstring), its optimiser
-    made by `make_optimiser(fused=..., capturable=...)`."""
-    return FastStep(model, source, make_optimiser, settings, device)
+def build_step(model: nn.Module, source: FeatureSource, cfg: TrainConfig, device: torch.device) -> FastStep:
+    """The training step of `model` over `source`'s features at the training config `cfg`
+    (module docstring)."""
+    return FastStep(model, source, cfg, device)

@@ -418,15 +418,14 @@ class Recommender(nn.Module):
         models without gates), from the model's current weights."""
         return self.items.gate_values(fields)
 
-    def param_groups(self, lr_main: float, lr_san: float, lr_text_f: float, lr_image_f: float | None = None,
-                     lr_backbone: tuple[float, float] = (TrainConfig.lr_backbone_text, TrainConfig.lr_backbone_image),
-                     lr_peft: tuple[float, float] = (TrainConfig.lr_peft_text, TrainConfig.lr_peft_image)) -> list[dict]:
-        """Adam groups: the item encoder's (`ItemEncoder.lr_groups`: text head F lr_text_f, image
-        head F lr_image_f (default lr_san), SANBs and image gates lr_san) and everything else of
-        the recommender at lr_main (docs/method.md §8). Backbone tensors (uncached baselines), each
-        (text, image) by the backbone's modality: pretrained tensors that train (FFT's weights,
-        BitFit's biases, LoRA's Q/V biases: the authors' name rules put them with the backbone)
-        lr_backbone; inserted adapter and LoRA matrices lr_peft. Frozen tensors are left out."""
+    def param_groups(self, cfg: TrainConfig) -> list[dict]:
+        """Adam groups at the training config's learning rates: the item encoder's
+        (`ItemEncoder.lr_groups`: text head F lr_text_f, image head F lr_image_f, SANBs and image
+        gates lr_san) and everything else of the recommender at lr_main (docs/method.md §8).
+        Backbone tensors (uncached baselines), by the backbone's modality: pretrained tensors that
+        train (FFT's weights, BitFit's biases, LoRA's Q/V biases: the authors' name rules put them
+        with the backbone) lr_backbone_text|image; inserted adapter and LoRA matrices
+        lr_peft_text|image. Frozen tensors are left out."""
         roles = self.items.lr_groups()
         if self.backbones is not None:
             for tower in self.backbones.towers:
@@ -434,8 +433,9 @@ class Recommender(nn.Module):
                 for n, p in tower.backbone.named_parameters():
                     inserted = "lora_" in n or ".adapter_" in n
                     roles[id(p)] = f"{'peft' if inserted else 'backbone'}_{side}"
-        lrs = {"main": lr_main, "san": lr_san, "text_f": lr_text_f, "image_f": lr_san if lr_image_f is None else lr_image_f,
-               "backbone_text": lr_backbone[0], "backbone_image": lr_backbone[1], "peft_text": lr_peft[0], "peft_image": lr_peft[1]}
+        lrs = {"main": cfg.lr_main, "san": cfg.lr_san, "text_f": cfg.lr_text_f, "image_f": cfg.lr_image_f,
+               "backbone_text": cfg.lr_backbone_text, "backbone_image": cfg.lr_backbone_image,
+               "peft_text": cfg.lr_peft_text, "peft_image": cfg.lr_peft_image}
         groups = {k: [] for k in lrs}
         for p in self.parameters():
             if p.requires_grad:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import platform
@@ -16,16 +17,16 @@ import torch
 from tqdm.auto import tqdm
 
 from . import __version__
-from .config import SPEED_FIELDS, ModelConfig, TrainConfig, config_hash
+from .config import ModelConfig, TrainConfig, config_hash
 from .data.sequences import SequenceData
-from .fast_step import StepSettings, build_step
-from .features import CachedFeatures, FeatureSource
+from .fast_step import build_step
+from .features import FeatureSource
 from .io import DamagedFileError, atomic_path, read_or_set_aside
 from .metrics import hr_ndcg, rank_of_target
 from .model import Recommender
 
-__all__ = ["Trainer", "FitState", "ModelConfig", "TrainConfig", "StepSettings", "SPEED_FIELDS", "MEASURED_FIELDS",
-           "config_hash", "adam_groups", "popularity_baseline", "set_seed", "rng_states", "set_rng_states"]
+__all__ = ["Trainer", "FitState", "ModelConfig", "TrainConfig", "MEASURED_FIELDS", "config_hash", "popularity_baseline",
+           "start_run", "rng_states", "set_rng_states"]
 
 log = logging.getLogger(__name__)
 
@@ -71,68 +72,48 @@ def set_rng_states(states: dict, gen: torch.Generator) -> None:
     gen.set_state(states["trainer"])
 
 
-def set_seed(seed: int) -> None:
+def start_run(seed: int, device: str | torch.device | None = None) -> torch.device:
+    """What a run does first, once, before anything draws a random number: seed every random
+    stream (python, numpy, torch, CUDA) with `seed` and pick its device (`device`, else CUDA
+    where there is one, else the CPU), which it returns."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-
-
-def adam_groups(model: Recommender, cfg: TrainConfig) -> list[dict]:
-    """The model's Adam parameter groups at the training config's learning rates."""
-    return model.param_groups(cfg.lr_main, cfg.lr_san, cfg.lr_text_f, cfg.lr_image_f,
-                              lr_backbone=(cfg.lr_backbone_text, cfg.lr_backbone_image),
-                              lr_peft=(cfg.lr_peft_text, cfg.lr_peft_image))
+    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
 
 class Trainer:
     """Trains a recommender: shuffled batches of item windows -> loss -> backward -> Adam step,
     an evaluation after every epoch, early stopping and checkpoints (`fit`).
 
-    The step itself (`iisan.fast_step.build_step`) carries every speed setting: precision,
-    CUDA graph, compile, fused Adam. The features of a batch come from a feature source
+    The step itself (`iisan.fast_step.build_step`) applies the training config's precision and
+    speed settings (CUDA graph, compile) and owns the one Adam. The features of a batch come from a feature source
     (`iisan.features`): cache rows held in accelerator (or host) memory, backbones in the loop,
     or item ids."""
 
     ITEM_CHUNK = 2048  # items per forward pass when embedding every item for evaluation
 
-    def __init__(
-        self,
-        data: SequenceData,
-        caches,  # per field (N+1, K_f, d_f) arrays, or a FeatureSource (iisan.features)
-        model_cfg: ModelConfig,
-        train_cfg: TrainConfig,
-        device: str | None = None,
-        layer_index: list[list[int] | None] | None = None,
-        run_hash: str | None = None,
-        speed: StepSettings | None = None,
-    ):
-        """`caches` is either the cached states of every field or a feature source
-        (`BackboneFeatures` for uncached runs, `IdFeatures` for ID-based models).
-        `layer_index[f]`, when given, selects the states of field f that feed the side network
-        from a full cache at every step (the "full cache" setting of Fig. 7); without it the
-        cache holds exactly those states (a dropped cache).
+    def __init__(self, data: SequenceData, source: FeatureSource, model_cfg: ModelConfig, train_cfg: TrainConfig,
+                 device: str | torch.device, run_hash: str | None = None):
+        """`source` gives the items' features: `CachedFeatures` (cached states; arrays of them
+        wrap as `CachedFeatures(caches)`), `BackboneFeatures` (uncached runs) or `IdFeatures`
+        (ID-based models).
+        `device`: the run's, from `start_run`, whose seeded random streams initialise the model.
         `run_hash` names what the run computes (the experiment's config_hash); a checkpoint
         written under another one is not resumed. Default: a hash of the model config and the
-        result-affecting train config.
-        `speed`: the step's settings (`iisan.fast_step.StepSettings`); default: the training
-        config's, as far as the device allows."""
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        result-affecting train config."""
+        self.device = torch.device(device)
         self.cfg = train_cfg
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        source = caches if isinstance(caches, FeatureSource) else CachedFeatures(caches, layer_index)
         self.source = source.to(self.device)
-        set_seed(train_cfg.seed)
         self.data = data.to(self.device)
         if self.source.n_rows != data.n_items + 1:
             raise ValueError(f"the item features have {self.source.n_rows} rows, the dataset {data.n_items} items + padding")
         self.model = Recommender(model_cfg, self.source.dims, self.source.layers, n_items=data.n_items,
                                  backbones=self.source.module, log_pop=self.data.log_pop).to(self.device)
-        groups = adam_groups(self.model, train_cfg)
-        self.step = build_step(self.model, self.source, lambda **fast: torch.optim.Adam(groups, **fast),
-                               speed or StepSettings.of(train_cfg, self.device), self.device)
-        self.opt, self.scaler = self.step.optimiser, self.step.scaler  # what a checkpoint saves
+        self.step = build_step(self.model, self.source, train_cfg, self.device)
         self.gen = torch.Generator(device="cpu").manual_seed(train_cfg.seed)  # the batches' shuffling
         if run_hash is None:
             run_hash = config_hash({"model": asdict(model_cfg), "train": train_cfg.result_settings()})
@@ -156,14 +137,18 @@ class Trainer:
         """Train on one batch of windows `ids` (B, S): loss, backward, Adam step. Returns the loss."""
         return self.step(ids)
 
-    def train_epoch(self) -> float:
-        """One pass over the training windows; the mean batch loss."""
+    def train_on(self, batches) -> float:
+        """Train on each batch of windows of `batches`; the mean batch loss."""
         self.model.train()
         total, steps = torch.zeros((), device=self.device), 0
-        for ids in self.batches():
+        for ids in batches:
             total += self.train_step(ids)
             steps += 1
         return float(total) / max(steps, 1)
+
+    def train_epoch(self) -> float:
+        """One pass over the training windows; the mean batch loss."""
+        return self.train_on(self.batches())
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
@@ -211,24 +196,11 @@ class Trainer:
         """Time `steps` training steps after `warmup` ones (with CUDA graphs the 4th step is the
         capture) and read the peak memory: the memory sweep and time estimate of Fig. 5 without
         a full epoch."""
-        self.model.train()
-        batches = self.batches()
-        done = 0
-        for _ in range(warmup):
-            ids = next(batches, None)
-            if ids is None:
-                batches = self.batches()
-                ids = next(batches)
-            self.train_step(ids)
+        batches = (ids for _ in itertools.count() for ids in self.batches())  # epoch after epoch
+        self.train_on(itertools.islice(batches, warmup))
         self.sync()
         t0 = time.perf_counter()
-        while done < steps:
-            ids = next(batches, None)
-            if ids is None:
-                batches = self.batches()
-                continue
-            self.train_step(ids)
-            done += 1
+        self.train_on(itertools.islice(batches, steps))
         self.sync()
         per_step = (time.perf_counter() - t0) / steps
         steps_per_epoch = math.ceil(self.data.train.shape[0] / self.cfg.batch_size)
@@ -270,8 +242,8 @@ class Trainer:
         ckpt = {
             "fingerprint": self.fingerprint,
             "model": self._model_state(),
-            "optimizer": self.opt.state_dict(),
-            "scaler": None if self.scaler is None else self.scaler.state_dict(),
+            "optimizer": self.step.optimiser.state_dict(),
+            "scaler": None if self.step.scaler is None else self.step.scaler.state_dict(),
             "rng": rng_states(self.gen),
             "fit": vars(state),  # not asdict: that would deep-copy best_state
         }
@@ -296,9 +268,9 @@ class Trainer:
                         path, ckpt.get("fingerprint"), self.fingerprint)
             return FitState()
         self._load_model_state(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
-        if self.scaler is not None and ckpt["scaler"] is not None:
-            self.scaler.load_state_dict(ckpt["scaler"])
+        self.step.optimiser.load_state_dict(ckpt["optimizer"])
+        if self.step.scaler is not None and ckpt["scaler"] is not None:
+            self.step.scaler.load_state_dict(ckpt["scaler"])
         set_rng_states(ckpt["rng"], self.gen)
         state = FitState(**ckpt["fit"])
         log.info("resuming from checkpoint %s after epoch %d (best epoch %d, waited %d)",
