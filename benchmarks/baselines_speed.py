@@ -10,6 +10,13 @@ epoch. One validation pass (every item through the backbones for the uncached me
 too, for the "including validation" column.
 
     PYTHONPATH=src:benchmarks python benchmarks/baselines_speed.py --all [--steps 40] [--item-slots all]
+
+`--profile N` profiles N more steps (`gpu_profile.timeline`): GPU time by kernel family, the
+GPU's idle time, and the host's time blocked in synchronising calls and its launches.
+`--host-slots` (an experiment, with `--item-slots real`): the slots holding an item are found on
+the host from the batch's windows before they go to the GPU, so the step does not wait for the
+GPU to count them (the library's `BackboneFeatures._real` calls `torch.nonzero` on the GPU ids,
+which blocks the host until the previous step's queued work has run).
 """
 
 from __future__ import annotations
@@ -100,8 +107,50 @@ def step_flops(trainer, n: int = 3) -> float:
     return total / n
 
 
+def host_slots(trainer) -> None:
+    """Experiment (`--host-slots`, item_slots real): the trainer's batches made on the host, each
+    with the positions of its slots that hold an item (`nonzero` on the host copy), both copied
+    to the GPU without blocking; the source's `_real` takes those positions instead of counting
+    on the GPU, so nothing in the step waits for the device. Same rows, same order as the
+    library's path (the same shuffling generator, the same windows)."""
+    from iisan.features import BackboneFeatures
+
+    src = trainer.source
+    if not isinstance(src, BackboneFeatures) or src.item_slots != "real":
+        raise SystemExit("--host-slots needs backbones in the loop and --item-slots real")
+    if trainer.step.graphs:
+        raise SystemExit("--host-slots: not with a CUDA-graph step")
+    train_cpu, B, dev = trainer.data.train.cpu(), trainer.cfg.batch_size, trainer.device
+    pending = {}
+    library_real = src._real
+
+    def batches():
+        perm = torch.randperm(train_cpu.shape[0], generator=trainer.gen)
+        for start in range(0, perm.shape[0], B):
+            ids = train_cpu[perm[start : start + B]]
+            where = torch.nonzero(ids.reshape(-1) != 0).squeeze(1)
+            pin = (lambda t: t.pin_memory()) if dev.type == "cuda" else (lambda t: t)
+            on_dev = pin(ids).to(dev, non_blocking=True)
+            pending.clear()
+            pending[on_dev.data_ptr()] = pin(where).to(dev, non_blocking=True)
+            yield on_dev
+
+    def real(ids):
+        where = pending.get(ids.data_ptr())
+        if where is None:  # not a batch of these (the library's path)
+            return library_real(ids)
+        out = [torch.zeros(ids.shape[0], len(t.layers), t.spec.hidden, device=ids.device) for t in src.towers]
+        if where.numel():  # a host-side count: no sync
+            out = [o.index_put((where,), f.to(o.dtype)) for o, f in zip(out, src._padded_states(ids[where]))]
+        return out
+
+    trainer.batches = batches
+    src._real = real
+
+
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
-            graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default") -> dict:
+            graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default",
+            host_slots_: bool = False) -> dict:
     from caption_speed import matmul_tflops
 
     from iisan.data.synthetic import synthetic
@@ -121,6 +170,8 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     speed = dataclasses.replace(StepSettings.of(cfg, device), graph_backbones=graphs_in_loop,
                                 layer_mode=None if layer_mode == "default" else layer_mode)
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device), speed=speed)
+    if host_slots_:
+        host_slots(trainer)
     steps_per_epoch = -(-data.n_users // cfg.batch_size)
     with torch.compiler.set_stance("force_eager"):  # count the eager ops
         flops = step_flops(trainer)
@@ -137,15 +188,15 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     achieved = flops / prof["seconds_per_step"] / 1e12
     kernel_profile = None
     if profile:
-        from gpu_profile import kernels, summary
+        from gpu_profile import timeline
 
         batches = trainer.batches()
-        wall, events = kernels(lambda: [trainer.train_step(next(batches)) for _ in range(profile)], device)
-        kernel_profile = {"step_seconds": round(wall / profile, 4), **summary(events, profile, top=15)}
+        kernel_profile = timeline(lambda: [trainer.train_step(next(batches)) for _ in range(profile)], device, profile, top=15)
     return {
         "method": method,
         "compile": compile_,
         "layer_mode": layer_mode,
+        "host_slots": host_slots_,
         "cuda_graph_step": trainer.step.graphs,
         "item_slots": item_slots,
         "device": prof["device"],
@@ -186,6 +237,8 @@ def main():
     ap.add_argument("--layer-mode", default="default",
                     choices=["default", "reduce-overhead", "max-autotune-no-cudagraphs", "max-autotune"],
                     help="experimental, with --compile: torch.compile mode for each backbone layer")
+    ap.add_argument("--host-slots", action="store_true",
+                    help="experiment, with --item-slots real: the slots holding an item found on the host (no sync in the step)")
     ap.add_argument("--item-slots", choices=["all", "real", "distinct"], default="distinct",
                     help="backbones in the loop run every item slot (the authors' code), every slot holding an item, "
                          "or each distinct item once (train.item_slots)")
@@ -196,7 +249,8 @@ def main():
         rows = []
         for m in args.methods.split(","):
             flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
-                                     ("--no-graphs", args.no_graphs), ("--graphs-in-loop", args.graphs_in_loop)) if on]
+                                     ("--no-graphs", args.no_graphs), ("--graphs-in-loop", args.graphs_in_loop),
+                                     ("--host-slots", args.host_slots)) if on]
             flags += ["--item-slots", args.item_slots, "--profile", str(args.profile), "--layer-mode", args.layer_mode]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
@@ -214,7 +268,7 @@ def main():
             print(json.dumps(summary), flush=True)
         return
     print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
-                             not args.no_graphs, args.profile, args.graphs_in_loop, args.layer_mode)), flush=True)
+                             not args.no_graphs, args.profile, args.graphs_in_loop, args.layer_mode, args.host_slots)), flush=True)
     gc.collect()
 
 

@@ -15,7 +15,7 @@ An option is ``cache/attention/workers`` (`iisan.captions.KV_CACHES`, `ATTENTION
 workers); the default path of the rule is ``dynamic/sdpa/0``. For each option and prompt kind
 (a cover: one image slot; a video: three frames as three slots of one prompt):
 
-* the batch call (`iisan.captions._caption_batch`: processor, left padding, greedy `generate`)
+* the batch call (`iisan.captions.llava._caption_batch`: processor, left padding, greedy `generate`)
   once with one new token and once with `--new-tokens`: prefill seconds (the one-token call less
   the processor) and ms per decode step (the difference over the extra steps), each as a share
   of its bound (prefill FLOPs at the measured bf16 matmul rate; weights + live KV cache read once
@@ -52,6 +52,14 @@ import torch
 
 from iisan import captions
 from iisan.caption_bound import caption_bound, memory_bytes, shapes_from_config
+
+# the module holding the batch call, the encoder and `load_captioner` as `caption_items` looks them
+# up: iisan.captions.llava since the captions package (2026-12-07); an earlier tree on PYTHONPATH
+# (a before/after in one call) had them in iisan.captions itself
+try:
+    from iisan.captions import llava as LIB
+except ImportError:
+    LIB = captions
 
 MICROLENS_ITEMS = 19_738
 PINPOINTS_336 = [[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]  # llava-v1.6 grid
@@ -148,7 +156,11 @@ def bandwidth_gbs(device, gib=4, reps=20) -> float:
     for _ in range(reps):
         y.copy_(x)
     sync(device)
-    return 2 * x.numel() * reps / (time.perf_counter() - t) / 1e9
+    rate = 2 * x.numel() * reps / (time.perf_counter() - t) / 1e9
+    del x, y
+    if device.type == "cuda":  # hand the 2 x `gib` back: the memory plan (`batch auto`) reads the free memory
+        torch.cuda.empty_cache()
+    return rate
 
 
 def synthetic_jpegs(n: int, w: int, h: int, seed=0) -> list[bytes]:
@@ -211,14 +223,14 @@ def forced(model, processor, n: int, cache_len: int | None):
 
 def encode(processor, texts, images, pad, dtype) -> dict:
     if CACHE_PER_JOB:
-        return captions._encode(processor, texts, images, dtype)
-    return captions._encode(processor, texts, images, pad, dtype)
+        return LIB._encode(processor, texts, images, dtype)
+    return LIB._encode(processor, texts, images, pad, dtype)
 
 
 def timed_batch(model, processor, texts, images, gen, pad, device) -> tuple[float, list[str]]:
     sync(device)
     t = time.perf_counter()
-    caps, _ = captions._caption_batch(model, processor, texts, images, gen, *([] if CACHE_PER_JOB else [pad]))
+    caps, _ = LIB._caption_batch(model, processor, texts, images, gen, *([] if CACHE_PER_JOB else [pad]))
     sync(device)
     return time.perf_counter() - t, caps
 
@@ -259,7 +271,7 @@ def rule_call(model, processor, kind, b, batches, workers, cache, attention, new
     import yaml
 
     prompts_file.write_text(yaml.safe_dump(PROMPTS))
-    ends, real_batch, real_load = [], captions._caption_batch, captions.load_captioner
+    ends, real_batch, real_load = [], LIB._caption_batch, LIB.load_captioner
 
     def batch_call(model_, processor_, texts, images, gen, *args, **kwargs):
         gen.min_new_tokens = gen.max_new_tokens  # every caption runs to the maximum
@@ -267,17 +279,24 @@ def rule_call(model, processor, kind, b, batches, workers, cache, attention, new
         ends.append(time.perf_counter())
         return out
 
-    captions._caption_batch = batch_call
-    captions.load_captioner = lambda *a, **k: (model, processor)
+    LIB._caption_batch = batch_call
+    LIB.load_captioner = lambda *a, **k: (model, processor)
     out = work / f"{kind}_{cache}_{attention}_{workers}.parquet"
+    positions = [0.1, 0.5, 0.9][:PROMPTS[kind]["images"]]
     try:
         t = time.perf_counter()
-        captions.caption_dataset(table, kind, archive, "random-llava-next", prompts_file, out, positions=[0.1, 0.5, 0.9][:PROMPTS[kind]["images"]],
-                                 batch_size=b, max_new_tokens=new_tokens, device=str(device), revision="random",
-                                 kv_cache=cache, attention=attention, workers=workers)
+        if hasattr(captions, "CaptionJob"):  # the captions package: one job object
+            settings = captions.CaptionSettings(max_new_tokens=new_tokens, batch_size=b, kv_cache=cache, attention=attention,
+                                                workers=workers, frames=tuple(positions) if kind == "video" else (0.1, 0.5, 0.9))
+            job = captions.CaptionJob(source=kind, captioner="random-llava-next", caption_set=str(out), settings=settings, revision="random")
+            captions.caption_dataset(job, table, archive, prompts_file, out, device=str(device))
+        else:
+            captions.caption_dataset(table, kind, archive, "random-llava-next", prompts_file, out, positions=positions,
+                                     batch_size=b, max_new_tokens=new_tokens, device=str(device), revision="random",
+                                     kv_cache=cache, attention=attention, workers=workers)
         wall = time.perf_counter() - t
     finally:
-        captions._caption_batch, captions.load_captioner = real_batch, real_load
+        LIB._caption_batch, LIB.load_captioner = real_batch, real_load
     import polars as pl
 
     steady = b * (len(ends) - 1) / (ends[-1] - ends[0]) if len(ends) > 1 else None
@@ -378,6 +397,9 @@ def main():
                     b = int(batch_arg)
                 images = [Image.open(io.BytesIO(jpegs[k % len(jpegs)])).convert("RGB") for k in range(b * n_img)]
                 r = batch_rates(model, processor, kind, b, images, cache == "static", args.new_tokens, device)
+                # the batch call's numbers at once (a long rule's call cut off by a time limit leaves them)
+                print(json.dumps({**row, "part": "batch_call", "batch": b, **{k: round(v, 4) if isinstance(v, float) else v
+                                                                              for k, v in r.items()}}), flush=True)
                 if args.e2e_batches:
                     r.update(rule_call(model, processor, kind, b, args.e2e_batches, workers, cache, attention, args.new_tokens,
                                        device, work, jpegs))
