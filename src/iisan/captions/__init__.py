@@ -30,94 +30,30 @@ and their memo on disk, read without torch), `llava` (the model and `caption_ite
 model, any-resolution tiling) at a tiny size with random weights; its captions carry no signal.
 """
 
-from .dataset import caption_dataset, merge_captions, zip_images_sha256
-from .files import (
-    COLUMNS,
-    RECAPTION,
-    CaptionError,
-    CaptionMismatch,
-    DamagedCaptions,
-    caption_texts,
-    images_sha256,
-    load_captions,
-    manifest_path,
-    memo_dir,
-    pixels_sha256,
-    prune_memo,
-    read_caption_set,
-    set_caption_set_aside,
-    settings_id,
-)
-from .llava import (
-    attn_implementation,
-    auto_batch_size,
-    batch_too_large,
-    caption_items,
-    caption_settings,
-    compute_dtype,
-    load_captioner,
-    prompt_lengths,
-    static_cache_length,
-    stop_token_ids,
-)
-from .settings import (
-    ATTENTIONS,
-    AUTO_BATCH_CPU,
-    END_OF_TURN,
-    GREEDY,
-    KV_CACHES,
-    SOURCES,
-    STATIC_BUCKET,
-    CaptionJob,
-    CaptionSettings,
-    conversation,
-    load_prompts,
-    prompt_sha256,
-)
-from .standin import CHAT_TEMPLATES, TURN_TOKENS, build_captioner_standin
+import importlib
 
-__all__ = [
-    "ATTENTIONS",
-    "AUTO_BATCH_CPU",
-    "CHAT_TEMPLATES",
-    "COLUMNS",
-    "CaptionError",
-    "CaptionJob",
-    "CaptionMismatch",
-    "CaptionSettings",
-    "DamagedCaptions",
-    "END_OF_TURN",
-    "GREEDY",
-    "KV_CACHES",
-    "RECAPTION",
-    "SOURCES",
-    "STATIC_BUCKET",
-    "TURN_TOKENS",
-    "attn_implementation",
-    "auto_batch_size",
-    "batch_too_large",
-    "build_captioner_standin",
-    "caption_dataset",
-    "caption_items",
-    "caption_settings",
-    "caption_texts",
-    "compute_dtype",
-    "conversation",
-    "images_sha256",
-    "load_captioner",
-    "load_captions",
-    "load_prompts",
-    "manifest_path",
-    "memo_dir",
-    "merge_captions",
-    "pixels_sha256",
-    "prompt_lengths",
-    "prompt_sha256",
-    "prune_memo",
-    "read_caption_set",
-    "set_caption_set_aside",
-    "settings_id",
-    "static_cache_length",
-    "stop_token_ids",
-    "zip_images_sha256",
-]
+# where each public name lives; the package imports a module when one of its names is first asked
+# for, so that planning (the settings) and reading caption sets (files) never import torch
+_MODULES = {
+    "dataset": ("caption_dataset", "merge_captions", "zip_images_sha256"),
+    "files": ("COLUMNS", "RECAPTION", "CaptionError", "CaptionMismatch", "DamagedCaptions", "caption_texts", "images_sha256",
+              "load_captions", "manifest_path", "memo_dir", "pixels_sha256", "prune_memo", "read_caption_set",
+              "set_caption_set_aside", "settings_id"),
+    "llava": ("attn_implementation", "auto_batch_size", "batch_too_large", "caption_items", "caption_settings", "compute_dtype",
+              "load_captioner", "prompt_lengths", "static_cache_length", "stop_token_ids"),
+    "settings": ("ATTENTIONS", "AUTO_BATCH_CPU", "END_OF_TURN", "GREEDY", "KV_CACHES", "SOURCES", "STATIC_BUCKET", "CaptionJob",
+                 "CaptionSettings", "conversation", "load_prompts", "prompt_sha256"),
+    "standin": ("CHAT_TEMPLATES", "TURN_TOKENS", "build_captioner_standin"),
+}
+_HOME = {name: module for module, names in _MODULES.items() for name in names}
+
+
+def __getattr__(name: str):
+    if name in _MODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    if name in _HOME:
+        return getattr(importlib.import_module(f"{__name__}.{_HOME[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = sorted(_HOME)
