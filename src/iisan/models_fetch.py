@@ -24,6 +24,7 @@ import re
 import shutil
 from pathlib import Path
 
+from . import families
 from .backbones import is_hub_id
 
 log = logging.getLogger(__name__)
@@ -130,20 +131,18 @@ def fetch_model(repo_id: str, dest: Path, *, revision: str | None = None, cache_
 
 
 # --- disk -------------------------------------------------------------------------------------
-ENCODERS = {"bert", "mpnet", "vit"}  # published in float32; decoder LLMs and captioners in 16 bits
-
-
 def disk_gb(entry: dict) -> float:
-    """GB a hub model's fetched files take: GPTQ checkpoints at their packed size, encoders
-    (BERT, MPNet, ViT) in float32, decoder LLMs and captioners (no ``family``) in 16 bits, as
-    published; bitsandbytes quantises at load time, so those are fetched in 16 bits too."""
+    """GB a hub model's fetched files take: GPTQ checkpoints at their packed size, others at
+    their family's bytes per published parameter (iisan.families: encoders (BERT, MPNet, ViT) in
+    float32, decoder LLMs in 16 bits), captioners (no ``family``) in 16 bits, as published;
+    bitsandbytes quantises at load time, so those are fetched in 16 bits too."""
     from .budget import QUANTIZED_BYTES, params_b
 
     if "family" not in entry:  # a captioner
         return 2 * float(entry.get("params_b", 8))
     if entry.get("quantization") == "gptq":
         return params_b(entry) * QUANTIZED_BYTES["gptq"]
-    return params_b(entry) * (4 if entry["family"] in ENCODERS else 2)
+    return params_b(entry) * families.get(entry["family"]).weight_bytes
 
 
 def _wildcards(template: str, path: str) -> dict | None:

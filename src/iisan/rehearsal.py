@@ -4,11 +4,12 @@ served from local folders in the real formats, so that the fetch rules run their
 without a network.
 
 `build_mirror` writes a dataset's twin into the mirror (config key ``mirror``) under the names
-the config's ``dataset_sources.<name>`` gives: an Amazon dataset's items and users TSVs from
-`iisan.data.demo.generate` and its image archive as the authors publish it (``am_image_is.zip``
-holding ``am_image_is/<item_id>.jpg``); a MicroLens dataset's pairs TSV, titles CSV, covers zip and
-H.265 videos from `iisan.data.microlens_demo.generate`. The generator settings are the entry's
-``demo`` (Amazon) or ``microlens_demo`` (MicroLens) keys.
+the config's ``dataset_sources.<name>`` gives, as its kind's ``twin`` makes it (iisan.data.kinds):
+an Amazon dataset's items and users TSVs from `iisan.data.demo.generate` and its image archive as
+the authors publish it (``am_image_is.zip`` holding ``am_image_is/<item_id>.jpg``,
+`iisan.data.amazon.twin`); a MicroLens dataset's pairs TSV, titles CSV, covers zip and H.265
+videos from `iisan.data.microlens_demo.generate` (`iisan.data.microlens.twin`). The generator
+settings are the entry's ``demo`` (Amazon) or ``microlens_demo`` (MicroLens) keys.
 
 `build_hub_snapshot` lays out a model folder as huggingface_hub caches a download (config key
 ``model_cache``): ``models--<org>--<name>/blobs/<sha256>``, ``snapshots/<commit>/`` of relative
@@ -55,13 +56,21 @@ def hub_record(section: str, name: str) -> str:
     return HUB_RECORD.format(section=section, name=name)
 
 
-def _sha256(path: Path) -> str:
+def mirrored(config: dict) -> list[str]:
+    """The datasets of `config` whose kind has published files to rehearse (a ``twin``)."""
+    from .data import kinds
+
+    return kinds.datasets(config, lambda k: k.twin is not None)
+
+
+def file_sha256(path: Path) -> str:
     from .download import sha256
 
     return sha256(path)
 
 
-def _place(src: Path, mirror: Path, relpath: str) -> Path:
+def place(src: Path, mirror: Path, relpath: str) -> Path:
+    """Move file or folder `src` to `relpath` in the mirror, replacing what is there."""
     dest = mirror / relpath
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_dir():
@@ -70,7 +79,7 @@ def _place(src: Path, mirror: Path, relpath: str) -> Path:
     return dest
 
 
-def _authors_archive(images_zip: Path, dest: Path) -> None:
+def authors_archive(images_zip: Path, dest: Path) -> None:
     """The demo's flat archive of ``<item_id>.jpg`` as the authors publish theirs: the same
     images inside one folder named after the archive (``am_image_is/<item_id>.jpg``)."""
     folder = dest.name.removesuffix(".zip")
@@ -81,35 +90,19 @@ def _authors_archive(images_zip: Path, dest: Path) -> None:
 
 
 def build_mirror(dataset: str, source: dict, mirror: str | os.PathLike) -> dict:
-    """Write the twin of dataset `dataset` (its ``dataset_sources`` entry `source`, kind amazon or
-    microlens) into `mirror` under the entry's file names; returns {relative path: sha256} of the
-    files written (a videos folder: its file count)."""
-    from .data import demo, microlens_demo
+    """Write the twin of dataset `dataset` (its ``dataset_sources`` entry `source`, of a kind with
+    a ``twin``: amazon or microlens) into `mirror` under the entry's file names; returns
+    {relative path: sha256} of the files written (a videos folder: its file count)."""
+    from .data import kinds
 
+    kind = kinds.get(source["kind"], f"dataset_sources.{dataset}.kind")
+    if kind.twin is None:
+        known = " or ".join(k.name for k in kinds.KINDS.values() if k.twin is not None)
+        raise ValueError(f"dataset_sources.{dataset}.kind: {kind.name!r} has no published files to rehearse ({known})")
     mirror = Path(mirror)
     mirror.mkdir(parents=True, exist_ok=True)
-    kind = source["kind"]
-    files: dict[str, str | int] = {}
     with tempfile.TemporaryDirectory(prefix=f".{dataset}.", dir=mirror) as tmp:
-        tmp = Path(tmp)
-        if kind == "amazon":
-            raw = demo.generate(tmp, demo.DemoSpec(**(source.get("demo") or {})))
-            for key in ("items", "users"):
-                files[source[key]] = _sha256(_place(raw[key], mirror, source[key]))
-            images = source.get("images")
-            if isinstance(images, dict) and images.get("file"):
-                _authors_archive(raw["images"], mirror / images["file"])
-                files[images["file"]] = _sha256(mirror / images["file"])
-        elif kind == "microlens":
-            raw = microlens_demo.generate(tmp, source.get("microlens_demo"))
-            for key in ("pairs", "titles", "covers"):
-                if source.get(key):
-                    files[source[key]] = _sha256(_place(raw[key], mirror, source[key]))
-            if source.get("videos"):
-                videos = _place(raw["videos"], mirror, source["videos"])
-                files[source["videos"]] = sum(1 for _ in videos.glob("*.mp4"))
-        else:
-            raise ValueError(f"dataset_sources.{dataset}.kind: {kind!r} has no published files to rehearse (amazon or microlens)")
+        files = kind.twin(Path(tmp), source, mirror)
     log.info("dataset %s: twin of %d files or folders in %s", dataset, len(files), mirror)
     return files
 
@@ -130,7 +123,7 @@ def build_hub_snapshot(model_dir: str | os.PathLike, repo_id: str, cache: str | 
     files = sorted(p for p in model_dir.rglob("*") if p.is_file())
     if not any(p.name == "config.json" for p in files):
         raise ValueError(f"{model_dir}: no config.json, so the snapshot of {repo_id} could not be loaded")
-    blobs = {p.relative_to(model_dir).as_posix(): _sha256(p) for p in files}
+    blobs = {p.relative_to(model_dir).as_posix(): file_sha256(p) for p in files}
     commit = revision if COMMIT.match(revision) else hashlib.sha1(json.dumps(blobs, sort_keys=True).encode()).hexdigest()
     final = repo_folder(cache, repo_id)
     tmp = final.with_name(final.name + ".tmp")

@@ -1,5 +1,6 @@
 # Data stage: generate a demo dataset (Amazon or MicroLens format) or fetch the published files,
-# then preprocess (docs/method.md §1).
+# then preprocess (docs/method.md §1). Each rule serves the datasets whose kind lists it, and rule
+# preprocess reads the raw files their kind names (iisan.data.kinds).
 
 
 rule generate_demo:
@@ -10,7 +11,7 @@ rule generate_demo:
     log:
         "logs/data/{dataset}/generate.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("demo"),
+        dataset=get_datasets_made_by("generate_demo"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -31,7 +32,7 @@ rule fetch_amazon:
     log:
         "logs/data/{dataset}/fetch_{kind}.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("amazon"),
+        dataset=get_datasets_made_by("fetch_amazon"),
         kind="items|users",
     conda:
         "../../envs/iisan.yaml"
@@ -65,7 +66,7 @@ rule fetch_amazon_images:
     log:
         "logs/data/{dataset}/fetch_images.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("amazon"),
+        dataset=get_datasets_made_by("fetch_amazon_images"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -88,7 +89,7 @@ rule generate_microlens_demo:
     log:
         "logs/data/{dataset}/generate.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("microlens-demo"),
+        dataset=get_datasets_made_by("generate_microlens_demo"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1
@@ -111,7 +112,7 @@ rule fetch_microlens:
     log:
         "logs/data/{dataset}/fetch_{name}.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("microlens"),
+        dataset=get_datasets_made_by("fetch_microlens"),
         name="|".join(re.escape(n) for n in MICROLENS_FILES.values()),
     conda:
         "../../envs/iisan.yaml"

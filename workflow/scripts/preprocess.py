@@ -1,8 +1,9 @@
-# Raw files -> items, sequences and popularity Parquet files + stats.json: the Amazon format
-# (items and users TSVs) or the MicroLens format (pairs TSV, titles CSV); covers when given.
+# Raw files -> items, sequences and popularity Parquet files + stats.json, as the dataset's kind
+# reads them (iisan.data.kinds: the Amazon format's items and users TSVs, the MicroLens format's
+# pairs TSV and titles CSV); covers when given.
 from pathlib import Path
 
-from iisan.data import amazon, microlens
+from iisan.data import kinds
 from iisan.jobs import job
 
 with job(snakemake):
@@ -10,7 +11,4 @@ with job(snakemake):
     options = dict(images=Path(i.images) if "images" in i.keys() else None, missing_images=p.missing_images,
                    bad_lines=p.bad_lines, **p.preprocess)
     out = Path(snakemake.output.stats).parent
-    if "pairs" in i.keys():
-        microlens.preprocess(Path(i.pairs), Path(i.titles), out, **options)
-    else:
-        amazon.preprocess(Path(i.items_tsv), Path(i.users_tsv), out, **options)
+    kinds.of(snakemake.config, snakemake.wildcards.dataset).preprocess_raw(dict(i.items()), out, **options)

@@ -346,3 +346,39 @@ def preprocess(
     write_parquet(pop_df, out_dir / "popularity.parquet")
     write_json(out_dir / "stats.json", stats)
     return stats
+
+
+# --- the Amazon dataset kinds (iisan.data.kinds: amazon, and demo in this format) ---------------
+INPUTS = ("items_tsv", "users_tsv")  # the raw files `preprocess` reads, as rule preprocess names them
+
+
+def raw_files(dataset: str, source: dict) -> dict[str, str]:
+    """Where the workflow keeps a dataset's items and users TSVs (fetched, or generated)."""
+    from ..plan import RAW
+
+    return {"items_tsv": RAW.format(dataset=dataset, kind="items"), "users_tsv": RAW.format(dataset=dataset, kind="users")}
+
+
+def images(dataset: str, source: dict) -> str | None:
+    """An Amazon dataset's covers: where rule fetch_amazon_images puts the archive when ``images``
+    says where to download it ({file, url, sha256}), else the path ``images`` gives (None: none)."""
+    from ..plan import RAW_IMAGES
+
+    given = source.get("images")
+    return RAW_IMAGES.format(dataset=dataset) if isinstance(given, dict) else given or None
+
+
+def twin(tmp: Path, source: dict, mirror: Path) -> dict[str, str]:
+    """The rehearsal's twin of an Amazon dataset (`iisan.rehearsal.build_mirror`): items and users
+    TSVs from `iisan.data.demo.generate` with the entry's ``demo`` settings, and, when ``images``
+    names an archive file, the demo's covers in it as the authors publish theirs."""
+    from ..rehearsal import authors_archive, file_sha256, place
+    from . import demo
+
+    raw = demo.generate(tmp, demo.DemoSpec(**(source.get("demo") or {})))
+    files = {source[key]: file_sha256(place(raw[key], mirror, source[key])) for key in ("items", "users")}
+    archive = source.get("images")
+    if isinstance(archive, dict) and archive.get("file"):
+        authors_archive(raw["images"], mirror / archive["file"])
+        files[archive["file"]] = file_sha256(mirror / archive["file"])
+    return files

@@ -150,3 +150,10 @@ def generate(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
                 # a fixed timestamp: the same seed gives the same archive, byte for byte
                 zf.writestr(zipfile.ZipInfo(f"{iid}.jpg", date_time=(1980, 1, 1, 0, 0, 0)), buf.getvalue())
     return paths
+
+
+def images(dataset: str, source: dict) -> str:
+    """Where the workflow keeps the generated cover archive (the demo dataset kind, iisan.data.kinds)."""
+    from ..plan import RAW_IMAGES
+
+    return RAW_IMAGES.format(dataset=dataset)

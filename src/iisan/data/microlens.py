@@ -57,3 +57,48 @@ def read_titles_csv(path: Path, policy: str = "error", counters: Counters | None
 def preprocess(pairs_tsv: Path, titles_csv: Path, out_dir: Path, **options) -> dict:
     """`amazon.preprocess` (same keywords, same outputs) with the titles read from the CSV."""
     return _preprocess(titles_csv, pairs_tsv, out_dir, items_reader=read_titles_csv, **options)
+
+
+# --- the MicroLens dataset kinds (iisan.data.kinds: microlens, microlens-demo) -----------------
+INPUTS = ("pairs", "titles")  # the raw files `preprocess` reads, as rule preprocess names them
+PUBLISHED = ("pairs", "titles", "covers")  # the entry's keys of the published files, as the twin writes them
+
+
+def raw_files(dataset: str, source: dict) -> dict[str, str]:
+    """Where the workflow keeps a dataset's pairs TSV and titles CSV (fetched, or generated)."""
+    from ..plan import MICROLENS_RAW
+
+    return {"pairs": MICROLENS_RAW.format(dataset=dataset, name=PAIRS), "titles": MICROLENS_RAW.format(dataset=dataset, name=TITLES)}
+
+
+def covers(dataset: str, source: dict) -> str:
+    """Where the workflow keeps a dataset's cover archive (fetched, or generated)."""
+    from ..plan import MICROLENS_RAW
+
+    return MICROLENS_RAW.format(dataset=dataset, name=COVERS)
+
+
+def images(dataset: str, source: dict) -> str | None:
+    """MicroLens-100k's covers: the archive rule fetch_microlens fetches when the entry names
+    ``covers``, else as an Amazon dataset's (`amazon.images`)."""
+    from .amazon import images as given
+
+    return covers(dataset, source) if source.get("covers") else given(dataset, source)
+
+
+def twin(tmp: Path, source: dict, mirror: Path) -> dict[str, str | int]:
+    """The rehearsal's twin of MicroLens-100k (`iisan.rehearsal.build_mirror`): the pairs TSV,
+    titles CSV, covers zip and H.265 videos of `iisan.data.microlens_demo.generate` with the
+    entry's ``microlens_demo`` settings, each that the entry names (the videos: their count)."""
+    from ..rehearsal import file_sha256, place
+    from . import microlens_demo
+
+    raw = microlens_demo.generate(tmp, source.get("microlens_demo"))
+    files: dict[str, str | int] = {}
+    for key in PUBLISHED:
+        if source.get(key):
+            files[source[key]] = file_sha256(place(raw[key], mirror, source[key]))
+    if source.get("videos"):
+        videos = place(raw["videos"], mirror, source["videos"])
+        files[source["videos"]] = sum(1 for _ in videos.glob("*.mp4"))
+    return files
