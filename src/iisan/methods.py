@@ -13,8 +13,9 @@ states, `caches[0]`) or, for a method that can also run with the backbones in th
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
+
+from .registry import Registry
 
 ITEM_ENCODERS = ("side", "last", "id")
 FINETUNE = ("frozen", "fft", "adapter", "lora", "bitfit")
@@ -70,30 +71,18 @@ class Method:
         return "none" if self.is_id else "last" if self.reads_last else default
 
 
-METHODS: dict[str, Method] = {}
-
-
-def register(method: Method) -> Method:
-    if not re.fullmatch(NAME, method.name):
-        raise ValueError(f"method {method.name!r}: a name is lower-case letters, digits and '-' ({NAME}), "
-                         "as it names the run's folder and the workflow's {method} wildcard")
-    if method.name in METHODS:
-        raise ValueError(f"method {method.name!r} is already registered")
+def _check(method: Method) -> None:
     if method.name.endswith(UNCACHED_SUFFIX):
         raise ValueError(f"method {method.name!r}: names ending in {UNCACHED_SUFFIX!r} are row tokens")
-    METHODS[method.name] = method
-    return method
 
 
-def unregister(name: str) -> None:
-    METHODS.pop(name, None)
+METHODS: Registry[Method] = Registry("method", NAME, "lower-case letters, digits and '-'",
+                                     ", as it names the run's folder and the workflow's {method} wildcard", _check)
+register, unregister = METHODS.register, METHODS.unregister
 
 
 def get(name: str, where: str = "method") -> Method:
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise ValueError(f"{where}: unknown method {name!r} (known: {', '.join(METHODS)})") from None
+    return METHODS.lookup(name, where)
 
 
 def row_tokens() -> list[str]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ..registry import Registry
+
 
 @dataclass(frozen=True)
 class Table:
@@ -48,27 +50,17 @@ class Table:
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 
-TABLES: dict[str, Table] = {}
-
-
-def register(table: Table) -> Table:
-    if table.name in TABLES:
-        raise ValueError(f"table {table.name!r} is already registered")
+def _check(table: Table) -> None:
     if table.runs_of is not None and table.runs_of not in TABLES:
         raise ValueError(f"table {table.name!r}: runs_of {table.runs_of!r} is not registered")
-    TABLES[table.name] = table
-    return table
 
 
-def unregister(name: str) -> None:
-    TABLES.pop(name, None)
+TABLES: Registry[Table] = Registry("table", check=_check)
+register, unregister = TABLES.register, TABLES.unregister
 
 
 def get(name: str, where: str = "table") -> Table:
-    try:
-        return TABLES[name]
-    except KeyError:
-        raise ValueError(f"{where}: unknown table {name!r} (known: {', '.join(TABLES)})") from None
+    return TABLES.lookup(name, where)
 
 
 def names(figures: bool | None = None) -> list[str]:
