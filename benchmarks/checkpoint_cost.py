@@ -1,6 +1,6 @@
 """Cost of the per-epoch training checkpoint (`Trainer.save_checkpoint`) for IISAN-VS at the
 paper's width (BERT-base + ViT-base: two 768-wide towers, 7 cached states each): size on disk
-and seconds per save, against the 0.7 s a cached epoch takes on an H100 (docs/benchmarks.md).
+and seconds per save, against the 0.7 s a cached epoch takes on an H100 (docs/benchmarks-history.md).
 
     python benchmarks/checkpoint_cost.py --saves 20
 """

@@ -27,7 +27,7 @@ SHAPES = {
 }
 VISION = dict(hidden=1024, intermediate=4096, layers=24, heads=16, tile=336, patch=14)
 PROMPTS = {"cover": dict(tokens=1968, tiles=5), "video": dict(tokens=5867, tiles=15)}
-# peak GPU memory (GiB) of the 7B model, 300 new tokens, dynamic cache (H200, docs/benchmarks.md)
+# peak GPU memory (GiB) of the 7B model, 300 new tokens, dynamic cache (H200, docs/benchmarks-history.md)
 MEASURED_PEAK_GIB = {("cover", 8): 17.9, ("cover", 32): 29.4, ("video", 8): 25.5, ("video", 16): 36.9}
 
 

@@ -4,9 +4,9 @@ rules request their resources from.
 Every GPU job the targets of a config need (captions, backbone caches, training runs, Fig. 5
 profiles) is a job of Snakemake's own DAG (iisan.graph), read by rule and wildcards, and
 priced from measured reference rates (`rates.yaml` beside this file, each from a benchmark in
-docs/benchmarks.md) scaled by the backbone registry (layers, width, parameters, tokens), the
+docs/benchmarks.md or, older, docs/benchmarks-history.md) scaled by the backbone registry (layers, width, parameters, tokens), the
 dataset's size and each run's batch size. Training runs are priced at `max_epochs` (an upper
-bound: early stopping usually ends them sooner). Estimates, not measurements: docs/benchmarks.md
+bound: early stopping usually ends them sooner). Estimates, not measurements: docs/benchmarks-history.md
 compares them with measured runs, and each rate's `provenance` in rates.yaml says which device it
 was measured on, or that it was extrapolated or set by hand (`Budget.provenance`).
 
@@ -552,7 +552,8 @@ def render_provenance(budget: Budget) -> str:
     or set by hand; and the jobs priced from another model's rate."""
     says = {"measured": "measured on {device}", "extrapolated": "extrapolated from a measurement on {device}",
             "not measured": "not measured"}
-    lines = ["Rates these jobs are priced from (rates.yaml, each section's provenance; docs/benchmarks.md names each benchmark):"]
+    lines = ["Rates these jobs are priced from (rates.yaml, each section's provenance; "
+             "docs/benchmarks.md and docs/benchmarks-history.md name each benchmark):"]
     for g in budget.provenance():
         how = says.get(g["how"], "no provenance recorded, device {device}").format(device=g["device"] or "unknown")
         note = f" ({g['note']})" if g["note"] else (f" ({g['source']})" if g["how"] == "not measured" and g["source"] else "")

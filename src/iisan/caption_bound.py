@@ -12,7 +12,7 @@ the timings it compares with this bound).
 The memory plan counts the weights, the KV cache of the longest prompt plus the new tokens, and
 the prefill's activations, which peak at about `ACTIVATION_INTERMEDIATES` MLP-wide tensors per
 prompt token (fit to peaks measured on an H200 with the 7B model, covers and three-frame videos,
-batches 8 to 32, dynamic and static caches; docs/benchmarks.md).
+batches 8 to 32, dynamic and static caches; docs/benchmarks-history.md).
 """
 
 from __future__ import annotations

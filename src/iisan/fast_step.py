@@ -103,7 +103,7 @@ def graph_features(source: FeatureSource, speed: Speed) -> str | None:
     Trainable backbones are not captured even where the shapes are fixed (every item slot):
     capturing the step made transformers 5.17 build a full attention mask for ViT where it
     otherwise passes none (it treated a capture as tracing), so attention left the flash kernels
-    (docs/benchmarks.md; transformers 5.25 skips the mask-free case even in a capture: not yet
+    (docs/benchmarks-history.md; transformers 5.25 skips the mask-free case even in a capture: not yet
     measured on a GPU). `graph_backbones` captures them anyway (an experiment)."""
     if not isinstance(source, BackboneFeatures) or speed.graph_backbones:
         return "inside"

@@ -343,7 +343,7 @@ def serve(path: Path, preload=PRELOAD, ready=None, exit_with_parent: bool = Fals
         raise RuntimeError("iisan worker: CUDA started while importing; a forked job could not use the GPU")
     # a Python thread some import started would be missing in each forked job, with any lock it held.
     # (Native threads are not counted: on an H200 the preloaded process had some, and jobs forked
-    # from it ran correctly, docs/benchmarks.md.)
+    # from it ran correctly, docs/benchmarks-history.md.)
     if threading.active_count() > 1:
         raise RuntimeError(f"iisan worker: {threading.active_count() - 1} more threads after importing; "
                            "forking would be unsafe")

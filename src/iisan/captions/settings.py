@@ -15,7 +15,7 @@ from typing import Any
 GREEDY = {"do_sample": False, "num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_length": 0}
 # KV caches for decoding: transformers' default (dynamic, grown every step, eager) or a static one
 # allocated for prompt + max_new_tokens, whose decode step transformers compiles on CUDA (4-10x
-# faster decode on an H200, docs/benchmarks.md). Under the static cache every batch of a job gets
+# faster decode on an H200, docs/benchmarks-history.md). Under the static cache every batch of a job gets
 # one cache, as long as the job's longest prompt plus max_new_tokens rounded up to a multiple of
 # STATIC_BUCKET tokens (`static_cache_length`), and the last batch is filled up to the batch size,
 # so a job compiles its decode step for one shape. Prompts are padded only to their batch's
