@@ -222,14 +222,22 @@ def test_enums_and_minimums_have_one_source_the_code(tmp_path):
                 "precision": set(PRECISIONS), "item_slots": set(ITEM_SLOTS), "dtype": set(CACHE_DTYPES),
                 "tables": set(tables.names(figures=False)), "figures": set(tables.names(figures=True)),
                 "min_interactions": MIN_INTERACTIONS, "window": MIN_WINDOW}
+    from iisan.captions.settings import ATTENTIONS, KV_CACHES, CaptionSettings
+
+    caption_defaults = CaptionSettings.defaults()
     for place, keywords in workflow.from_code().items():
         node_raw, node = raw, merged
         for k in place:
             node_raw, node = node_raw[k], node[k]
         assert not set(keywords) & set(node_raw), place
         name = place[-1] if place[-1] != "items" else place[-2]
+        if place[1] == "captions":  # the caption settings' defaults, and two enums, are CaptionSettings'
+            assert node["default"] == caption_defaults[name], place
+            assert set(node.get("enum", [])) == set({"kv_cache": KV_CACHES, "attention": ATTENTIONS}.get(name, [])), place
+            continue
         value = node.get("enum", node.get("minimum"))
         assert (set(value) if isinstance(value, list) else value) == expected[name], place
+    assert {p[-1] for p in workflow.from_code() if p[1] == "captions"} == set(caption_defaults)
     # a second list in the file is refused
     raw["definitions"]["train"]["properties"]["precision"]["enum"] = ["bf16"]
     (tmp_path / workflow.SCHEMA).parent.mkdir(parents=True)
