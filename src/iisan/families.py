@@ -17,6 +17,8 @@ from collections.abc import Callable, Iterator, Mapping, Set
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+from .registry import Registry
+
 if TYPE_CHECKING:
     from pathlib import Path
 
@@ -51,25 +53,12 @@ class Family:
             raise ValueError(f"family {self.name}: modality {self.modality!r} is not one of {', '.join(MODALITIES)}")
 
 
-FAMILIES: dict[str, Family] = {}
-
-
-def register(family: Family) -> Family:
-    if family.name in FAMILIES:
-        raise ValueError(f"backbone family {family.name!r} is already registered")
-    FAMILIES[family.name] = family
-    return family
-
-
-def unregister(name: str) -> None:
-    FAMILIES.pop(name, None)
+FAMILIES: Registry[Family] = Registry("family")
+register, unregister = FAMILIES.register, FAMILIES.unregister
 
 
 def get(name: str, where: str = "backbone family") -> Family:
-    try:
-        return FAMILIES[name]
-    except KeyError:
-        raise ValueError(f"{where}: unknown family {name!r} (known: {sorted(FAMILIES)})") from None
+    return FAMILIES.lookup(name, where)
 
 
 class Modalities(Mapping):

@@ -14,11 +14,11 @@ on disk needs none).
 
 from __future__ import annotations
 
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..registry import Registry
 from . import amazon, demo, microlens
 
 
@@ -71,27 +71,12 @@ class DatasetKind:
 
 
 NAME = r"[a-z0-9-]+"
-KINDS: dict[str, DatasetKind] = {}
-
-
-def register(kind: DatasetKind) -> DatasetKind:
-    if not re.fullmatch(NAME, kind.name):
-        raise ValueError(f"dataset kind {kind.name!r}: a name is lower-case letters, digits and '-' ({NAME})")
-    if kind.name in KINDS:
-        raise ValueError(f"dataset kind {kind.name!r} is already registered")
-    KINDS[kind.name] = kind
-    return kind
-
-
-def unregister(name: str) -> None:
-    KINDS.pop(name, None)
+KINDS: Registry[DatasetKind] = Registry("dataset kind", NAME, "lower-case letters, digits and '-'")
+register, unregister = KINDS.register, KINDS.unregister
 
 
 def get(name: str, where: str = "dataset kind") -> DatasetKind:
-    try:
-        return KINDS[name]
-    except KeyError:
-        raise ValueError(f"{where}: unknown dataset kind {name!r} (known: {', '.join(KINDS)})") from None
+    return KINDS.lookup(name, where)
 
 
 def names() -> list[str]:
