@@ -2,7 +2,6 @@
 kind or a family registered alone is usable without editing an if-chain of the workflow or the
 library, and is gone once unregistered."""
 
-import copy
 from pathlib import Path
 
 import pytest
@@ -24,42 +23,22 @@ from conftest import ROOT, workflow_config
 SMALL = {"tables": ["table3"], "figures": [], "claims": False}
 
 
-@pytest.fixture
-def kinds_in_schema(monkeypatch):
-    """The config schema with the dataset kinds and the keys each requires from the registry
-    (`kinds.schema_keywords`), as `iisan.workflow.from_code` would merge them were they left out
-    of config/schemas/config.schema.yaml (which lists the built-in kinds by name)."""
+def test_the_schema_takes_the_kinds_from_the_registry():
+    """The schema file lists no kind and no kind's required keys; the schema a run validates
+    against has the registry's (`kinds.schema_keywords`, merged by `iisan.workflow.from_code`)."""
     from iisan import workflow
 
-    real = workflow.schema
-
-    def schema(root="."):
-        out = real(root)
-        for place, keywords in kinds.schema_keywords().items():
-            node = out
-            for key in place:
-                node = node[key]
-            node.update(copy.deepcopy(keywords))
-        return out
-
-    monkeypatch.setattr(workflow, "schema", schema)
+    entry = workflow.load_yaml(ROOT / workflow.SCHEMA)["properties"]["dataset_sources"]["additionalProperties"]
+    assert "enum" not in entry["properties"]["kind"] and "allOf" not in entry
+    merged = workflow.schema(ROOT)
+    for place, keywords in kinds.schema_keywords().items():
+        node = merged
+        for key in place:
+            node = node[key]
+        assert {k: node[k] for k in keywords} == keywords
 
 
-def test_the_schema_file_names_the_builtin_kinds_as_the_registry_does():
-    """Where the schema file still lists the kinds and the keys each requires, it lists the
-    registry's (once it leaves them out, `iisan.workflow.from_code` takes them from there)."""
-    from iisan.workflow import SCHEMA, load_yaml
-
-    entry = load_yaml(ROOT / SCHEMA)["properties"]["dataset_sources"]["additionalProperties"]
-    keywords = kinds.schema_keywords()
-    place = ("properties", "dataset_sources", "additionalProperties")
-    if "enum" in entry["properties"]["kind"]:
-        assert entry["properties"]["kind"]["enum"] == keywords[(*place, "properties", "kind")]["enum"]
-    if "allOf" in entry:
-        assert entry["allOf"] == keywords[place]["allOf"]
-
-
-def test_a_dataset_kind_registered_alone_is_validated_planned_preprocessed_and_priced(tmp_path, kinds_in_schema):
+def test_a_dataset_kind_registered_alone_is_validated_planned_preprocessed_and_priced(tmp_path):
     """One register() call: Amazon-format files that the entry names on disk (no rule makes them)
     are validated, read by rule preprocess through the kind, preprocessed as the preprocess script
     does, and a run on them is planned and priced with the size the kind reads from the entry."""

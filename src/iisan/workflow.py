@@ -56,6 +56,7 @@ def from_code() -> dict[tuple[str, ...], dict]:
     from .backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
     from .captions.settings import ATTENTIONS, KV_CACHES, CaptionSettings
     from .config import ITEM_SLOTS, PRECISIONS
+    from .data import kinds
     from .data.amazon import MIN_INTERACTIONS, MIN_WINDOW
 
     backbone = ("properties", "backbones", "additionalProperties", "properties")
@@ -73,7 +74,7 @@ def from_code() -> dict[tuple[str, ...], dict]:
         ("properties", "figures", "items"): {"enum": tables.names(figures=True)},
         (*preprocess, "min_interactions"): {"minimum": MIN_INTERACTIONS},
         (*preprocess, "window"): {"minimum": MIN_WINDOW},
-    } | {(*captions, key): {"default": value, **({"enum": list(enum)} if enum else {})}
+    } | kinds.schema_keywords() | {(*captions, key): {"default": value, **({"enum": list(enum)} if enum else {})}
          for key, value in CaptionSettings.defaults().items() for enum in [{"kv_cache": KV_CACHES, "attention": ATTENTIONS}.get(key)]}
 
 

@@ -20,7 +20,7 @@ rule fetch_videos:
     log:
         "logs/data/{dataset}/fetch_videos.log",
     wildcard_constraints:
-        dataset=get_datasets_of_kind("microlens"),
+        dataset=get_datasets_made_by("fetch_videos"),
     conda:
         "../../envs/iisan.yaml"
     threads: 1

@@ -67,12 +67,6 @@ def get_dataset_kind(dataset):
     )
 
 
-def get_datasets_of_kind(kind):
-    """A wildcard regex of the datasets of kind `kind`."""
-    names = [n for n, s in config["dataset_sources"].items() if s["kind"] == kind]
-    return "|".join(names) if names else "(?!x)x"
-
-
 def get_datasets_made_by(rule):
     """A wildcard regex of the datasets whose raw files rule `rule` makes: those of the kinds
     that list it (iisan.data.kinds)."""

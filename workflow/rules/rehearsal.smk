@@ -23,12 +23,7 @@ rule rehearsal_mirror:
     log:
         "logs/rehearsal/mirror/{dataset}.log",
     wildcard_constraints:
-        dataset="|".join(
-            re.escape(n)
-            for n, s in config["dataset_sources"].items()
-            if s["kind"] in ("amazon", "microlens")
-        )
-        or "(?!)",
+        dataset="|".join(re.escape(n) for n in rehearsal.mirrored(config)) or "(?!)",
     conda:
         "../../envs/iisan.yaml"
     threads: 1
