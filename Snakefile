@@ -4,9 +4,9 @@ from pathlib import Path
 
 from snakemake.utils import min_version, update_config
 
-import iisan.worker
+import iisan.pipeline.worker
 from iisan.config import typed
-from iisan.workflow import (
+from iisan.pipeline.workflow import (
     DEFAULT_CONFIG,
     check_config,
     load_yaml,
@@ -62,22 +62,22 @@ if config["rehearsal"]:
     include: "workflow/rules/rehearsal.smk"
 
 
-# config `worker: true`: one warm worker for this run's local train and profile jobs (iisan.worker)
+# config `worker: true`: one warm worker for this run's local train and profile jobs (iisan.pipeline.worker)
 WORKER = {}
 
 
 onstart:
-    WORKER["process"] = iisan.worker.start_for_workflow(
+    WORKER["process"] = iisan.pipeline.worker.start_for_workflow(
         config["worker"], workflow.local_exec
     )
 
 
 onsuccess:
-    iisan.worker.stop_for_workflow(WORKER.get("process"))
+    iisan.pipeline.worker.stop_for_workflow(WORKER.get("process"))
 
 
 onerror:
-    iisan.worker.stop_for_workflow(WORKER.get("process"))
+    iisan.pipeline.worker.stop_for_workflow(WORKER.get("process"))
     # `snakemake --keep-going ... fetch` ends with what could not be fetched, and why
     failed = fetch_failures()
     if failed:

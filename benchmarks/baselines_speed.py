@@ -43,7 +43,7 @@ def backbones(finetune: str, smoke: bool = False):
     `finetune`, and the image size."""
     from transformers import BertConfig, BertModel, ViTConfig, ViTModel
 
-    from iisan.finetune import prepare_backbone
+    from iisan.encoders.finetune import prepare_backbone
 
     small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64) if smoke else {}
     size = 32 if smoke else 224
@@ -63,9 +63,9 @@ def item_inputs(n: int, size: int, g: torch.Generator):
 
 
 def build(method: str, data, device, item_slots: str = "distinct"):
-    from iisan.backbones import BackboneSpec
-    from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, Tower
-    from iisan.layerdrop import scheme_layers
+    from iisan.encoders.backbones import BackboneSpec
+    from iisan.training.features import BackboneFeatures, BackboneTower, CachedFeatures, Tower
+    from iisan.training.layerdrop import scheme_layers
 
     n = data.n_items + 1
     layers = scheme_layers("blocks6", 12)
@@ -113,7 +113,7 @@ def host_slots(trainer) -> None:
     to the GPU without blocking; the source's `_real` takes those positions instead of counting
     on the GPU, so nothing in the step waits for the device. Same rows, same order as the
     library's path (the same shuffling generator, the same windows)."""
-    from iisan.features import BackboneFeatures
+    from iisan.training.features import BackboneFeatures
 
     src = trainer.source
     if not isinstance(src, BackboneFeatures) or src.item_slots != "real":
@@ -154,9 +154,9 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     from caption_speed import matmul_tflops
 
     from iisan.data.synthetic import synthetic
-    from iisan.fast_step import StepSettings
-    from iisan.model import ModelConfig
-    from iisan.train import TrainConfig, Trainer
+    from iisan.training.fast_step import StepSettings
+    from iisan.training.model import ModelConfig
+    from iisan.training.train import TrainConfig, Trainer
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()

@@ -25,7 +25,7 @@ import torch
 
 
 def build(method: str, pure: bool, smoke: bool, device: torch.device):
-    from iisan.finetune import compile_layers
+    from iisan.encoders.finetune import compile_layers
 
     from baselines_speed import backbones, item_inputs
 

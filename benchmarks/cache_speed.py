@@ -1,7 +1,7 @@
 """Caching throughput of a Llama-7B-shaped decoder.
 
 Random weights (speed does not depend on values), 30-token titles (BOS + title cut at 30),
-the cache's own tokenisation and pooling (`iisan.item_inputs.encode_texts`, `pool_states`; unmasked mean over
+the cache's own tokenisation and pooling (`iisan.encoders.item_inputs.encode_texts`, `pool_states`; unmasked mean over
 30 positions as the authors), batches sorted by token length. bf16, then the same model with
 every Linear replaced by a bitsandbytes NF4 4-bit layer. Prints items/s and the achieved
 fraction of this GPU's measured bf16 matmul rate.
@@ -19,8 +19,9 @@ import numpy as np
 import torch
 from caption_speed import matmul_tflops  # one measured matmul rate for the GPU benchmarks
 
-from iisan.backbones import BackboneSpec, train_bpe_tokenizer
-from iisan.cache import encode_batches
+from iisan.encoders.backbones import BackboneSpec
+from iisan.encoders.cache import encode_batches
+from iisan.encoders.tokenizers import train_bpe_tokenizer
 
 
 def titles(n: int, seed=0) -> list[str]:
@@ -44,7 +45,7 @@ def to_4bit(model):
 
 
 def run(model, spec, tok, texts, batch) -> dict:
-    """The cache rule's own loop (`iisan.cache.encode_batches`): length-sorted batches,
+    """The cache rule's own loop (`iisan.encoders.cache.encode_batches`): length-sorted batches,
     pooling on the GPU, device-to-host copies overlapped with the next forward pass."""
     lengths = np.array([len(x) for x in tok(texts, max_length=30, truncation=True)["input_ids"]])
     order = np.argsort(lengths, kind="stable")

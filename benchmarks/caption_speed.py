@@ -1,5 +1,5 @@
 """LLaVA-NeXT caption throughput on one GPU: the caption rule's library calls for each decoding
-option side by side, against the hardware bound (`iisan.caption_bound`).
+option side by side, against the hardware bound (`iisan.captions.caption_bound`).
 
 A random-weight model with the real shapes of llava-v1.6-mistral-7b-hf (CLIP ViT-L/14 at 336 px
 with any-resolution tiling on the checkpoint's grid pinpoints, the two-layer projector, Mistral-7B:
@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from iisan import captions
-from iisan.caption_bound import caption_bound, memory_bytes, shapes_from_config
+from iisan.captions.caption_bound import caption_bound, memory_bytes, shapes_from_config
 
 # the module holding the batch call, the encoder and `load_captioner` as `caption_items` looks them
 # up: iisan.captions.llava since the captions package (2026-12-07); an earlier tree on PYTHONPATH
@@ -88,7 +88,7 @@ def build_config(s: dict, prompts: list[str]):
     """(LlavaNextConfig, processor) with the shapes `s`."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextImageProcessorPil, LlavaNextProcessor, MistralConfig
 
-    from iisan.backbones import train_bpe_tokenizer
+    from iisan.encoders.tokenizers import train_bpe_tokenizer
 
     tok = train_bpe_tokenizer(prompts * 4, vocab_size=500)
     tok.add_special_tokens({"extra_special_tokens": ["<image>", *captions.TURN_TOKENS[s["family"]]]})

@@ -15,8 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from iisan.data.synthetic import N_ITEMS, tiny_data
-from iisan.model import ModelConfig
-from iisan.train import FitState, TrainConfig, Trainer
+from iisan.training.model import ModelConfig
+from iisan.training.train import FitState, TrainConfig, Trainer
 
 
 def main() -> None:

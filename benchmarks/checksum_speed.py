@@ -1,4 +1,4 @@
-"""Speed of the cache checksum (xxh3-128, `iisan.cache.file_checksum`) against sha256 and crc32.
+"""Speed of the cache checksum (xxh3-128, `iisan.encoders.cache.file_checksum`) against sha256 and crc32.
 
 Writes a file of --gib GiB (random float16 rows, like a cache) and hashes it twice with each
 algorithm; the second pass reads from the page cache, which is where a freshly built or
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from iisan.cache_files import file_checksum, file_chunks
+from iisan.encoders.cache_files import file_checksum, file_chunks
 
 CACHE_70B = 20826 * 81 * 8192 * 2  # bytes
 

@@ -1,6 +1,6 @@
-"""Seconds per video of the frames rule (`iisan.frames`) on this machine's CPU, for videos the
+"""Seconds per video of the frames rule (`iisan.data.frames`) on this machine's CPU, for videos the
 size of MicroLens's: the rate `frames:` in src/iisan/rates.yaml records and the workflow sizes the
-frames job from (`iisan.budget.frames_minutes`).
+frames job from (`iisan.pipeline.budget.frames_minutes`).
 
 For each codec (H.265 and H.264 by default) a synthetic video is encoded here with PyAV:
 `--size` (width x height, default 1080x1920, portrait), `--fps`, `--clip-s` seconds long, at
@@ -9,13 +9,13 @@ square with some noise (libx265 preset ultrafast with SAO on, libx264 preset ver
 B-frames and the deblocking filter, so that each frame costs about what a real one does to
 decode; the encoder's speed is not measured). Then:
 
-* ``extract``: what the rule does for one video (`iisan.frames._jpegs`: count the frames by
+* ``extract``: what the rule does for one video (`iisan.data.frames._jpegs`: count the frames by
   demuxing, decode up to the last wanted frame on one decoder thread, three JPEGs at the rule's
   quality), `--repeats` times; the fastest, split into demux, decode and JPEG seconds (each
   timed on its own), and ``video_s``: those seconds for a video `--video-s` seconds long (demux
   and decode scale with the length, the JPEGs do not; pass ``--clip-s`` equal to ``--video-s``
   to measure a whole video instead of scaling a clip);
-* ``workers``: `iisan.frames.extract_all` itself (thread pool, work-folder parts, archive) over
+* ``workers``: `iisan.data.frames.extract_all` itself (thread pool, work-folder parts, archive) over
   `--videos` copies of the clip at each of `--workers` threads: wall seconds per clip and the
   speed-up over one thread; and again with every item reused from that archive, which is what
   writing an item into the archive costs (``assemble_item_s``).
@@ -49,8 +49,8 @@ import av
 import numpy as np
 import yaml
 
-from iisan import frames
-from iisan.folders import file_sha256
+from iisan.data import frames
+from iisan.data.folders import file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
 ENCODERS = {"h265": ("libx265", {"preset": "ultrafast", "x265-params": "log-level=error:sao=1"}),

@@ -19,9 +19,9 @@ import time
 import torch
 
 from iisan.data.synthetic import synthetic
-from iisan.fast_step import StepSettings
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.training.fast_step import StepSettings
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer
 
 import baselines_speed as bs
 

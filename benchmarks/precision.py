@@ -24,8 +24,8 @@ import torch
 
 from iisan.data.sequences import SequenceData
 from iisan.data.synthetic import sequence_data
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer
 
 
 def structured(users=12076, items=20314, groups=200, states=7, d=768, seed=0) -> tuple[SequenceData, list[np.ndarray]]:

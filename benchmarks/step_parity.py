@@ -72,7 +72,7 @@ def tiny_source(kind: str, n_items: int):
     """(source, layer_index) of a tiny run; random weights seeded, so both versions build the same."""
     import torch
 
-    from iisan.features import IdFeatures
+    from iisan.training.features import IdFeatures
 
     tiny_caches = data_module().tiny_caches
 
@@ -82,8 +82,8 @@ def tiny_source(kind: str, n_items: int):
         return tiny_caches(), [[0, 2], [1, 2]]
     if kind == "ids":
         return IdFeatures(n_items), None
-    from iisan.backbones import BackboneSpec
-    from iisan.features import BackboneFeatures, BackboneTower, Tower
+    from iisan.encoders.backbones import BackboneSpec
+    from iisan.training.features import BackboneFeatures, BackboneTower, Tower
 
     from baselines_speed import backbones, item_inputs
 
@@ -116,8 +116,8 @@ def child(out: Path, names: list[str]) -> None:
     import torch
 
     import iisan
-    from iisan.model import ModelConfig
-    from iisan.train import TrainConfig, Trainer
+    from iisan.training.model import ModelConfig
+    from iisan.training.train import TrainConfig, Trainer
 
     cuda = torch.cuda.is_available()
     if not cuda:

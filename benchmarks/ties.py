@@ -1,5 +1,5 @@
 """How often the target's score ties with another item's in full ranking, and what the tie rule
-(iisan.metrics.rank_of_target, docs/method.md §7) changes in HR@10 / NDCG@10.
+(iisan.training.metrics.rank_of_target, docs/method.md §7) changes in HR@10 / NDCG@10.
 
 Two steps, so that the second runs where polars is missing (a GPU machine):
 
@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from iisan.metrics import MISS, masked_scores, rank_of_target
+from iisan.training.metrics import MISS, masked_scores, rank_of_target
 
 K = 10
 

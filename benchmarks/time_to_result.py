@@ -27,7 +27,7 @@ import subprocess  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
 
-from iisan.worker import start_for_workflow, stop_for_workflow  # noqa: E402 - light: no torch
+from iisan.pipeline.worker import start_for_workflow, stop_for_workflow  # noqa: E402 - light: no torch
 
 ROOT = Path(__file__).resolve().parents[1]
 TOWERS = [("title", "bert-base"), ("image", "vit-base")]
@@ -42,7 +42,7 @@ def process_age() -> float:
 
 def config() -> dict:
     """The config a run of the Snakefile sees with config/paper.yaml (defaults filled, checked)."""
-    from iisan.workflow import workflow_config
+    from iisan.pipeline.workflow import workflow_config
 
     return workflow_config(ROOT, ["config/paper.yaml"])
 
@@ -63,9 +63,9 @@ def prepare(work: Path, cfg: dict) -> None:
     import numpy as np
     import polars as pl
 
-    from iisan.backbones import output_layer
-    from iisan.cache_files import ARRAY, file_checksum, write_manifest
     from iisan.data.synthetic import synthetic_sequences
+    from iisan.encoders.backbones import output_layer
+    from iisan.encoders.cache_files import ARRAY, file_checksum, write_manifest
     from iisan.io import write_json
 
     data_dir = work / "Scientific"
@@ -105,7 +105,7 @@ def prepare(work: Path, cfg: dict) -> None:
 def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = False,
           script_start: float | None = None, interpreter: float | None = None) -> None:
     """One run, timed from process start (what a train job does after Snakemake starts it):
-    `iisan.experiment.run_experiment`'s steps with a clock between them. script_start (time.time()
+    `iisan.training.experiment.run_experiment`'s steps with a clock between them. script_start (time.time()
     when the job's script started) and interpreter (seconds from process start to then) are the job
     process's when a warm worker runs this (`--worker`)."""
     script_start = T_PROCESS if script_start is None else script_start
@@ -116,9 +116,9 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
 
     from iisan.config import SPEED_FIELDS
     from iisan.data.sequences import load_sequences
-    from iisan.experiment import cached_source
     from iisan.io import write_json
-    from iisan.train import Trainer, set_seed
+    from iisan.training.experiment import cached_source
+    from iisan.training.train import Trainer, set_seed
 
     cfg = config()
     exp = experiment(cfg, epochs, speed)
@@ -196,7 +196,7 @@ def main():
     args = ap.parse_args()
     speed = json.loads(args.speed)
     if args.child:
-        from iisan.worker import run  # in a warm worker when IISAN_WORKER is set (--worker), else here
+        from iisan.pipeline.worker import run  # in a warm worker when IISAN_WORKER is set (--worker), else here
 
         interpreter = process_age() - (time.time() - T_PROCESS)
         sys.exit(run("time_to_result:child", args.work, args.work / "metrics.json", args.epochs, speed,

@@ -11,6 +11,7 @@ on them. Prints one JSON line per setting.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import time
@@ -19,9 +20,10 @@ import numpy as np
 import torch
 
 from iisan.data.synthetic import synthetic
-from iisan.layerdrop import scheme_layers
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.training.features import CachedFeatures
+from iisan.training.layerdrop import scheme_layers
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer, start_run
 
 from gpu_profile import kernels, summary
 
@@ -59,12 +61,9 @@ def main():
     for v in variants(args.variants):
         cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, cuda_graphs=v["cuda_graphs"],
                           compile=v["compile"])
-        speed = None
         if v["compile_all"]:  # the step's forward (encoders and loss) as one compiled function
-            from iisan.fast_step import StepSettings
-
-            speed = StepSettings(precision=cfg.precision, cuda_graphs=cfg.cuda_graphs, compile=True, compile_forward=True)
-        trainer = Trainer(data, caches, ModelConfig(method=args.method), cfg, device=str(device), speed=speed)
+            cfg = dataclasses.replace(cfg, compile=True, compile_forward=True)
+        trainer = Trainer(data, CachedFeatures(caches), ModelConfig(method=args.method), cfg, start_run(cfg.seed, device))
         sync = trainer.sync
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -9,8 +9,8 @@ import time
 import torch
 
 from iisan.data.synthetic import synthetic
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer
 
 import baselines_speed as bs
 

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 
 from iisan.data.synthetic import synthetic
-from iisan.layerdrop import scheme_layers
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer
+from iisan.training.layerdrop import scheme_layers
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer
 
 
 def main():

@@ -60,8 +60,8 @@ def prompts():
 
 @pytest.fixture(scope="session")
 def paper_graph():
-    """Snakemake's job graph of config/paper.yaml (iisan.graph), built once per session."""
-    from iisan.graph import job_graph
+    """Snakemake's job graph of config/paper.yaml (iisan.pipeline.graph), built once per session."""
+    from iisan.pipeline.graph import job_graph
 
     return job_graph(ROOT, ["config/paper.yaml"])
 
@@ -69,7 +69,7 @@ def paper_graph():
 @pytest.fixture(scope="session")
 def demo_graph():
     """Snakemake's job graph of the default (demo) config."""
-    from iisan.graph import job_graph
+    from iisan.pipeline.graph import job_graph
 
     return job_graph(ROOT)
 
@@ -81,8 +81,8 @@ def write(path: Path, text: str) -> Path:
 
 
 def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
-    """The config a run of the Snakefile sees (iisan.workflow.workflow_config)."""
-    from iisan.workflow import workflow_config as load
+    """The config a run of the Snakefile sees (iisan.pipeline.workflow.workflow_config)."""
+    from iisan.pipeline.workflow import workflow_config as load
 
     return load(root, files, overrides)
 
@@ -90,9 +90,9 @@ def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
 def trainer(data=None, run_hash=None, **train):
     """A Trainer of a tiny cached IISAN run (iisan.data.synthetic's tiny data) on the CPU."""
     from iisan.data.synthetic import tiny_caches, tiny_data
-    from iisan.features import CachedFeatures
-    from iisan.model import ModelConfig
-    from iisan.train import TrainConfig, Trainer, start_run
+    from iisan.training.features import CachedFeatures
+    from iisan.training.model import ModelConfig
+    from iisan.training.train import TrainConfig, Trainer, start_run
 
     cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
                          "lr_text_f": 5e-3, "eval_batch": 32, **train})
@@ -103,7 +103,7 @@ def trainer(data=None, run_hash=None, **train):
 
 def stable(result: dict) -> dict:
     """A run's result without the fields that measure time and memory or say whether it was resumed."""
-    from iisan.train import MEASURED_FIELDS
+    from iisan.training.train import MEASURED_FIELDS
 
     out = {k: v for k, v in result.items() if k not in MEASURED_FIELDS | {"resumed_from_epoch"}}
     out["history"] = [{k: v for k, v in h.items() if k not in MEASURED_FIELDS} for h in result["history"]]

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from iisan.train import MEASURED_FIELDS  # noqa: E402
+from iisan.training.train import MEASURED_FIELDS  # noqa: E402
 
 from conftest import SNAKEMAKE, copy_workflow  # noqa: E402
 

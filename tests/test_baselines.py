@@ -9,16 +9,16 @@ import pytest
 import torch
 from transformers import BertConfig, BertModel, MPNetConfig, MPNetModel, ViTConfig, ViTModel
 
-from iisan.backbones import BackboneSpec, build_standin, output_layer
-from iisan.cache import build_cache, prune_cache
-from iisan.cache_files import read_manifest
 from iisan.config import Experiment, ModelConfig, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
-from iisan.experiment import make_trainer, run_experiment
-from iisan.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, compile_layers, prepare_backbone, repeated_blocks
-from iisan.layerdrop import scheme_layers
+from iisan.encoders.backbones import BackboneSpec, build_standin, output_layer
+from iisan.encoders.cache import build_cache, prune_cache
+from iisan.encoders.cache_files import read_manifest
+from iisan.encoders.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, compile_layers, prepare_backbone, repeated_blocks
 from iisan.tables import build_table3, paired_ttest, tpme
+from iisan.training.experiment import make_trainer, run_experiment
+from iisan.training.layerdrop import scheme_layers
 
 TEXT = {"source": "demo", "family": "bert", "modality": "text", "layers": 12, "hidden": 16, "heads": 2,
         "vocab_size": 300, "initializer_range": 0.2}
@@ -151,7 +151,7 @@ def test_backbone_layers_compile_in_place_whole_graph(make, family, method):
 
 
 def test_lora_without_a_target_module_fails_loudly():
-    from iisan.finetune import add_adapters
+    from iisan.encoders.finetune import add_adapters
 
     with pytest.raises(ValueError, match="adapters are not defined"):
         add_adapters(bert(), "mixtral", 64)
@@ -373,7 +373,7 @@ def test_a_failed_compile_falls_back_to_eager():
     failure is raised: dynamo's global setting is never changed."""
     import torch._dynamo
 
-    from iisan.fast_step import compile_for_training, eager_on_failure
+    from iisan.training.fast_step import compile_for_training, eager_on_failure
 
     def broken_backend(graph, example_inputs):
         raise RuntimeError("no compiler here")
@@ -397,8 +397,8 @@ def test_a_failed_compile_falls_back_to_eager():
 def _slot_source(method: str, item_slots: str, n_items: int = 12):
     """BackboneFeatures of a tiny BERT (title) and a tiny ViT (image), dropout 0, reading each
     backbone's output state as the baselines do; the same weights for every `item_slots`."""
-    from iisan.backbones import output_layer
-    from iisan.features import BackboneFeatures, BackboneTower, Tower
+    from iisan.encoders.backbones import output_layer
+    from iisan.training.features import BackboneFeatures, BackboneTower, Tower
 
     g = torch.Generator().manual_seed(0)
     length = torch.randint(3, 9, (n_items + 1,), generator=g)

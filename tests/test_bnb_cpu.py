@@ -21,7 +21,7 @@ from bitsandbytes.functional import (  # noqa: E402
     has_avx512bf16,
 )
 
-from iisan.backbones import BackboneSpec, bnb_cpu_repackable, build_standin, keep_bnb_cpu_reference_path, load_backbone  # noqa: E402
+from iisan.encoders.backbones import BackboneSpec, bnb_cpu_repackable, build_standin, keep_bnb_cpu_reference_path, load_backbone  # noqa: E402
 
 from conftest import ROOT  # noqa: E402
 

@@ -9,8 +9,10 @@ import sys
 import pytest
 import yaml
 
-from iisan import plan, shards, tables
-from iisan.budget import RATES, Budget, load_rates, weight_gb
+from iisan import tables
+from iisan.captions import shards
+from iisan.pipeline import plan
+from iisan.pipeline.budget import RATES, Budget, load_rates, weight_gb
 
 from conftest import ROOT, workflow_config
 
@@ -78,7 +80,7 @@ def test_real_item_slots_are_priced_by_the_share_of_slots_holding_an_item():
     (Table I: 81,711 interactions of 12,076 Scientific users, two held out each, over 11 slots), so
     a step costs the rows' fixed share plus the rest times that share and the activations shrink
     with the rows; Fig. 5's profiles keep every slot (efficiency.item_slots)."""
-    from iisan.budget import slot_share
+    from iisan.pipeline.budget import slot_share
 
     rates = load_rates()
     cfg = paper()
@@ -127,7 +129,7 @@ def test_weight_size_of_quantised_and_demo_backbones():
 
 
 def test_dataset_size_from_stats_table_i_or_demo_spec(tmp_path, monkeypatch):
-    from iisan.budget import dataset_size
+    from iisan.pipeline.budget import dataset_size
 
     demo = workflow_config()
     spec = demo["dataset_sources"]["demo"]["demo"]
@@ -192,7 +194,7 @@ def test_gpu_rules_request_their_estimates(demo_graph):
 
     from snakemake.exceptions import WorkflowError
 
-    from iisan.graph import job_graph
+    from iisan.pipeline.graph import job_graph
 
     budget = Budget(demo_graph.config).build(demo_graph)
     assert budget.cards(100.0) == 2 and budget.cards(70.0) == 1 and budget.cards(0.1) == 1
@@ -216,7 +218,7 @@ def test_gpu_rules_request_their_estimates(demo_graph):
 def test_planning_imports_no_torch():
     """Building the job graph (the Snakefile, its checks, every input and resource function) and
     pricing it never imports torch or transformers: a dry run on a submit host stays light."""
-    code = ("import sys; from iisan.graph import job_graph; from iisan.budget import Budget; g = job_graph(sys.argv[1]); "
+    code = ("import sys; from iisan.pipeline.graph import job_graph; from iisan.pipeline.budget import Budget; g = job_graph(sys.argv[1]); "
             "Budget(g.config).build(g); print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code, str(ROOT)], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -228,8 +230,8 @@ def test_no_gpu_job_of_the_paper_asks_for_less_than_its_estimate():
     """On a GPU cluster (gpus_per_job 1) every GPU job of config/paper.yaml requests at least its
     estimated runtime (or the partition's limit, cluster.max_runtime_min, where it is longer: it
     resumes on its next attempt) and the cards its estimated peak needs; captions plan as several jobs."""
-    from iisan.budget import GPU_RULES, usable_gib
-    from iisan.graph import job_graph
+    from iisan.pipeline.budget import GPU_RULES, usable_gib
+    from iisan.pipeline.graph import job_graph
 
     graph = job_graph(ROOT, ["config/paper.yaml"], {"gpus_per_job": "1"}, resources={"gpu": 8})  # 8 cards a node
     budget = Budget(graph.config).build(graph)
@@ -249,7 +251,7 @@ def video_shard(shard=1, shards=12) -> dict:
 def test_card_hours_count_a_job_once_per_card(tmp_path, monkeypatch):
     """A 34B caption shard holds two 80 GB cards: its card-hours are twice its GPU hours, per table
     and in total, and in the --jobs CSV; a one-card job's are its GPU hours."""
-    from iisan.budget import write_jobs
+    from iisan.pipeline.budget import write_jobs
 
     monkeypatch.chdir(tmp_path)  # Table I sizes
     cfg = paper()
@@ -272,7 +274,7 @@ def test_card_hours_count_a_job_once_per_card(tmp_path, monkeypatch):
 def test_videos_are_in_the_disk_report_per_dataset(tmp_path, monkeypatch):
     """The fetched MicroLens videos the video captions need: the dataset's items (Table I: 19,738)
     at the assumed 20-50 MB each, said so; none without video captions or for a generated twin."""
-    from iisan.budget import VIDEO_MB, render_videos
+    from iisan.pipeline.budget import VIDEO_MB, render_videos
 
     monkeypatch.chdir(tmp_path)
     budget = Budget(paper())
@@ -296,7 +298,7 @@ def test_every_rate_section_says_where_its_rates_come_from(paper_graph):
     their device. The facts recorded: the in-loop validation and fixed row share on an H100, the
     sdpa_gqa caption rates extrapolated from 100 tokens on an H100, start-ups and disk load set by
     hand; the 34B captioner is scaled from the 7.6B's rate."""
-    from iisan.budget import HOW, NOT_RATES, provenance
+    from iisan.pipeline.budget import HOW, NOT_RATES, provenance
 
     rates = load_rates()
     sections = [k for k, v in rates.items() if isinstance(v, dict) and k not in NOT_RATES]
@@ -333,7 +335,7 @@ def test_priority_is_the_longest_chain_of_gpu_work_to_the_end(paper_graph, demo_
     Snakemake's DAG, so the priorities are the DAG's longest chains."""
     import math
 
-    from iisan.schedule import chains
+    from iisan.pipeline.schedule import chains
 
     for graph in (paper_graph, demo_graph):
         budget = Budget(graph.config).build(graph)
@@ -358,7 +360,7 @@ def test_budget_does_not_depend_on_the_planning_machines_gpus(monkeypatch):
     """The cards, hours, peaks and priorities of the paper's jobs are the same whether the host
     that plans has no GPU or one: a job's cards are its peak over cluster.gpu_gib (two for the
     34B captioner), never the host's."""
-    from iisan.graph import job_graph
+    from iisan.pipeline.graph import job_graph
 
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     seen = []

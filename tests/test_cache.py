@@ -4,11 +4,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from iisan.backbones import BackboneSpec, resolve_source
-from iisan.cache import build_cache, load_cache, prune_cache
-from iisan.cache_files import CacheMismatch
 from iisan.data.amazon import preprocess
-from iisan.layerdrop import scheme_layers
+from iisan.encoders.backbones import BackboneSpec, resolve_source
+from iisan.encoders.cache import build_cache, load_cache, prune_cache
+from iisan.encoders.cache_files import CacheMismatch
+from iisan.training.layerdrop import scheme_layers
 
 from conftest import write
 
@@ -83,8 +83,8 @@ def test_mismatched_cache_is_refused(minilm_cache, tmp_path):
 
 def test_read_layers_matches_numpy(tmp_path):
     """read_layers (one read, or row blocks through a buffer) gives exactly the selected states."""
-    from iisan.cache import read_layers
-    from iisan.cache_files import CacheError
+    from iisan.encoders.cache import read_layers
+    from iisan.encoders.cache_files import CacheError
 
     arr = np.random.default_rng(0).standard_normal((37, 5, 6)).astype(np.float16)
     path = tmp_path / "cache.npy"

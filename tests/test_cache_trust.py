@@ -9,13 +9,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-import iisan.cache as cache_mod
+import iisan.encoders.cache as cache_mod
 import iisan.io as io_mod
-from iisan.backbones import BackboneSpec, build_standin
-from iisan.cache import build_cache, load_cache, prune_cache
-from iisan.cache_files import CacheError, CacheMismatch, read_manifest, set_aside_damaged, verify_cache, write_manifest
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
+from iisan.encoders.backbones import BackboneSpec, build_standin
+from iisan.encoders.cache import build_cache, load_cache, prune_cache
+from iisan.encoders.cache_files import CacheError, CacheMismatch, read_manifest, set_aside_damaged, verify_cache, write_manifest
 
 BERT = dict(source="demo", family="bert", modality="text", layers=2, hidden=16, heads=2, vocab_size=200, max_tokens=12)
 
@@ -57,7 +57,7 @@ def test_a_partial_cache_from_other_settings_is_discarded(world, tmp_path, monke
     assert np.load(out / "cache.done.npy").sum() == 8  # batch 3 was still in flight
     monkeypatch.undo()
     shorter = dataclasses.replace(world[1], max_tokens=5)
-    with caplog.at_level(logging.WARNING, logger="iisan.cache"):
+    with caplog.at_level(logging.WARNING, logger="iisan.encoders.cache"):
         m = _build(world, out, spec=shorter, batch_size=4)
     assert "discarding the partial cache" in caplog.text and "inputs" in caplog.text
     fresh = _build(world, tmp_path / "fresh", spec=shorter, batch_size=4)
@@ -72,7 +72,7 @@ def test_a_partial_cache_resumes_under_equal_settings(world, tmp_path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         _build(world, out, batch_size=4, checkpoint_every=1)
     monkeypatch.undo()
-    with caplog.at_level(logging.INFO, logger="iisan.cache"):
+    with caplog.at_level(logging.INFO, logger="iisan.encoders.cache"):
         m = _build(world, out, batch_size=4)
     assert "resuming" in caplog.text and "discarding" not in caplog.text
     ref = _build(world, tmp_path / "ref", batch_size=4)

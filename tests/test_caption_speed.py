@@ -1,4 +1,4 @@
-"""Caption speed: the hardware bound and memory plan of LLaVA-NeXT (iisan.caption_bound) on the
+"""Caption speed: the hardware bound and memory plan of LLaVA-NeXT (iisan.captions.caption_bound) on the
 real checkpoints' shapes, and the fast paths of iisan.captions (attention on the K/V heads,
 FlexAttention, images prepared in worker processes, batch size from the memory plan), which
 give the default path's captions on the CPU stand-in."""
@@ -11,8 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from iisan import caption_bound as cb
 from iisan import captions
+from iisan.captions import caption_bound as cb
 from iisan.captions import llava
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """LLaVA-NeXT captioning (iisan.captions) on a tiny random-weight stand-in: offline build and
 reload, the real `generate` path, batch invariance, resume, reuse by image content, shard jobs
-and their merge (iisan.shards), stale-settings refusal, video frames as three image slots of one
+and their merge (iisan.captions.shards), stale-settings refusal, video frames as three image slots of one
 prompt."""
 
 import json
@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from iisan import captions, shards
-from iisan.captions import llava
+from iisan import captions
+from iisan.captions import llava, shards
 
 TITLES = ["The Cat Who Came for Christmas", "A Brief History of Time", "Blue Planet: Oceans",
           "Cooking with Herbs", "Mountain Trails of the Alps", "Street Food Stories"]
@@ -268,8 +268,8 @@ def test_a_caption_shard_without_its_manifest_is_moved_aside(reference, tmp_path
 
 
 def test_an_undecodable_cover_stops_its_caption_job_naming_the_item(tmp_path):
-    """The caption job reads covers as the caches do (`iisan.images.open_image`)."""
-    from iisan.images import UndecodableImage
+    """The caption job reads covers as the caches do (`iisan.data.images.open_image`)."""
+    from iisan.data.images import UndecodableImage
 
     archive = tmp_path / "images.zip"
     with zipfile.ZipFile(archive, "w") as zf:

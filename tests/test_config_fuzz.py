@@ -18,8 +18,9 @@ from hypothesis import strategies as st  # noqa: E402
 from hypothesis_jsonschema import from_schema  # noqa: E402
 from snakemake.utils import update_config  # noqa: E402
 
-from iisan import plan, tables, workflow  # noqa: E402
-from iisan.budget import Budget  # noqa: E402
+from iisan import tables  # noqa: E402
+from iisan.pipeline import plan, workflow
+from iisan.pipeline.budget import Budget  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/configs/tiny.yaml"
@@ -40,9 +41,9 @@ def _vocabularies() -> dict[str, list[str]]:
     """Names the tiny config and the registries know, by the config keys that hold them, so that
     free strings often name something and the examples reach the planning, not only the name
     checks."""
-    from iisan import methods
     from iisan.data import ITEM_FIELDS
-    from iisan.layerdrop import SELECTIONS
+    from iisan.training import methods
+    from iisan.training.layerdrop import SELECTIONS
 
     backbones = sorted(BASE["backbones"])
     datasets = sorted(BASE["dataset_sources"])
@@ -212,9 +213,9 @@ def test_a_config_error_shows_the_allowed_keys_not_the_schema():
 def test_enums_and_minimums_have_one_source_the_code(tmp_path):
     """The schema file lists none of the enums and minimums the code defines; the schema a run
     validates against has exactly the code's values (so the two cannot drift)."""
-    from iisan.backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
     from iisan.config import ITEM_SLOTS, PRECISIONS
     from iisan.data.amazon import MIN_INTERACTIONS, MIN_WINDOW
+    from iisan.encoders.backbones import CACHE_DTYPES, FAMILIES, QUANTIZATIONS
 
     raw = yaml.safe_load((ROOT / workflow.SCHEMA).read_text())
     merged = workflow.schema(ROOT)

@@ -5,8 +5,9 @@ import zipfile
 import polars as pl
 import pytest
 
-from iisan.data.amazon import DataError, preprocess
+from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
+from iisan.data.errors import DataError
 from iisan.data.sequences import load_sequences
 
 from conftest import write
@@ -133,8 +134,8 @@ def test_an_undecodable_image_is_an_error_naming_it_or_a_counted_blank(tmp_path,
     """A zero-byte, truncated or non-image member stops preprocessing naming the item, the member,
     the archive and the config key; with missing_images: blank the item gets a blank image and
     is counted as one without an image, so the backbones and the captions never see it."""
-    from iisan.images import UndecodableImage
-    from iisan.item_inputs import load_images
+    from iisan.data.images import UndecodableImage
+    from iisan.encoders.item_inputs import load_images
 
     items, users = _tiny(tmp_path)
     names = [f"covers/I{i}.jpg" for i in range(3, 21)]

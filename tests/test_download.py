@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.download import ChecksumError, fetch, sha256
+from iisan.data.download import ChecksumError, fetch, sha256
 
 from conftest import write
 
@@ -39,7 +39,7 @@ def test_missing_hash_is_allowed_and_logged(tmp_path, caplog):
 
 def test_fetch_many_resumes_and_skips_what_is_there(tmp_path):
     """Videos are fetched one file at a time, each atomically: a rerun fetches only the missing."""
-    from iisan.download import fetch_many
+    from iisan.data.download import fetch_many
 
     mirror = tmp_path / "mirror" / "videos"
     mirror.mkdir(parents=True)
@@ -91,8 +91,8 @@ def test_authors_image_archive_from_the_mirror_is_read_by_item_id(tmp_path):
     import polars as pl
 
     from iisan.data.amazon import preprocess
-    from iisan.download import fetch_images
-    from iisan.item_inputs import load_images
+    from iisan.data.download import fetch_images
+    from iisan.encoders.item_inputs import load_images
 
     _authors_archive(tmp_path / "mirror" / "am_image_is.zip", IDS)
     dest = tmp_path / "raw/Scientific/images.zip"
@@ -114,7 +114,7 @@ def test_unpacked_authors_folder_in_the_mirror_is_packed(tmp_path):
     _authors_archive(tmp_path / "a.zip", IDS)
     with zipfile.ZipFile(tmp_path / "a.zip") as zf:
         zf.extractall(tmp_path / "mirror")
-    from iisan.download import fetch_images
+    from iisan.data.download import fetch_images
 
     dest = tmp_path / "images.zip"
     fetch_images("Scientific", SOURCE, dest, mirror=str(tmp_path / "mirror"))
@@ -123,7 +123,7 @@ def test_unpacked_authors_folder_in_the_mirror_is_packed(tmp_path):
 
 
 def test_missing_image_archive_says_where_to_put_it(tmp_path):
-    from iisan.download import MissingSource, fetch_images
+    from iisan.data.download import MissingSource, fetch_images
 
     dest = tmp_path / "resources/raw/Office/images.zip"
     with pytest.raises(MissingSource, match=r"dataset Office: no image archive: neither .*am_image_op.zip .* has no url\. "
@@ -135,7 +135,7 @@ def test_missing_image_archive_says_where_to_put_it(tmp_path):
 def test_failed_download_says_where_to_put_it(tmp_path, monkeypatch):
     """A Drive link goes through gdown; a quota or permission page instead of the archive stops
     with the by-hand instructions and leaves nothing behind."""
-    import iisan.download as dl
+    import iisan.data.download as dl
 
     seen = []
 
@@ -156,7 +156,7 @@ def test_failed_download_says_where_to_put_it(tmp_path, monkeypatch):
 def test_downloaded_archive_is_checked_by_sha256(tmp_path, monkeypatch):
     import shutil
 
-    import iisan.download as dl
+    import iisan.data.download as dl
 
     archive = _authors_archive(tmp_path / "src.zip", IDS[:2])
     monkeypatch.setattr(dl, "download", lambda url, dest: shutil.copyfile(archive, dest))

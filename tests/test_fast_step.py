@@ -1,15 +1,15 @@
-"""The step builder (iisan.fast_step): which speed settings apply where, and that they keep the arithmetic."""
+"""The step builder (iisan.training.fast_step): which speed settings apply where, and that they keep the arithmetic."""
 
 import pytest
 import torch
 
-from iisan.backbones import BackboneSpec
 from iisan.config import Speed
 from iisan.data.synthetic import tiny_caches
-from iisan.fast_step import Precision, graph_features, on_device, prepare_backbones
-from iisan.features import BackboneFeatures, BackboneTower, CachedFeatures, IdFeatures, Tower
-from iisan.finetune import prepare_backbone
-from iisan.train import TrainConfig
+from iisan.encoders.backbones import BackboneSpec
+from iisan.encoders.finetune import prepare_backbone
+from iisan.training.fast_step import Precision, graph_features, on_device, prepare_backbones
+from iisan.training.features import BackboneFeatures, BackboneTower, CachedFeatures, IdFeatures, Tower
+from iisan.training.train import TrainConfig
 
 from conftest import stable, trainer
 

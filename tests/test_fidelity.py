@@ -6,10 +6,10 @@ import torch
 from torch import nn
 
 from iisan.config import TrainConfig
-from iisan.layerdrop import scheme_layers
-from iisan.model import ItemEncoder, ModelConfig, OutputHead, Recommender, TransformerBlock, UserEncoder
-from iisan.plan import va_scheme
+from iisan.pipeline.plan import va_scheme
 from iisan.tables import table_plan
+from iisan.training.layerdrop import scheme_layers
+from iisan.training.model import ItemEncoder, ModelConfig, OutputHead, Recommender, TransformerBlock, UserEncoder
 
 from conftest import ROOT, workflow_config
 
@@ -93,10 +93,10 @@ def test_fp16_storage_refuses_states_beyond_its_range(tmp_path, monkeypatch):
     import polars as pl
     import pytest
 
-    import iisan.cache as cache_mod
-    from iisan.backbones import BackboneSpec, build_standin
+    import iisan.encoders.cache as cache_mod
     from iisan.data.amazon import preprocess
     from iisan.data.demo import DemoSpec, generate
+    from iisan.encoders.backbones import BackboneSpec, build_standin
 
     raw = generate(tmp_path / "raw", DemoSpec(n_items=40, n_users=30, n_groups=2, n_subgroups=2, image_size=8))
     preprocess(raw["items"], raw["users"], tmp_path / "ds", images=raw["images"])
@@ -189,8 +189,8 @@ def test_output_state_is_the_backbones_output_for_every_family():
         ViTModel,
     )
 
-    from iisan.backbones import FAMILIES, BackboneSpec, output_layer
-    from iisan.item_inputs import backbone_states
+    from iisan.encoders.backbones import FAMILIES, BackboneSpec, output_layer
+    from iisan.encoders.item_inputs import backbone_states
 
     small = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
     dec = dict(small, num_key_value_heads=2, vocab_size=100, head_dim=16)
@@ -221,8 +221,8 @@ def test_cache_dtype_is_float32_but_float16_for_quantised_backbones():
     """Paper footnote 7 and the authors' code: BERT/ViT and the 7-8B LLM states computed and
     stored in fp32, the 4-bit 70B model's stored in fp16; `cache.dtype` float16 stores every
     backbone in fp16; Fig. 6 computes sizes in the stored dtype, with ViT's output state."""
-    from iisan.backbones import BackboneSpec
-    from iisan.figures import cache_sizes
+    from iisan.encoders.backbones import BackboneSpec
+    from iisan.tables.figures import cache_sizes
 
     for cfg in (workflow_config(), workflow_config(ROOT, "config/paper.yaml")):
         assert cfg["cache"]["dtype"] == "auto"

@@ -1,4 +1,4 @@
-"""Frames of videos (iisan.frames) on the MicroLens demo twin's videos."""
+"""Frames of videos (iisan.data.frames) on the MicroLens demo twin's videos."""
 
 import json
 import math
@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from iisan import budget, folders, frames
-from iisan.data.amazon import DataError
+from iisan.data import folders, frames
+from iisan.data.errors import DataError
+from iisan.data.frames import MANIFEST_MEMBER, POSITIONS, VideoError, count_frames, extract_all, extract_frames, frame_indices
 from iisan.data.microlens_demo import MicroLensDemoSpec, frame_group, generate, plan
-from iisan.frames import MANIFEST_MEMBER, POSITIONS, VideoError, count_frames, extract_all, extract_frames, frame_indices
+from iisan.pipeline import budget
 
 av = pytest.importorskip("av")
 
@@ -325,7 +326,8 @@ def test_parts_of_other_settings_changed_videos_and_damaged_parts_are_not_used(d
 KILLER = """
 import os, signal, sys
 from pathlib import Path
-from iisan import frames, jobs
+from iisan.data import frames
+from iisan.pipeline import jobs
 signal.signal(signal.SIGTERM, jobs._stop)  # as a workflow job has it
 real, calls = frames.extract_frames, []
 def extract(path, positions, **kw):

@@ -6,12 +6,12 @@ import math
 import pytest
 import torch
 
-import iisan.experiment as experiment_mod
+import iisan.training.experiment as experiment_mod
 from iisan.config import Experiment, TowerConfig, TrainConfig
 from iisan.data.synthetic import tiny_caches, tiny_data, write_dataset
-from iisan.features import CachedFeatures
-from iisan.model import Gate, ItemEncoder, ModelConfig, Recommender
-from iisan.train import MEASURED_FIELDS
+from iisan.training.features import CachedFeatures
+from iisan.training.model import Gate, ItemEncoder, ModelConfig, Recommender
+from iisan.training.train import MEASURED_FIELDS
 
 
 def set_gates(gates, ws):

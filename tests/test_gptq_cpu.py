@@ -12,9 +12,9 @@ import torch
 pytest.importorskip("gptqmodel")
 pytest.importorskip("optimum")
 
-from iisan.backbones import BackboneSpec, build_standin, load_backbone  # noqa: E402
-from iisan.cache import build_cache  # noqa: E402
 from iisan.data.amazon import preprocess  # noqa: E402
+from iisan.encoders.backbones import BackboneSpec, build_standin, load_backbone  # noqa: E402
+from iisan.encoders.cache import build_cache  # noqa: E402
 
 TITLES = [f"product number {n} with a title about tools and parts {n % 7}" for n in range(300)]
 ENTRY = {"source": "demo", "family": "llama", "modality": "text", "layers": 2, "hidden": 128, "heads": 4, "pooling": "mean",

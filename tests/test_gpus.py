@@ -1,4 +1,4 @@
-"""Several GPUs in one machine (iisan.gpus, iisan.schedule): each local GPU job takes cards of its
+"""Several GPUs in one machine (iisan.pipeline.gpus, iisan.pipeline.schedule): each local GPU job takes cards of its
 own from a machine-wide pool of lock files, on simulated machines (IISAN_GPUS); and `iisan plan
 --gpus N` schedules the budget's jobs on N cards."""
 
@@ -19,9 +19,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from iisan import gpus, plan
-from iisan.gpus import claim, for_job
-from iisan.schedule import wall_seconds
+from iisan.pipeline import gpus, plan
+from iisan.pipeline.gpus import claim, for_job
+from iisan.pipeline.schedule import wall_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 SRC = ROOT / "src"
@@ -113,7 +113,7 @@ def test_several_card_jobs_and_one_card_jobs_share_a_machine(tmp_path):
 
 HOLDER = """
 import sys, time
-from iisan.gpus import claim
+from iisan.pipeline.gpus import claim
 c = claim(int(sys.argv[2]), [str(i) for i in range(int(sys.argv[3]))], sys.argv[1], label="holder")
 print(",".join(c.cards), flush=True)
 time.sleep(600)
@@ -137,7 +137,7 @@ def test_a_killed_jobs_cards_are_free_again(tmp_path):
 
 def test_a_waiting_job_says_which_cards_are_busy(tmp_path, caplog):
     held = claim(1, cards(1), tmp_path, label="train logs/a.log")
-    caplog.set_level("INFO", logger="iisan.gpus")
+    caplog.set_level("INFO", logger="iisan.pipeline.gpus")
     with pytest.raises(TimeoutError):
         claim(1, cards(1), tmp_path, poll=0.01, timeout=0.1)
     assert f"busy: 0 (pid {os.getpid()} train logs/a.log)" in caplog.text
@@ -197,7 +197,7 @@ def test_the_pool_is_one_folder_per_machine_whatever_the_tmpdir(monkeypatch):
 TMPDIR_JOB = """
 import os, sys, tempfile
 from pathlib import Path
-from iisan import gpus
+from iisan.pipeline import gpus
 
 gpus.DEFAULT_BASE = Path(sys.argv[1])  # the machine's default base, moved into the test's folder
 held = gpus.for_job(1, label="job")
@@ -264,12 +264,12 @@ def shared_tmp():
         shutil.rmtree(path, ignore_errors=True)
 
 
-# the jobs of another user: root drops to `uid` with umask 077 once Python and iisan.gpus are loaded
+# the jobs of another user: root drops to `uid` with umask 077 once Python and iisan.pipeline.gpus are loaded
 # (a preexec_fn would drop it before exec, where the interpreter may lie in a folder the user cannot
 # reach, such as /root)
 AS_USER = """
 import logging, os, sys
-from iisan import gpus
+from iisan.pipeline import gpus
 
 uid = int(sys.argv[1])
 os.setgroups([])
@@ -406,7 +406,7 @@ def in_thread(*args, **kwargs):
 
 
 def test_a_waiting_two_card_job_does_not_starve_behind_one_card_jobs(tmp_path, caplog):
-    caplog.set_level("INFO", logger="iisan.gpus")
+    caplog.set_level("INFO", logger="iisan.pipeline.gpus")
     first = claim(1, cards(2), tmp_path, label="first")
     thread, big = in_thread(2, cards(2), tmp_path, label="big", poll=0.02)
     try:
@@ -461,7 +461,7 @@ def test_jobs_on_other_cards_do_not_wait_for_a_waiting_job(tmp_path):
 
 WAITER = """
 import sys
-from iisan.gpus import claim
+from iisan.pipeline.gpus import claim
 
 claim(int(sys.argv[2]), sys.argv[3].split(","), sys.argv[1], label="waiter", poll=0.05)
 """
@@ -488,7 +488,7 @@ def test_a_killed_waiter_leaves_nothing_that_blocks(tmp_path):
 JOB = """
 import os, sys, time
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0, rule="train", resources=SimpleNamespace(gpu=int(sys.argv[2])))
 with job(snakemake):
@@ -511,7 +511,7 @@ def job_logs(tmp_path, asked, seconds, n, **extra):
 
 @pytest.mark.slow
 def test_workflow_jobs_take_their_own_cards(tmp_path):
-    """iisan.jobs.job (every workflow script) takes the job's cards before its body runs."""
+    """iisan.pipeline.jobs.job (every workflow script) takes the job's cards before its body runs."""
     logs = job_logs(tmp_path, 1, 2.0, 3, IISAN_GPUS="2")
     runs = []
     for text in logs:
@@ -528,7 +528,7 @@ def test_workflow_jobs_take_their_own_cards(tmp_path):
 WORKER_JOB = """
 import os, sys, time
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 def run(log, marker, seconds):
     snakemake = SimpleNamespace(log=[log], threads=0, rule="train", resources=SimpleNamespace(gpu=1))
@@ -553,13 +553,14 @@ def test_the_warm_worker_gives_each_child_its_card(tmp_path):
     locks, sock = tmp_path / "locks", tmp_path / "w.sock"
     env = {k: v for k, v in os.environ.items() if k not in ("CUDA_VISIBLE_DEVICES", "SLURM_JOB_ID", "IISAN_WORKER")}
     env.update(PYTHONPATH=os.pathsep.join([str(SRC), str(tmp_path)]), IISAN_GPUS="2", IISAN_GPU_LOCKS=str(locks))
-    serve = f"from pathlib import Path; from iisan.worker import serve; serve(Path({str(sock)!r}), preload=('gpujob', 'iisan.jobs'))"
+    serve = (f"from pathlib import Path; from iisan.pipeline.worker import serve; "
+             f"serve(Path({str(sock)!r}), preload=('gpujob', 'iisan.pipeline.jobs'))")
     worker = subprocess.Popen([sys.executable, "-c", serve], env=env, stderr=subprocess.PIPE, text=True)
     jobs = []
     try:
         assert "listening at" in worker.stderr.readline()
         for i, seconds in enumerate((600, 600)):
-            code = f"import sys; from iisan.worker import run; sys.exit(run('gpujob:run', {str(tmp_path / f'{i}.log')!r}, " \
+            code = f"import sys; from iisan.pipeline.worker import run; sys.exit(run('gpujob:run', {str(tmp_path / f'{i}.log')!r}, " \
                    f"{str(tmp_path / f'{i}.marker')!r}, {seconds!r}))"
             jobs.append(subprocess.Popen([sys.executable, "-c", code], env=dict(env, IISAN_WORKER=str(sock)), stderr=subprocess.PIPE,
                                          text=True))
@@ -585,10 +586,10 @@ def test_the_warm_worker_gives_each_child_its_card(tmp_path):
 
 
 SNAKEFILE = """
-import iisan.gpus
+import iisan.pipeline.gpus
 
 if workflow.local_exec and "gpu" not in workflow.global_resources:  # as workflow/rules/common.smk
-    workflow.register_resource("gpu", iisan.gpus.machine_gpus())
+    workflow.register_resource("gpu", iisan.pipeline.gpus.machine_gpus())
 
 rule all:
     input: expand("out/{i}.txt", i=range(4))
@@ -602,7 +603,7 @@ rule one:
 
 SCRIPT = """
 import os, time
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     t0 = time.monotonic()
@@ -656,7 +657,7 @@ def test_jobs_wait_for_the_gpu_jobs_upstream_in_the_dag(demo_graph):
     """A job waits for the nearest GPU jobs upstream of it in Snakemake's DAG, through CPU jobs: a
     cache of a caption field for its captions, a cached run for the full caches behind its
     pruned ones, a run with backbones in the loop for no GPU job."""
-    from iisan.budget import Budget
+    from iisan.pipeline.budget import Budget
 
     jobs = Budget(demo_graph.config).build(demo_graph).jobs
     caption_cache = next(j for j in jobs.values() if j.kind == "cache" and "caption" in j.name)

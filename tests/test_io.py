@@ -99,7 +99,7 @@ def test_a_damaged_metrics_file_is_moved_aside_so_the_next_run_redoes_its_job(tm
 
 @pytest.fixture(scope="module")
 def bert_standin(tmp_path_factory):
-    from iisan.backbones import BackboneSpec
+    from iisan.encoders.backbones import BackboneSpec
 
     spec = BackboneSpec.from_config("b", dict(source="demo", family="bert", modality="text", layers=2, hidden=16, heads=2,
                                               vocab_size=200, max_tokens=12))
@@ -108,7 +108,7 @@ def bert_standin(tmp_path_factory):
 
 @pytest.mark.parametrize("umask", [0o002, 0o077])
 def test_standin_weights_honour_the_umask(tmp_path, bert_standin, umask):
-    from iisan.backbones import build_standin
+    from iisan.encoders.backbones import build_standin
 
     spec, texts = bert_standin
     old = os.umask(umask)
@@ -137,7 +137,7 @@ def test_a_truncated_standin_is_moved_aside_when_loaded(tmp_path, bert_standin):
     """safetensors' own error names no file; the stand-in folder goes aside, so the next run builds it again."""
     import torch
 
-    from iisan.backbones import build_standin, load_backbone
+    from iisan.encoders.backbones import build_standin, load_backbone
 
     spec, texts = bert_standin
     folder = tmp_path / "s"
@@ -152,7 +152,7 @@ def test_a_truncated_standin_is_moved_aside_when_loaded(tmp_path, bert_standin):
 
 
 def test_a_damaged_frames_archive_is_moved_aside(tmp_path):
-    from iisan.frames import read_frames
+    from iisan.data.frames import read_frames
 
     archive = tmp_path / "frames.zip"
     with zipfile.ZipFile(archive, "w") as zf:

@@ -9,7 +9,7 @@ import pytest
 JOB = """
 import logging, os, sys
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 snakemake = SimpleNamespace(log=[sys.argv[1]], threads=1, resources=SimpleNamespace(attempt=int(sys.argv[2])))
 with job(snakemake, keep_attempts=True):
@@ -43,7 +43,7 @@ def test_jobs_share_the_compile_cache_folder(tmp_path):
     code = """
 import os, sys
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0, config={"compile_cache": "cc"})
 with job(snakemake):
@@ -69,7 +69,7 @@ import sys, time
 from pathlib import Path
 from types import SimpleNamespace
 from iisan.io import atomic_path
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0)
 with job(snakemake):
@@ -98,7 +98,7 @@ def test_a_crash_by_signal_leaves_the_python_stack_in_the_log(tmp_path):
     code = """
 import os, signal, sys
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 def write_rows():
     os.kill(os.getpid(), signal.SIGBUS)
@@ -117,13 +117,13 @@ def test_a_job_stopped_by_sigterm_records_its_attempt(tmp_path):
     import signal
     import time
 
-    from iisan.jobs import memory_factor_of, stops_file
+    from iisan.pipeline.jobs import memory_factor_of, stops_file
 
     code = """
 import sys, time
 from pathlib import Path
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 snakemake = SimpleNamespace(log=[sys.argv[1]], threads=0, resources=SimpleNamespace(attempt=int(sys.argv[2])))
 with job(snakemake):
@@ -153,7 +153,7 @@ with job(snakemake):
 
 
 def test_a_job_under_slurm_says_which_allocation_runs_it():
-    from iisan.jobs import slurm_allocation
+    from iisan.pipeline.jobs import slurm_allocation
 
     line = slurm_allocation({"SLURM_JOB_ID": "7", "SLURMD_NODENAME": "gpu03", "SLURM_JOB_PARTITION": "gpu",
                              "SLURM_CPUS_PER_TASK": "4", "SLURM_MEM_PER_NODE": "87000", "CUDA_VISIBLE_DEVICES": "3,4"})
@@ -164,8 +164,8 @@ def test_a_job_under_slurm_says_which_allocation_runs_it():
 def test_a_retry_after_a_time_out_asks_for_more_time_not_more_memory(root, tmp_path):
     """A GPU job's runtime is its estimate times the attempt, at most cluster.max_runtime_min; its
     memory grows on a retry only when the attempt before was not stopped by the time limit."""
-    from iisan.graph import job_graph
-    from iisan.jobs import stops_file
+    from iisan.pipeline.graph import job_graph
+    from iisan.pipeline.jobs import stops_file
 
     from conftest import copy_workflow
 

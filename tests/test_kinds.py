@@ -1,4 +1,4 @@
-"""The dataset-kind registry (iisan.data.kinds) and the backbone-family registry (iisan.families): a
+"""The dataset-kind registry (iisan.data.kinds) and the backbone-family registry (iisan.encoders.families): a
 kind or a family registered alone is usable without editing an if-chain of the workflow or the
 library, and is gone once unregistered."""
 
@@ -7,16 +7,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from iisan import families, plan, rehearsal, tables
-from iisan.backbones import FAMILIES, BackboneSpec, build_standin, load_backbone, train_wordpiece_tokenizer
-from iisan.budget import Budget, dataset_size
+from iisan import tables
 from iisan.data import amazon, demo, kinds
 from iisan.data.kinds import DatasetKind
-from iisan.families import Family
-from iisan.finetune import prepare_backbone
-from iisan.graph import job_graph
-from iisan.item_inputs import backbone_states, encode_texts
-from iisan.models_fetch import disk_gb
+from iisan.encoders import families
+from iisan.encoders.backbones import FAMILIES, BackboneSpec, build_standin, load_backbone
+from iisan.encoders.families import Family
+from iisan.encoders.finetune import prepare_backbone
+from iisan.encoders.item_inputs import backbone_states, encode_texts
+from iisan.encoders.models_fetch import disk_gb
+from iisan.encoders.tokenizers import train_wordpiece_tokenizer
+from iisan.pipeline import plan, rehearsal
+from iisan.pipeline.budget import Budget, dataset_size
+from iisan.pipeline.graph import job_graph
 
 from conftest import ROOT, workflow_config
 
@@ -25,8 +28,8 @@ SMALL = {"tables": ["table3"], "figures": [], "claims": False}
 
 def test_the_schema_takes_the_kinds_from_the_registry():
     """The schema file lists no kind and no kind's required keys; the schema a run validates
-    against has the registry's (`kinds.schema_keywords`, merged by `iisan.workflow.from_code`)."""
-    from iisan import workflow
+    against has the registry's (`kinds.schema_keywords`, merged by `iisan.pipeline.workflow.from_code`)."""
+    from iisan.pipeline import workflow
 
     entry = workflow.load_yaml(ROOT / workflow.SCHEMA)["properties"]["dataset_sources"]["additionalProperties"]
     assert "enum" not in entry["properties"]["kind"] and "allOf" not in entry

@@ -2,7 +2,7 @@ import re
 
 import pytest
 
-from iisan.layerdrop import SchemeError, authors_stride, paper_eq5_stride, scheme_layers
+from iisan.training.layerdrop import SchemeError, authors_stride, paper_eq5_stride, scheme_layers
 
 
 @pytest.mark.parametrize(

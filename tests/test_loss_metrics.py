@@ -2,8 +2,8 @@ import math
 
 import torch
 
-from iisan.loss import inbatch_debiased_ce
-from iisan.metrics import hr_ndcg, rank_of_target
+from iisan.training.loss import inbatch_debiased_ce
+from iisan.training.metrics import hr_ndcg, rank_of_target
 
 
 def brute_force_loss(U, E, ids, log_pop):
@@ -49,7 +49,7 @@ def test_loss_matches_brute_force():
 def test_logits_are_fp32_under_bf16_autocast(monkeypatch):
     """docs/method.md §6: under autocast the encoders' bf16 outputs are cast to fp32 before the
     matmul, so the logits are the fp32 products (not bf16 ones widened afterwards)."""
-    import iisan.loss as loss_mod
+    import iisan.training.loss as loss_mod
 
     g = torch.Generator().manual_seed(0)
     B, S, D, N = 4, 6, 16, 30
@@ -167,7 +167,7 @@ def test_rank_is_the_position_in_a_stable_descending_sort():
     """The rule is the target's position in argsort(descending=True, stable=True) of the masked
     scores, the order the authors' GPU evaluation gets from argsort on their catalogues; bf16
     scores give many ties."""
-    from iisan.metrics import masked_scores
+    from iisan.training.metrics import masked_scores
 
     g = torch.Generator().manual_seed(3)
     B, N = 64, 5000

@@ -14,8 +14,9 @@ import polars as pl
 import pytest
 
 import iisan.io as io_mod
-from iisan import errors, workflow
+from iisan import errors
 from iisan.io import DiskFullError, atomic_path, require_free_space, set_aside, write_json, write_parquet
+from iisan.pipeline import workflow
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "tests/configs/tiny.yaml"
@@ -53,7 +54,7 @@ def test_a_nan_in_a_config_file_is_refused_naming_its_key(tmp_path):
 # --- 2. a video that cannot be read ----------------------------------------------------------------
 
 def test_a_missing_video_names_the_config_key_that_skips_it(tmp_path):
-    from iisan.frames import VideoError, extract_all
+    from iisan.data.frames import VideoError, extract_all
 
     with pytest.raises(VideoError) as err:
         extract_all(["42"], tmp_path, tmp_path / "frames.zip")
@@ -174,7 +175,7 @@ JOB = """
 import sys
 from pathlib import Path
 from types import SimpleNamespace
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(SimpleNamespace(log=[sys.argv[1]], threads=0)):
     print("reading the runs")
@@ -214,11 +215,11 @@ def test_the_named_errors_exist_and_are_told_apart():
     for name in errors.NAMED:
         module, cls = name.rsplit(".", 1)
         assert issubclass(getattr(importlib.import_module(module), cls), Exception), name
-    from iisan.cache_files import CacheMismatch
-    from iisan.frames import VideoError
-    from iisan.gpus import LockUnsupported
+    from iisan.data.frames import VideoError
+    from iisan.encoders.cache_files import CacheMismatch
+    from iisan.encoders.models_fetch import ModelFetchError
     from iisan.io import DamagedFileError
-    from iisan.models_fetch import ModelFetchError
+    from iisan.pipeline.gpus import LockUnsupported
 
     for err in (CacheMismatch("x"), VideoError("x"), LockUnsupported(errno.ENOLCK, "x"), DamagedFileError("x"),
                 DiskFullError("x"), ModelFetchError("x")):
@@ -240,7 +241,7 @@ def test_snakemake_shows_a_failed_jobs_named_error_without_a_traceback(tmp_path)
     """))
     (tmp_path / "bad.py").write_text(textwrap.dedent("""
         from iisan.io import DiskFullError
-        from iisan.jobs import job
+        from iisan.pipeline.jobs import job
 
         with job(snakemake):
             raise DiskFullError("results/x.parquet: cannot write it: the disk is full; free some space and rerun")

@@ -225,9 +225,9 @@ def test_table5_prints_published_rows_first_and_marked(tmp_path):
 
 
 def test_paper_config_trains_microlens_as_the_authors_script():
-    from iisan.backbones import BackboneSpec
     from iisan.config import Experiment, TowerConfig
     from iisan.data.microlens import TRAINING_DEFAULTS
+    from iisan.encoders.backbones import BackboneSpec
 
     from conftest import ROOT, workflow_config
 

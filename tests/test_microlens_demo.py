@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from iisan import shards
+from iisan.captions import shards
 from iisan.data.amazon import read_users
 from iisan.data.microlens import preprocess, read_titles_csv
 from iisan.data.microlens_demo import (

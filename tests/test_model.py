@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from iisan.config import TrainConfig
-from iisan.model import SANB, Gate, InterSAN, IntraSAN, ItemEncoder, ModelConfig, Recommender
+from iisan.training.model import SANB, Gate, InterSAN, IntraSAN, ItemEncoder, ModelConfig, Recommender
 
 
 def test_sanb_initialisation():

@@ -1,4 +1,4 @@
-"""Hub models fetched before the GPU jobs (iisan.models_fetch, rules fetch_backbone and
+"""Hub models fetched before the GPU jobs (iisan.encoders.models_fetch, rules fetch_backbone and
 fetch_captioner) through huggingface_hub's real code path, without a network: a snapshot laid out
 in the hub cache's format, read with HF_HUB_OFFLINE=1."""
 
@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from iisan.backbones import BackboneSpec, build_standin, built_by_workflow, load_backbone, resolve_source
-from iisan.models_fetch import ModelFetchError, disk_gb, fetch_model, is_hub_id
+from iisan.encoders.backbones import BackboneSpec, build_standin, built_by_workflow, load_backbone, resolve_source
+from iisan.encoders.models_fetch import ModelFetchError, disk_gb, fetch_model, is_hub_id
 
 REPO = "example-org/tiny-bert"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -53,7 +53,7 @@ def test_offline_snapshot_in_the_hub_cache_becomes_the_models_folder(tmp_path):
     cache, model = hub_cache(tmp_path)
     dest = tmp_path / "resources/backbones/tiny"
     env = dict(os.environ, HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_TOKEN="")
-    code = (f"from iisan.models_fetch import fetch_model; import json; "
+    code = (f"from iisan.encoders.models_fetch import fetch_model; import json; "
             f"print(json.dumps(fetch_model({REPO!r}, {str(dest)!r}, what='backbone tiny')))")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr[-3000:]
@@ -77,7 +77,7 @@ def test_refetch_replaces_the_folder_whole(tmp_path, monkeypatch):
     cache, _ = hub_cache(tmp_path)
     snapshot = cache / f"models--{REPO.replace('/', '--')}" / "snapshots" / COMMIT
     monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **k: str(snapshot))
-    monkeypatch.setattr("iisan.models_fetch._repo_files", lambda repo, rev: None)
+    monkeypatch.setattr("iisan.encoders.models_fetch._repo_files", lambda repo, rev: None)
     dest = tmp_path / "m"
     dest.mkdir()
     (dest / "stale.safetensors").write_bytes(b"from another revision")
@@ -110,7 +110,7 @@ def test_hub_errors_name_the_model_and_its_page(tmp_path, monkeypatch, error, sa
         raise _hub_error(getattr(errors, error), "403 Client Error. Cannot access gated repo")
 
     monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
-    monkeypatch.setattr("iisan.models_fetch._repo_files", lambda repo, rev: None)
+    monkeypatch.setattr("iisan.encoders.models_fetch._repo_files", lambda repo, rev: None)
     with pytest.raises(ModelFetchError, match=says):
         fetch_model("meta-llama/Meta-Llama-3-8B", tmp_path / "m", what="backbone llama3-8b")
     assert not (tmp_path / "m").exists()
@@ -185,8 +185,8 @@ with SnakemakeApi(t.OutputSettings()) as api:
 def test_plan_reports_the_disk_of_every_model_and_cache(paper_graph):
     """`iisan plan`'s disk table for the paper: each fetched model at its published size, the
     caches each backbone's runs read (full and pruned), and the totals."""
-    from iisan.budget import Budget
-    from iisan.models_fetch import disk_report
+    from iisan.encoders.models_fetch import disk_report
+    from iisan.pipeline.budget import Budget
 
     report = disk_report(Budget(paper_graph.config).build(paper_graph))
     rows = {line.split()[0]: line.split() for line in report.splitlines()[2:] if len(line.split()) == 5}

@@ -1,4 +1,4 @@
-"""Assembling a model folder from a split zip shipped in Python packages (iisan.parts)."""
+"""Assembling a model folder from a split zip shipped in Python packages (iisan.encoders.parts)."""
 
 import hashlib
 import importlib.metadata
@@ -9,7 +9,7 @@ import zipfile
 
 import pytest
 
-from iisan.parts import (
+from iisan.encoders.parts import (
     MANIFEST,
     MPNET_PACKAGES,
     MPNET_SHA256,

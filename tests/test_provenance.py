@@ -10,9 +10,10 @@ import shutil
 import polars as pl
 import pytest
 
-from iisan import plan, tables
+from iisan import tables
 from iisan.config import Experiment
 from iisan.io import DamagedFileError, write_json
+from iisan.pipeline import plan
 from iisan.tables.build import ForeignRunError, read_runs
 
 from conftest import ROOT, workflow_config
@@ -32,7 +33,7 @@ def _experiment(config: dict, path: str) -> Experiment:
 
 
 def _train(config: dict, wd, path: str, hr: float) -> None:
-    """What a train job writes (iisan.experiment.run_experiment): its metrics and its experiment,
+    """What a train job writes (iisan.training.experiment.run_experiment): its metrics and its experiment,
     the one the rule's params give, read back as the job reads them (with the speed settings)."""
     exp = Experiment.from_dict(_experiment(config, path).to_dict()).with_speed(config.get("speed"))
     write_json(wd / path, {"test": {"hr@10": hr, "ndcg@10": hr / 2}, "trainable_params": 10, "best_epoch": 1,
@@ -137,7 +138,7 @@ def test_a_report_is_refused_while_a_table_stands_for_runs_that_are_gone_or_newe
     import subprocess
     import sys
 
-    from iisan.workflow import StaleReportError, refuse_stale_report, stale_outputs
+    from iisan.pipeline.workflow import StaleReportError, refuse_stale_report, stale_outputs
 
     config = dict(tiny, tables=["table7"], figures=[])
     monkeypatch.chdir(tmp_path)

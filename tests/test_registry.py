@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from iisan import methods, plan, tables
+from iisan import tables
 from iisan.config import SPEED_FIELDS, Experiment, FinetuneConfig, ModelConfig, TowerConfig, TrainConfig
+from iisan.pipeline import plan
 from iisan.tables import build_table
+from iisan.training import methods
 
 from conftest import workflow_config
 
@@ -41,7 +43,7 @@ def test_a_method_added_to_the_registry_alone_is_planned_trained_and_tabulated(f
     assert "/fake-side/blocks6/none/" in t3["fake-side-uncached"][1]
     # the run's experiment and model come from the registry entry
     exp = plan.experiment(cfg, "demo", "title@bert-demo+image@vit-demo", "fake-side", "blocks6", "dropped", 12345)
-    from iisan.model import Recommender
+    from iisan.training.model import Recommender
 
     model = Recommender(exp.model, [16, 16], [7, 7])
     assert model.items.inter is None and all(t.gates is None for t in model.items.intra)
@@ -141,7 +143,7 @@ def test_dataset_model_overrides_one_datasets_model_and_identity():
 def test_finetune_settings_reach_the_backbone(tmp_path):
     from transformers import BertConfig, BertModel
 
-    from iisan.finetune import HoulsbyAdapter, prepare_backbone
+    from iisan.encoders.finetune import HoulsbyAdapter, prepare_backbone
 
     def bert():
         return BertModel(BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
@@ -197,7 +199,7 @@ def test_the_package_has_no_import_cycle():
     for n in graph:
         if n not in state:
             visit(n, [])
-    assert "iisan.figures" not in graph["iisan.tables"]
+    assert "iisan.tables.figures" not in graph["iisan.tables"]
 
 
 @pytest.mark.parametrize("name", ["IISAN", "my_method", "a/b", "va method", ""])

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from iisan import rehearsal
-from iisan.workflow import load_yaml
+from iisan.pipeline import rehearsal
+from iisan.pipeline.workflow import load_yaml
 
 from conftest import SNAKEMAKE, copy_workflow, run
 
@@ -47,7 +47,7 @@ def test_stand_in_snapshot_is_fetched_offline_at_its_revision(tmp_path):
     assert (repo / "refs/v2").read_text() == record["commit"]
     assert all(p.is_symlink() for p in (repo / "snapshots" / record["commit"]).rglob("*") if not p.is_dir())
     dest = tmp_path / "resources/backbones/tiny"
-    code = (f"from iisan.models_fetch import fetch_model; import json; print(json.dumps(fetch_model("
+    code = (f"from iisan.encoders.models_fetch import fetch_model; import json; print(json.dumps(fetch_model("
             f"{entry['source']!r}, {str(dest)!r}, revision='v2', cache_dir={str(tmp_path / 'hub')!r})))")
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_TOKEN="")
     res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
@@ -62,7 +62,7 @@ def test_rehearsal_plans_the_papers_jobs_plus_its_own(paper_graph):
     rules are added (one twin per fetched dataset, one stand-in per hub model)."""
     import os
 
-    from iisan.graph import job_graph
+    from iisan.pipeline.graph import job_graph
 
     before = dict(os.environ)
     graph = job_graph(ROOT, CONFIG)

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from iisan import train as train_mod
 from iisan.data.synthetic import tiny_data, write_dataset
-from iisan.train import TrainConfig, Trainer
+from iisan.training import train as train_mod
+from iisan.training.train import TrainConfig, Trainer
 
 from conftest import stable, trainer
 
@@ -83,7 +83,7 @@ def test_a_checkpoint_of_another_run_is_discarded(tmp_path, caplog, monkeypatch,
         kill_after(trainer(**kw), 2).fit(progress=False, checkpoint=ckpt)
     monkeypatch.undo()
     fresh = trainer().fit(progress=False)
-    with caplog.at_level(logging.INFO, logger="iisan.train"):
+    with caplog.at_level(logging.INFO, logger="iisan.training.train"):
         result = trainer().fit(progress=False, checkpoint=ckpt)
     assert any("discarding checkpoint" in r.getMessage() and "another run" in r.getMessage() for r in caplog.records)
     assert result["resumed_from_epoch"] == 0
@@ -96,7 +96,7 @@ def test_the_experiment_hash_names_the_run(tmp_path, caplog):
     ckpt = tmp_path / "checkpoint.pt"
     with pytest.raises(Killed):
         kill_after(trainer(run_hash="experiment-a"), 2).fit(progress=False, checkpoint=ckpt)
-    with caplog.at_level(logging.WARNING, logger="iisan.train"):
+    with caplog.at_level(logging.WARNING, logger="iisan.training.train"):
         result = trainer(run_hash="experiment-b").fit(progress=False, checkpoint=ckpt)
     assert result["resumed_from_epoch"] == 0 and "discarding checkpoint" in caplog.text
 
@@ -160,7 +160,7 @@ def test_run_experiment_deletes_the_checkpoint_unless_kept(tmp_path, monkeypatch
     """`run_experiment` (the train rule's job) saves checkpoint.pt beside metrics.json every
     epoch, and deletes it once metrics.json is written unless keep_checkpoint (config key
     keep_checkpoints)."""
-    import iisan.experiment as experiment_mod
+    import iisan.training.experiment as experiment_mod
     from iisan.config import Experiment, ModelConfig, TrainConfig
 
     write_dataset(tmp_path / "ds", tiny_data())
@@ -228,7 +228,7 @@ def test_a_damaged_checkpoint_is_set_aside_and_the_run_starts_fresh(tmp_path, ca
         kill_after(trainer(), 2).fit(progress=False, checkpoint=ckpt)
     data = ckpt.read_bytes()
     ckpt.write_bytes(data[: len(data) // 2])
-    with caplog.at_level(logging.WARNING, logger="iisan.train"):
+    with caplog.at_level(logging.WARNING, logger="iisan.training.train"):
         result = trainer().fit(progress=False, checkpoint=ckpt)
     assert f"{ckpt}: unreadable (" in caplog.text and "moved aside to" in caplog.text and "starts from scratch" in caplog.text
     assert result["resumed_from_epoch"] == 0 and stable(result) == stable(trainer().fit(progress=False))

@@ -1,13 +1,14 @@
 """One run per configuration: a run is named by what it computes (the canonical name of the
-blocks each tower keeps, `iisan.layerdrop.canonical_name`), and one configuration trains the
+blocks each tower keeps, `iisan.training.layerdrop.canonical_name`), and one configuration trains the
 same seeds wherever the config prints it (`iisan.tables.run_seeds`). Planning only, no training."""
 
 from collections import defaultdict
 
 import pytest
 
-from iisan import plan, tables
-from iisan.layerdrop import SchemeError, canonical_name, canonical_scheme, scheme_layers
+from iisan import tables
+from iisan.pipeline import plan
+from iisan.training.layerdrop import SchemeError, canonical_name, canonical_scheme, scheme_layers
 
 from conftest import ROOT, workflow_config
 

@@ -1,11 +1,11 @@
-"""Wall time on N GPUs (`iisan plan --gpus N`, iisan.schedule): a list schedule that starts the job
+"""Wall time on N GPUs (`iisan plan --gpus N`, iisan.pipeline.schedule): a list schedule that starts the job
 with the longest chain of GPU work after it first, and the range random orders give."""
 
 from dataclasses import dataclass
 
 import pytest
 
-from iisan.schedule import chains, random_walls, wall_seconds
+from iisan.pipeline.schedule import chains, random_walls, wall_seconds
 
 H = 3600.0
 

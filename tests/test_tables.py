@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from iisan import tables
-from iisan.budget import Budget
-from iisan.graph import job_graph
+from iisan.pipeline.budget import Budget
+from iisan.pipeline.graph import job_graph
 from iisan.tables import claims, paper
 from iisan.tables.registry import Table
 
@@ -112,7 +112,7 @@ def test_the_demo_prints_no_paper_columns():
 def test_a_table_registered_alone_is_validated_planned_built_and_priced(tmp_path):
     """One register() call: its config section is validated with its defaults, its rows planned on
     its datasets, its CSV built from runs and its runs priced."""
-    from iisan.plan import experiment, method_row
+    from iisan.pipeline.plan import experiment, method_row
 
     def rows(config):
         return [method_row(config, m, key=m) for m in config["toy"]["methods"]]

@@ -8,16 +8,16 @@ import pytest
 import torch
 import yaml
 
-from iisan.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
-from iisan.cache import build_cache, prune_cache
 from iisan.config import Experiment, TowerConfig, TrainConfig
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
-from iisan.experiment import run_experiment
-from iisan.layerdrop import SchemeError, scheme_layers, tower_schemes
-from iisan.model import ItemEncoder, ModelConfig
-from iisan.plan import va_scheme
+from iisan.encoders.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
+from iisan.encoders.cache import build_cache, prune_cache
+from iisan.pipeline.plan import va_scheme
 from iisan.tables import table_plan
+from iisan.training.experiment import run_experiment
+from iisan.training.layerdrop import SchemeError, scheme_layers, tower_schemes
+from iisan.training.model import ItemEncoder, ModelConfig
 
 from conftest import workflow_config
 
@@ -168,7 +168,7 @@ def test_caching_resumes_after_an_interruption(demo, monkeypatch):
     spec = decoder("llama-resume", pooling="masked_mean")
     build_standin(spec, tmp / "resume", titles)
     full = build_cache(spec, str(tmp / "resume"), tmp / "ds/items.parquet", "title", tmp / "c-ref", progress=False, batch_size=16)
-    import iisan.cache as cache_mod
+    import iisan.encoders.cache as cache_mod
 
     calls = {"n": 0}
     real_pool = cache_mod.pool_states

@@ -1,4 +1,4 @@
-"""The warm worker (`iisan worker`, iisan.worker): a job it runs behaves as the job's own process
+"""The warm worker (`iisan worker`, iisan.pipeline.worker): a job it runs behaves as the job's own process
 would (directory, environment, umask, stdin/stdout/stderr, exit status, signals, results), and a
 job it cannot run exactly so runs in its own process and says why."""
 
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from iisan.worker import ENV
+from iisan.pipeline.worker import ENV
 
 TESTS = Path(__file__).resolve().parent
 SRC = TESTS.parent / "src"
@@ -43,8 +43,8 @@ def worker(tmp_path_factory):
 
 
 def job(worker, target: str, *args, via_worker=True, wait=True, stdin="", cwd=None, flags=(), **extra):
-    """A job process as a workflow script is one: it calls iisan.worker.run(target, *args)."""
-    code = f"import sys; from iisan.worker import run; sys.exit(run({target!r}, *{args!r}))"
+    """A job process as a workflow script is one: it calls iisan.pipeline.worker.run(target, *args)."""
+    code = f"import sys; from iisan.pipeline.worker import run; sys.exit(run({target!r}, *{args!r}))"
     e = env(PYTHONPATH=os.pathsep.join([str(SRC), str(TESTS), str(worker["home"])]), **extra)
     if via_worker:
         e[ENV] = str(worker["sock"])

@@ -6,16 +6,17 @@ import re
 
 import pytest
 
-from iisan import plan, tables
-from iisan.backbones import BackboneSpec, build_standin
-from iisan.cache import build_cache, load_cache
+from iisan import tables
 from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.data.sequences import load_sequences
-from iisan.features import CachedFeatures
-from iisan.layerdrop import scheme_layers
-from iisan.model import ModelConfig
-from iisan.train import TrainConfig, Trainer, popularity_baseline, start_run
+from iisan.encoders.backbones import BackboneSpec, build_standin
+from iisan.encoders.cache import build_cache, load_cache
+from iisan.pipeline import plan
+from iisan.training.features import CachedFeatures
+from iisan.training.layerdrop import scheme_layers
+from iisan.training.model import ModelConfig
+from iisan.training.train import TrainConfig, Trainer, popularity_baseline, start_run
 
 from conftest import SNAKEMAKE, copy_workflow, run, workflow_config
 

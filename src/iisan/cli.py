@@ -14,10 +14,10 @@ from pathlib import Path
 
 
 def plan(args: argparse.Namespace) -> int:
-    from .budget import GPU_RULES, Budget, load_rates, render, render_videos, write_jobs
-    from .graph import job_graph
-    from .models_fetch import disk_report
-    from .workflow import load_yaml
+    from iisan.encoders.models_fetch import disk_report
+    from iisan.pipeline.budget import GPU_RULES, Budget, load_rates, render, render_videos, write_jobs
+    from iisan.pipeline.graph import job_graph
+    from iisan.pipeline.workflow import load_yaml
 
     overrides = {}
     for item in args.config or []:
@@ -52,7 +52,7 @@ def plan(args: argparse.Namespace) -> int:
             print(f"at cluster.max_runtime_min = {limit}, {sum(a > 1 for a in attempts.values())} jobs resume over several attempts, "
                   f"at most {most} ({max(attempts, key=attempts.get)}): run snakemake with --retries {most - 1} or more")
     if args.gpus is not None:
-        from .schedule import ORDERS, chains, random_walls, wall_seconds
+        from iisan.pipeline.schedule import ORDERS, chains, random_walls, wall_seconds
 
         jobs = list(budget.jobs.values())
         try:
@@ -69,13 +69,13 @@ def plan(args: argparse.Namespace) -> int:
         bound = max(chain.get(longest, 0) / 3600, held / args.gpus)
         print(f"wall time on {gpus}: {wall / 3600:.1f} h (GPU hours {sum(j.seconds for j in jobs) / 3600:.1f}) longest chain first, "
               f"{min(walls) / 3600:.1f}–{max(walls) / 3600:.1f} h in random orders (card-hours {card_hours:.1f})\n"
-              f"(a list schedule, iisan.schedule: whenever cards free up, the ready job with the longest chain of GPU work after it "
+              f"(a list schedule, iisan.pipeline.schedule: whenever cards free up, the ready job with the longest chain of GPU work after it "
               f"starts, each on cards of its own; {ORDERS} seeded random orders for the range; no order ends before {bound:.1f} h: "
               f"the longest chain, {chain.get(longest, 0) / 3600:.1f} h from {longest or '-'}, or {held:.1f} card-hours over {gpus})")
         set_by_rules = [n.priority for n in graph.nodes if n.rule in GPU_RULES]
         if not any(set_by_rules):
             print("The workflow's GPU rules set no priority: Snakemake then starts ready jobs in no set order (the random range); "
-                  "`priority:` from iisan.budget.Budget.priority gives the first figure.")
+                  "`priority:` from iisan.pipeline.budget.Budget.priority gives the first figure.")
         for j in jobs:
             if j.gpus > args.gpus:
                 print(f"{j.name} asks for {j.gpus} GPUs and gets {args.gpus}: it may not fit them")
@@ -86,7 +86,7 @@ def plan(args: argparse.Namespace) -> int:
 
 
 def worker(args: argparse.Namespace) -> int:
-    from .worker import PRELOAD, serve
+    from iisan.pipeline.worker import PRELOAD, serve
 
     try:
         serve(args.socket.resolve(), preload=PRELOAD + tuple(args.preload or ()), exit_with_parent=args.exit_with_parent)
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--gpus", type=int, metavar="N",
                    help="also the wall time of the jobs on one machine with N GPUs, longest chain first and in random orders")
     p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
-    from .worker import ENV, default_socket
+    from iisan.pipeline.worker import ENV, default_socket
 
     w = sub.add_parser("worker", help="import torch, the compiler and this library once and run each train job "
                        f"that finds it (through ${ENV}) in a forked child, without those imports")

@@ -3,7 +3,7 @@
 Defaults live in one place each: a field of the dataclasses below (model, training, fine-tuning,
 speed) has its default here and nowhere else (the config schema lists these fields without
 defaults); every other config key has its default in `config/schemas/config.schema.yaml`, which
-`iisan.workflow.validate` fills in. `Experiment.from_config` is the only code that reads the
+`iisan.pipeline.workflow.validate` fills in. `Experiment.from_config` is the only code that reads the
 config's training and model sections.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from . import methods
+from iisan.training import methods
 
 
 def typed(value: Any) -> Any:
@@ -46,7 +46,7 @@ def typed(value: Any) -> Any:
 
 @dataclass
 class ModelConfig:
-    method: str = "iisan"  # a name of the method registry (iisan.methods): what the model is made of
+    method: str = "iisan"  # a name of the method registry (iisan.training.methods): what the model is made of
     heads: str = "vs"  # vs: F=Linear(d,d), P=Linear(d,64); va: F=Linear(d,64), P=Linear(64,64)
     bottleneck: int = 64  # r of the SANBs of the text (field 0) tower, and of the others unless set below
     bottleneck_image: int | None = None  # r of the image (field 1) intra tower; None: bottleneck
@@ -79,7 +79,7 @@ class Speed:
     """How fast a run trains, never what it computes: kept out of an experiment's identity, so
     changing one reruns nothing. The training config holds these (`TrainConfig` is a `Speed`);
     a workflow config sets SPEED_FIELDS in its `speed` section; the training step
-    (`iisan.fast_step`) and the Trainer read them."""
+    (`iisan.training.fast_step`) and the Trainer read them."""
 
     cuda_graphs: bool = True  # capture the whole training step as one CUDA graph (CUDA only)
     compile: bool = False  # torch.compile the item and user encoders, and backbone layers in the loop
@@ -164,7 +164,7 @@ class TowerConfig:
 
     @classmethod
     def from_config(cls, config: dict, field: str, backbone: str, where: str) -> TowerConfig:
-        from .data import ITEM_FIELDS
+        from iisan.data import ITEM_FIELDS
 
         if field not in ITEM_FIELDS:
             raise ValueError(f"{where}: unknown item field {field!r} (item fields: {', '.join(ITEM_FIELDS)})")
@@ -175,7 +175,7 @@ class TowerConfig:
         return cls(field, backbone, {k: v for k, v in entry.items() if k not in cls.LABEL_ONLY})
 
     def backbone_spec(self):
-        from .backbones import BackboneSpec
+        from iisan.encoders.backbones import BackboneSpec
 
         return BackboneSpec.from_config(self.backbone, self.spec)
 
@@ -232,7 +232,7 @@ class Experiment:
         """train <- decoder_train (runs whose text tower is a decoder LLM) <- dataset_train[dataset]
         <- method_train[method], then the seed; model <- dataset_model[dataset] <- the method's
         heads."""
-        from .backbones import DECODERS
+        from iisan.encoders.backbones import DECODERS
 
         m = methods.get(method)
         train = dict(config.get("train") or {})
@@ -284,8 +284,8 @@ class Experiment:
     def tower_layers(self, tower: int) -> list[int]:
         """Indices into the cached states (h[0..L], then the output) that tower `tower` feeds the
         item encoder."""
-        from .backbones import output_layer
-        from .layerdrop import scheme_layers, tower_schemes
+        from iisan.encoders.backbones import output_layer
+        from iisan.training.layerdrop import scheme_layers, tower_schemes
 
         spec = self.towers[tower].spec
         layers = spec["layers"]

@@ -1,6 +1,6 @@
 """The project's named errors: exceptions whose message is complete on its own (it names the
 file, key or model, what went wrong and what to do), so that a job prints the message alone,
-without the traceback in front of it (`iisan.jobs.job`). Any other exception escaping a job is
+without the traceback in front of it (`iisan.pipeline.jobs.job`). Any other exception escaping a job is
 unexpected and keeps its traceback.
 
 A named error subclasses `NamedError`, or is listed in `NAMED` by its module and class name
@@ -18,16 +18,16 @@ class NamedError(Exception):
 # module.Class of the named errors that do not subclass NamedError (tests/test_messages.py checks
 # that each still exists and is an exception class)
 NAMED = frozenset({
-    "iisan.backbones.MissingExtra",  # names the backbone and what to install
-    "iisan.cache_files.CacheError",  # and CacheMismatch: names the file and the field
+    "iisan.encoders.backbones.MissingExtra",  # names the backbone and what to install
+    "iisan.encoders.cache_files.CacheError",  # and CacheMismatch: names the file and the field
     "iisan.captions.files.CaptionError",  # and CaptionMismatch: names the file or setting
-    "iisan.data.amazon.DataError",  # and iisan.frames.VideoError: names the file and line, item or video
-    "iisan.download.ChecksumError",  # names the file and both checksums
-    "iisan.download.MissingSource",  # names the raw file and how to supply it
-    "iisan.gpus.LockUnsupported",  # names the lock folder and what to set
-    "iisan.models_fetch.ModelFetchError",  # names the model, its page and what to do
-    "iisan.parts.PartsError",  # names the file
-    "iisan.parts.MissingParts",  # names the package and how to install it
+    "iisan.data.errors.DataError",  # and iisan.data.frames.VideoError: names the file and line, item or video
+    "iisan.data.download.ChecksumError",  # names the file and both checksums
+    "iisan.data.download.MissingSource",  # names the raw file and how to supply it
+    "iisan.pipeline.gpus.LockUnsupported",  # names the lock folder and what to set
+    "iisan.encoders.models_fetch.ModelFetchError",  # names the model, its page and what to do
+    "iisan.encoders.parts.PartsError",  # names the file
+    "iisan.encoders.parts.MissingParts",  # names the package and how to install it
 })
 
 

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import NamedError, is_named
+from iisan.errors import NamedError, is_named
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -47,7 +47,7 @@ rule assemble_backbone:
 
 # Hugging Face hub models: fetched on the host that runs Snakemake (compute nodes may have no
 # internet) into the hub cache (config key model_cache) and linked into the model's folder, which
-# the GPU jobs load offline (iisan.models_fetch). A gated model needs HF_TOKEN.
+# the GPU jobs load offline (iisan.encoders.models_fetch). A gated model needs HF_TOKEN.
 localrules:
     fetch_backbone,
     fetch_captioner,

@@ -1,7 +1,7 @@
 # Captions: three frames per video, LLaVA-NeXT captions of covers and frames (text item fields
 # cover_caption and video_caption), and the captioner stand-ins of the demo. A caption set is
-# made by captions.shards jobs (iisan.shards), merged by a local job when there are several.
-from iisan.shards import caption_outputs, caption_shards
+# made by captions.shards jobs (iisan.captions.shards), merged by a local job when there are several.
+from iisan.captions.shards import caption_outputs, caption_shards
 
 CAPTION_SHARDS = caption_shards(config)
 
@@ -56,10 +56,10 @@ rule videos_content:
 
 # frames.zip is updated in place: the job takes the frames of unchanged videos from it. It decodes
 # videos on all its threads and keeps the finished ones in frames.zip.parts/ as it goes, so that
-# a job stopped by its time limit resumes there on its next attempt (iisan.frames). Its threads
+# a job stopped by its time limit resumes there on its next attempt (iisan.data.frames). Its threads
 # and minutes come from the measured seconds per video (rates.yaml frames:) and the dataset's
 # items; the minutes at most cluster.max_runtime_min.
-from iisan.budget import frames_minutes, frames_threads
+from iisan.pipeline.budget import frames_minutes, frames_threads
 
 
 rule frames:

@@ -1,6 +1,6 @@
 # Shared by the rule files. Checks, wildcard constraints, and the input functions (get_*), grouped
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
-# (iisan.plan, iisan.methods, iisan.config); these functions adapt it to wildcards.
+# (iisan.pipeline.plan, iisan.training.methods, iisan.config); these functions adapt it to wildcards.
 import functools
 import math
 import os
@@ -10,9 +10,13 @@ from pathlib import Path
 
 from snakemake.exceptions import WorkflowError
 
-from iisan import methods, plan, rehearsal, tables
-from iisan.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
-from iisan.budget import (
+from iisan import tables
+
+from iisan.training import methods
+
+from iisan.pipeline import plan, rehearsal
+from iisan.encoders.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
+from iisan.pipeline.budget import (
     FLOOR_MIN,
     Budget,
     captioner_host_gb,
@@ -20,15 +24,15 @@ from iisan.budget import (
     usable_gib,
     weight_gb,
 )
-from iisan.cache_files import damaged_caches, set_aside_damaged
+from iisan.encoders.cache_files import damaged_caches, set_aside_damaged
 from iisan.captions.settings import CaptionJob, CaptionSettings
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, kinds, microlens
-from iisan.folders import refresh_manifest
-from iisan.gpus import visible as visible_gpus
-from iisan.jobs import memory_factor_of
-from iisan.layerdrop import scheme_layers
-from iisan.models_fetch import hub_names
+from iisan.data.folders import refresh_manifest
+from iisan.pipeline.gpus import visible as visible_gpus
+from iisan.pipeline.jobs import memory_factor_of
+from iisan.training.layerdrop import scheme_layers
+from iisan.encoders.models_fetch import hub_names
 
 # envs/*.post-deploy.sh install the library from this repository into a conda environment;
 # Snakemake runs them from this process, so they find it here whatever the working directory
@@ -294,7 +298,7 @@ def get_videos(wildcards):
 
 
 def get_videos_content(wildcards):
-    """The content manifest of a MicroLens dataset's videos (iisan.folders), brought up to date
+    """The content manifest of a MicroLens dataset's videos (iisan.data.folders), brought up to date
     when a run that executes jobs builds its graph (`acts`) and it exists: rewritten only when a
     video was added, removed or changed (only files whose size or modification time changed are
     read), so that exactly then the frames rerun. The videos_content rule makes it the first time;
@@ -443,7 +447,7 @@ def get_experiment(wildcards, seed=None):
 
 
 def get_profile_experiment(wildcards):
-    """What a profile times (`iisan.plan.profile_experiment`)."""
+    """What a profile times (`iisan.pipeline.plan.profile_experiment`)."""
     w = wildcards
     return plan.profile_experiment(
         config, w.dataset, w.towers, w.method, w.scheme, w.cache
@@ -467,7 +471,7 @@ def acts():
 
 @functools.cache
 def caches_checked():
-    """Damaged caches under resources/cache (iisan.cache_files.damaged_caches), handled once, as
+    """Damaged caches under resources/cache (iisan.encoders.cache_files.damaged_caches), handled once, as
     the job graph first asks for a cache (the input functions of prune, train, profile and fig6
     call this before they name one): a run that executes jobs (`acts`) moves them aside, so that
     the jobs making them are in this run's graph (an error raised by an input function could not
@@ -501,7 +505,7 @@ def runs_here():
 
 @functools.cache
 def machine_cards():
-    """The GPUs NVML or nvidia-smi sees here (iisan.gpus: no torch while planning), asked once."""
+    """The GPUs NVML or nvidia-smi sees here (iisan.pipeline.gpus: no torch while planning), asked once."""
     return len(visible_gpus())
 
 
@@ -523,7 +527,7 @@ def gpu_limit():
     """The cards this run's GPU jobs may hold at once, or None where no limit applies (a cluster,
     `iisan plan`'s graph): `--resources gpu=N` (or a profile's `resources: gpu`), else in a local
     run this machine's cards (at least 1), registered as the `gpu` resource so that Snakemake runs
-    at most that many GPU jobs' cards at once, each job its own (iisan.gpus)."""
+    at most that many GPU jobs' cards at once, each job its own (iisan.pipeline.gpus)."""
     if runs_here() and "gpu" not in workflow.global_resources:
         workflow.register_resource("gpu", max(machine_cards(), 1))
     if runs_here() or workflow.dryrun:
@@ -533,7 +537,7 @@ def gpu_limit():
 
 
 def get_backbone_weight_gb(name):
-    """GB the backbone's weights take in memory (iisan.budget.weight_gb)."""
+    """GB the backbone's weights take in memory (iisan.pipeline.budget.weight_gb)."""
     return weight_gb(backbone_entry(config, name))
 
 
@@ -545,7 +549,7 @@ def get_attempt(wildcards, attempt):
 def memory_factor(name, wildcards, attempt):
     """How much more host memory than its first attempt a retry of a GPU job asks for: one more
     share for every earlier attempt that failed, except those stopped by SIGTERM (a time limit,
-    which more memory would not help: iisan.jobs records them beside the job's log)."""
+    which more memory would not help: iisan.pipeline.jobs records them beside the job's log)."""
     if attempt == 1:
         return 1
     log = workflow.get_rule(name).expand_log(wildcards)[0]
@@ -560,7 +564,7 @@ def get_cache_mem_mb(wildcards, attempt):
 
 @functools.cache
 def estimates():
-    """The budget every GPU job's runtime, cards and priority come from (iisan.budget: what `iisan
+    """The budget every GPU job's runtime, cards and priority come from (iisan.pipeline.budget: what `iisan
     plan` prints), made when the job graph first asks, each job priced once."""
     return Budget(config)
 
@@ -571,7 +575,7 @@ def get_estimate(name, wildcards):
 
 def get_priority(name):
     """The priority Snakemake gives a job of GPU rule `name`, the whole minutes of the longest chain of
-    GPU work from it to the end (iisan.budget.Budget.priority), so that the job the most work
+    GPU work from it to the end (iisan.pipeline.budget.Budget.priority), so that the job the most work
     waits for starts first."""
 
     def priority(wildcards):

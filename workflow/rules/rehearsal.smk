@@ -5,8 +5,8 @@
 # run, offline: HF_HUB_OFFLINE=1 for every job of this run.
 import os
 
-from iisan import rehearsal
-from iisan.models_fetch import hub_names
+from iisan.pipeline import rehearsal
+from iisan.encoders.models_fetch import hub_names
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -1,7 +1,7 @@
 # Training: one experiment = dataset x towers x method x LayerDrop scheme x cache x seed; and its
 # profile (a few timed steps at one batch size, for Fig. 5). Speed settings (config key speed) and
 # keep_checkpoints are read by the job from the config: changing them reruns nothing. The tables
-# plan each run under the canonical name of the blocks its towers keep (iisan.plan.run_scheme), and
+# plan each run under the canonical name of the blocks its towers keep (iisan.pipeline.plan.run_scheme), and
 # the job runs that experiment whatever name its folder gives the scheme.
 
 

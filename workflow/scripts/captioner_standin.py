@@ -5,7 +5,7 @@ from pathlib import Path
 import polars as pl
 
 from iisan.captions import build_captioner_standin, load_prompts
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     name, spec = snakemake.wildcards.captioner, snakemake.params.spec

@@ -1,5 +1,5 @@
 # results/claims.csv: the paper's claims decided on this run's tables.
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 from iisan.tables.claims import build_claims
 
 with job(snakemake):

@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from iisan.data.demo import DemoSpec, generate
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     generate(Path(snakemake.output.items_tsv).parent, DemoSpec(**snakemake.params.spec))

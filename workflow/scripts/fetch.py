@@ -1,8 +1,8 @@
 # Download one published raw file, or copy it from the configured mirror; checked by sha256.
 from pathlib import Path
 
-from iisan.download import fetch
-from iisan.jobs import job
+from iisan.data.download import fetch
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     p = snakemake.params

@@ -1,8 +1,8 @@
 # An Amazon dataset's image archive: from the mirror, else downloaded from the authors' link.
 from pathlib import Path
 
-from iisan.download import fetch_images
-from iisan.jobs import job
+from iisan.data.download import fetch_images
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     p = snakemake.params

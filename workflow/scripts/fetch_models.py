@@ -2,8 +2,8 @@
 # config key model_cache (read here, not a param: moving the cache refetches nothing).
 from pathlib import Path
 
-from iisan.jobs import job
-from iisan.models_fetch import fetch_model
+from iisan.encoders.models_fetch import fetch_model
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     p = snakemake.params

@@ -4,10 +4,10 @@ from pathlib import Path
 
 import polars as pl
 
-from iisan import plan
-from iisan.download import fetch_many
+from iisan.data.download import fetch_many
 from iisan.io import write_json
-from iisan.jobs import job
+from iisan.pipeline import plan
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     p, w = snakemake.params, snakemake.wildcards

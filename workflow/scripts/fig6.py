@@ -1,8 +1,8 @@
 # Fig. 6: full vs dropped cache sizes, measured from the manifests and computed from the registry.
 from pathlib import Path
 
-from iisan.figures import fig6
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
+from iisan.tables.figures import fig6
 
 with job(snakemake):
     p = snakemake.params

@@ -3,16 +3,16 @@
 # as updated in place. The sha256s are the folder's now (the content manifest's stat cache saves
 # reading unchanged files), not the tracked manifest's, which only triggers this job. The videos
 # are decoded on the job's threads, and the finished ones kept in the work folder beside the zip,
-# from which a stopped job's next attempt resumes (iisan.frames).
+# from which a stopped job's next attempt resumes (iisan.data.frames).
 from pathlib import Path
 
 import polars as pl
 
-from iisan import plan
-from iisan.folders import current_manifest
-from iisan.frames import extract_all
+from iisan.data.folders import current_manifest
+from iisan.data.frames import extract_all
 from iisan.io import write_json
-from iisan.jobs import job
+from iisan.pipeline import plan
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     i, p, o = snakemake.input, snakemake.params, snakemake.output

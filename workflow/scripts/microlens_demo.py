@@ -2,7 +2,7 @@
 from pathlib import Path
 
 from iisan.data.microlens_demo import generate
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     generate(Path(snakemake.output.pairs).parent, snakemake.params.spec)

@@ -4,7 +4,7 @@
 from pathlib import Path
 
 from iisan.data import kinds
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     i, p = snakemake.input, snakemake.params

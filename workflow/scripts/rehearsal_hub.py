@@ -3,8 +3,8 @@
 import polars as pl
 
 from iisan.captions import load_prompts
-from iisan.jobs import job
-from iisan.rehearsal import build_hub_model
+from iisan.pipeline.jobs import job
+from iisan.pipeline.rehearsal import build_hub_model
 
 with job(snakemake):
     w, p = snakemake.wildcards, snakemake.params

@@ -2,8 +2,8 @@
 from pathlib import Path
 
 from iisan.io import write_json
-from iisan.jobs import job
-from iisan.rehearsal import build_mirror
+from iisan.pipeline.jobs import job
+from iisan.pipeline.rehearsal import build_mirror
 
 with job(snakemake):
     p = snakemake.params

@@ -1,8 +1,8 @@
 # Build a randomly initialised demo stand-in of one registry backbone.
 from pathlib import Path
 
-from iisan.backbones import build_standin_from_config
-from iisan.jobs import job
+from iisan.encoders.backbones import build_standin_from_config
+from iisan.pipeline.jobs import job
 
 with job(snakemake):
     build_standin_from_config(snakemake.wildcards.backbone, snakemake.params.spec, Path(snakemake.input.titles),

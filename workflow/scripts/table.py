@@ -1,6 +1,6 @@
 # Aggregate the runs' metrics into one paper table (with the paper's numbers beside ours on the
 # paper's datasets).
-from iisan.jobs import job
+from iisan.pipeline.jobs import job
 from iisan.tables import build_table
 
 with job(snakemake):

@@ -3,7 +3,7 @@ image slots of ONE prompt), used as text item fields (paper Table IX).
 
 `caption_items` decodes greedily in left-padded batches, longest prompt first (token count with
 the image tokens), bf16 on CUDA and fp32 on a CPU; forked workers can read and process the
-images ahead of the GPU, the batch size can come from a memory plan (`iisan.caption_bound`),
+images ahead of the GPU, the batch size can come from a memory plan (`iisan.captions.caption_bound`),
 and the language model's attention is selectable (`ATTENTIONS`). It reuses captions by content: a caption
 set's memo (``<stem>.memo/`` beside its Parquet, `memo_dir`) holds, in one folder per settings
 key (model, revision or weights fingerprint, prompt sha256, decoding settings, the caller's input
@@ -19,7 +19,7 @@ fields read, also that every item has a caption): a caption set that fails is da
 aside with its manifest (``<name>.damaged-<UTC time>``) and named in the error, so that the
 workflow's next run makes it again, from its memo. `load_captions` also refuses a caption set
 whose settings differ from the expected ones, naming each difference. A caption set may be made
-by several shard jobs and merged (`iisan.shards`).
+by several shard jobs and merged (`iisan.captions.shards`).
 
 The modules: `settings` (the options, `CaptionSettings` and `CaptionJob`), `files` (caption sets
 and their memo on disk, read without torch), `llava` (the model and `caption_items`), `dataset`

@@ -10,8 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import read_json
-from .files import (
+from iisan.captions.files import (
     CaptionError,
     CaptionMismatch,
     differences,
@@ -23,18 +22,19 @@ from .files import (
     prune_memo,
     write_caption_set,
 )
-from .llava import caption_items
-from .settings import CaptionJob, load_prompts
+from iisan.captions.llava import caption_items
+from iisan.captions.settings import CaptionJob, load_prompts
+from iisan.io import read_json
 
 
 def _zip_images(archive: Path, members: list[str | None], blank: int = 32, item=None, dataset: str | None = None,
                 advice: str | None = None) -> list:
     """RGB images of zip `members` (item `item`'s) at their own size (a black square for None);
-    one that does not decode raises `iisan.images.UndecodableImage` naming the archive, the
+    one that does not decode raises `iisan.data.images.UndecodableImage` naming the archive, the
     member, the item and `advice` (by default the config key that blanks a cover)."""
     from PIL import Image
 
-    from ..images import open_image
+    from iisan.data.images import open_image
 
     with zipfile.ZipFile(archive) as zf:
         out = []
@@ -62,11 +62,11 @@ def caption_dataset(job: CaptionJob, items_parquet: Path, images_archive: Path, 
     (``<item_id>_<k>.jpg``, k over the settings' `frames`; an item whose video was skipped gets
     black frames). The prompt is the source's entry of `prompts_file`; the caption set's settings
     record the source and the frame positions. A shard job captions its shard of the items
-    (`iisan.shards.shard_items`) into the memo of the whole caption set (`caption_items`).
+    (`iisan.captions.shards.shard_items`) into the memo of the whole caption set (`caption_items`).
     Captions are reused by the sha256 of the members' bytes."""
     import polars as pl
 
-    from ..shards import shard_items
+    from iisan.captions.shards import shard_items
 
     source, options = job.source, job.settings
     positions = options.frames
@@ -77,7 +77,7 @@ def caption_dataset(job: CaptionJob, items_parquet: Path, images_archive: Path, 
         covers = dict(zip(items["item_id"].to_list(), items["image"].to_list()))
         members = {i: [covers[i]] for i in ids}
     elif source == "video":
-        from ..frames import read_frames
+        from iisan.data.frames import read_frames
 
         present = read_frames(images_archive)
         n = len(positions)
@@ -104,10 +104,10 @@ def caption_dataset(job: CaptionJob, items_parquet: Path, images_archive: Path, 
 def merge_captions(item_ids: Sequence, shard_parquets: Sequence[str | os.PathLike], out_parquet: str | os.PathLike) -> dict:
     """Write the caption set `out_parquet` of `item_ids` (in that order) from its shards' Parquets,
     each checked against its manifest; every shard must hold exactly its items
-    (`iisan.shards.shard_items`, in the order of `shard_parquets`) under the same settings. Returns the
+    (`iisan.captions.shards.shard_items`, in the order of `shard_parquets`) under the same settings. Returns the
     manifest, which is the one a single job would write plus ``shards``; then prunes the caption
     set's memo to the shards' records."""
-    from ..shards import shard_items
+    from iisan.captions.shards import shard_items
 
     out_parquet = Path(out_parquet)
     ids = [plain_id(i) for i in item_ids]

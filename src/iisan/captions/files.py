@@ -13,7 +13,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from ..io import DamagedFileError, read_json, set_aside, write_json, write_parquet
+from iisan.io import DamagedFileError, read_json, set_aside, write_json, write_parquet
 
 log = logging.getLogger("iisan.captions")
 COLUMNS = ("item_id", "caption")
@@ -149,7 +149,7 @@ def write_caption_set(out_parquet: Path, ids: list, texts: list[str], *, setting
     not vouch for the new Parquet."""
     import polars as pl
 
-    from ..cache_files import file_checksum
+    from iisan.encoders.cache_files import file_checksum
 
     manifest_file = manifest_path(out_parquet)
     manifest_file.unlink(missing_ok=True)
@@ -190,7 +190,7 @@ def read_caption_set(out_parquet: str | os.PathLike):
     it again from its memo. A missing Parquet raises `CaptionError`."""
     import polars as pl
 
-    from ..cache_files import file_checksum
+    from iisan.encoders.cache_files import file_checksum
 
     out_parquet = Path(out_parquet)
     mpath = manifest_path(out_parquet)
@@ -242,7 +242,7 @@ def caption_texts(out_parquet: str | os.PathLike, item_ids: Sequence, items_parq
     taking the captions its memo holds."""
     import polars as pl
 
-    from ..io import read_or_set_aside
+    from iisan.io import read_or_set_aside
 
     out_parquet = Path(out_parquet)
     if manifest_path(out_parquet).is_file() or not out_parquet.is_file():

@@ -12,20 +12,20 @@ from typing import Any
 
 import torch
 
-from .. import __version__
-from ..io import atomic_path, write_json
-from .files import (
-    jsonable,
-    memo_dir,
-    memo_record,
-    pixels_sha256,
-    plain_id,
-    prune_memo,
-    read_memo,
-    settings_id,
-    write_caption_set,
+from iisan import __version__
+from iisan.captions.files import jsonable, memo_dir, memo_record, pixels_sha256, plain_id, prune_memo, read_memo, settings_id, write_caption_set
+from iisan.captions.settings import (
+    ATTENTIONS,
+    AUTO_BATCH_CPU,
+    END_OF_TURN,
+    GREEDY,
+    KV_CACHES,
+    STATIC_BUCKET,
+    CaptionSettings,
+    conversation,
+    prompt_sha256,
 )
-from .settings import ATTENTIONS, AUTO_BATCH_CPU, END_OF_TURN, GREEDY, KV_CACHES, STATIC_BUCKET, CaptionSettings, conversation, prompt_sha256
+from iisan.io import atomic_path, write_json
 
 DEFAULTS = CaptionSettings()  # the defaults of the settings a caller leaves out
 
@@ -53,14 +53,14 @@ def caption_settings(
     attention: str = DEFAULTS.attention,
 ) -> dict:
     """Everything that determines a caption set, computed without loading the model: the model
-    (path or hub id), its revision, a fingerprint of its files (`iisan.cache.weights_fingerprint`:
+    (path or hub id), its revision, a fingerprint of its files (`iisan.encoders.cache.weights_fingerprint`:
     weights, tokenizer, processor and chat template of a local folder; the id and revision of a
     hub model), the prompt's sha256, the decoding settings (with the KV cache and the attention
     when they are not the defaults, dynamic and sdpa: greedy decoding over another cache, padding
     or attention kernel may round differently),
     the compute dtype, and the caller's `settings` (what `images_for` feeds the model: frame
     positions, image source, ...)."""
-    from ..cache import weights_fingerprint
+    from iisan.encoders.cache import weights_fingerprint
 
     if kv_cache not in KV_CACHES:
         raise ValueError(f"captions.kv_cache: {kv_cache!r} is not one of {', '.join(KV_CACHES)}")
@@ -130,7 +130,7 @@ def load_captioner(model_path: str, device: str | torch.device | None = None, re
     workflow's fetched model) loads without the hub."""
     from transformers import LlavaNextForConditionalGeneration, LlavaNextProcessor
 
-    from ..backbones import local_only
+    from iisan.encoders.backbones import local_only
 
     dev = _device(device)
     local = local_only(model_path)
@@ -256,9 +256,9 @@ def _loader(dataset, workers: int):
 
 def auto_batch_size(model, longest_prompt: int, max_new_tokens: int, items: int) -> int:
     """The largest batch whose KV cache (the longest prompt + max_new_tokens) and prefill
-    activations fit the free memory of the model's GPUs (`iisan.caption_bound.largest_batch`),
+    activations fit the free memory of the model's GPUs (`iisan.captions.caption_bound.largest_batch`),
     at most `items`; AUTO_BATCH_CPU on a CPU."""
-    from ..caption_bound import largest_batch, shapes_from_config
+    from iisan.captions.caption_bound import largest_batch, shapes_from_config
 
     if model.device.type != "cuda":
         return max(1, min(AUTO_BATCH_CPU, items))

@@ -65,12 +65,12 @@ def conversation(prompt: str, n_images: int) -> list[dict]:
 @dataclass(frozen=True)
 class CaptionSettings:
     """The caption stage's settings (config `captions`, less the captioner names and the prompts
-    file): one validated object. Its defaults are the config schema's (`iisan.workflow.from_code`
+    file): one validated object. Its defaults are the config schema's (`iisan.pipeline.workflow.from_code`
     takes them from here), so a config that leaves a key out and a caller that leaves an argument
     out get the same value."""
 
     max_new_tokens: int = 300  # tokens a caption may have
-    batch_size: int | str = 8  # items per batch, or "auto" (the memory plan, iisan.caption_bound; AUTO_BATCH_CPU on a CPU)
+    batch_size: int | str = 8  # items per batch, or "auto" (the memory plan, iisan.captions.caption_bound; AUTO_BATCH_CPU on a CPU)
     kv_cache: str = "dynamic"  # one of KV_CACHES
     attention: str = "sdpa"  # one of ATTENTIONS
     workers: int = 2  # forked processes that read and prepare the images ahead of the GPU (0: in series)

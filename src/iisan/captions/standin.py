@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from ..io import honour_umask
+from iisan.io import honour_umask
 
 # Stand-in geometry: the real models tile 336 px inputs on the grid below (scaled by 336 / 32).
 STANDIN_TILE = 32
@@ -75,7 +75,7 @@ def build_captioner_standin(
         MistralConfig,
     )
 
-    from ..backbones import train_bpe_tokenizer
+    from iisan.encoders.tokenizers import train_bpe_tokenizer
 
     if text_family not in CHAT_TEMPLATES:
         raise ValueError(f"text_family {text_family!r}: expected one of {sorted(CHAT_TEMPLATES)}")

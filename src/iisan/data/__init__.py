@@ -1,4 +1,6 @@
-"""Datasets: reading, preprocessing and the generated demo."""
+"""Datasets: the dataset-kind registry (`kinds`), the Amazon and MicroLens readers and their
+preprocessing, the generated demo and MicroLens twin, item images, video frames, downloads, content
+manifests of input folders, and the item fields a tower reads."""
 
 from __future__ import annotations
 
@@ -32,6 +34,6 @@ def item_texts(items_parquet: Path, field: str) -> list[str]:
     path = caption_file(items_parquet, field)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions for field {field!r}; the workflow's caption rule makes them")
-    from ..captions.files import caption_texts  # checked against its manifest; a damaged caption set is moved aside
+    from iisan.captions.files import caption_texts  # checked against its manifest; a damaged caption set is moved aside
 
     return caption_texts(path, items["item_id"].to_list(), items_parquet)

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import polars as pl
 
-from ..io import write_json, write_parquet
+from iisan.data.errors import DataError
+from iisan.io import write_json, write_parquet
 
 log = logging.getLogger(__name__)
 
@@ -33,10 +34,6 @@ TABLE_I = {
     "Instrument": {"users": 10_000, "items": 19_246, "interactions": 75_022},
     "Office": {"users": 10_000, "items": 22_785, "interactions": 71_276},
 }
-
-
-class DataError(ValueError):
-    """Bad input data; the message names the file and line."""
 
 
 @dataclass
@@ -189,12 +186,12 @@ def _image_index(archive: Path) -> dict[str, str]:
 
 def _item_images(archive: Path, order: list[str], missing_images: str, dataset: str) -> tuple[list[str | None], list[str]]:
     """(member of each item's image or None, items given a blank image): every item's image is
-    decoded once (`iisan.images.image_problem`); an item without an image, or whose image does
+    decoded once (`iisan.data.images.image_problem`); an item without an image, or whose image does
     not decode (empty, truncated, not an image), stops preprocessing naming the item, the member,
     the archive and the config key dataset_sources.<dataset>.missing_images (`dataset`: the
     dataset's folder, named after its entry), or with ``missing_images: blank`` gets a blank
     image (None) and is counted with the blank ones."""
-    from ..images import UndecodableImage, image_problem, missing_images_key, undecodable
+    from iisan.data.images import UndecodableImage, image_problem, missing_images_key, undecodable
 
     available = _image_index(archive)
     names: list[str | None] = [None] * len(order)
@@ -231,7 +228,7 @@ def _check_trainable(users_tsv: Path, kept: list[tuple[str, list[str]]], n_items
     """Stop on data that would train and evaluate without meaning: users whose training history
     is empty, a single user (the loss's negatives are the other users' items: its loss is 0),
     or no more items than the top-K of the metrics (every target would be a hit)."""
-    from ..config import TrainConfig
+    from iisan.config import TrainConfig
 
     short = sum(len(seq) < MIN_INTERACTIONS for _, seq in kept)
     if short:
@@ -354,7 +351,7 @@ INPUTS = ("items_tsv", "users_tsv")  # the raw files `preprocess` reads, as rule
 
 def raw_files(dataset: str, source: dict) -> dict[str, str]:
     """Where the workflow keeps a dataset's items and users TSVs (fetched, or generated)."""
-    from ..plan import RAW
+    from iisan.data.paths import RAW
 
     return {"items_tsv": RAW.format(dataset=dataset, kind="items"), "users_tsv": RAW.format(dataset=dataset, kind="users")}
 
@@ -362,18 +359,18 @@ def raw_files(dataset: str, source: dict) -> dict[str, str]:
 def images(dataset: str, source: dict) -> str | None:
     """An Amazon dataset's covers: where rule fetch_amazon_images puts the archive when ``images``
     says where to download it ({file, url, sha256}), else the path ``images`` gives (None: none)."""
-    from ..plan import RAW_IMAGES
+    from iisan.data.paths import RAW_IMAGES
 
     given = source.get("images")
     return RAW_IMAGES.format(dataset=dataset) if isinstance(given, dict) else given or None
 
 
 def twin(tmp: Path, source: dict, mirror: Path) -> dict[str, str]:
-    """The rehearsal's twin of an Amazon dataset (`iisan.rehearsal.build_mirror`): items and users
+    """The rehearsal's twin of an Amazon dataset (`iisan.pipeline.rehearsal.build_mirror`): items and users
     TSVs from `iisan.data.demo.generate` with the entry's ``demo`` settings, and, when ``images``
     names an archive file, the demo's covers in it as the authors publish theirs."""
-    from ..rehearsal import authors_archive, file_sha256, place
-    from . import demo
+    from iisan.data import demo
+    from iisan.data.twins import authors_archive, file_sha256, place
 
     raw = demo.generate(tmp, demo.DemoSpec(**(source.get("demo") or {})))
     files = {source[key]: file_sha256(place(raw[key], mirror, source[key])) for key in ("items", "users")}

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..io import atomic_path
+from iisan.io import atomic_path
 
 _SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "ti", "vo", "ze", "pa", "do", "gu", "fe", "hi", "jo", "be"]
 _SHAPES = ("square", "circle", "triangle", "bar")
@@ -154,6 +154,6 @@ def generate(out_dir: Path, spec: DemoSpec | None = None) -> dict[str, Path]:
 
 def images(dataset: str, source: dict) -> str:
     """Where the workflow keeps the generated cover archive (the demo dataset kind, iisan.data.kinds)."""
-    from ..plan import RAW_IMAGES
+    from iisan.data.paths import RAW_IMAGES
 
     return RAW_IMAGES.format(dataset=dataset)

@@ -6,7 +6,7 @@ workflow/rules/data.smk (and captions.smk) make its raw files, whether they are 
 ``fetch`` target gathers, how its size is known before it is preprocessed, how the rehearsal
 makes a twin of its published files, and the keys its entry must have. The workflow's input
 functions and wildcard constraints (workflow/rules/common.smk), the preprocess script, the budget
-(`iisan.budget`) and the rehearsal (`iisan.rehearsal`) read it from here. Adding a kind is one
+(`iisan.pipeline.budget`) and the rehearsal (`iisan.pipeline.rehearsal`) read it from here. Adding a kind is one
 `register(DatasetKind(...))` call plus the functions it names (in its own module), and a rule
 only when its raw files come from somewhere no rule serves yet (a kind whose entry names files
 on disk needs none).
@@ -18,8 +18,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..registry import Registry
-from . import amazon, demo, microlens
+from iisan.data import amazon, demo, microlens, microlens_demo
+from iisan.registry import Registry
 
 
 def given_images(dataset: str, source: dict) -> str | None:
@@ -103,7 +103,7 @@ def fetch_rules() -> list[str]:
 
 def schema_keywords() -> dict[tuple[str, ...], dict]:
     """The config schema's keywords that come from this registry, by their place in the schema
-    (for `iisan.workflow.from_code`): the kinds an entry may name, and the keys each kind requires."""
+    (for `iisan.pipeline.workflow.from_code`): the kinds an entry may name, and the keys each kind requires."""
     entry = ("properties", "dataset_sources", "additionalProperties")
     return {
         (*entry, "properties", "kind"): {"enum": names()},
@@ -122,7 +122,7 @@ for _k in (
                 rules=("fetch_amazon", "fetch_amazon_images"), fetch=True, size=spec_size("demo"), twin=amazon.twin, required=("items", "users")),
     # MicroLens-100k as published; its videos are fetched for video captions only
     DatasetKind("microlens", microlens.INPUTS, microlens.raw_files, microlens.preprocess, images=microlens.images,
-                rules=("fetch_microlens", "fetch_videos"), fetch=True, size=spec_size("microlens_demo"), twin=microlens.twin,
+                rules=("fetch_microlens", "fetch_videos"), fetch=True, size=spec_size("microlens_demo"), twin=microlens_demo.twin,
                 required=("pairs", "titles")),
     # the generated MicroLens-format twin (pairs TSV, titles CSV, covers, short H.265 videos)
     DatasetKind("microlens-demo", microlens.INPUTS, microlens.raw_files, microlens.preprocess, images=microlens.covers,

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .amazon import Counters, _bad, _lines, _titles
-from .amazon import preprocess as _preprocess
+from iisan.data.amazon import Counters, _bad, _lines, _titles
+from iisan.data.amazon import preprocess as _preprocess
 
 # The published file names (the workflow keeps them under resources/raw/<dataset>/; covers in a
 # zip archive of MicroLens-100k_covers/<item_id>.jpg)
@@ -66,14 +66,14 @@ PUBLISHED = ("pairs", "titles", "covers")  # the entry's keys of the published f
 
 def raw_files(dataset: str, source: dict) -> dict[str, str]:
     """Where the workflow keeps a dataset's pairs TSV and titles CSV (fetched, or generated)."""
-    from ..plan import MICROLENS_RAW
+    from iisan.data.paths import MICROLENS_RAW
 
     return {"pairs": MICROLENS_RAW.format(dataset=dataset, name=PAIRS), "titles": MICROLENS_RAW.format(dataset=dataset, name=TITLES)}
 
 
 def covers(dataset: str, source: dict) -> str:
     """Where the workflow keeps a dataset's cover archive (fetched, or generated)."""
-    from ..plan import MICROLENS_RAW
+    from iisan.data.paths import MICROLENS_RAW
 
     return MICROLENS_RAW.format(dataset=dataset, name=COVERS)
 
@@ -81,24 +81,6 @@ def covers(dataset: str, source: dict) -> str:
 def images(dataset: str, source: dict) -> str | None:
     """MicroLens-100k's covers: the archive rule fetch_microlens fetches when the entry names
     ``covers``, else as an Amazon dataset's (`amazon.images`)."""
-    from .amazon import images as given
+    from iisan.data.amazon import images as given
 
     return covers(dataset, source) if source.get("covers") else given(dataset, source)
-
-
-def twin(tmp: Path, source: dict, mirror: Path) -> dict[str, str | int]:
-    """The rehearsal's twin of MicroLens-100k (`iisan.rehearsal.build_mirror`): the pairs TSV,
-    titles CSV, covers zip and H.265 videos of `iisan.data.microlens_demo.generate` with the
-    entry's ``microlens_demo`` settings, each that the entry names (the videos: their count)."""
-    from ..rehearsal import file_sha256, place
-    from . import microlens_demo
-
-    raw = microlens_demo.generate(tmp, source.get("microlens_demo"))
-    files: dict[str, str | int] = {}
-    for key in PUBLISHED:
-        if source.get(key):
-            files[source[key]] = file_sha256(place(raw[key], mirror, source[key]))
-    if source.get("videos"):
-        videos = place(raw["videos"], mirror, source["videos"])
-        files[source["videos"]] = sum(1 for _ in videos.glob("*.mp4"))
-    return files

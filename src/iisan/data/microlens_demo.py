@@ -42,9 +42,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from ..io import atomic_path, current_umask
-from .demo import _SHAPES, _image, _words, planted_sequences
-from .microlens import COVERS, COVERS_DIR, PAIRS, TITLES, VIDEOS  # the published names
+from iisan.data.demo import _SHAPES, _image, _words, planted_sequences
+from iisan.data.microlens import COVERS, COVERS_DIR, PAIRS, PUBLISHED, TITLES, VIDEOS  # the published names
+from iisan.io import atomic_path, current_umask
 
 _ZIP_TIME = (1980, 1, 1, 0, 0, 0)  # a fixed timestamp: the same seed gives the same archive
 
@@ -331,3 +331,20 @@ def generate(out_dir: Path, spec: MicroLensDemoSpec | dict | None = None) -> dic
         shutil.rmtree(tmp_dir, ignore_errors=True)
         raise
     return paths
+
+
+def twin(tmp: Path, source: dict, mirror: Path) -> dict[str, str | int]:
+    """The rehearsal's twin of MicroLens-100k (`iisan.pipeline.rehearsal.build_mirror`): the pairs TSV,
+    titles CSV, covers zip and H.265 videos of `iisan.data.generate` with the
+    entry's ``microlens_demo`` settings, each that the entry names (the videos: their count)."""
+    from iisan.data.twins import file_sha256, place
+
+    raw = generate(tmp, source.get("microlens_demo"))
+    files: dict[str, str | int] = {}
+    for key in PUBLISHED:
+        if source.get(key):
+            files[source[key]] = file_sha256(place(raw[key], mirror, source[key]))
+    if source.get("videos"):
+        videos = place(raw["videos"], mirror, source["videos"])
+        files[source["videos"]] = sum(1 for _ in videos.glob("*.mp4"))
+    return files

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..io import read_json
+from iisan.io import read_json
 
 
 def left_pad(seqs: list[list[int]], length: int) -> np.ndarray:

@@ -8,10 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .. import plan
-from ..layerdrop import tower_schemes
-from . import entries, paper  # noqa: F401  (entries registers the paper's tables)
-from .build import (  # noqa: F401  (the builders' names, for the workflow's scripts)
+from iisan.pipeline import plan
+from iisan.tables import entries, paper  # noqa: F401  (entries registers the paper's tables)
+from iisan.tables.build import (  # noqa: F401  (the builders' names, for the workflow's scripts)
     GROUP_ORDER,
     aggregate,
     build_efficiency,
@@ -21,7 +20,8 @@ from .build import (  # noqa: F401  (the builders' names, for the workflow's scr
     tpme,
     write_csv,
 )
-from .registry import TABLES, Table, get, names, register, unregister  # noqa: F401
+from iisan.tables.registry import TABLES, Table, get, names, register, unregister  # noqa: F401
+from iisan.training.layerdrop import tower_schemes
 
 
 def runs_entry(name: str) -> Table:
@@ -54,7 +54,7 @@ def planned_run_tables(config: dict) -> list[str]:
 
 def run_identity(config: dict, dataset: str, row: dict) -> tuple:
     """What a row's run computes, up to its seed: dataset and canonical wildcards (towers,
-    method, canonical scheme, cache), `iisan.plan.run_wildcards` with the config."""
+    method, canonical scheme, cache), `iisan.pipeline.plan.run_wildcards` with the config."""
     return tuple(plan.run_wildcards(dataset, row, config).values())
 
 
@@ -88,7 +88,7 @@ def run_seeds(config: dict) -> dict[tuple, list[int]]:
 
 def plan_runs(name: str, config: dict) -> list[tuple[dict, str]]:
     """[(row description, metrics path)] for every dataset, row and seed of a table or figure.
-    A row's run is named by what it computes (`iisan.plan.run_wildcards` with the config: the
+    A row's run is named by what it computes (`iisan.pipeline.plan.run_wildcards` with the config: the
     canonical scheme) and trains the seeds of `run_seeds` (the union of what the planned rows of
     every table ask of it; a table the config does not plan adds its own). Each description holds
     `config_hash`, the hash of the experiment the config gives its run (what the train rule's
@@ -111,7 +111,7 @@ def plan_runs(name: str, config: dict) -> list[tuple[dict, str]]:
 def efficiency_plan(config: dict) -> list[tuple[dict, str]]:
     """[(row, profile path)]: every Fig. 5 method x batch size on its dataset (its run's canonical
     folder, one seed: config `seeds`' first); each row holds the `config_hash` of the experiment
-    its profile times (`iisan.plan.profile_experiment`)."""
+    its profile times (`iisan.pipeline.plan.profile_experiment`)."""
     return [(dict(row, dataset=dataset, config_hash=plan.profile_experiment(config, **plan.run_wildcards(dataset, row, config)).hash()),
              plan.profile_path(dataset, row, config))
             for dataset in table_datasets(config, "fig5") for row in table_plan("fig5", config)]

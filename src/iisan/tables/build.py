@@ -7,9 +7,9 @@ from pathlib import Path
 
 import polars as pl
 
-from .. import methods
-from ..config import config_hash
-from ..io import DamagedFileError, atomic_path, read_json, set_aside
+from iisan.config import config_hash
+from iisan.io import DamagedFileError, atomic_path, read_json, set_aside
+from iisan.training import methods
 
 GROUP_ORDER = ["PLM", "base LLM", "MoE LLM", "70B"]
 METRICS = ("hr@10", "ndcg@10")
@@ -417,7 +417,7 @@ def build_table3(rows: list[dict], metrics: list[Path], header: str = "method", 
 
 def build_efficiency(rows: list[dict], profiles: list[Path], out: Path) -> pl.DataFrame:
     """Profiles (one per method and batch size) -> efficiency.csv with TPME per batch size over
-    the methods (`iisan.figures.fig5` draws it)."""
+    the methods (`iisan.tables.figures.fig5` draws it)."""
     recs = []
     for row, m in read_runs(rows, profiles, "profiles"):
         recs.append(

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import polars as pl
 
-from .build import CITED, GROUP_ORDER, METRICS, write_csv
-from .paper import cells, values
+from iisan.tables.build import CITED, GROUP_ORDER, METRICS, write_csv
+from iisan.tables.paper import cells, values
 
 HOLDS, FAILS, NOT_RUN = "holds", "does not hold", "not run"
 COLUMNS = ("table", "dataset", "claim", "verdict", "ours", "paper verdict", "paper")
@@ -64,7 +64,7 @@ class Source:
     def paper(cls) -> Source:
         """The paper's printed rows of every table it prints, with the means of Fig. 4's groups
         (Table IV's: the paper prints the rows only) computed as our Table IV computes ours."""
-        from .registry import TABLES
+        from iisan.tables.registry import TABLES
 
         out = {}
         for table in (n for n, t in TABLES.items() if t.paper):
@@ -486,7 +486,7 @@ PAPER_SOURCE: list[Source] = []  # the paper's numbers, read once
 
 def claim_list(registry: dict | None = None) -> list[tuple[str, Claim]]:
     """(table, claim) for every row claim of the registry, in registry order."""
-    from .registry import TABLES
+    from iisan.tables.registry import TABLES
 
     return [(name, c) for name, t in (registry or TABLES).items() for c in t.claims]
 
@@ -496,7 +496,7 @@ def build_claims(inputs: dict[str, Path | str], out: Path | str, paper: dict[str
     `paper[name]` says whether that table ran on the paper's data, where the paper's verdict on the
     same comparison is printed beside ours. Every registered claim is a row: a table that did not
     run gives "not run"."""
-    from .registry import TABLES
+    from iisan.tables.registry import TABLES
 
     paper = paper or {}
     csvs = {k: Path(v) for k, v in inputs.items()}

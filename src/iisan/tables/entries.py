@@ -1,6 +1,6 @@
 """The paper's tables and figures as entries of the table registry: rows, settings, builders.
 
-Each section's JSON schema (with its defaults) lives in its entry; `iisan.workflow.validate`
+Each section's JSON schema (with its defaults) lives in its entry; `iisan.pipeline.workflow.validate`
 merges them into the config schema. Row keys are the names the paper's numbers use
 (iisan/paper_values.yaml).
 """
@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import yaml
 
-from .. import methods
-from ..config import backbone_entry
-from ..layerdrop import scheme_layers
-from ..plan import compared_row, method_row, methods_table_row, row, table4_method, va_scheme, va_towers
-from .build import (
+from iisan.config import backbone_entry
+from iisan.pipeline.plan import compared_row, method_row, methods_table_row, row, table4_method, va_scheme, va_towers
+from iisan.tables.build import (
     build_gates,
     build_methods_table,
     build_plain,
@@ -24,7 +22,7 @@ from .build import (
     build_table8,
     build_table9,
 )
-from .claims import (
+from iisan.tables.claims import (
     CITED_BEST,
     Claim,
     above,
@@ -48,7 +46,9 @@ from .claims import (
     stated,
     versus_claims,
 )
-from .registry import Table, register
+from iisan.tables.registry import Table, register
+from iisan.training import methods
+from iisan.training.layerdrop import scheme_layers
 
 DATASETS = {"type": "array", "items": {"type": "string"}, "minItems": 1,
             "description": "the datasets it runs on (default: datasets)"}
@@ -376,7 +376,7 @@ def table9_rows(config: dict) -> list[dict]:
     texts (title, video and cover captions) through two text towers of `text_encoder`; and with
     the title and the cover image. IISAN-Versa is the IISAN-VS model where the two backbones have
     one shape, else IISAN-VA (as Table IV)."""
-    from ..data import ITEM_FIELDS
+    from iisan.data import ITEM_FIELDS
 
     t9 = config["table9"]
 

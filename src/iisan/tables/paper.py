@@ -14,9 +14,9 @@ from pathlib import Path
 import polars as pl
 import yaml
 
-from .build import METRICS
+from iisan.tables.build import METRICS
 
-VALUES = Path(__file__).resolve().parents[1] / "paper_values.yaml"
+VALUES = Path(__file__).with_name("paper_values.yaml")
 # the datasets the paper reports on, by the source kind that holds the real data
 PAPER_DATASETS = {"Scientific": "amazon", "Instrument": "amazon", "Office": "amazon", "MicroLens": "microlens"}
 

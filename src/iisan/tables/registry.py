@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..registry import Registry
+from iisan.registry import Registry
 
 
 @dataclass(frozen=True)
