@@ -188,18 +188,19 @@ def run_job(snakemake) -> None:
 
 def run_inputs(snakemake):
     """(experiment, paths) of a train or profile job: the experiment from the rule's params with
-    the config's speed settings, and the dataset, cache folders, stand-in folders and image
-    archive from its inputs (see get_run_inputs in workflow/rules/common.smk)."""
+    the config's speed settings, and every file from the rule's inputs (get_run_inputs in
+    workflow/rules/common.smk): the dataset, the cache folders, the item table, the stand-in
+    folder of each tower (input `standin<t>`, for the towers whose model the workflow builds) and
+    the image archive."""
     from iisan.config import Experiment
-    from iisan.encoders.backbones import built_by_workflow
-    from iisan.pipeline.plan import standin_dir
 
     exp = Experiment.from_dict(snakemake.params.experiment).with_speed(snakemake.config.get("speed"))
     i = snakemake.input
     paths = {
         "dataset_dir": Path(i.sequences).parent,
         "cache_dirs": [Path(a).parent for a in i.caches] if "caches" in i.keys() else [],
-        "standins": [standin_dir(t.backbone) if built_by_workflow(t.spec["source"]) else None for t in exp.towers],
+        "items": Path(i.item_table) if "item_table" in i.keys() else None,
+        "standins": [Path(i[f"standin{t}"]).parent if f"standin{t}" in i.keys() else None for t in range(len(exp.towers))],
         "images": i.images if "images" in i.keys() else None,
     }
     return exp, paths

@@ -49,9 +49,10 @@ def cached_source(exp: Experiment, data, cache_dirs: list[Path]):
     return CachedFeatures(caches, index), layers, info
 
 
-def backbone_source(exp: Experiment, dataset_dir: Path, standins: list | None, images, device):
-    """(source, layers): the backbones in the loop. `standins[t]` is the folder of tower t's
-    stand-in (demo backbones; None or absent for the others, which load from their source)."""
+def backbone_source(exp: Experiment, items: Path, standins: list | None, images, device):
+    """(source, layers): the backbones in the loop over the item table `items`. `standins[t]` is
+    the folder of tower t's stand-in (demo backbones; None or absent for the others, which load
+    from their source)."""
     standins = list(standins or [])
     standins += [None] * (len(exp.towers) - len(standins))
     towers, layers = [], []
@@ -64,16 +65,17 @@ def backbone_source(exp: Experiment, dataset_dir: Path, standins: list | None, i
                             layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype)))
         layers.append(want)
     source = build_backbone_features(
-        towers, Path(dataset_dir) / "items.parquet", exp.spec.finetune, images_archive=Path(images) if images else None,
+        towers, Path(items), exp.spec.finetune, images_archive=Path(images) if images else None,
         device=device, settings=exp.finetune, item_slots=exp.train.item_slots,
     )
     return source, layers
 
 
 def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], device: str | None = None,
-                 standins: list | None = None, images: str | None = None):
+                 standins: list | None = None, images: str | None = None, items: Path | None = None):
     """(Trainer, layers, cache info) for one experiment; the feature source follows its method
-    and cache (dropped | full | none = backbones in the loop)."""
+    and cache (dropped | full | none = backbones in the loop, over the item table `items`:
+    by default the dataset's own, items.parquet beside its sequences)."""
     import torch
 
     data = load_sequences(dataset_dir, exp.model.max_len)
@@ -85,7 +87,7 @@ def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], dev
         if exp.spec.is_id:
             source, layers = IdFeatures(data.n_items), []
         elif exp.cache == "none":
-            source, layers = backbone_source(exp, dataset_dir, standins, images, dev)
+            source, layers = backbone_source(exp, items or Path(dataset_dir) / "items.parquet", standins, images, dev)
         else:
             source, layers, info = cached_source(exp, data, cache_dirs)
     log.info("experiment %s: layers %s", exp.to_dict(), layers)
@@ -98,13 +100,14 @@ def _cache_bytes(info: list[dict]) -> int:
 
 
 def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None,
-                   standins: list | None = None, images: str | None = None, keep_checkpoint: bool = False) -> dict:
+                   standins: list | None = None, images: str | None = None, items: Path | None = None,
+                   keep_checkpoint: bool = False) -> dict:
     """Train, evaluate and write `out` (metrics.json). Training checkpoints to `checkpoint.pt`
     beside `out` and resumes from it when restarted (a killed run continues where it stopped);
     the checkpoint is deleted once `out` is written unless `keep_checkpoint`. Its "gates" are
     the learned gate values of the best validation epoch's model (`Recommender.gate_values`,
     towers named by their item fields; {} for models without gates)."""
-    trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images)
+    trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images, items)
     checkpoint = Path(out).parent / "checkpoint.pt"
     result = trainer.fit(checkpoint=checkpoint)
     # the model now holds the best validation epoch's weights, whose test metrics are reported
@@ -119,12 +122,12 @@ def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], o
 
 def profile_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], out: Path, batch_size: int,
                        steps: int = 10, device: str | None = None, standins: list | None = None,
-                       images: str | None = None) -> dict:
+                       images: str | None = None, items: Path | None = None) -> dict:
     """Peak memory and time per step of one experiment at `batch_size` (Fig. 5's sweep)."""
     import dataclasses
 
     timed = dataclasses.replace(exp, train=dataclasses.replace(exp.train, batch_size=batch_size))
-    trainer, layers, info = make_trainer(timed, dataset_dir, cache_dirs, device, standins, images)
+    trainer, layers, info = make_trainer(timed, dataset_dir, cache_dirs, device, standins, images, items)
     result = trainer.profile(steps=steps)
     result.update({"experiment": exp.to_dict(), "layers": layers, "cache": exp.cache, "cache_bytes": _cache_bytes(info)})
     write_json(out, result)
