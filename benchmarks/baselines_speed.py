@@ -102,7 +102,7 @@ def step_flops(trainer, n: int = 3) -> float:
             with trainer.step.precision.autocast():
                 loss = trainer.model(ids, trainer.source.gather(ids.reshape(-1)))
             loss.backward()
-        trainer.opt.zero_grad(set_to_none=False)
+        trainer.step.optimiser.zero_grad(set_to_none=False)
         total += fc.get_total_flops()
     return total / n
 
@@ -154,9 +154,8 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     from caption_speed import matmul_tflops
 
     from iisan.data.synthetic import synthetic
-    from iisan.training.fast_step import StepSettings
     from iisan.training.model import ModelConfig
-    from iisan.training.train import TrainConfig, Trainer
+    from iisan.training.train import TrainConfig, Trainer, start_run
 
     device = torch.device("cpu" if SMOKE else "cuda")
     data = synthetic(users=300, items=500, interactions=2000) if SMOKE else synthetic()
@@ -167,9 +166,8 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     # slot); another torch.compile mode for each backbone layer (reduce-overhead: CUDA graph trees
     # around each layer's forward and backward; max-autotune-no-cudagraphs: Triton matmul
     # templates with fused epilogues where faster)
-    speed = dataclasses.replace(StepSettings.of(cfg, device), graph_backbones=graphs_in_loop,
-                                layer_mode=None if layer_mode == "default" else layer_mode)
-    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=str(device), speed=speed)
+    cfg = dataclasses.replace(cfg, graph_backbones=graphs_in_loop, layer_mode=None if layer_mode == "default" else layer_mode)
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, start_run(cfg.seed, device))
     if host_slots_:
         host_slots(trainer)
     steps_per_epoch = -(-data.n_users // cfg.batch_size)

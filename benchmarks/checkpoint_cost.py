@@ -15,8 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from iisan.data.synthetic import N_ITEMS, tiny_data
+from iisan.training.features import CachedFeatures
 from iisan.training.model import ModelConfig
-from iisan.training.train import FitState, TrainConfig, Trainer
+from iisan.training.train import FitState, TrainConfig, Trainer, start_run
 
 
 def main() -> None:
@@ -26,7 +27,8 @@ def main() -> None:
     p.add_argument("--dir", default=None)
     a = p.parse_args()
     caches = [np.random.default_rng(0).standard_normal((N_ITEMS + 1, 7, a.hidden)).astype(np.float32) for _ in range(2)]
-    trainer = Trainer(tiny_data(), caches, ModelConfig(), TrainConfig(max_epochs=1, batch_size=16), device="cpu")
+    cfg = TrainConfig(max_epochs=1, batch_size=16)
+    trainer = Trainer(tiny_data(), CachedFeatures(caches), ModelConfig(), cfg, start_run(cfg.seed, "cpu"))
     trainer.train_epoch()  # Adam state exists
     best = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}  # every tensor trains in a cached run
     state = FitState(epoch=1, best=0.1, best_epoch=1, best_state=best)

@@ -19,9 +19,8 @@ import time
 import torch
 
 from iisan.data.synthetic import synthetic
-from iisan.training.fast_step import StepSettings
 from iisan.training.model import ModelConfig
-from iisan.training.train import TrainConfig, Trainer
+from iisan.training.train import TrainConfig, Trainer, start_run
 
 import baselines_speed as bs
 
@@ -34,10 +33,9 @@ def main(mode: str, method: str) -> dict:
     data = synthetic(users=300, items=500, interactions=2000) if smoke else synthetic()
     source, model_method = bs.build(method, data, torch.device(dev), "all")
     cfg = TrainConfig(batch_size=32, max_epochs=1, patience=1, precision="bf16", cuda_graphs=True, compile=True, item_slots="all")
-    speed = StepSettings.of(cfg, torch.device(dev))
     if mode != "default":
-        speed = dataclasses.replace(speed, layer_mode=mode)
-    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, device=dev, speed=speed)
+        cfg = dataclasses.replace(cfg, layer_mode=mode)
+    trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, start_run(cfg.seed, dev))
 
     def batches():
         while True:

@@ -10,6 +10,7 @@ projection per state. Every precision runs the same seeds with the workflow's sp
 (CUDA graph step, compiled encoders). Prints one JSON line per run, then a summary.
 
     PYTHONPATH=src python benchmarks/precision.py [--epochs 30] [--seeds 12345 12346 12347]
+    PYTHONPATH=src python benchmarks/precision.py --smoke --epochs 2 --seeds 1  # tiny shapes on the CPU
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import torch
 
 from iisan.data.sequences import SequenceData
 from iisan.data.synthetic import sequence_data
+from iisan.training.features import CachedFeatures
 from iisan.training.model import ModelConfig
-from iisan.training.train import TrainConfig, Trainer
+from iisan.training.train import TrainConfig, Trainer, start_run
 
 
 def structured(users=12076, items=20314, groups=200, states=7, d=768, seed=0) -> tuple[SequenceData, list[np.ndarray]]:
@@ -63,32 +65,37 @@ def main():
     ap.add_argument("--seeds", type=int, nargs="+", default=[12345, 12346, 12347])
     ap.add_argument("--precisions", nargs="+", default=["bf16", "fp16", "fp32"])
     ap.add_argument("--no-compile", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU (which computes in fp32), to check the script")
     args = ap.parse_args()
+    device = torch.device("cpu" if args.smoke else "cuda")
+    cuda = device.type == "cuda"
     t0 = time.perf_counter()
-    data, caches = structured()
+    data, caches = structured(users=300, items=500, groups=20, d=32) if args.smoke else structured()
     print(json.dumps({"data_seconds": round(time.perf_counter() - t0, 1)}), flush=True)
     runs = []
     for precision in args.precisions:
         for seed in args.seeds:
             cfg = TrainConfig(max_epochs=args.epochs, patience=args.epochs, seed=seed, precision=precision,
                               cuda_graphs=True, compile=not args.no_compile)
-            trainer = Trainer(data, caches, ModelConfig(method="iisan"), cfg)
-            torch.cuda.reset_peak_memory_stats()
+            trainer = Trainer(data, CachedFeatures(caches), ModelConfig(method="iisan"), cfg, start_run(seed, device))
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
             res = trainer.fit(progress=False)
             epochs = [h["epoch_seconds"] for h in res["history"]] if "epoch_seconds" in res["history"][0] else []
             run = {"precision": precision, "seed": seed, "test": res["test"], "valid": res["valid"],
                    "best_epoch": res["best_epoch"], "time_per_epoch_train_s": res["time_per_epoch_train_s"],
                    "time_per_epoch_with_eval_s": res.get("time_per_epoch_with_eval_s"),
-                   "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1),
+                   "peak_memory_mib": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else 0.0,
                    "losses": [round(h["loss"], 4) for h in res["history"][:3]] + [round(res["history"][-1]["loss"], 4)],
-                   "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+                   "device": torch.cuda.get_device_name() if cuda else "cpu", "torch": torch.__version__}
             if epochs:
                 run["epoch_seconds_first_last"] = [round(epochs[0], 3), round(epochs[-1], 3)]
             runs.append(run)
             print(json.dumps(run), flush=True)
             del trainer, res  # each run's peak memory is its own
             gc.collect()
-            torch.cuda.empty_cache()
+            if cuda:
+                torch.cuda.empty_cache()
     summary = {}
     for precision in args.precisions:
         rs = [r for r in runs if r["precision"] == precision]

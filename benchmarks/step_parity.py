@@ -68,12 +68,49 @@ def data_module():
     return module
 
 
+def lib(path: str):
+    """The library module `path` in this tree's layout (e.g. "training.features"), or where a
+    version before the subpackages kept it (iisan.features), whichever version runs."""
+    import importlib
+
+    try:
+        return importlib.import_module(f"iisan.{path}")
+    except ModuleNotFoundError as e:
+        if not f"iisan.{path}".startswith(e.name or "-"):  # a dependency missing, not the module
+            raise
+        return importlib.import_module(f"iisan.{path.rpartition('.')[2]}")
+
+
+def tiny_backbones(finetune: str):
+    """`baselines_speed.backbones(finetune, smoke=True)` through either library layout: tiny
+    BERT and ViT with random weights prepared for `finetune`, and the image size."""
+    from transformers import BertConfig, BertModel, ViTConfig, ViTModel
+
+    prepare_backbone = lib("encoders.finetune").prepare_backbone
+    small = dict(hidden_size=32, num_attention_heads=2, intermediate_size=64)
+    bert = prepare_backbone(BertModel(BertConfig(**small), add_pooling_layer=False), "bert", finetune)
+    vit = prepare_backbone(ViTModel(ViTConfig(image_size=32, **small), add_pooling_layer=False), "vit", finetune)
+    return bert, vit, 32
+
+
+def make_trainer(data, caches, layer_index, model_cfg, train_cfg):
+    """The library's Trainer of a run, through whichever API the running version has: a
+    FeatureSource and the device of `start_run` (which seeds), or before that (463fa35) the
+    cached arrays with their layer index (the Trainer seeded itself). Seeded after the source is
+    built in both."""
+    train = lib("training.train")
+    if not hasattr(train, "start_run"):
+        return train.Trainer(data, caches, model_cfg, train_cfg, layer_index=layer_index)
+    features = lib("training.features")
+    source = caches if isinstance(caches, features.FeatureSource) else features.CachedFeatures(caches, layer_index)
+    return train.Trainer(data, source, model_cfg, train_cfg, train.start_run(train_cfg.seed))
+
+
 def tiny_source(kind: str, n_items: int):
     """(source, layer_index) of a tiny run; random weights seeded, so both versions build the same."""
     import torch
 
-    from iisan.training.features import IdFeatures
-
+    IdFeatures = lib("training.features").IdFeatures
     tiny_caches = data_module().tiny_caches
 
     if kind == "cached":
@@ -82,14 +119,15 @@ def tiny_source(kind: str, n_items: int):
         return tiny_caches(), [[0, 2], [1, 2]]
     if kind == "ids":
         return IdFeatures(n_items), None
-    from iisan.encoders.backbones import BackboneSpec
-    from iisan.training.features import BackboneFeatures, BackboneTower, Tower
+    BackboneSpec = lib("encoders.backbones").BackboneSpec
+    features = lib("training.features")
+    BackboneFeatures, BackboneTower, Tower = features.BackboneFeatures, features.BackboneTower, features.Tower
 
-    from baselines_speed import backbones, item_inputs
+    from baselines_speed import item_inputs
 
     finetune = "frozen" if kind.startswith("frozen") else kind
     torch.manual_seed(0)
-    bert, vit, size = backbones(finetune, smoke=True)
+    bert, vit, size = tiny_backbones(finetune)
     text, pixels = item_inputs(n_items + 1, size, torch.Generator().manual_seed(0))
     text_spec = BackboneSpec.from_config("bert-tiny", {"source": "random", "family": "bert", "modality": "text", "layers": 12, "hidden": 32})
     image_spec = BackboneSpec.from_config("vit-tiny", {"source": "random", "family": "vit", "modality": "image", "layers": 12, "hidden": 32})
@@ -116,9 +154,8 @@ def child(out: Path, names: list[str]) -> None:
     import torch
 
     import iisan
-    from iisan.training.model import ModelConfig
-    from iisan.training.train import TrainConfig, Trainer
 
+    ModelConfig, TrainConfig = lib("training.model").ModelConfig, lib("training.train").TrainConfig
     cuda = torch.cuda.is_available()
     if not cuda:
         torch.set_num_threads(1)  # one reduction order on the CPU
@@ -133,7 +170,7 @@ def child(out: Path, names: list[str]) -> None:
             data = data_module().tiny_data()
             model, train = {**TINY_MODEL, **model}, {**TINY_TRAIN, **train}
             caches, layer_index = tiny_source(kind, data.n_items)
-        trainer = Trainer(data, caches, ModelConfig(**model), TrainConfig(**train), layer_index=layer_index)
+        trainer = make_trainer(data, caches, layer_index, ModelConfig(**model), TrainConfig(**train))
         result = trainer.fit(progress=False)
         h = result["history"]
         runs[name] = {"losses": [e["loss"] for e in h], "valid_hr": [e["valid_hr@10"] for e in h], "best_epoch": result["best_epoch"],

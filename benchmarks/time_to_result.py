@@ -118,7 +118,7 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
     from iisan.data.sequences import load_sequences
     from iisan.io import write_json
     from iisan.training.experiment import cached_source
-    from iisan.training.train import Trainer, set_seed
+    from iisan.training.train import Trainer, start_run
 
     cfg = config()
     exp = experiment(cfg, epochs, speed)
@@ -126,7 +126,7 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
     marks["imports"] = round(t - script_start, 3)
     caches = [work / "cache" / f / b for f, b in TOWERS]
     # make_trainer's steps, each timed
-    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = start_run(exp.train.seed)  # seeds every random stream, picks the device
     if dev.type == "cuda":
         torch.zeros(1, device=dev)
         torch.cuda.synchronize()
@@ -135,19 +135,19 @@ def child(work: Path, out: Path, epochs: int, speed: dict, profile_init: bool = 
     data = load_sequences(work / "Scientific")
     marks["load_dataset"] = round(time.time() - t, 3)
     t = time.time()
-    source, layers, info = cached_source(exp, data, caches)
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):  # as make_trainer
+        source, layers, info = cached_source(exp, data, caches)
     marks["load_caches (checked, checksums)"] = round(time.time() - t, 3)
     t = time.time()
-    set_seed(exp.train.seed)
     if profile_init:  # where the trainer's construction spends its time (cProfile, top 25 by cumulative time)
         import cProfile
         import pstats
 
         with cProfile.Profile() as prof:
-            trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
+            trainer = Trainer(data, source, exp.model, exp.train, dev, run_hash=exp.hash())
         pstats.Stats(prof, stream=sys.stderr).sort_stats("cumulative").print_stats(25)
     else:
-        trainer = Trainer(data, source, exp.model, exp.train, device=str(dev), run_hash=exp.hash())
+        trainer = Trainer(data, source, exp.model, exp.train, dev, run_hash=exp.hash())
     trainer.sync()
     marks["trainer (to GPU, model)"] = round(time.time() - t, 3)
     t = time.time()
