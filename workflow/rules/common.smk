@@ -15,7 +15,12 @@ from iisan import tables
 from iisan.training import methods
 
 from iisan.pipeline import plan, rehearsal
-from iisan.encoders.backbones import BackboneSpec, built_by_workflow, is_hub_id, output_layer
+from iisan.encoders.backbones import (
+    BackboneSpec,
+    built_by_workflow,
+    is_hub_id,
+    output_layer,
+)
 from iisan.pipeline.budget import (
     FLOOR_MIN,
     Budget,
@@ -527,7 +532,8 @@ def gpu_limit():
     """The cards this run's GPU jobs may hold at once, or None where no limit applies (a cluster,
     `iisan plan`'s graph): `--resources gpu=N` (or a profile's `resources: gpu`), else in a local
     run this machine's cards (at least 1), registered as the `gpu` resource so that Snakemake runs
-    at most that many GPU jobs' cards at once, each job its own (iisan.pipeline.gpus)."""
+    at most that many GPU jobs' cards at once, each job its own (iisan.pipeline.gpus).
+    """
     if runs_here() and "gpu" not in workflow.global_resources:
         workflow.register_resource("gpu", max(machine_cards(), 1))
     if runs_here() or workflow.dryrun:
@@ -549,7 +555,8 @@ def get_attempt(wildcards, attempt):
 def memory_factor(name, wildcards, attempt):
     """How much more host memory than its first attempt a retry of a GPU job asks for: one more
     share for every earlier attempt that failed, except those stopped by SIGTERM (a time limit,
-    which more memory would not help: iisan.pipeline.jobs records them beside the job's log)."""
+    which more memory would not help: iisan.pipeline.jobs records them beside the job's log).
+    """
     if attempt == 1:
         return 1
     log = workflow.get_rule(name).expand_log(wildcards)[0]
