@@ -193,3 +193,19 @@ def test_a_truncated_captions_file_is_moved_aside(tmp_path):
 def test_write_json_output_reads_back(tmp_path):
     write_json(tmp_path / "x.json", {"a": [1, 2]})
     assert read_json(tmp_path / "x.json", then="-") == json.loads((tmp_path / "x.json").read_text())
+
+
+def test_a_caption_field_reads_the_caption_set_it_is_given(tmp_path):
+    """A job passes the caption set its rule declares as input; without one, the set beside the
+    item table is read."""
+    from iisan.data import caption_file, item_texts
+
+    items = tmp_path / "items.parquet"
+    pl.DataFrame({"item_id": ["a", "b"], "title": ["x", "y"]}).write_parquet(items)
+    beside = caption_file(items, "cover_caption")
+    beside.parent.mkdir()
+    pl.DataFrame({"item_id": ["a", "b"], "caption": ["red", "blue"]}).write_parquet(beside)
+    given = tmp_path / "elsewhere.parquet"
+    pl.DataFrame({"item_id": ["a", "b"], "caption": ["green", "grey"]}).write_parquet(given)
+    assert item_texts(items, "cover_caption") == ["red", "blue"]
+    assert item_texts(items, "cover_caption", given) == ["green", "grey"]

@@ -15,4 +15,4 @@ with job(snakemake):
     path = resolve_source(spec, Path(i.standin).parent if "standin" in i.keys() else None)
     build_cache(spec, path, Path(i.item_table), snakemake.wildcards.field, Path(snakemake.output.array).parent,
                 images_archive=Path(i.images) if "images" in i.keys() else None, batch_size=p.batch_size,
-                store_dtype=p.store_dtype)
+                store_dtype=p.store_dtype, captions=Path(i.captions0) if "captions0" in i.keys() else None)

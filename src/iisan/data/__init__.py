@@ -19,10 +19,11 @@ def caption_file(items_parquet: Path, field: str) -> Path:
     return Path(items_parquet).parent / CAPTIONS.format(source=CAPTION_FIELDS[field])
 
 
-def item_texts(items_parquet: Path, field: str) -> list[str]:
+def item_texts(items_parquet: Path, field: str, captions: Path | None = None) -> list[str]:
     """The text of `field` for every item of items.parquet, in its order: a column of the table,
-    or a caption field read from its caption file (`iisan.captions.caption_texts`: checked against
-    its manifest, a caption for every item; one that fails is moved aside and remade by the next run)."""
+    or a caption field read from its caption set `captions` (default: the one beside the table,
+    `caption_file`; `iisan.captions.files.caption_texts`: checked against its manifest, a caption
+    for every item; one that fails is moved aside and remade by the next run)."""
     import polars as pl
 
     items = pl.read_parquet(items_parquet)
@@ -31,7 +32,7 @@ def item_texts(items_parquet: Path, field: str) -> list[str]:
     if field not in CAPTION_FIELDS:
         raise KeyError(f"{items_parquet}: no text field {field!r} (columns: {items.columns}; caption fields: "
                        f"{', '.join(CAPTION_FIELDS)})")
-    path = caption_file(items_parquet, field)
+    path = Path(captions) if captions is not None else caption_file(items_parquet, field)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no captions for field {field!r}; the workflow's caption rule makes them")
     from iisan.captions.files import caption_texts  # checked against its manifest; a damaged caption set is moved aside

@@ -179,8 +179,10 @@ def build_cache(
     device: str | None = None,
     progress: bool | None = None,
     checkpoint_every: int = 20,
+    captions: Path | None = None,
 ) -> dict:
-    """Run `spec` over `field` of every item and store all pooled hidden states.
+    """Run `spec` over `field` of every item and store all pooled hidden states (a caption
+    field's texts from the caption set `captions`, by default the one beside the item table).
 
     Text is batched by token length. Rows are written into ``cache.npy.partial`` with a record
     of finished items (``cache.done.npy``) every `checkpoint_every` batches, so an interrupted
@@ -203,7 +205,7 @@ def build_cache(
     out_dir.mkdir(parents=True, exist_ok=True)
     np_dtype = np.dtype(store_dtype)
     if spec.modality == "text":
-        values = item_texts(items_parquet, field)
+        values = item_texts(items_parquet, field, captions)
         order = np.argsort(_token_lengths(pre, values, spec.max_tokens), kind="stable")
     else:
         if images_archive is None:

@@ -74,15 +74,17 @@ def encode_texts(spec: BackboneSpec, tok, texts: list[str], dev: torch.device) -
     return out
 
 
-def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None) -> tuple[dict, tuple]:
-    """Tokenised titles (text) or resized uint8 images (image) of every item, row 0 = padding.
+def item_inputs(spec: BackboneSpec, pre, items_parquet: Path, field: str, images_archive: Path | None,
+                captions: Path | None = None) -> tuple[dict, tuple]:
+    """Tokenised texts (text: a column, or the caption set `captions` of a caption field) or resized
+    uint8 images (image) of every item, row 0 = padding.
     Text uses the cache's tokenisation (docs/method.md §1); images the backbone's processor with the
     rescale/normalise done on the device, which gives the processor's values exactly."""
     import polars as pl
 
     items = pl.read_parquet(items_parquet)
     if spec.modality == "text":
-        texts = [""] + item_texts(items_parquet, field)
+        texts = [""] + item_texts(items_parquet, field, captions)
         enc = encode_texts(spec, pre, texts, torch.device("cpu"))
         return enc, (None, None)
     if images_archive is None:

@@ -190,8 +190,9 @@ def run_inputs(snakemake):
     """(experiment, paths) of a train or profile job: the experiment from the rule's params with
     the config's speed settings, and every file from the rule's inputs (get_run_inputs in
     workflow/rules/common.smk): the dataset, the cache folders, the item table, the stand-in
-    folder of each tower (input `standin<t>`, for the towers whose model the workflow builds) and
-    the image archive."""
+    folder of each tower (input `standin<t>`, for the towers whose model the workflow builds), the
+    caption set of each tower that reads a caption field (input `captions<t>`) and the image
+    archive."""
     from iisan.config import Experiment
 
     exp = Experiment.from_dict(snakemake.params.experiment).with_speed(snakemake.config.get("speed"))
@@ -201,6 +202,7 @@ def run_inputs(snakemake):
         "cache_dirs": [Path(a).parent for a in i.caches] if "caches" in i.keys() else [],
         "items": Path(i.item_table) if "item_table" in i.keys() else None,
         "standins": [Path(i[f"standin{t}"]).parent if f"standin{t}" in i.keys() else None for t in range(len(exp.towers))],
+        "captions": {t: Path(i[f"captions{t}"]) for t in range(len(exp.towers)) if f"captions{t}" in i.keys()},
         "images": i.images if "images" in i.keys() else None,
     }
     return exp, paths

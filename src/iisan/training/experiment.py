@@ -49,10 +49,10 @@ def cached_source(exp: Experiment, data, cache_dirs: list[Path]):
     return CachedFeatures(caches, index), layers, info
 
 
-def backbone_source(exp: Experiment, items: Path, standins: list | None, images, device):
+def backbone_source(exp: Experiment, items: Path, standins: list | None, images, device, captions: dict | None = None):
     """(source, layers): the backbones in the loop over the item table `items`. `standins[t]` is
     the folder of tower t's stand-in (demo backbones; None or absent for the others, which load
-    from their source)."""
+    from their source); `captions[t]` the caption set tower t's caption field reads."""
     standins = list(standins or [])
     standins += [None] * (len(exp.towers) - len(standins))
     towers, layers = [], []
@@ -62,7 +62,7 @@ def backbone_source(exp: Experiment, items: Path, standins: list | None, images,
         if spec.source == "demo" and not standin:
             raise ValueError(f"tower {t} ({tower.backbone}): an uncached run of a demo stand-in needs its folder")
         towers.append(Tower(spec=spec, path=resolve_source(spec, Path(standin) if standin else None), field=tower.field,
-                            layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype)))
+                            layers=want, store_dtype=spec.cache_dtype(exp.cache_dtype), captions=(captions or {}).get(t)))
         layers.append(want)
     source = build_backbone_features(
         towers, Path(items), exp.spec.finetune, images_archive=Path(images) if images else None,
@@ -72,10 +72,12 @@ def backbone_source(exp: Experiment, items: Path, standins: list | None, images,
 
 
 def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], device: str | None = None,
-                 standins: list | None = None, images: str | None = None, items: Path | None = None):
+                 standins: list | None = None, images: str | None = None, items: Path | None = None,
+                 captions: dict | None = None):
     """(Trainer, layers, cache info) for one experiment; the feature source follows its method
     and cache (dropped | full | none = backbones in the loop, over the item table `items`:
-    by default the dataset's own, items.parquet beside its sequences)."""
+    by default the dataset's own, items.parquet beside its sequences; `captions` {tower: caption
+    set} for its caption fields, by default beside it)."""
     import torch
 
     data = load_sequences(dataset_dir, exp.model.max_len)
@@ -87,7 +89,7 @@ def make_trainer(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], dev
         if exp.spec.is_id:
             source, layers = IdFeatures(data.n_items), []
         elif exp.cache == "none":
-            source, layers = backbone_source(exp, items or Path(dataset_dir) / "items.parquet", standins, images, dev)
+            source, layers = backbone_source(exp, items or Path(dataset_dir) / "items.parquet", standins, images, dev, captions)
         else:
             source, layers, info = cached_source(exp, data, cache_dirs)
     log.info("experiment %s: layers %s", exp.to_dict(), layers)
@@ -101,13 +103,13 @@ def _cache_bytes(info: list[dict]) -> int:
 
 def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None,
                    standins: list | None = None, images: str | None = None, items: Path | None = None,
-                   keep_checkpoint: bool = False) -> dict:
+                   captions: dict | None = None, keep_checkpoint: bool = False) -> dict:
     """Train, evaluate and write `out` (metrics.json). Training checkpoints to `checkpoint.pt`
     beside `out` and resumes from it when restarted (a killed run continues where it stopped);
     the checkpoint is deleted once `out` is written unless `keep_checkpoint`. Its "gates" are
     the learned gate values of the best validation epoch's model (`Recommender.gate_values`,
     towers named by their item fields; {} for models without gates)."""
-    trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images, items)
+    trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images, items, captions)
     checkpoint = Path(out).parent / "checkpoint.pt"
     result = trainer.fit(checkpoint=checkpoint)
     # the model now holds the best validation epoch's weights, whose test metrics are reported
@@ -122,12 +124,12 @@ def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], o
 
 def profile_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], out: Path, batch_size: int,
                        steps: int = 10, device: str | None = None, standins: list | None = None,
-                       images: str | None = None, items: Path | None = None) -> dict:
+                       images: str | None = None, items: Path | None = None, captions: dict | None = None) -> dict:
     """Peak memory and time per step of one experiment at `batch_size` (Fig. 5's sweep)."""
     import dataclasses
 
     timed = dataclasses.replace(exp, train=dataclasses.replace(exp.train, batch_size=batch_size))
-    trainer, layers, info = make_trainer(timed, dataset_dir, cache_dirs, device, standins, images, items)
+    trainer, layers, info = make_trainer(timed, dataset_dir, cache_dirs, device, standins, images, items, captions)
     result = trainer.profile(steps=steps)
     result.update({"experiment": exp.to_dict(), "layers": layers, "cache": exp.cache, "cache_bytes": _cache_bytes(info)})
     write_json(out, result)

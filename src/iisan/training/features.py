@@ -126,6 +126,7 @@ class Tower:
     field: str
     layers: list[int]  # indices into the cached states (h[0..L], output) that the item encoder reads
     store_dtype: str = "float32"  # the cache's storage dtype: frozen states are rounded to it
+    captions: Path | None = None  # the caption set a caption field reads (None: the one beside the item table)
 
 
 class BackboneTower(nn.Module):
@@ -277,6 +278,6 @@ def build_backbone_features(towers: list[Tower], items_parquet: Path, finetune: 
         if finetune != "frozen" and getattr(model, "is_quantized", False):
             raise ValueError(f"backbone {t.spec.name}: {finetune} needs trainable weights, not a quantised checkpoint")
         model = prepare_backbone(model, t.spec.family, finetune, settings)
-        inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive)
+        inputs, (mean, std) = item_inputs(t.spec, pre, items_parquet, t.field, images_archive, t.captions)
         mods.append(BackboneTower(t, model, inputs, mean, std))
     return BackboneFeatures(mods, finetune, item_slots).to(device)
