@@ -212,8 +212,11 @@ def test_microlens_demo_twin_is_generated_preprocessed_and_captioned(root, tmp_p
     cited, ours = [r for r in t5 if r["source"].startswith("cited: ")], [r for r in t5 if r["source"] == "rerun here"]
     assert len(cited) + len(ours) == len(t5) and cited and t5[:len(cited)] == cited  # published rows first, marked
     assert {r["dataset"] for r in cited} == {"MicroLens-100k (published)"} and {r["dataset"] for r in ours} == {"mldemo"}
-    assert [r["method"] for r in ours] == ["FFT", "SASRec (ID)", "GRU4Rec (ID)", "IISAN-VS", "IISAN-VA"]
-    vs = next(r for r in ours if r["method"] == "IISAN-VS")
+    assert [(r["group"], r["method"]) for r in ours] == [
+        ("MM VideoRec", "Full finetuning"), ("IDRec (SR)", "SASRec (rerun)"), ("IDRec (SR)", "GRU4Rec (rerun)"),
+        ("IISAN-Versa", "IISAN-VS (ours)"), ("IISAN-Versa", "IISAN-VA (ours)")]  # the paper's classes and labels
+    assert [r["seeds"] for r in ours] == ["1", "1", "1", "3", "3"]  # IISAN-VS and IISAN-VA over the significance seeds
+    vs = next(r for r in ours if r["method"] == "IISAN-VS (ours)")
     versa = next(r for r in t9 if r["input"] == "IISAN-Versa: title + image")
     assert (vs["hr@10"], vs["ndcg@10"]) == (versa["hr@10"], versa["ndcg@10"])  # one run, two tables
     res = run(SNAKEMAKE + ["-n", "--configfile", "config/paper.yaml", "--config", "mirror=/nonexistent", "--",
