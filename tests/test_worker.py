@@ -218,7 +218,7 @@ def test_worker_refuses_when_its_children_could_not_start_cuda(tmp_path):
     alone = subprocess.run([sys.executable, "-m", "iisan.cli", "worker", "--socket", str(sock)], env=e,
                            capture_output=True, text=True, timeout=120)
     assert alone.returncode == 1 and "asked the CUDA driver" in alone.stderr and not sock.exists()
-    code = ("import os; from iisan import worker; p = worker.start_for_workflow(True, local=True); "
+    code = ("import os; from iisan.pipeline import worker; p = worker.start_for_workflow(True, local=True); "
             "print(p, os.environ.get(worker.ENV))")
     done = subprocess.run([sys.executable, "-c", code], env=e, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr

@@ -77,7 +77,7 @@ def test_demo_workflow_end_to_end(tiny_workflow):
     assert [r["text encoder"] for r in t4] == ["bert-demo", "bert-large-tiny", "llama-tiny", "llama70b-tiny",
                                                "bert-demo + vit-huge-tiny", "mean (PLM)", "mean (base LLM)", "mean (70B)"]
     assert float(t4[5]["hr@10"]) == pytest.approx((float(t4[0]["hr@10"]) + float(t4[1]["hr@10"])) / 2, abs=0.011)
-    huge = "title@bert-demo+image@vit-huge-tiny/iisan-va/stride6/dropped/seed12345/metrics.json"
+    huge = "title@bert-demo+image@vit-huge-tiny/iisan-va/blocks6+stride6/dropped/seed12345/metrics.json"
     assert json.loads((wd / "results/runs/demo" / huge).read_text())["layers"] == [[0, 2, 4, 6, 8, 10, 12], [0, 2, 8, 14, 20, 26, 32]]
     va_run = "title@llama70b-tiny+image@vit-demo/iisan-va/stride6+blocks6/dropped/seed12345/metrics.json"
     va = json.loads((wd / "results/runs/demo" / va_run).read_text())

@@ -77,7 +77,7 @@ def get_dataset_kind(dataset):
 
 
 def get_datasets_made_by(rule):
-    """A wildcard regex of the datasets whose raw files rule `rule` makes: those of the kinds
+    """A wildcard regex of the datasets whose raw files are made by the rule named `rule`, those of the kinds
     that list it (iisan.data.kinds)."""
     names = kinds.datasets(config, lambda k: rule in k.rules)
     return "|".join(re.escape(n) for n in names) or "(?!x)x"
@@ -272,6 +272,7 @@ def get_preprocess_inputs(wildcards):
 
 
 def get_cache_inputs(wildcards):
+    caches_checked()  # a damaged cache asked for itself is rebuilt in this run too
     inputs = {"item_table": plan.ITEMS.format(dataset=wildcards.dataset)}
     inputs.update(get_caption_files(wildcards.dataset, [wildcards.field]))
     inputs.update(get_standin(wildcards.backbone))
@@ -477,8 +478,8 @@ def acts():
 @functools.cache
 def caches_checked():
     """Damaged caches under resources/cache (iisan.encoders.cache_files.damaged_caches), handled once, as
-    the job graph first asks for a cache (the input functions of prune, train, profile and fig6
-    call this before they name one): a run that executes jobs (`acts`) moves them aside, so that
+    the job graph first asks for a cache (the input functions of cache, prune, train, profile and
+    fig6 call this before they name one): a run that executes jobs (`acts`) moves them aside, so that
     the jobs making them are in this run's graph (an error raised by an input function could not
     stop the run: Snakemake would take the damaged files as sources); any other only names them.
     """
