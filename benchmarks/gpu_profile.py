@@ -29,12 +29,13 @@ FAMILIES = [
 ]
 
 
-def kernels(fn, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
-    from torch.profiler import ProfilerActivity, profile
+def _profiled(fn, device: torch.device, activities) -> tuple[float, list]:
+    """(wall seconds, the profiler's events) of `fn()` run once under the profiler, the device
+    synchronised before and after."""
+    from torch.profiler import profile
 
     cuda = device.type == "cuda"
-    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
-    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+    with profile(activities=activities) as prof:
         if cuda:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -42,7 +43,16 @@ def kernels(fn, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
         if cuda:
             torch.cuda.synchronize(device)
         wall = time.perf_counter() - t0
-    events = [e for e in prof.events() if e.device_type == kind]
+    return wall, prof.events()
+
+
+def kernels(fn, device: torch.device) -> tuple[float, list[tuple[str, float]]]:
+    from torch.profiler import ProfilerActivity
+
+    cuda = device.type == "cuda"
+    kind = torch.autograd.DeviceType.CUDA if cuda else torch.autograd.DeviceType.CPU
+    wall, events = _profiled(fn, device, [ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU])
+    events = [e for e in events if e.device_type == kind]
     return wall, [(e.name, e.device_time if cuda else e.self_cpu_time_total) for e in events]
 
 
@@ -92,19 +102,10 @@ def timeline(fn, device: torch.device, n: int, top: int = 12, width: int = 60) -
     step, the wall time, the GPU's idle time (wall less the union of kernel intervals), the
     host's time blocked in synchronising calls (stream/device syncs and blocking copies) and its
     kernel launches (calls and their own time). On a CPU only the wall time and the operators."""
-    from torch.profiler import ProfilerActivity, profile
+    from torch.profiler import ProfilerActivity
 
     cuda = device.type == "cuda"
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profile(activities=acts) as prof:
-        if cuda:
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize(device)
-        wall = time.perf_counter() - t0
-    events = prof.events()
+    wall, events = _profiled(fn, device, [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else []))
     if not cuda:
         ops = [(e.name, e.self_cpu_time_total) for e in events if e.device_type == torch.autograd.DeviceType.CPU]
         return {"wall_ms_per_step": round(wall / n * 1e3, 3), **summary(ops, n, top, width)}

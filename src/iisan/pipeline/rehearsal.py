@@ -36,7 +36,7 @@ import tempfile
 import zlib
 from pathlib import Path
 
-from iisan.data.twins import authors_archive, file_sha256, place  # noqa: F401  (the twins' helpers)
+from iisan.data.twins import file_sha256
 from iisan.io import current_umask, write_json
 
 log = logging.getLogger(__name__)
