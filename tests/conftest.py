@@ -87,8 +87,9 @@ def workflow_config(root: Path = ROOT, *files: str, **overrides) -> dict:
     return load(root, files, overrides)
 
 
-def trainer(data=None, run_hash=None, **train):
-    """A Trainer of a tiny cached IISAN run (iisan.data.synthetic's tiny data) on the CPU."""
+def trainer(data=None, run_hash=None, model=None, **train):
+    """A Trainer of a tiny cached IISAN run (iisan.data.synthetic's tiny data) on the CPU;
+    `model`: model config fields to change."""
     from iisan.data.synthetic import tiny_caches, tiny_data
     from iisan.training.features import CachedFeatures
     from iisan.training.model import ModelConfig
@@ -97,7 +98,8 @@ def trainer(data=None, run_hash=None, **train):
     cfg = TrainConfig(**{"batch_size": 16, "max_epochs": 4, "patience": 10, "lr_main": 5e-3, "lr_san": 5e-3,
                          "lr_text_f": 5e-3, "eval_batch": 32, **train})
     device = start_run(cfg.seed, "cpu")
-    return Trainer(data or tiny_data(), CachedFeatures(tiny_caches()), ModelConfig(embed_dim=16, bottleneck=8), cfg, device,
+    return Trainer(data or tiny_data(), CachedFeatures(tiny_caches()), ModelConfig(**{"embed_dim": 16, "bottleneck": 8, **(model or {})}), cfg,
+                   device,
                    run_hash=run_hash)
 
 

@@ -183,7 +183,24 @@ def run_job(snakemake) -> None:
             profile_experiment(exp, **paths, out=snakemake.output[0], batch_size=int(snakemake.wildcards.batch),
                                steps=snakemake.params.steps)
         else:
-            run_experiment(exp, **paths, out=snakemake.output[0], keep_checkpoint=snakemake.config["keep_checkpoints"])
+            run_experiment(exp, **paths, out=snakemake.output[0], keep_checkpoint=snakemake.config["keep_checkpoints"],
+                           processes=processes_of(snakemake))
+
+
+def processes_of(snakemake) -> int:
+    """The processes a train job spreads its run over (iisan.training.distributed): one per card
+    its `gpu` resource asks for (the plan's choice, iisan.pipeline.budget), when CUDA sees that
+    many (the job's own cards locally, the scheduler's on a cluster); else one."""
+    import torch
+
+    cards = int(getattr(getattr(snakemake, "resources", None), "gpu", 0) or 0)
+    if cards <= 1 or not torch.cuda.is_available():
+        return 1
+    seen = torch.cuda.device_count()
+    if seen < cards:  # as iisan.pipeline.gpus gives a job asking more cards than there are: all of them
+        logging.getLogger(__name__).warning("the job asks for %d GPUs, CUDA sees %d: its run takes %d processes",
+                                            cards, seen, seen)
+    return max(1, min(cards, seen))
 
 
 def run_inputs(snakemake):

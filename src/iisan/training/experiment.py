@@ -12,6 +12,7 @@ from iisan.encoders.backbones import resolve_source
 from iisan.encoders.cache import load_cache
 from iisan.encoders.cache_files import verify_cache
 from iisan.io import write_json
+from iisan.training import distributed
 from iisan.training.features import CachedFeatures, IdFeatures, Tower, build_backbone_features
 from iisan.training.train import Trainer, start_run
 
@@ -103,12 +104,19 @@ def _cache_bytes(info: list[dict]) -> int:
 
 def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], out: Path, device: str | None = None,
                    standins: list | None = None, images: str | None = None, items: Path | None = None,
-                   captions: dict | None = None, keep_checkpoint: bool = False) -> dict:
+                   captions: dict | None = None, keep_checkpoint: bool = False, processes: int = 1) -> dict:
     """Train, evaluate and write `out` (metrics.json). Training checkpoints to `checkpoint.pt`
     beside `out` and resumes from it when restarted (a killed run continues where it stopped);
     the checkpoint is deleted once `out` is written unless `keep_checkpoint`. Its "gates" are
     the learned gate values of the best validation epoch's model (`Recommender.gate_values`,
-    towers named by their item fields; {} for models without gates)."""
+    towers named by their item fields; {} for models without gates).
+
+    `processes` > 1: the run spread over that many processes, one card each where there are
+    cards (iisan.training.distributed; the same global batch, so the same run up to the order
+    of floating-point sums); process 0 writes `out`."""
+    if processes > 1 and not distributed.distributed():
+        return distributed.launch(run_experiment, exp, dataset_dir, cache_dirs, out, device, standins, images, items,
+                                  captions, keep_checkpoint, processes=processes)
     trainer, layers, info = make_trainer(exp, dataset_dir, cache_dirs, device, standins, images, items, captions)
     checkpoint = Path(out).parent / "checkpoint.pt"
     result = trainer.fit(checkpoint=checkpoint)
@@ -116,9 +124,10 @@ def run_experiment(exp: Experiment, dataset_dir: Path, cache_dirs: list[Path], o
     result["gates"] = trainer.model.gate_values([t.field for t in exp.towers])
     result.update({"experiment": exp.to_dict(), "layers": layers, "caches": info, "cache_bytes": _cache_bytes(info),
                    "cache": exp.cache, "config_hash": exp.hash(), "dataset": str(dataset_dir)})
-    write_json(out, result)
-    if not keep_checkpoint:
-        checkpoint.unlink(missing_ok=True)
+    if distributed.rank() == 0:
+        write_json(out, result)
+        if not keep_checkpoint:
+            checkpoint.unlink(missing_ok=True)
     return result
 
 

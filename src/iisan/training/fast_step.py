@@ -27,6 +27,10 @@ are:
   eagerly instead (`eager_on_failure`, scoped to the step and evaluation).
 * backbones in the loop on CUDA get the rows of a call (its real or distinct items) padded to a multiple of
   `BUCKET`, so they see a few shapes only.
+* a run on several processes (iisan.training.distributed) steps through DDP, which sums the
+  processes' gradients as the one-process step computes them: each process's loss is its rows'
+  share of the batch's loss, scaled by the number of processes against DDP's average. Its
+  step is not a CUDA graph.
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from torch import nn
 
 from iisan.config import Speed, TrainConfig
 from iisan.encoders.finetune import compile_layers
+from iisan.training import distributed
 from iisan.training.features import BackboneFeatures, FeatureSource
 
 __all__ = ["Precision", "FastStep", "CudaGraphStep", "build_step", "compile_for_training", "eager_on_failure",
@@ -141,6 +146,20 @@ def _swapped(model: nn.Module, modules: dict[str, nn.Module]):
             setattr(model, name, m)
 
 
+def data_parallel(model: nn.Module, device: torch.device, source: FeatureSource) -> nn.Module:
+    """`model` wrapped in DDP for a run on several processes: the trainable tensors start from
+    process 0's and their gradients are averaged at each backward; frozen tensors and buffers
+    (identical everywhere: loaded from the same files) are neither broadcast nor reduced. With
+    backbones in the loop a process may hold no item of a batch's last rows (they are padding),
+    and its backbones then take no part in its loss."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    fixed = [n for n, p in model.named_parameters() if not p.requires_grad] + [n for n, _ in model.named_buffers()]
+    DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, fixed)
+    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                   broadcast_buffers=False, find_unused_parameters=isinstance(source, BackboneFeatures))
+
+
 class CudaGraphStep:
     """A whole training step (forward, backward, Adam) replayed as one CUDA graph.
 
@@ -199,11 +218,14 @@ class FastStep:
         self.speed = speed = on_device(cfg, device)
         self.precision = Precision(cfg.precision, device)
         placement = graph_features(source, speed)
-        self.graphs = device.type == "cuda" and speed.cuda_graphs and placement is not None
+        self.processes = distributed.world()
+        self.graphs = device.type == "cuda" and speed.cuda_graphs and placement is not None and self.processes == 1
         self.optimiser = torch.optim.Adam(model.param_groups(cfg), fused=device.type == "cuda", capturable=self.graphs)
-        self.forward, self.encoders = model, {}  # the loss's function; compiled encoders swapped in for training
+        # the loss's function; compiled encoders swapped in for training
+        self.forward = data_parallel(model, device, source) if self.processes > 1 else model
+        self.encoders = {}
         if speed.compile and speed.compile_forward:
-            self.forward = compile_for_training(model, speed.compile_backend)
+            self.forward = compile_for_training(self.forward, speed.compile_backend)
         elif speed.compile:
             self.encoders = {name: compile_for_training(model.get_submodule(name), speed.compile_backend) for name in ENCODERS}
         prepare_backbones(source, speed, self.precision, device)
@@ -239,11 +261,12 @@ class FastStep:
         with self.precision.autocast(), self._compiling():
             loss = self._forward(ids, self._features(ids) if feats is None else feats)
         self.optimiser.zero_grad(set_to_none=True)  # no zeroing kernels, no accumulation adds: backward writes each gradient
+        scaled = loss * self.processes if self.processes > 1 else loss  # DDP averages: the sum of the shares' gradients
         if self.scaler is None:
-            loss.backward()
+            scaled.backward()
             self.optimiser.step()
         else:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(scaled).backward()
             self.scaler.step(self.optimiser)
             self.scaler.update()
         return loss.detach()

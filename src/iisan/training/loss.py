@@ -13,14 +13,19 @@ def inbatch_debiased_ce(
     items: torch.Tensor,  # (B, S, D) item embeddings of all S slots
     ids: torch.Tensor,  # (B, S) item ids, 0 = padding
     log_pop: torch.Tensor,  # (N+1,) log popularity, log_pop[0] = 0
-    row_weight: torch.Tensor | None = None,  # (B,) optional 0/1 weight per user (padded batches)
+    first_row: int = 0,
 ) -> torch.Tensor:
     """logits = U E^T - log p[ids]; padding columns and every column whose item occurs in the
     row's user window (except the positive, slot j+1 of the same user) are set to -1e4; mean
-    cross-entropy over rows whose input slot is a real item."""
+    cross-entropy over rows whose input slot is a real item.
+
+    `user` may hold the b users first_row..first_row+b-1 of the batch only (a run on several
+    processes, iisan.training.distributed): their rows' share of the loss, the sum of their
+    cross-entropies over the whole batch's real input slots."""
     B, S, D = items.shape
     T = S - 1
-    U = user.reshape(B * T, D)
+    b = user.shape[0]
+    U = user.reshape(b * T, D)
     E = items.reshape(B * S, D)
     col_ids = ids.reshape(B * S)  # (B*S,)
     # the logits, the -1e4 masking and the softmax in fp32 (fp64 inputs stay fp64), under autocast
@@ -29,15 +34,16 @@ def inbatch_debiased_ce(
     with torch.autocast(U.device.type, enabled=False):
         logits = U.to(dt) @ E.to(dt).T - log_pop[col_ids].to(dt)  # (B*T, B*S)
     # column c is in user i's window if its item occurs among user i's S ids
-    in_window = (ids.unsqueeze(2) == col_ids.view(1, 1, -1)).any(dim=1)  # (B, B*S)
-    masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (B*T, B*S)
+    rows = ids[first_row : first_row + b]  # (b, S): the windows of these users
+    in_window = (rows.unsqueeze(2) == col_ids.view(1, 1, -1)).any(dim=1)  # (b, B*S)
+    masked = in_window.repeat_interleave(T, dim=0) | (col_ids == 0).unsqueeze(0)  # (b*T, B*S)
     # positive column of row (i, j) is slot j+1 of user i
-    pos = (torch.arange(B, device=ids.device).unsqueeze(1) * S + torch.arange(1, S, device=ids.device)).reshape(-1)
-    is_pos = torch.arange(B * S, device=ids.device).unsqueeze(0) == pos.unsqueeze(1)  # (B*T, B*S)
+    users = torch.arange(first_row, first_row + b, device=ids.device)
+    pos = (users.unsqueeze(1) * S + torch.arange(1, S, device=ids.device)).reshape(-1)
+    is_pos = torch.arange(B * S, device=ids.device).unsqueeze(0) == pos.unsqueeze(1)  # (b*T, B*S)
     masked = masked & ~is_pos
     logits = logits.masked_fill(masked, MASK_VALUE)
-    valid = (ids[:, :-1] != 0).reshape(-1).float()  # real input => real target (left padding)
-    if row_weight is not None:
-        valid = valid * row_weight.repeat_interleave(T).float()
+    valid = (rows[:, :-1] != 0).reshape(-1).float()  # real input => real target (left padding)
+    every = (ids[:, :-1] != 0).sum().float() if b < B else valid.sum()  # the batch's real input slots
     ce = F.cross_entropy(logits, pos, reduction="none")
-    return (ce * valid).sum() / valid.sum().clamp_min(1.0)
+    return (ce * valid).sum() / every.clamp_min(1.0)

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from iisan.config import ModelConfig, TrainConfig
-from iisan.training import methods
+from iisan.training import distributed, methods
 from iisan.training.loss import inbatch_debiased_ce
 
 if TYPE_CHECKING:
@@ -391,18 +391,24 @@ class Recommender(nn.Module):
         B, S = ids.shape
         E = self.items(feats).view(B, S, -1)  # (B, S, D)
         U = self.user(E[:, :-1], ids[:, :-1] != 0)  # (B, T, D)
-        return inbatch_debiased_ce(U, E, ids, self.log_pop)
+        if not distributed.distributed():
+            return inbatch_debiased_ce(U, E, ids, self.log_pop)
+        # one of several processes (iisan.training.distributed): these B users' share of the
+        # loss of the whole batch, whose items are every process's
+        every = distributed.gather_with_grad(E)
+        return inbatch_debiased_ce(U, every, distributed.gather(ids), self.log_pop, first_row=distributed.rank() * B)
 
     def item_table(self, source: FeatureSource, chunk: int,
-                   autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:
-        """Embeddings of every item (row 0 = padding), (N+1, D) in fp32; `chunk` items per pass,
-        each under `autocast()`."""
-        n = source.n_rows
+                   autocast: Callable[[], AbstractContextManager] = nullcontext,
+                   start: int = 0, end: int | None = None) -> torch.Tensor:
+        """Embeddings of every item (row 0 = padding), (N+1, D) in fp32, or of rows start..end-1;
+        `chunk` items per pass, each under `autocast()`."""
+        n = source.n_rows if end is None else end
         out = []
         with autocast():
-            for s in range(0, n, chunk):
+            for s in range(start, n, chunk):
                 out.append(self.items(source.rows(s, min(s + chunk, n))).float())
-        return torch.cat(out)
+        return torch.cat(out) if out else torch.zeros(0, self.cfg.embed_dim, device=next(self.parameters()).device)
 
     def score(self, inputs: torch.Tensor, table: torch.Tensor,
               autocast: Callable[[], AbstractContextManager] = nullcontext) -> torch.Tensor:

@@ -20,6 +20,7 @@ from iisan import __version__
 from iisan.config import ModelConfig, TrainConfig, config_hash
 from iisan.data.sequences import SequenceData
 from iisan.io import DamagedFileError, atomic_path, read_or_set_aside
+from iisan.training import distributed
 from iisan.training.fast_step import build_step
 from iisan.training.features import FeatureSource
 from iisan.training.metrics import hr_ndcg, rank_of_target
@@ -34,7 +35,7 @@ log = logging.getLogger(__name__)
 # fields of a fit result (and of its history's epochs) that measure time or memory: two runs of
 # one experiment differ in these and nothing else
 MEASURED_FIELDS = frozenset({"train_seconds", "epoch_seconds", "time_per_epoch_train_s",
-                             "time_per_epoch_with_eval_s", "peak_memory_mb"})
+                             "time_per_epoch_with_eval_s", "peak_memory_mb", "processes"})
 
 
 @dataclass
@@ -75,12 +76,16 @@ def set_rng_states(states: dict, gen: torch.Generator) -> None:
 def start_run(seed: int, device: str | torch.device | None = None) -> torch.device:
     """What a run does first, once, before anything draws a random number: seed every random
     stream (python, numpy, torch, CUDA) with `seed` and pick its device (`device`, else CUDA
-    where there is one, else the CPU), which it returns."""
+    where there is one, else the CPU), which it returns. Each process of a run on several
+    CUDA cards takes its own card (iisan.training.distributed)."""
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
     torch.cuda.manual_seed_all(seed)
-    return torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if dev.type == "cuda" and dev.index is None and distributed.local_device() is not None:
+        dev = distributed.local_device()
+    return dev
 
 
 class Trainer:
@@ -90,7 +95,11 @@ class Trainer:
     The step itself (`iisan.training.fast_step.build_step`) applies the training config's precision and
     speed settings (CUDA graph, compile) and owns the one Adam. The features of a batch come from a feature source
     (`iisan.training.features`): cache rows held in accelerator (or host) memory, backbones in the loop,
-    or item ids."""
+    or item ids.
+
+    In a run on several processes (iisan.training.distributed) each process trains on its share
+    of every batch's rows, evaluates a share of the items and users, and process 0 alone writes
+    checkpoints; the losses, metrics and checkpoints are the run's, as on one process."""
 
     ITEM_CHUNK = 2048  # items per forward pass when embedding every item for evaluation
 
@@ -105,6 +114,7 @@ class Trainer:
         result-affecting train config."""
         self.device = torch.device(device)
         self.cfg = train_cfg
+        self.processes = distributed.world()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.source = source.to(self.device)
@@ -122,7 +132,8 @@ class Trainer:
     def batches(self):
         """One epoch's shuffled batches of training windows (B, S). With a CUDA-graph step every
         batch has B rows: the last one is padded with all-padding users, which add no loss rows
-        and only masked columns, so the step is unchanged."""
+        and only masked columns, so the step is unchanged. A process of several gets its rows of
+        each batch (`distributed.shard_rows`)."""
         train = self.data.train
         B = self.cfg.batch_size
         perm = torch.randperm(train.shape[0], generator=self.gen).to(self.device)
@@ -131,10 +142,11 @@ class Trainer:
             yield from torch.cat([ids, ids.new_zeros(-ids.shape[0] % B, ids.shape[1])]).view(-1, B, ids.shape[1])
             return
         for start in range(0, perm.shape[0], B):
-            yield train[perm[start : start + B]]
+            yield distributed.shard_rows(train[perm[start : start + B]])
 
     def train_step(self, ids: torch.Tensor) -> torch.Tensor:
-        """Train on one batch of windows `ids` (B, S): loss, backward, Adam step. Returns the loss."""
+        """Train on one batch of windows `ids` (B, S): loss, backward, Adam step. Returns the loss
+        (a process of several: its rows' share of the batch's loss)."""
         return self.step(ids)
 
     def train_on(self, batches) -> float:
@@ -144,7 +156,7 @@ class Trainer:
         for ids in batches:
             total += self.train_step(ids)
             steps += 1
-        return float(total) / max(steps, 1)
+        return float(distributed.all_sum(total)) / max(steps, 1)
 
     def train_epoch(self) -> float:
         """One pass over the training windows; the mean batch loss."""
@@ -152,9 +164,14 @@ class Trainer:
 
     @torch.no_grad()
     def item_table(self) -> torch.Tensor:
-        """Embeddings of every item (row 0 = padding), (N+1, D)."""
+        """Embeddings of every item (row 0 = padding), (N+1, D); each process of several embeds
+        its share of the items, and every process gets the whole table."""
         self.model.eval()
-        return self.model.item_table(self.source, min(self.ITEM_CHUNK, self.source.chunk_size), self.step.evaluation)
+        chunk = min(self.ITEM_CHUNK, self.source.chunk_size)
+        if self.processes == 1:
+            return self.model.item_table(self.source, chunk, self.step.evaluation)
+        start, end = distributed.share(self.source.n_rows)
+        return distributed.gather_rows(self.model.item_table(self.source, chunk, self.step.evaluation, start, end))
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float]:
@@ -163,15 +180,20 @@ class Trainer:
         tgt = getattr(self.data, f"{split}_target")
         hist = getattr(self.data, f"{split}_history")
         table = self.item_table()
+        first, last = distributed.share(inp.shape[0])  # a process of several ranks its share of the users
         hits, ndcgs = [], []
-        for s in range(0, inp.shape[0], self.cfg.eval_batch):
-            scores = self.model.score(inp[s : s + self.cfg.eval_batch], table, self.step.evaluation)  # (b, N+1)
-            rank = rank_of_target(scores, tgt[s : s + self.cfg.eval_batch], hist[s : s + self.cfg.eval_batch])
-            h, n = hr_ndcg(rank, self.cfg.k)
+        for s in range(first, last, self.cfg.eval_batch):
+            e = min(s + self.cfg.eval_batch, last)
+            scores = self.model.score(inp[s:e], table, self.step.evaluation)  # (b, N+1)
+            h, n = hr_ndcg(rank_of_target(scores, tgt[s:e], hist[s:e]), self.cfg.k)
             hits.append(h)
             ndcgs.append(n)
         k = self.cfg.k
-        return {f"hr@{k}": float(torch.cat(hits).mean()), f"ndcg@{k}": float(torch.cat(ndcgs).mean())}
+        if self.processes == 1:
+            return {f"hr@{k}": float(torch.cat(hits).mean()), f"ndcg@{k}": float(torch.cat(ndcgs).mean())}
+        sums = [torch.cat(x).double().sum() if x else torch.zeros((), dtype=torch.float64, device=self.device) for x in (hits, ndcgs)]
+        hr, ndcg = (distributed.all_sum(torch.stack(sums)) / inp.shape[0]).tolist()
+        return {f"hr@{k}": hr, f"ndcg@{k}": ndcg}
 
     def trainable_parameters(self) -> int:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
@@ -238,13 +260,19 @@ class Trainer:
 
     def save_checkpoint(self, path: Path, state: FitState) -> None:
         """Everything needed to continue after `state.epoch` exactly as if never stopped,
-        written atomically (a kill mid-write leaves the previous checkpoint)."""
+        written atomically (a kill mid-write leaves the previous checkpoint). Every process of
+        a run on several calls it: process 0 writes, with each process's random streams."""
+        rng = rng_states(self.gen)
+        if self.processes > 1:
+            rng = distributed.all_objects(rng)
+            if distributed.rank() != 0:
+                return
         ckpt = {
             "fingerprint": self.fingerprint,
             "model": self._model_state(),
             "optimizer": self.step.optimiser.state_dict(),
             "scaler": None if self.step.scaler is None else self.step.scaler.state_dict(),
-            "rng": rng_states(self.gen),
+            "rng": rng,  # a list, one per process, for a run on several
             "fit": vars(state),  # not asdict: that would deep-copy best_state
         }
         with atomic_path(path, ".pt") as tmp:
@@ -253,8 +281,18 @@ class Trainer:
     def load_checkpoint(self, path: Path) -> FitState:
         """Restore a checkpoint of this run (same fingerprint) and return its fit state; a
         missing checkpoint, or one of another run, gives a fresh start, and so does a damaged one
-        (moved aside, with a warning naming it)."""
-        path = Path(path)
+        (moved aside, with a warning naming it). In a run on several processes process 0 reads
+        (and sets aside) first, the others after it."""
+        if self.processes == 1:
+            return self._load_checkpoint(Path(path))
+        if distributed.rank() == 0:
+            state = self._load_checkpoint(Path(path))
+        torch.distributed.barrier()
+        if distributed.rank() != 0:
+            state = self._load_checkpoint(Path(path))
+        return state
+
+    def _load_checkpoint(self, path: Path) -> FitState:
         if not path.exists():
             return FitState()
         try:
@@ -271,7 +309,14 @@ class Trainer:
         self.step.optimiser.load_state_dict(ckpt["optimizer"])
         if self.step.scaler is not None and ckpt["scaler"] is not None:
             self.step.scaler.load_state_dict(ckpt["scaler"])
-        set_rng_states(ckpt["rng"], self.gen)
+        rng = ckpt["rng"]
+        if isinstance(rng, list):  # written by a run on several processes
+            if len(rng) != self.processes:
+                log.warning("checkpoint %s was written by %d processes, this run has %d: process %d takes the random "
+                            "streams of process %d", path, len(rng), self.processes, distributed.rank(),
+                            distributed.rank() % len(rng))
+            rng = rng[distributed.rank() % len(rng)]
+        set_rng_states(rng, self.gen)
         state = FitState(**ckpt["fit"])
         log.info("resuming from checkpoint %s after epoch %d (best epoch %d, waited %d)",
                  path, state.epoch, state.best_epoch, state.waited)
@@ -315,7 +360,8 @@ class Trainer:
             if state.waited >= cfg.patience:  # early stop (also when resuming a stopped run)
                 break
             self._epoch(epoch, state)
-            if checkpoint and time.perf_counter() - saved >= cfg.checkpoint_every_s:
+            due = time.perf_counter() - saved >= cfg.checkpoint_every_s
+            if checkpoint and distributed.all_objects(due)[0]:  # process 0's clock decides for all
                 self.save_checkpoint(checkpoint, state)
                 saved = time.perf_counter()
             last = state.history[-1]
@@ -343,6 +389,7 @@ class Trainer:
             "peak_memory_kind": peak_kind,
             "device": device_name,
             "device_type": self.device.type,
+            "processes": self.processes,
             "seed": self.cfg.seed,
             "resumed_from_epoch": resumed,  # epochs restored from a checkpoint (0: a fresh run)
         }
