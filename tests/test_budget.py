@@ -148,7 +148,8 @@ def test_dataset_size_from_stats_table_i_or_demo_spec(tmp_path, monkeypatch):
 def test_iisan_plan_command(tmp_path):
     """`iisan plan` prints a row per table and figure and the total (GPU hours and card-hours),
     where the rates come from, the disk with the videos, the wall time on 8 GPUs longest chain
-    first and in random orders, and writes every job."""
+    first and in random orders, the cards each run takes and why, the critical path, and writes
+    every job."""
     jobs = tmp_path / "jobs.csv"
     out = subprocess.run([sys.executable, "-m", "iisan.cli", "plan", "--configfile", "config/paper.yaml", "--jobs", str(jobs),
                           "--gpus", "8"], cwd=ROOT, capture_output=True, text=True)
@@ -160,6 +161,10 @@ def test_iisan_plan_command(tmp_path):
     for said in ("measured on NVIDIA H200", "measured on NVIDIA H100", "extrapolated", "not measured", "scaled", "MicroLens: 19,738 videos"):
         assert said in out.stdout, said
     assert re.search(r"wall time on 8 GPUs: [\d.]+ h \(GPU hours [\d.]+\) longest chain first, [\d.]+–[\d.]+ h in random orders", out.stdout)
+    # config/paper.yaml's nodes have 8 cards, but its in-loop steps are bound by the host: every run on one
+    assert "every run takes one card: the in-loop steps are bound by the host: 0.10 s a step whatever k" in out.stdout
+    assert re.search(r"critical path \(the chain of jobs that sets the wall time[^)]*\): results/runs/MicroLens/\S+/fft/\S+ \([\d.]+ h, 1 card\)",
+                     out.stdout)
     rows = list(csv.DictReader(jobs.open()))
     total = next(line for line in lines if line.startswith("total")).split()
     assert len(rows) == int(total[1])

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from iisan.pipeline.schedule import chains, random_walls, wall_seconds
+from iisan.pipeline.schedule import chains, choose_cards, critical_path, random_walls, wall_seconds
 
 H = 3600.0
 
@@ -68,3 +68,44 @@ def test_jobs_waiting_for_each_other_are_an_error():
         wall_seconds(js, 2, {})
     with pytest.raises(ValueError, match="at least 1"):
         wall_seconds(js, 0)
+
+
+def test_the_critical_path_is_the_chain_that_sets_the_wall_time():
+    """Longest chain first on two cards, the short job and the 10 h job after it end last (11 h);
+    longest job first, the short job waits for a card a 5 h job frees, then the 10 h job for it."""
+    js = jobs(("short", 1), ("long", 10, 1, ["short"]), ("five-a", 5), ("five-b", 5))
+    assert [j.name for j in critical_path(js, 2)] == ["short", "long"]
+    path = [j.name for j in critical_path(js, 2, {j.name: j.seconds for j in js})]
+    assert path[0] in ("five-a", "five-b") and path[1:] == ["short", "long"]
+    assert critical_path([], 2) == []
+
+
+def choice(js: list, gpus: int, spread: dict) -> dict:
+    """choose_cards of `js` with these jobs' options (name: {cards: hours})."""
+    opts = {}
+    for name, hours in spread.items():
+        job = next(j for j in js if j.name == name)
+        opts[name] = {k: J(name, h * H, k, job.after) for k, h in hours.items()}
+    return choose_cards(js, gpus, opts)
+
+
+def test_cards_are_chosen_for_the_shortest_wall_time_fewest_card_hours_among_equal_ones():
+    """An 8 h run the kernels bound (4.1 h on two cards, 2.2 on four, 1.3 on eight) beside four 1 h
+    jobs on 8 cards: four cards (2.2 h, the short jobs beside it), not eight (the short ones after
+    it: 2.3 h). A run no number of cards makes faster (the host bounds it) keeps one. A run that
+    ends before a longer job of one card anyway keeps one (the same wall time, fewer card-hours).
+    Two equal runs side by side both take more cards (neither alone shortens the wall time). A
+    run that fits no single card starts from the fewest it fits; cards beyond the node's are not
+    taken."""
+    gpu_bound = {1: 8, 2: 4.1, 4: 2.2, 8: 1.3}
+    js = jobs(("run", 8), *((f"short{i}", 1) for i in range(4)))
+    assert choice(js, 8, {"run": gpu_bound}) == {"run": 4}
+    assert wall_seconds([J("run", 2.2 * H, 4), *js[1:]], 8) == 2.2 * H
+    assert choice(js, 4, {"run": gpu_bound}) == {"run": 4}  # 4 cards: 2.2 h + 1 h after it beats 4.1 h beside them
+    assert choice(js, 8, {"run": {1: 8, 2: 8.1, 4: 8.2}}) == {"run": 1}
+    longer = jobs(("run", 4), ("five", 5))
+    assert choice(longer, 8, {"run": {1: 4, 2: 2.1, 4: 1.2}}) == {"run": 1}
+    pair = jobs(("a", 8), ("b", 8), ("c", 1))
+    assert choice(pair, 4, {"a": {1: 8, 2: 4.1}, "b": {1: 8, 2: 4.1}}) == {"a": 2, "b": 2}
+    assert choice(jobs(("big", 8)), 8, {"big": {2: 4.1, 4: 2.2, 8: 2.19}}) == {"big": 4}  # 8 cards: not 1 % faster
+    assert choice(jobs(("big", 8)), 2, {"big": {2: 4.1, 4: 2.2, 8: 1.3}}) == {"big": 2}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def plan(args: argparse.Namespace) -> int:
     from iisan.encoders.models_fetch import disk_report
-    from iisan.pipeline.budget import GPU_RULES, Budget, load_rates, render, render_videos, write_jobs
+    from iisan.pipeline.budget import GPU_RULES, Budget, load_rates, render, render_cards, render_videos, write_jobs
     from iisan.pipeline.graph import job_graph
     from iisan.pipeline.workflow import load_yaml
 
@@ -33,10 +33,14 @@ def plan(args: argparse.Namespace) -> int:
     except Exception as err:  # a missing file or input, a schema or registry error: say which and stop
         print(f"iisan plan: {str(err).strip() or type(err).__name__}", file=sys.stderr)
         return 2
+    config = graph.config
+    node = int(config["cluster"].get("node_gpus", 1))
+    if args.gpus is not None and args.gpus >= 1:  # runs priced on a node of --gpus cards
+        config = {**config, "cluster": {**config["cluster"], "node_gpus": args.gpus}}
     cwd = os.getcwd()
     os.chdir(args.directory)  # dataset sizes are read from the workflow's resources/
     try:
-        budget = Budget(graph.config, load_rates(args.rates)).build(graph)
+        budget = Budget(config, load_rates(args.rates)).build(graph)
     finally:
         os.chdir(cwd)
     print(render(budget))
@@ -51,14 +55,18 @@ def plan(args: argparse.Namespace) -> int:
         if most > 1:
             print(f"at cluster.max_runtime_min = {limit}, {sum(a > 1 for a in attempts.values())} jobs resume over several attempts, "
                   f"at most {most} ({max(attempts, key=attempts.get)}): run snakemake with --retries {most - 1} or more")
+    if args.gpus is None and budget.node_gpus() > 1:
+        print(render_cards(budget))
     if args.gpus is not None:
-        from iisan.pipeline.schedule import ORDERS, chains, random_walls, wall_seconds
+        from iisan.pipeline.schedule import ORDERS, chains, critical_path, random_walls, wall_seconds
 
         jobs = list(budget.jobs.values())
+        priority = {j.name: j.priority for j in jobs}
         try:
-            wall = wall_seconds(jobs, args.gpus, {j.name: j.priority for j in jobs})
+            wall = wall_seconds(jobs, args.gpus, priority)
             walls = random_walls(jobs, args.gpus, ORDERS)
             chain = chains(jobs)
+            path = critical_path(jobs, args.gpus, priority)
         except ValueError as err:
             print(f"iisan plan --gpus {args.gpus}: {err}", file=sys.stderr)
             return 2
@@ -71,7 +79,13 @@ def plan(args: argparse.Namespace) -> int:
               f"{min(walls) / 3600:.1f}–{max(walls) / 3600:.1f} h in random orders (card-hours {card_hours:.1f})\n"
               f"(a list schedule, iisan.pipeline.schedule: whenever cards free up, the ready job with the longest chain of GPU work after it "
               f"starts, each on cards of its own; {ORDERS} seeded random orders for the range; no order ends before {bound:.1f} h: "
-              f"the longest chain, {chain.get(longest, 0) / 3600:.1f} h from {longest or '-'}, or {held:.1f} card-hours over {gpus})")
+              f"the longest chain, {chain.get(longest, 0) / 3600:.1f} h from {longest or '-'}, or {held:.1f} card-hours over {gpus})\n"
+              f"{render_cards(budget)}")
+        print(f"critical path (the chain of jobs that sets the wall time, each after a job it waits for or the one that freed "
+              f"its cards): {_path(path, wall) or '-'}")
+        if args.gpus != node:
+            print(f"priced with runs spread over up to {args.gpus} cards (--gpus); the workflow's rules ask with "
+                  f"cluster.node_gpus = {node}: set it to {args.gpus} to run as planned")
         set_by_rules = [n.priority for n in graph.nodes if n.rule in GPU_RULES]
         if not any(set_by_rules):
             print("The workflow's GPU rules set no priority: Snakemake then starts ready jobs in no set order (the random range); "
@@ -83,6 +97,30 @@ def plan(args: argparse.Namespace) -> int:
         write_jobs(budget, args.jobs)
         print(f"every job: {args.jobs}")
     return 0
+
+
+def _cards(n: int) -> str:
+    return "no card" if n == 0 else f"{n} card{'s' * (n != 1)}"
+
+
+def _path(path: list, wall: float) -> str:
+    """The critical path's jobs with their hours and cards, those under 2 % of the wall time
+    together as one entry per stretch of them."""
+    out, short = [], []
+
+    def close():
+        if short:
+            out.append(f"[{len(short)} short job{'s' * (len(short) != 1)}, {sum(j.seconds for j in short) / 3600:.1f} h]")
+            short.clear()
+
+    for j in path:
+        if j.seconds < 0.02 * wall:
+            short.append(j)
+            continue
+        close()
+        out.append(f"{j.name} ({j.seconds / 3600:.1f} h, {_cards(j.gpus)})")
+    close()
+    return " -> ".join(out)
 
 
 def worker(args: argparse.Namespace) -> int:
@@ -108,7 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--jobs", type=Path,
                    help="also write every job (kind, output, cards, GPU hours, card-hours, peak GiB, priority, tables) to this CSV")
     p.add_argument("--gpus", type=int, metavar="N",
-                   help="also the wall time of the jobs on one machine with N GPUs, longest chain first and in random orders")
+                   help="also the wall time of the jobs on one machine with N GPUs, longest chain first and in random orders, "
+                        "and its critical path; training runs are spread over up to N of them (default: cluster.node_gpus)")
     p.add_argument("--directory", "-d", type=Path, default=Path("."), help="the workflow's folder (default: .)")
     from iisan.pipeline.worker import ENV, default_socket
 

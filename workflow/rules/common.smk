@@ -573,11 +573,14 @@ def get_cache_mem_mb(wildcards, attempt):
 @functools.cache
 def estimates():
     """The budget every GPU job's runtime, cards and priority come from (iisan.pipeline.budget: what `iisan
-    plan` prints), made when the job graph first asks, each job priced once."""
+    plan` prints), made when the job graph first asks, each job priced once and the cards of the
+    training runs spread over several (cluster.node_gpus) chosen once for the whole config.
+    """
     return Budget(config)
 
 
 def get_estimate(name, wildcards):
+    """The job of GPU rule `name` as `iisan plan` prices it, on the cards Budget.choice gives it."""
     return estimates().estimate(name, dict(wildcards.items()))
 
 
@@ -593,10 +596,13 @@ def get_priority(name):
 
 
 def get_gpus(name):
-    """The GPUs a job of GPU rule `name` asks for, the cards its estimated peak needs (none for a
-    stand-in captioner, none on a machine without CUDA). A run's model lives on one card: one
-    whose peak does not fit `cluster.gpu_gib` stops before it starts. A local run whose card limit
-    (this machine's cards, or `--resources gpu=N`) is below a job's need stops, naming both.
+    """The GPUs a job of GPU rule `name` asks for, its estimate's cards (none for a stand-in
+    captioner, none on a machine without CUDA): the cards its estimated peak needs, or for a
+    training run with its backbones in the loop the k cards of one node it is spread over
+    (iisan.pipeline.budget.Budget.choice, as `iisan plan` prices it; 1 unless cluster.node_gpus
+    says more). A run holds its whole model on each card: one whose per-card peak does not fit
+    `cluster.gpu_gib` stops before it starts. A local run whose card limit (this machine's cards,
+    or `--resources gpu=N`) is below a job's need stops, naming both.
     """
 
     def gpus(wildcards):
@@ -606,12 +612,21 @@ def get_gpus(name):
         job = get_estimate(name, wildcards)
         if name in ("train", "profile") and job.peak_gib > usable_gib(config):
             raise WorkflowError(
-                f"{job.name}: estimated peak {job.peak_gib:.1f} GiB does not fit one GPU of "
-                f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB (a run's model is not split "
-                f"over cards); set cluster.gpu_gib to your cards' memory or leave this run out"
+                f"{job.name}: estimated peak {job.peak_gib:.1f} GiB a card does not fit one GPU of "
+                f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB on {max(job.gpus, 1)} "
+                f"card(s) (each holds the whole model; cluster.node_gpus = "
+                f"{estimates().node_gpus()} is the most a run is spread over); set cluster.gpu_gib "
+                f"to your cards' memory or leave this run out"
             )
         need = 0 if job.gpus == 0 else max(least, job.gpus)
         limit = gpu_limit()
+        if limit is not None and need > limit and job.split is not None and job.gpus > 1:
+            raise WorkflowError(
+                f"{job.name}: spread over {need} GPUs (cluster.node_gpus = "
+                f"{estimates().node_gpus()}, as `iisan plan` chose), but this run may use "
+                f"{limit} (--resources gpu={limit}, or the cards of this machine); set "
+                f"cluster.node_gpus to the cards one job may hold"
+            )
         if limit is not None and need > limit:
             raise WorkflowError(
                 f"{job.name}: needs {need} GPUs of {config['cluster']['gpu_gib']} GiB "

@@ -15,6 +15,13 @@ it to the end (its own estimate and the longest chain of the GPU jobs that wait 
 out from the config alone as the workflow's rules wire the jobs (`Budget.config_jobs`), so that
 the rules can ask for it while Snakemake builds the DAG; `iisan plan --gpus N` schedules by it
 (iisan.pipeline.schedule).
+
+A training run with its backbones in the loop may be spread over k cards of one node (PyTorch
+DDP; `Split` prices it, rates.yaml `cards`). How many each takes is chosen once per config
+(`Budget.choice`, from `config_jobs` on one card: the shortest wall time of the jobs on the
+node's `cluster.node_gpus` cards, the fewest card-hours among equal ones), and `estimate` puts
+each job on its cards, so that `iisan plan` and the rules' `gpu`, runtime and priority read the
+same k.
 """
 
 from __future__ import annotations
@@ -90,6 +97,7 @@ def captioner_host_gb(entry: dict) -> float:
 
 
 GPU_RULES = ("caption", "cache", "train", "profile")  # the workflow's GPU rules, priced by Budget.estimate
+CARD_CHOICES = (1, 2, 4, 8)  # the cards of one node a training run may be spread over (Budget.choice)
 USABLE = 0.94  # share of a card's memory a job may plan to fill (the CUDA context and the allocator's slack)
 
 
@@ -183,10 +191,45 @@ def slot_share(config: dict, dataset: str, slots: int) -> float:
     return min(max(s["interactions"] / s["users"] - 2, 1) / slots, 1.0)
 
 
+@dataclass(frozen=True)
+class Split:
+    """What of a training run with its backbones in the loop divides over k cards of one node
+    (DDP: each process takes batch / k rows of the global batch; rates.yaml `cards`): its one-card
+    step split into the host's part, which every process pays in full (the same kernel launches
+    for fewer rows), and the kernels' part, which k cards share; the gradients all-reduced every
+    step; start-up and evaluation whole (every process embeds every item); parameters, gradients
+    and Adam moments whole on each card, activations divided by k."""
+
+    steps: int  # training steps the price counts (max_epochs x steps per epoch)
+    host_s: float  # seconds of a step's host work, on every card alike
+    gpu_s: float  # seconds of a step's kernels on one card; max(host_s, gpu_s) is the one-card step
+    grad_bytes: float  # bytes all-reduced every step: trainable parameters x 4 (fp32 gradients)
+    bus_gb_per_s: float  # the all-reduce's bus bandwidth
+    fixed_s: float  # seconds that do not divide: start-up and every evaluation
+    state_gib: float  # GiB on every card: weights (with gradients and Adam moments where they train)
+    act_gib: float  # GiB of activations on one card; each of k cards holds 1 / k
+
+    def allreduce_s(self, k: int) -> float:
+        """Seconds of a step's ring all-reduce of the gradients over k cards (none on one)."""
+        return self.grad_bytes * 2 * (k - 1) / k / (self.bus_gb_per_s * 1e9)
+
+    def step_s(self, k: int) -> float:
+        """Seconds of a step on k cards: max(host, kernels / k) + all-reduce."""
+        return max(self.host_s, self.gpu_s / k) + self.allreduce_s(k)
+
+    def seconds(self, k: int) -> float:
+        return self.fixed_s + self.steps * self.step_s(k)
+
+    def peak_gib(self, k: int) -> float:
+        """Peak GiB of each of k cards: the state whole, DDP's gradient buckets (one more fp32
+        copy of the trainable parameters) on more than one card, the activations divided."""
+        return self.state_gib + (k > 1) * self.grad_bytes / 2**30 + self.act_gib / k
+
+
 @dataclass
 class Job:
     """One GPU job: what it is, the groups (tables, figures) that need it, its estimated GPU
-    seconds and peak GPU memory."""
+    seconds and peak GPU memory (of each card it holds)."""
 
     kind: str  # caption | cache | train | profile
     name: str  # its output
@@ -200,6 +243,7 @@ class Job:
     rates: tuple = ()  # the rates it is priced from, as dotted keys of rates.yaml (in_loop.step_s.fft)
     scaled: str = ""  # what its price is scaled from, where that is more than shapes (a captioner's size)
     priority: int = 0  # Budget.priority: minutes of the longest chain of GPU work from it to the end
+    split: Split | None = None  # how it divides over cards (a training run with its backbones in the loop)
 
     @property
     def card_seconds(self) -> float:
@@ -212,6 +256,9 @@ class Budget:
         self.config, self.rates = config, rates or load_rates()
         self.jobs: dict[str, Job] = {}
         self._estimates: dict[tuple, Job] = {}
+        self._prices: dict[tuple, Job] = {}  # the jobs on one card (`price`)
+        self._config_prices: dict[str, Job] | None = None  # config_jobs on one card
+        self._choice: dict[str, int] | None = None  # `choice`: cards of the jobs spread over several
         self._chains: dict[str, float] | None = None  # config_jobs' longest chains, by name
         self._waiting: dict[str, set] = {}  # config_jobs' GPU jobs waiting for a job, by name
 
@@ -254,7 +301,8 @@ class Budget:
             ref = self.rates["reference"]["backbone"]
             ref_state = 2 * 12 * ref["layers"] * ref["hidden"] ** 2 * per_param
             state = sum(params_b(t.spec) * 1e9 for t in exp.towers) * per_param
-            peak = (state + max(r["peak_gib"][key] * 2**30 - ref_state, 0) * work * cost * B / r["batch"]) / 2**30
+            act = max(r["peak_gib"][key] * 2**30 - ref_state, 0) * work * cost * B / r["batch"]
+            peak = (state + act) / 2**30
             eval_s = r["eval_s"] * work * items / self.rates["reference"]["items"]
             startup = r["startup_s"] + sum(weight_gb(t.spec) for t in exp.towers) / self.rates["caching"]["load_gb_per_s"]
             detail = f"{exp.method}, backbones in the loop ({exp.train.item_slots} item slots), batch {B}"
@@ -282,8 +330,44 @@ class Budget:
             n = self.config["efficiency"]["steps"] + 4
             return Job("profile", plan.PROFILE.format(**w), startup + n * step, peak, f"{detail}, {n} steps", rates=tuple(used))
         seconds = startup + epochs * (steps * step + eval_s) + 2 * eval_s
+        split = None
+        if exp.cache == "none" and not m.is_id and "cards" in self.rates:  # divides over cards (an older rates file: not)
+            split = self._split(exp, m, step, epochs * steps, startup + (epochs + 2) * eval_s, state, act, work, rows, B)
         return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps",
-                   rates=tuple(used))
+                   rates=tuple(used), split=split)
+
+    def _split(self, exp, m, step: float, steps: int, fixed_s: float, state: float, act: float, work: float, rows: float,
+               batch: int) -> Split:
+        """How a run with its backbones in the loop divides over cards (`Split`, rates.yaml `cards`):
+        its one-card `step` split into host and kernels in the proportions the measured FFT step
+        gives at its shapes (the host's time scales with the backbones' layers, each layer the
+        same launches whatever its width or rows; the kernels' with backbone work x batch x rows,
+        as the in_loop step does, those that do not shrink with rows worked out from the two
+        measured row shares), the one bound taking the whole step; `state` and `act` in bytes."""
+        c, r = self.rates["cards"], self.rates["in_loop"]
+        host = c["host_s"] * sum(t.spec["layers"] for t in exp.towers) / c["layers"]
+        share = c["slot_share"]
+        fixed = (c["gpu_s"]["real"] / c["gpu_s"]["all"] - share) / (1 - share)  # kernels that do not shrink with rows
+        kernels = c["gpu_s"]["all"] * work * batch / r["batch"] * (fixed + (1 - fixed) * rows)
+        bound = max(host, kernels)
+        return Split(steps, step * host / bound, step * kernels / bound, 4 * self._trainable(exp, m), float(c["bus_gb_per_s"]),
+                     fixed_s, state / 2**30, act / 2**30)
+
+    def _trainable(self, exp, m) -> float:
+        """Trainable parameters of a run with its backbones in the loop, without building it:
+        every backbone weight (FFT), or what the method inserts or frees per layer
+        (iisan.encoders.finetune: two adapters of the bottleneck, rank-r LoRA on query and value
+        with their biases, about 11 d of biases), plus the heads and the user encoder (20 D^2, as
+        `_side_params` counts them); a frozen backbone's side network (`_side_params`)."""
+        if m.finetune == "frozen":
+            return self._side_params(exp)
+        b, rank = exp.finetune.adapter_bottleneck, exp.finetune.lora_rank
+        total = 20 * exp.model.embed_dim**2
+        for t in exp.towers:
+            layers, d = t.spec["layers"], t.spec["hidden"]
+            total += {"fft": params_b(t.spec) * 1e9, "adapter": layers * 2 * (2 * d * b + b + d),
+                      "lora": layers * 2 * (2 * d * rank + d), "bitfit": layers * 11 * d}.get(m.finetune, 0)
+        return total
 
     def _side_params(self, exp) -> int:
         """Trainable parameters of a cached run's model, without building it: per SANB 2 d r, per
@@ -350,15 +434,70 @@ class Budget:
         return max(1, math.ceil(n))
 
     def estimate(self, rule: str, wildcards: dict) -> Job:
-        """The job of a GPU rule (GPU_RULES) with these wildcards, priced once per Budget: what
-        `iisan plan` reports and what the rule's resources request."""
+        """The job of a GPU rule (GPU_RULES) with these wildcards, priced once per Budget on the
+        cards `choice` gives it (its `price` where it takes one): what `iisan plan` reports and
+        what the rule's resources request."""
         key = (rule, tuple(sorted(wildcards.items())))
         if key not in self._estimates:
+            job = self.price(rule, wildcards)
+            self._estimates[key] = self.on_cards(job, self.choice().get(job.name, 1))
+        return self._estimates[key]
+
+    def price(self, rule: str, wildcards: dict) -> Job:
+        """The job of a GPU rule with these wildcards as priced by its rule's method (`train`,
+        `cache`, `caption`): a training run on one card, a cache or captioner on the cards its
+        weights need; priced once per Budget."""
+        key = (rule, tuple(sorted(wildcards.items())))
+        if key not in self._prices:
             w = {k: str(v) for k, v in wildcards.items()}
             job = {"caption": self.caption, "cache": self.cache, "train": self.train, "profile": self.train}[rule](w)
             job.wildcards = w
-            self._estimates[key] = job
-        return self._estimates[key]
+            self._prices[key] = job
+        return self._prices[key]
+
+    # --- runs spread over several cards ---------------------------------------------------------------
+    def node_gpus(self) -> int:
+        """Cards of one node (config cluster.node_gpus; 1 when not set): the most one run may be
+        spread over."""
+        return int((self.config.get("cluster") or {}).get("node_gpus", 1))
+
+    def on_cards(self, job: Job, k: int) -> Job:
+        """`job` (on one card) spread over k cards (`Split`): its seconds and per-card peak at k,
+        the rates of rates.yaml `cards` added; the job itself where k is 1 or it does not divide."""
+        s = job.split
+        if k == 1 or s is None:
+            return job
+        rates = (*job.rates, "cards.host_s", "cards.gpu_s", "cards.slot_share", "cards.layers", "cards.bus_gb_per_s")
+        return replace(job, seconds=s.seconds(k), peak_gib=s.peak_gib(k), gpus=k, rates=rates,
+                       detail=f"{job.detail}, DDP on {k} cards ({s.step_s(k):.3f} s a step against {s.step_s(1):.3f} on one)")
+
+    def card_options(self, job: Job) -> dict[int, Job]:
+        """The cards (CARD_CHOICES, at most `node_gpus`) a job that divides may take, each with
+        the job on them, those whose per-card peak fits a card of cluster.gpu_gib; {1: job} for
+        one that does not divide or fits on none."""
+        if job.split is None:
+            return {1: job}
+        usable = usable_gib(self.config)
+        out = {k: self.on_cards(job, k) for k in CARD_CHOICES if k <= self.node_gpus()}
+        return {k: j for k, j in out.items() if j.peak_gib <= usable} or {1: job}
+
+    def choice(self) -> dict[str, int]:
+        """The cards of each training run the config's tables and figures spread over more than
+        one (by name; a run not named takes one), chosen once per Budget on the node's
+        `node_gpus` cards (iisan.pipeline.schedule.choose_cards: the shortest wall time of the
+        jobs' list schedule, fewest card-hours among equal ones) from `config_jobs` on one card,
+        so that `iisan plan` and the rules' resources (both through `estimate`) ask the same k.
+        Empty on one card a node."""
+        if self._choice is None:
+            self._choice = {}
+            if self.node_gpus() > 1:
+                from iisan.pipeline.schedule import choose_cards
+
+                jobs = self._one_card_jobs()
+                options = {n: self.card_options(j) for n, j in jobs.items() if j.split is not None}
+                chosen = choose_cards(jobs.values(), self.node_gpus(), options)
+                self._choice = {n: k for n, k in chosen.items() if k != 1}
+        return self._choice
 
     # --- the workflow's jobs ------------------------------------------------------------------------
     def build(self, graph: Graph) -> Budget:
@@ -386,16 +525,26 @@ class Budget:
         profile waits for the caches of its towers (their full caches, behind the pruning jobs),
         or, with its backbones in the loop, for the captions of its caption fields; a cache of a
         caption field waits for those captions (every shard, behind their merge). Jobs are
-        priced by `estimate`; one whose dataset's size is not known yet (not preprocessed, not in
-        Table I) is left out. The same jobs and dependencies as Snakemake's DAG of the config's
-        default targets (`build`; a test compares them), without the DAG, which a rule's
-        priority cannot wait for."""
+        priced by `price` and put on the cards `choice` gives them, as `estimate` does; one whose
+        dataset's size is not known yet (not preprocessed, not in Table I) is left out. The same
+        jobs and dependencies as Snakemake's DAG of the config's default targets (`build`; a test
+        compares them), without the DAG, which a rule's priority and cards cannot wait for."""
+        choice = self.choice()
+        return {n: self.on_cards(j, choice.get(n, 1)) for n, j in self._one_card_jobs().items()}
+
+    def _one_card_jobs(self) -> dict[str, Job]:
+        """`config_jobs` as `price` gives them (training runs on one card), worked out once."""
+        if self._config_prices is None:
+            self._config_prices = self._wire()
+        return self._config_prices
+
+    def _wire(self) -> dict[str, Job]:
         cfg = self.config
         found: dict[str, tuple[Job, set]] = {}
 
         def add(rule: str, wildcards: dict, after=()) -> list[str]:
             try:
-                job = self.estimate(rule, wildcards)
+                job = self.price(rule, wildcards)
             except ValueError:  # dataset_stats: not preprocessed yet
                 return []
             found.setdefault(job.name, (job, set()))[1].update(after)
@@ -574,6 +723,41 @@ def _keys(keys: list[str]) -> str:
         parent, _, leaf = k.rpartition(".")
         parents.setdefault(parent, []).append(leaf)
     return ", ".join(f"{p}.{v[0]}" if len(v) == 1 else f"{p}.{{{', '.join(v)}}}" for p, v in parents.items())
+
+
+def render_cards(budget: Budget) -> str:
+    """Which training runs are spread over several cards of one node (`Budget.choice`), each with
+    its cards and hours (and its hours on one card); or that every run takes one card, and why."""
+    from iisan.pipeline.schedule import SAME_WALL
+
+    n = budget.node_gpus()
+    jobs = list(budget.jobs.values())
+    spread = sorted((j for j in jobs if j.split is not None and j.gpus > 1), key=lambda j: (-j.split.seconds(1), j.name))
+    if spread:
+        runs = "; ".join(f"{j.name} on {j.gpus} ({j.seconds / 3600:.1f} h, {j.split.seconds(1) / 3600:.1f} h on one)" for j in spread)
+        return (f"runs spread over several of the node's {n} cards (DDP; iisan.pipeline.budget.Budget.choice, as the rules ask): "
+                f"{runs}; every other run takes one card")
+    divisible = [j for j in jobs if j.split is not None]
+    if n == 1:
+        why = "a node of one card (cluster.node_gpus 1; --gpus N or cluster.node_gpus N spreads runs over up to N)"
+    elif not divisible:
+        why = ("no training run has its backbones in the loop (a cached run's step, about 2 ms, is one CUDA graph: "
+               "more cards cannot pay for themselves)")
+    else:
+        ks = [k for k in CARD_CHOICES if 1 < k <= n]
+        faster = [j for j in divisible if min(j.split.seconds(k) for k in ks) < j.split.seconds(1) * (1 - SAME_WALL)]
+        longest = max(divisible, key=lambda j: (j.seconds, j.name))
+        s = longest.split
+        if faster:
+            why = (f"the {len(faster)} runs more cards would make faster are not where the wall time is set: spreading them "
+                   "does not end the jobs sooner")
+        elif all(j.split.host_s >= j.split.gpu_s for j in divisible):
+            why = (f"the in-loop steps are bound by the host: {s.host_s:.2f} s a step whatever k (the longest, {longest.name}: "
+                   f"{s.step_s(1):.3f} s a step on one card, {s.step_s(2):.3f} s on two with the gradients' all-reduce; "
+                   f"its kernels {s.gpu_s:.3f} s)")
+        else:
+            why = "no in-loop run gets faster on more cards: the gradients' all-reduce outweighs the kernels' share"
+    return f"every run takes one card: {why}"
 
 
 def render_videos(budget: Budget) -> str:
