@@ -49,8 +49,8 @@ def test_a_step_on_k_cards_is_the_host_or_the_kernels_over_k_plus_the_all_reduce
     every process launches the same kernels, and the all-reduce adds to it. A kernel-bound step
     (0.05 s host, 0.4 s kernels) on two cards takes half its kernels plus the all-reduce of
     680 MB of fp32 gradients over a 300 GB/s bus (2(k-1)/k of them: 2.3 ms), so it is faster by
-    a little less than 2; on 8 cards the host bounds it. Memory: the state whole on each card
-    (with DDP's gradient buckets), the activations divided."""
+    a little less than 2; on 8 cards the host bounds it. The validation passes divide. Memory:
+    the state whole on each card (with DDP's gradient buckets), the activations divided."""
     host_bound = Split(1000, host_s=0.10, gpu_s=0.064, grad_bytes=680e6, bus_gb_per_s=300, fixed_s=60,
                        state_gib=2.5, act_gib=20)
     for k in (2, 4, 8):
@@ -62,6 +62,9 @@ def test_a_step_on_k_cards_is_the_host_or_the_kernels_over_k_plus_the_all_reduce
     assert 1.95 < gpu_bound.step_s(1) / gpu_bound.step_s(2) < 2
     assert gpu_bound.step_s(8) == pytest.approx(0.05 + 680e6 * 2 * 7 / 8 / 300e9)  # the host bounds it
     assert gpu_bound.peak_gib(1) == 22.5
+    evaluated = Split(1000, host_s=0.05, gpu_s=0.4, grad_bytes=680e6, bus_gb_per_s=300, fixed_s=60, state_gib=2.5, act_gib=20,
+                      eval_s=500)
+    assert evaluated.seconds(4) - gpu_bound.seconds(4) == pytest.approx(125)  # each process evaluates a quarter of the items and users
     assert gpu_bound.peak_gib(4) == pytest.approx(2.5 + 680e6 / 2**30 + 5)
 
 

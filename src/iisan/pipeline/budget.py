@@ -197,17 +197,20 @@ class Split:
     (DDP: each process takes batch / k rows of the global batch; rates.yaml `cards`): its one-card
     step split into the host's part, which every process pays in full (the same kernel launches
     for fewer rows), and the kernels' part, which k cards share; the gradients all-reduced every
-    step; start-up and evaluation whole (every process embeds every item); parameters, gradients
-    and Adam moments whole on each card, activations divided by k."""
+    step; evaluation divided by k (each process embeds a 1/k share of the items, in chunks of
+    2,048 without autograd, and ranks a 1/k share of the users: iisan.training.train.Trainer
+    .item_table and .evaluate), start-up whole; parameters, gradients and Adam moments whole on
+    each card, activations divided by k."""
 
     steps: int  # training steps the price counts (max_epochs x steps per epoch)
     host_s: float  # seconds of a step's host work, on every card alike
     gpu_s: float  # seconds of a step's kernels on one card; max(host_s, gpu_s) is the one-card step
     grad_bytes: float  # bytes all-reduced every step: trainable parameters x 4 (fp32 gradients)
     bus_gb_per_s: float  # the all-reduce's bus bandwidth
-    fixed_s: float  # seconds that do not divide: start-up and every evaluation
+    fixed_s: float  # seconds that do not divide: start-up
     state_gib: float  # GiB on every card: weights (with gradients and Adam moments where they train)
     act_gib: float  # GiB of activations on one card; each of k cards holds 1 / k
+    eval_s: float = 0.0  # seconds of every evaluation on one card; k cards share them
 
     def allreduce_s(self, k: int) -> float:
         """Seconds of a step's ring all-reduce of the gradients over k cards (none on one)."""
@@ -218,7 +221,7 @@ class Split:
         return max(self.host_s, self.gpu_s / k) + self.allreduce_s(k)
 
     def seconds(self, k: int) -> float:
-        return self.fixed_s + self.steps * self.step_s(k)
+        return self.fixed_s + self.eval_s / k + self.steps * self.step_s(k)
 
     def peak_gib(self, k: int) -> float:
         """Peak GiB of each of k cards: the state whole, DDP's gradient buckets (one more fp32
@@ -332,12 +335,12 @@ class Budget:
         seconds = startup + epochs * (steps * step + eval_s) + 2 * eval_s
         split = None
         if exp.cache == "none" and not m.is_id and "cards" in self.rates:  # divides over cards (an older rates file: not)
-            split = self._split(exp, m, step, epochs * steps, startup + (epochs + 2) * eval_s, state, act, work, rows, B)
+            split = self._split(exp, m, step, epochs * steps, startup, (epochs + 2) * eval_s, state, act, work, rows, B)
         return Job("train", plan.RUN_METRICS.format(**w), seconds, peak, f"{detail}, <= {epochs} epochs x {steps} steps",
                    rates=tuple(used), split=split)
 
-    def _split(self, exp, m, step: float, steps: int, fixed_s: float, state: float, act: float, work: float, rows: float,
-               batch: int) -> Split:
+    def _split(self, exp, m, step: float, steps: int, startup: float, evals: float, state: float, act: float, work: float,
+               rows: float, batch: int) -> Split:
         """How a run with its backbones in the loop divides over cards (`Split`, rates.yaml `cards`):
         its one-card `step` split into host and kernels in the proportions the measured FFT step
         gives at its shapes (the host's time scales with the backbones' layers, each layer the
@@ -351,7 +354,7 @@ class Budget:
         kernels = c["gpu_s"]["all"] * work * batch / r["batch"] * (fixed + (1 - fixed) * rows)
         bound = max(host, kernels)
         return Split(steps, step * host / bound, step * kernels / bound, 4 * self._trainable(exp, m), float(c["bus_gb_per_s"]),
-                     fixed_s, state / 2**30, act / 2**30)
+                     startup, state / 2**30, act / 2**30, evals)
 
     def _trainable(self, exp, m) -> float:
         """Trainable parameters of a run with its backbones in the loop, without building it:
@@ -748,15 +751,16 @@ def render_cards(budget: Budget) -> str:
         faster = [j for j in divisible if min(j.split.seconds(k) for k in ks) < j.split.seconds(1) * (1 - SAME_WALL)]
         longest = max(divisible, key=lambda j: (j.seconds, j.name))
         s = longest.split
-        if faster:
-            why = (f"the {len(faster)} runs more cards would make faster are not where the wall time is set: spreading them "
-                   "does not end the jobs sooner")
-        elif all(j.split.host_s >= j.split.gpu_s for j in divisible):
-            why = (f"the in-loop steps are bound by the host: {s.host_s:.2f} s a step whatever k (the longest, {longest.name}: "
+        host_bound = all(j.split.host_s >= j.split.gpu_s for j in divisible)
+        if host_bound:
+            why = (f"the in-loop steps are bound by the host: {s.host_s:.2f} s a step whatever k (the longest run, {longest.name}: "
                    f"{s.step_s(1):.3f} s a step on one card, {s.step_s(2):.3f} s on two with the gradients' all-reduce; "
                    f"its kernels {s.gpu_s:.3f} s)")
         else:
-            why = "no in-loop run gets faster on more cards: the gradients' all-reduce outweighs the kernels' share"
+            why = "the gradients' all-reduce outweighs what more cards take off the in-loop steps' kernels"
+        if faster:  # not where the wall time is set (with host-bound steps, only their validation passes are shared out)
+            why += (f"; the {len(faster)} runs more cards would end sooner{' (their validation passes shared out)' * host_bound} "
+                    "are not where the wall time is set")
     return f"every run takes one card: {why}"
 
 
