@@ -620,7 +620,7 @@ def get_gpus(name):
             )
         need = 0 if job.gpus == 0 else max(least, job.gpus)
         limit = gpu_limit()
-        if limit is not None and need > limit and job.split is not None and job.gpus > 1:
+        if limit is not None and need > limit and job.split and job.gpus > 1:
             raise WorkflowError(
                 f"{job.name}: spread over {need} GPUs (cluster.node_gpus = "
                 f"{estimates().node_gpus()}, as `iisan plan` chose), but this run may use "
