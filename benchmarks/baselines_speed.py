@@ -215,7 +215,17 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
         "trainable_params": prof["trainable_params"],
         "total_params": prof["total_params"],
         "profile": kernel_profile,
+        "dynamo": _dynamo_counters() if compile_ else None,
     }
+
+
+def _dynamo_counters() -> dict:
+    """What torch.compile did in this process: graphs compiled, graph breaks and their reasons,
+    recompiles, and compiles that failed and ran eagerly (speed.compile falls back silently)."""
+    from torch._dynamo.utils import counters
+
+    return {k: dict(v.most_common(8)) for k, v in counters.items() if v and k in ("stats", "graph_break", "recompiles",
+                                                                               "unimplemented", "frames", "inductor")}
 
 
 def main():

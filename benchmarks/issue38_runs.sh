@@ -6,6 +6,7 @@
 #               (needs about 130 GiB: one H200; polars wheels in .whl when not installed)
 #   fft:        FFT's step with every item slot and with the slots holding an item, profiled, and
 #               the experiments beside it (host-side slots, no compile, CUDA graph trees per layer)
+#   compile:    FFT's step compiled and not, with torch.compile's counters (graph breaks, fallbacks)
 #   auto:       caption34b on a card of more than 100 GiB, else fft
 set -u
 OUT=${OUT:-.}
@@ -30,6 +31,17 @@ fft() {
         echo "== $a"
         # shellcheck disable=SC2086
         timeout 200 $base $a 2>&1 | grep -v "^USDT" | tail -2 | tee -a "$OUT/fft.jsonl"
+    done
+}
+
+# compile: FFT's step (slots holding an item) compiled as the workflow compiles it and not at all,
+#          with what torch.compile did (graphs, breaks, failures that ran eagerly)
+compile() {
+    for a in "--item-slots real --compile" "--item-slots real"; do
+        echo "== $a"
+        # shellcheck disable=SC2086
+        TORCH_LOGS=graph_breaks timeout 240 python3 benchmarks/baselines_speed.py --method fft --steps 30 --no-validation $a 2>&1 \
+            | grep -v "^USDT" | tail -40 | tee -a "$OUT/compile.log"
     done
 }
 
