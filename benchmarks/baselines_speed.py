@@ -148,9 +148,56 @@ def host_slots(trainer) -> None:
     src._real = real
 
 
+def slot_graphs(trainer) -> None:
+    """Experiment (`--slot-graphs`, item_slots real, trainable backbones): the whole step (forward,
+    backward, Adam) captured as one CUDA graph per bucket of the number of slots holding an item
+    (a multiple of BUCKET) and replayed, so the host launches one graph a step instead of ~2,000
+    kernels. The host finds the slots (one sync a step) and pads their positions to the bucket
+    with a trash slot (its rows are computed and dropped). The same model and loss; with dropout
+    the random numbers fall on other rows, as between item_slots real and all."""
+    from iisan.training.fast_step import BUCKET, CudaGraphStep
+    from iisan.training.features import BackboneFeatures
+
+    src, step, dev = trainer.source, trainer.step, trainer.device
+    if not isinstance(src, BackboneFeatures) or src.item_slots != "real" or src.finetune == "frozen" or dev.type != "cuda":
+        raise SystemExit("--slot-graphs needs trainable backbones in the loop, --item-slots real and CUDA")
+    step.optimiser = torch.optim.Adam(trainer.model.param_groups(trainer.cfg), fused=True, capturable=True)
+
+    def real_at(ids, where):
+        """The features of the flat slots `ids` (M,) whose items sit at `where` (P,), padded with M."""
+        m = ids.shape[0]
+        feats = src._states(torch.cat([ids, ids.new_ones(1)])[where])
+        return [torch.zeros(m + 1, len(t.layers), t.spec.hidden, device=ids.device).index_put((where,), f.float())[:m]
+                for t, f in zip(src.towers, feats)]
+
+    def eager(ids, where):
+        with step.precision.autocast(), step._compiling():
+            loss = step._forward(ids, real_at(ids.reshape(-1), where[0]))
+        step.optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        step.optimiser.step()
+        return loss.detach()
+
+    graphs, slots = {}, {}
+
+    def run(ids):
+        flat = ids.reshape(-1)
+        where = torch.nonzero(flat != 0).squeeze(1)
+        n = where.shape[0]  # the one sync of the step
+        bucket = max(BUCKET, -(-n // BUCKET) * BUCKET)
+        slots["where"] = torch.cat([where, where.new_full((bucket - n,), flat.shape[0])])
+        key = (tuple(ids.shape), bucket)  # an epoch's last batch has fewer rows
+        if key not in graphs:
+            graphs[key] = CudaGraphStep(eager, lambda _ids: [slots["where"]], dev)
+        return graphs[key](ids)
+
+    step.run = run
+    trainer.graph_buckets = graphs
+
+
 def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "distinct", validation: bool = True,
             graphs: bool = True, profile: int = 0, graphs_in_loop: bool = False, layer_mode: str = "default",
-            host_slots_: bool = False) -> dict:
+            host_slots_: bool = False, slot_graphs_: bool = False) -> dict:
     from caption_speed import matmul_tflops
 
     from iisan.data.synthetic import synthetic
@@ -170,12 +217,14 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
     trainer = Trainer(data, source, ModelConfig(method=model_method), cfg, start_run(cfg.seed, device))
     if host_slots_:
         host_slots(trainer)
+    if slot_graphs_:
+        slot_graphs(trainer)
     steps_per_epoch = -(-data.n_users // cfg.batch_size)
     with torch.compiler.set_stance("force_eager"):  # count the eager ops
         flops = step_flops(trainer)
     peak_tflops = matmul_tflops(device, torch.bfloat16, n=256 if SMOKE else 8192)
     timed = steps_per_epoch if method == "iisan" else steps
-    prof = trainer.profile(steps=timed)
+    prof = trainer.profile(steps=timed, warmup=40 if slot_graphs_ else 4)  # every bucket captured first
     eval_s = None
     if validation:
         trainer.sync()
@@ -195,6 +244,7 @@ def run_one(method: str, steps: int, compile_: bool = False, item_slots: str = "
         "compile": compile_,
         "layer_mode": layer_mode,
         "host_slots": host_slots_,
+        "slot_graphs": sorted(b for _, b in getattr(trainer, "graph_buckets", {})) if slot_graphs_ else None,
         "cuda_graph_step": trainer.step.graphs,
         "item_slots": item_slots,
         "device": prof["device"],
@@ -247,6 +297,8 @@ def main():
                     help="experimental, with --compile: torch.compile mode for each backbone layer")
     ap.add_argument("--host-slots", action="store_true",
                     help="experiment, with --item-slots real: the slots holding an item found on the host (no sync in the step)")
+    ap.add_argument("--slot-graphs", action="store_true",
+                    help="experiment, with --item-slots real: the whole step one CUDA graph per bucket of slots holding an item")
     ap.add_argument("--item-slots", choices=["all", "real", "distinct"], default="distinct",
                     help="backbones in the loop run every item slot (the authors' code), every slot holding an item, "
                          "or each distinct item once (train.item_slots)")
@@ -258,7 +310,7 @@ def main():
         for m in args.methods.split(","):
             flags = [f for f, on in (("--smoke", SMOKE), ("--compile", args.compile), ("--no-validation", args.no_validation),
                                      ("--no-graphs", args.no_graphs), ("--graphs-in-loop", args.graphs_in_loop),
-                                     ("--host-slots", args.host_slots)) if on]
+                                     ("--host-slots", args.host_slots), ("--slot-graphs", args.slot_graphs)) if on]
             flags += ["--item-slots", args.item_slots, "--profile", str(args.profile), "--layer-mode", args.layer_mode]
             out = subprocess.run([sys.executable, __file__, "--method", m, "--steps", str(args.steps)] + flags, capture_output=True, text=True)
             if out.returncode != 0:
@@ -276,7 +328,8 @@ def main():
             print(json.dumps(summary), flush=True)
         return
     print(json.dumps(run_one(args.method, args.steps, args.compile, args.item_slots, not args.no_validation,
-                             not args.no_graphs, args.profile, args.graphs_in_loop, args.layer_mode, args.host_slots)), flush=True)
+                             not args.no_graphs, args.profile, args.graphs_in_loop, args.layer_mode, args.host_slots,
+                             args.slot_graphs)), flush=True)
     gc.collect()
 
 

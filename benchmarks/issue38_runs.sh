@@ -6,6 +6,7 @@
 #               (needs about 130 GiB: one H200; polars wheels in .whl when not installed)
 #   fft:        FFT's step with every item slot and with the slots holding an item, profiled, and
 #               the experiments beside it (host-side slots, no compile, CUDA graph trees per layer)
+#   slotgraphs: FFT's step as one CUDA graph per bucket of slots holding an item, beside today's
 #   compile:    FFT's step compiled and not, with torch.compile's counters (graph breaks, fallbacks)
 #   auto:       caption34b on a card of more than 100 GiB, else fft
 set -u
@@ -42,6 +43,28 @@ compile() {
         # shellcheck disable=SC2086
         TORCH_LOGS=graph_breaks timeout 240 python3 benchmarks/baselines_speed.py --method fft --steps 30 --no-validation $a 2>&1 \
             | grep -v "^USDT" | tail -40 | tee -a "$OUT/compile.log"
+    done
+}
+
+# slotgraphs: FFT's step (slots holding an item) as the workflow runs it, then the whole step one CUDA
+#             graph per bucket of slots holding an item (--slot-graphs), compiled and not; under the
+#             machine's transformers and under the one in .whl-tf (5.25: no attention mask built
+#             for ViT inside a capture), which is installed into /tmp/site when given
+slotgraphs() {
+    local base="python3 benchmarks/baselines_speed.py --method fft --steps 30 --no-validation --item-slots real"
+    echo "== machine's transformers: --compile"
+    timeout 150 $base --compile 2>&1 | grep -v "^USDT" | tail -1 | tee -a "$OUT/slotgraphs.jsonl"
+    if ls .whl-tf/*.whl >/dev/null 2>&1; then
+        for w in .whl-tf/*.whl; do
+            python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site "$w" 2>/dev/null || echo "skipped $w"
+        done
+        export PYTHONPATH=/tmp/site:$PYTHONPATH
+    fi
+    python3 -c "import transformers; print('transformers', transformers.__version__)"
+    for a in "--compile" "--compile --slot-graphs" "--slot-graphs"; do
+        echo "== $a"
+        # shellcheck disable=SC2086
+        timeout 200 $base $a 2>&1 | grep -v "^USDT" | tail -3 | tee -a "$OUT/slotgraphs.jsonl"
     done
 }
 
