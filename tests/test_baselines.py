@@ -15,6 +15,7 @@ from iisan.data.demo import DemoSpec, generate
 from iisan.encoders.backbones import BackboneSpec, build_standin, output_layer
 from iisan.encoders.cache import build_cache, prune_cache
 from iisan.encoders.cache_files import read_manifest
+from iisan.encoders.cache_job import CacheJob
 from iisan.encoders.finetune import BiasOnlyLayerNorm, HoulsbyAdapter, compile_layers, prepare_backbone, repeated_blocks
 from iisan.tables import build_table3, paired_ttest, tpme
 from iisan.training.experiment import make_trainer, run_experiment
@@ -168,7 +169,7 @@ def demo(tmp_path_factory):
         spec = BackboneSpec.from_config(tower["backbone"], entry)
         build_standin(spec, tmp / spec.name, titles)
         full = tmp / "cache" / spec.name
-        build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", tower["field"], full,
+        build_cache(CacheJob.for_spec(spec, tower["field"]), str(tmp / spec.name), tmp / "ds/items.parquet", full,
                     images_archive=raw["images"], progress=False)
         prune_cache(full, full / "pruned-blocks6", scheme_layers("blocks6", 12))
         backbones.append(str(tmp / spec.name))

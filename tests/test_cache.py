@@ -8,6 +8,7 @@ from iisan.data.amazon import preprocess
 from iisan.encoders.backbones import BackboneSpec, resolve_source
 from iisan.encoders.cache import build_cache, load_cache, prune_cache
 from iisan.encoders.cache_files import CacheMismatch
+from iisan.encoders.cache_job import CacheJob
 from iisan.training.layerdrop import scheme_layers
 
 from conftest import write
@@ -32,7 +33,8 @@ def real_titles_dataset(tmp_path_factory, mirror):
 def minilm_cache(real_titles_dataset):
     spec = BackboneSpec.from_config("minilm-l6", MINILM)
     out = real_titles_dataset / "cache"
-    manifest = build_cache(spec, resolve_source(spec), real_titles_dataset / "ds/items.parquet", "title", out, batch_size=128, progress=False)
+    job = CacheJob.for_spec(spec, "title", batch_size=128)
+    manifest = build_cache(job, resolve_source(spec), real_titles_dataset / "ds/items.parquet", out, progress=False)
     return out, manifest
 
 

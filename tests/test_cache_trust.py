@@ -16,6 +16,7 @@ from iisan.data.demo import DemoSpec, generate
 from iisan.encoders.backbones import BackboneSpec, build_standin
 from iisan.encoders.cache import build_cache, load_cache, prune_cache
 from iisan.encoders.cache_files import CacheError, CacheMismatch, read_manifest, set_aside_damaged, verify_cache, write_manifest
+from iisan.encoders.cache_job import CacheJob
 
 BERT = dict(source="demo", family="bert", modality="text", layers=2, hidden=16, heads=2, vocab_size=200, max_tokens=12)
 
@@ -30,9 +31,10 @@ def world(tmp_path_factory):
     return tmp, spec
 
 
-def _build(world, out, spec=None, **kw):
+def _build(world, out, spec=None, checkpoint_every=20, **settings):
     tmp, base = world
-    return build_cache(spec or base, str(tmp / "bert"), tmp / "ds/items.parquet", "title", out, progress=False, **kw)
+    job = CacheJob.for_spec(spec or base, "title", **settings)
+    return build_cache(job, str(tmp / "bert"), tmp / "ds/items.parquet", out, progress=False, checkpoint_every=checkpoint_every)
 
 
 def _interrupt_after(monkeypatch, batches):

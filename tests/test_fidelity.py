@@ -97,6 +97,7 @@ def test_fp16_storage_refuses_states_beyond_its_range(tmp_path, monkeypatch):
     from iisan.data.amazon import preprocess
     from iisan.data.demo import DemoSpec, generate
     from iisan.encoders.backbones import BackboneSpec, build_standin
+    from iisan.encoders.cache_job import CacheJob
 
     raw = generate(tmp_path / "raw", DemoSpec(n_items=40, n_users=30, n_groups=2, n_subgroups=2, image_size=8))
     preprocess(raw["items"], raw["users"], tmp_path / "ds", images=raw["images"])
@@ -112,11 +113,11 @@ def test_fp16_storage_refuses_states_beyond_its_range(tmp_path, monkeypatch):
 
     monkeypatch.setattr(cache_mod, "pool_states", huge_h3)
     with pytest.raises(ValueError, match=r"backbone b: hidden states h\[3\] hold values beyond the float16 range"):
-        cache_mod.build_cache(spec, str(tmp_path / "b"), tmp_path / "ds/items.parquet", "title", tmp_path / "c16",
-                              store_dtype="float16", progress=False)
+        cache_mod.build_cache(CacheJob.for_spec(spec, "title", store_dtype="float16"), str(tmp_path / "b"),
+                              tmp_path / "ds/items.parquet", tmp_path / "c16", progress=False)
     assert not (tmp_path / "c16/cache.npy").exists()
-    cache_mod.build_cache(spec, str(tmp_path / "b"), tmp_path / "ds/items.parquet", "title", tmp_path / "c32",
-                          store_dtype="float32", progress=False)
+    cache_mod.build_cache(CacheJob.for_spec(spec, "title", store_dtype="float32"), str(tmp_path / "b"),
+                          tmp_path / "ds/items.parquet", tmp_path / "c32", progress=False)
     arr = np.load(tmp_path / "c32/cache.npy")
     assert np.isfinite(arr).all() and np.abs(arr[1:, 3]).max() > 65504
 

@@ -15,6 +15,7 @@ pytest.importorskip("optimum")
 from iisan.data.amazon import preprocess  # noqa: E402
 from iisan.encoders.backbones import BackboneSpec, build_standin, load_backbone  # noqa: E402
 from iisan.encoders.cache import build_cache  # noqa: E402
+from iisan.encoders.cache_job import CacheJob  # noqa: E402
 
 TITLES = [f"product number {n} with a title about tools and parts {n % 7}" for n in range(300)]
 ENTRY = {"source": "demo", "family": "llama", "modality": "text", "layers": 2, "hidden": 128, "heads": 4, "pooling": "mean",
@@ -39,8 +40,8 @@ def test_gptq_standin_caches_close_to_its_unquantised_weights(tmp_path, monkeypa
     preprocess(tmp_path / "items.tsv", tmp_path / "users.tsv", tmp_path / "ds")
     caches = {}
     for spec in (gptq, plain):
-        manifest = build_cache(spec, str(folders[spec.name]), tmp_path / "ds/items.parquet", "title", tmp_path / f"cache-{spec.name}",
-                               store_dtype="float32", batch_size=16, progress=False)
+        manifest = build_cache(CacheJob.for_spec(spec, "title", store_dtype="float32", batch_size=16), str(folders[spec.name]),
+                               tmp_path / "ds/items.parquet", tmp_path / f"cache-{spec.name}", progress=False)
         caches[spec.name] = np.load(tmp_path / f"cache-{spec.name}/cache.npy")[1:]
         assert manifest["settings"]["quantization"] == spec.quantization
     q, f = caches["tiny-gptq"], caches["tiny"]

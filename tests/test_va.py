@@ -13,6 +13,7 @@ from iisan.data.amazon import preprocess
 from iisan.data.demo import DemoSpec, generate
 from iisan.encoders.backbones import BackboneSpec, MissingExtra, build_standin, load_backbone
 from iisan.encoders.cache import build_cache, prune_cache
+from iisan.encoders.cache_job import CacheJob
 from iisan.pipeline.plan import va_scheme
 from iisan.tables import table_plan
 from iisan.training.experiment import run_experiment
@@ -127,7 +128,8 @@ def test_decoder_pooled_three_ways(demo):
     arrays = {}
     for pooling in ("mean", "masked_mean", "last"):
         spec.pooling = pooling
-        build_cache(spec, str(tmp / "llama"), tmp / "ds/items.parquet", "title", tmp / f"c-{pooling}", progress=False, store_dtype="float32")
+        build_cache(CacheJob.for_spec(spec, "title", store_dtype="float32"), str(tmp / "llama"), tmp / "ds/items.parquet",
+                    tmp / f"c-{pooling}", progress=False)
         arrays[pooling] = np.load(tmp / f"c-{pooling}/cache.npy")
         assert json.loads((tmp / f"c-{pooling}/manifest.json").read_text())["pooling"] == pooling
     assert not np.allclose(arrays["mean"], arrays["masked_mean"])
@@ -157,7 +159,7 @@ def test_four_bit_standin_cached_end_to_end(demo):
     assert cfg["quantization_config"]["load_in_4bit"] is True  # stored quantised
     model, _ = load_backbone(spec, str(tmp / "q4"), torch.device("cpu"))
     assert type(model.layers[0].self_attn.q_proj).__name__ == "Linear4bit"
-    m = build_cache(spec, str(tmp / "q4"), tmp / "ds/items.parquet", "title", tmp / "c-q4", progress=False)
+    m = build_cache(CacheJob.for_spec(spec, "title"), str(tmp / "q4"), tmp / "ds/items.parquet", tmp / "c-q4", progress=False)
     arr = np.load(tmp / "c-q4/cache.npy")
     assert arr.shape == (m["items"] + 1, 7, 64) and arr.dtype == np.float16 and np.isfinite(arr).all()
     assert m["quantization"] == "bnb-4bit" and m["bytes"] == (tmp / "c-q4/cache.npy").stat().st_size
@@ -167,7 +169,8 @@ def test_caching_resumes_after_an_interruption(demo, monkeypatch):
     tmp, _, titles = demo
     spec = decoder("llama-resume", pooling="masked_mean")
     build_standin(spec, tmp / "resume", titles)
-    full = build_cache(spec, str(tmp / "resume"), tmp / "ds/items.parquet", "title", tmp / "c-ref", progress=False, batch_size=16)
+    cache_job = CacheJob.for_spec(spec, "title", batch_size=16)
+    full = build_cache(cache_job, str(tmp / "resume"), tmp / "ds/items.parquet", tmp / "c-ref", progress=False)
     import iisan.encoders.cache as cache_mod
 
     calls = {"n": 0}
@@ -181,12 +184,12 @@ def test_caching_resumes_after_an_interruption(demo, monkeypatch):
 
     monkeypatch.setattr(cache_mod, "pool_states", failing_pool)
     with pytest.raises(KeyboardInterrupt):
-        build_cache(spec, str(tmp / "resume"), tmp / "ds/items.parquet", "title", tmp / "c-res", progress=False, batch_size=16, checkpoint_every=2)
+        build_cache(cache_job, str(tmp / "resume"), tmp / "ds/items.parquet", tmp / "c-res", progress=False, checkpoint_every=2)
     assert not (tmp / "c-res/cache.npy").exists()
     # the 5th batch failed; the record of finished items is written every 2 batches
     assert np.load(tmp / "c-res/cache.done.npy").sum() == 2 * 16
     calls["n"] = -100  # no more failures; count the batches of the resumed run
-    build_cache(spec, str(tmp / "resume"), tmp / "ds/items.parquet", "title", tmp / "c-res", progress=False, batch_size=16, checkpoint_every=2)
+    build_cache(cache_job, str(tmp / "resume"), tmp / "ds/items.parquet", tmp / "c-res", progress=False, checkpoint_every=2)
     n_batches = -(-full["items"] // 16)
     assert calls["n"] + 100 == n_batches - 2  # only the batches not recorded as finished ran
     assert np.allclose(np.load(tmp / "c-res/cache.npy"), np.load(tmp / "c-ref/cache.npy"), atol=2e-3)
@@ -212,7 +215,7 @@ def test_full_and_dropped_cache_give_identical_metrics(demo):
     dirs = {}
     for spec, field in ((text, "title"), (image, "image")):
         build_standin(spec, tmp / spec.name, titles)
-        build_cache(spec, str(tmp / spec.name), tmp / "ds/items.parquet", field, tmp / f"full-{spec.name}",
+        build_cache(CacheJob.for_spec(spec, field), str(tmp / spec.name), tmp / "ds/items.parquet", tmp / f"full-{spec.name}",
                     images_archive=raw["images"], progress=False)
         dirs[spec.name] = tmp / f"full-{spec.name}"
     towers = [TowerConfig("title", "llama-va", {"source": "demo", "family": "llama", "modality": "text", "layers": 8,

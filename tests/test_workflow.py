@@ -12,6 +12,7 @@ from iisan.data.demo import DemoSpec, generate
 from iisan.data.sequences import load_sequences
 from iisan.encoders.backbones import BackboneSpec, build_standin
 from iisan.encoders.cache import build_cache, load_cache
+from iisan.encoders.cache_job import CacheJob
 from iisan.pipeline import plan
 from iisan.training.features import CachedFeatures
 from iisan.training.layerdrop import scheme_layers
@@ -153,7 +154,7 @@ def test_demo_structure_is_learnable(root, tmp_path):
     for tower in cfg["towers"]:
         spec = BackboneSpec.from_config(tower["backbone"], cfg["backbones"][tower["backbone"]])
         build_standin(spec, tmp_path / spec.name, titles)
-        build_cache(spec, str(tmp_path / spec.name), tmp_path / "ds/items.parquet", tower["field"],
+        build_cache(CacheJob.for_spec(spec, tower["field"]), str(tmp_path / spec.name), tmp_path / "ds/items.parquet",
                     tmp_path / "cache" / spec.name, images_archive=raw["images"], progress=False)
         caches.append(load_cache(tmp_path / "cache" / spec.name, backbone=spec.name, layers=layers,
                                  item_order_hash=data.item_order_hash)[0])

@@ -123,9 +123,7 @@ rule cache:
         gpu=get_gpus("cache"),
         attempt=get_attempt,
     params:
-        spec=lambda wildcards: backbone_entry(config, wildcards.backbone),
-        store_dtype=get_cache_dtype,
-        batch_size=config["cache"]["batch_size"],
+        job=get_cache_job,
     script:
         "../scripts/cache.py"
 

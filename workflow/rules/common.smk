@@ -16,7 +16,6 @@ from iisan.training import methods
 
 from iisan.pipeline import plan, rehearsal
 from iisan.encoders.backbones import (
-    BackboneSpec,
     built_by_workflow,
     is_hub_id,
     output_layer,
@@ -30,6 +29,7 @@ from iisan.pipeline.budget import (
     weight_gb,
 )
 from iisan.encoders.cache_files import damaged_caches, set_aside_damaged
+from iisan.encoders.cache_job import CacheJob
 from iisan.captions.settings import CaptionJob, CaptionSettings
 from iisan.config import backbone_entry
 from iisan.data import CAPTION_FIELDS, kinds, microlens
@@ -406,12 +406,11 @@ def get_cache_env(wildcards):
     return "../../envs/gptq.yaml" if gptq else "../../envs/iisan.yaml"
 
 
-def get_cache_dtype(wildcards):
-    """The storage dtype of one backbone's cache (config key cache.dtype, resolved per backbone)."""
-    spec = BackboneSpec.from_config(
-        wildcards.backbone, backbone_entry(config, wildcards.backbone)
-    )
-    return spec.cache_dtype(config["cache"]["dtype"])
+def get_cache_job(wildcards):
+    """The cache job (iisan.encoders.cache_job.CacheJob) of the rule's wildcards: the backbone's
+    registry entry, the field, and config `cache` (batch size, storage dtype resolved for the
+    backbone), as the budget prices it; its files are the rule's input and output."""
+    return CacheJob.from_config(config, wildcards.field, wildcards.backbone).to_dict()
 
 
 def get_prune_layers(wildcards):

@@ -47,6 +47,7 @@ from iisan.encoders.cache_files import (
     verify_cache,
     write_manifest,
 )
+from iisan.encoders.cache_job import CacheJob
 from iisan.encoders.item_inputs import backbone_states, encode_texts, load_images, pool_states
 from iisan.io import atomic_path, read_json, require_free_space, write_json
 
@@ -167,28 +168,27 @@ def cache_settings(spec: BackboneSpec, model_path: str, model, pre, field: str, 
 
 
 def build_cache(
-    spec: BackboneSpec,
+    job: CacheJob,
     model_path: str,
     items_parquet: Path,
-    field: str,
     out_dir: Path,
     *,
     images_archive: Path | None = None,
-    batch_size: int = 64,
-    store_dtype: str = "float16",
+    captions: Path | None = None,
     device: str | None = None,
     progress: bool | None = None,
     checkpoint_every: int = 20,
-    captions: Path | None = None,
 ) -> dict:
-    """Run `spec` over `field` of every item and store all pooled hidden states (a caption
-    field's texts from the caption set `captions`, by default the one beside the item table).
+    """Run the job's backbone over its field of every item and store all pooled hidden states,
+    `job.batch_size` items per batch, as `job.store_dtype` (a caption field's texts from the
+    caption set `captions`, by default the one beside the item table).
 
     Text is batched by token length. Rows are written into ``cache.npy.partial`` with a record
     of finished items (``cache.done.npy``) every `checkpoint_every` batches, so an interrupted
     run resumes where it stopped; the array is renamed into place when complete."""
     import polars as pl
 
+    spec, field, batch_size, store_dtype = job.spec, job.field, job.batch_size, job.store_dtype
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     items = pl.read_parquet(items_parquet)
     stats = read_json(Path(items_parquet).with_name("stats.json"))

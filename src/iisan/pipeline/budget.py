@@ -43,6 +43,7 @@ from iisan.data import CAPTION_FIELDS, kinds
 from iisan.data.amazon import TABLE_I as AMAZON_TABLE_I
 from iisan.data.microlens import TABLE_I as MICROLENS_TABLE_I
 from iisan.encoders.backbones import output_layer
+from iisan.encoders.cache_job import CacheJob
 from iisan.pipeline import plan
 from iisan.training import methods
 
@@ -396,7 +397,7 @@ class Budget:
         r = self.rates["caching"]
         flops = 2 * params_b(entry) * 1e9 * tokens(entry, self.config) * items
         seconds = r["startup_s"] + weight_gb(entry) / r["load_gb_per_s"] + flops / (r["tflops"] * 1e12)
-        batch = (self.config.get("cache") or {}).get("batch_size", 64)
+        batch = CacheJob.from_config(self.config, wildcards["field"], backbone).batch_size  # as the cache rule's job
         states = output_layer(entry["family"], entry["layers"]) + 1
         act_gb = batch * tokens(entry, self.config) * entry["hidden"] * states * 2 / 1e9
         peak = (weight_gb(entry) * 1.05 + act_gb + 1) * 1e9 / 2**30
