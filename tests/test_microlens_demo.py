@@ -1,5 +1,6 @@
 """The MicroLens demo twin: the published file formats, the planted structure, determinism."""
 
+import dataclasses
 import re
 import zipfile
 from pathlib import Path
@@ -9,6 +10,7 @@ import pytest
 
 from iisan.captions import shards
 from iisan.data.amazon import read_users
+from iisan.data.demo import DemoSpec
 from iisan.data.microlens import preprocess, read_titles_csv
 from iisan.data.microlens_demo import (
     COVERS_DIR,
@@ -115,6 +117,17 @@ def test_a_seed_gives_identical_bytes(twin, tmp_path):
     other = generate(tmp_path / "other", {"n_items": 40, "n_users": 60, "seed": 8, "video": {"min_frames": 12, "max_frames": 20}})
     assert other["titles"].read_bytes() != twin["titles"].read_bytes()
     assert not list(tmp_path.glob("*/.*"))  # no temporaries left
+
+
+def test_the_spec_is_the_demos_with_its_own_size_and_the_twins_settings():
+    """MicroLensDemoSpec extends DemoSpec: the planted structure's fields in DemoSpec's order with
+    its defaults, except a smaller default size, then the titles' quirks and the videos."""
+    demo, twin = dataclasses.fields(DemoSpec), dataclasses.fields(MicroLensDemoSpec)
+    assert issubclass(MicroLensDemoSpec, DemoSpec) and [f.name for f in twin[:len(demo)]] == [f.name for f in demo]
+    assert [f.name for f in twin[len(demo):]] == ["p_comma", "p_quoted", "video"]
+    own = {"n_items": (1200, 300), "n_users": (2000, 400)}
+    for a, b in zip(demo, twin):
+        assert (a.default, b.default) == own.get(a.name, (a.default, a.default))
 
 
 def test_h264_on_request_and_bad_specs(tmp_path):

@@ -27,6 +27,10 @@ _SHAPES = ("square", "circle", "triangle", "bar")
 
 @dataclass
 class DemoSpec:
+    """The generator's settings: the size, the planted groups and sub-groups, the covers' size
+    and the sequences' lengths and moves (`planted_sequences`). The MicroLens twin's spec
+    (iisan.data.microlens_demo.MicroLensDemoSpec) extends it."""
+
     n_items: int = 1200
     n_users: int = 2000
     n_groups: int = 8

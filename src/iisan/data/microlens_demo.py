@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from iisan.data.demo import _SHAPES, _image, _words, planted_sequences
+from iisan.data.demo import _SHAPES, DemoSpec, _image, _words, planted_sequences
 from iisan.data.microlens import COVERS, COVERS_DIR, PAIRS, PUBLISHED, TITLES, VIDEOS  # the published names
 from iisan.io import atomic_path, current_umask
 
@@ -61,18 +61,12 @@ class VideoSpec:
 
 
 @dataclass
-class MicroLensDemoSpec:
-    n_items: int = 300
-    n_users: int = 400
-    n_groups: int = 8
-    n_subgroups: int = 4
-    seed: int = 7
-    image_size: int = 32
-    min_len: int = 3
-    max_len: int = 16
-    p_stay: float = 0.6
-    p_next_group: float = 0.3
-    zipf: float = 1.1
+class MicroLensDemoSpec(DemoSpec):
+    """The demo's planted structure (`DemoSpec`'s fields, fewer items and users by default), plus
+    MicroLens's title quirks and videos."""
+
+    n_items: int = 300  # DemoSpec's field, this default
+    n_users: int = 400  # DemoSpec's field, this default
     p_comma: float = 0.3  # titles with a comma (", " between two of their words)
     p_quoted: float = 0.05  # titles wrapped in double quotes, with a comma inside
     video: VideoSpec = field(default_factory=VideoSpec)
