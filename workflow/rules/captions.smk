@@ -76,8 +76,8 @@ rule frames:
     threads: lambda wildcards: frames_threads(config, wildcards.dataset)
     resources:
         mem_mb=lambda wildcards, threads: 1000 + 200 * threads,
-        runtime=lambda wildcards, threads, attempt: capped_runtime(
-            frames_minutes(config, wildcards.dataset, threads), attempt
+        runtime=lambda wildcards, threads, attempt: resources.capped_minutes(
+            frames_minutes(config, wildcards.dataset, threads), config, attempt
         ),
         attempt=get_attempt,
     params:

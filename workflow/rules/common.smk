@@ -2,7 +2,6 @@
 # as paths, planning, inputs and params, resources. Planning itself lives in the library
 # (iisan.pipeline.plan, iisan.training.methods, iisan.config); these functions adapt it to wildcards.
 import functools
-import math
 import os
 import re
 import sys
@@ -14,20 +13,13 @@ from iisan import tables
 
 from iisan.training import methods
 
-from iisan.pipeline import plan, rehearsal
+from iisan.pipeline import plan, rehearsal, resources
 from iisan.encoders.backbones import (
     built_by_workflow,
     is_hub_id,
     output_layer,
 )
-from iisan.pipeline.budget import (
-    FLOOR_MIN,
-    Budget,
-    captioner_host_gb,
-    dataset_size,
-    usable_gib,
-    weight_gb,
-)
+from iisan.pipeline.budget import Budget
 from iisan.encoders.cache_files import damaged_caches, set_aside_damaged
 from iisan.encoders.cache_job import CacheJob
 from iisan.captions.settings import CaptionJob, CaptionSettings
@@ -542,11 +534,6 @@ def gpu_limit():
     return None
 
 
-def get_backbone_weight_gb(name):
-    """GB the backbone's weights take in memory (iisan.pipeline.budget.weight_gb)."""
-    return weight_gb(backbone_entry(config, name))
-
-
 def get_attempt(wildcards, attempt):
     """The retry number, as a resource the job reads (its log's attempt headers, its stop record)."""
     return attempt
@@ -564,9 +551,8 @@ def memory_factor(name, wildcards, attempt):
 
 
 def get_cache_mem_mb(wildcards, attempt):
-    """Host memory to load a backbone: its weights plus 8 GB (more on a retry that was not a time-out)."""
-    gb = 8 + 1.2 * get_backbone_weight_gb(wildcards.backbone)
-    return int(gb * 1024 * memory_factor("cache", wildcards, attempt))
+    factor = memory_factor("cache", wildcards, attempt)
+    return resources.cache_host_mb(config, wildcards.backbone, factor)
 
 
 @functools.cache
@@ -595,93 +581,49 @@ def get_priority(name):
 
 
 def get_gpus(name):
-    """The GPUs a job of GPU rule `name` asks for, its estimate's cards (none for a stand-in
-    captioner, none on a machine without CUDA): the cards its estimated peak needs, or for a
-    training run with its backbones in the loop the k cards of one node it is spread over
-    (iisan.pipeline.budget.Budget.choice, as `iisan plan` prices it; 1 unless cluster.node_gpus
-    says more). A run holds its whole model on each card: one whose per-card peak does not fit
-    `cluster.gpu_gib` stops before it starts. A local run whose card limit (this machine's cards,
-    or `--resources gpu=N`) is below a job's need stops, naming both.
-    """
+    """The GPUs a job of GPU rule `name` asks for, iisan.pipeline.resources.cards (its estimate's
+    cards, the k cards of one node a training run is spread over, none on a machine without
+    CUDA); a job that cannot get them here stops the run, naming both numbers."""
 
     def gpus(wildcards):
-        least = gpus_per_job()
-        if least == 0:
-            return 0
-        job = get_estimate(name, wildcards)
-        if name in ("train", "profile") and job.peak_gib > usable_gib(config):
-            raise WorkflowError(
-                f"{job.name}: estimated peak {job.peak_gib:.1f} GiB a card does not fit one GPU of "
-                f"cluster.gpu_gib = {config['cluster']['gpu_gib']} GiB on {max(job.gpus, 1)} "
-                f"card(s) (each holds the whole model; cluster.node_gpus = "
-                f"{estimates().node_gpus()} is the most a run is spread over); set cluster.gpu_gib "
-                f"to your cards' memory or leave this run out"
+        try:
+            return resources.cards(
+                get_estimate(name, wildcards),
+                config,
+                gpus_per_job(),
+                gpu_limit(),
+                estimates().node_gpus(),
             )
-        need = 0 if job.gpus == 0 else max(least, job.gpus)
-        limit = gpu_limit()
-        if limit is not None and need > limit and job.split and job.gpus > 1:
-            raise WorkflowError(
-                f"{job.name}: spread over {need} GPUs (cluster.node_gpus = "
-                f"{estimates().node_gpus()}, as `iisan plan` chose), but this run may use "
-                f"{limit} (--resources gpu={limit}, or the cards of this machine); set "
-                f"cluster.node_gpus to the cards one job may hold"
-            )
-        if limit is not None and need > limit:
-            raise WorkflowError(
-                f"{job.name}: needs {need} GPUs of {config['cluster']['gpu_gib']} GiB "
-                f"(estimated peak {job.peak_gib:.1f} GiB), but this run may use {limit} "
-                f"(--resources gpu={limit}, or the cards of this machine); raise the limit, run "
-                f"it on a machine with {need} cards, or set cluster.gpu_gib to larger cards"
-            )
-        return need
+        except resources.CardError as err:
+            raise WorkflowError(str(err)) from None
 
     return gpus
 
 
 def get_runtime(name):
-    """The minutes a job of GPU rule `name` asks for, its estimate times cluster.runtime_margin,
-    times the attempt (a retry after a time-out asks for more), at most cluster.max_runtime_min (a
-    longer job resumes where it stopped on its next attempt)."""
+    """The minutes a job of GPU rule `name` asks for (iisan.pipeline.resources.runtime_minutes)."""
 
     def runtime(wildcards, attempt):
-        job = get_estimate(name, wildcards)
-        minutes = max(
-            FLOOR_MIN, math.ceil(job.seconds * config["cluster"]["runtime_margin"] / 60)
-        )
-        return capped_runtime(minutes, attempt)
+        seconds = get_estimate(name, wildcards).seconds
+        return resources.runtime_minutes(seconds, config, attempt)
 
     return runtime
 
 
-def capped_runtime(minutes, attempt):
-    """`minutes` times the attempt, at most cluster.max_runtime_min."""
-    limit = config["cluster"]["max_runtime_min"]
-    return min(minutes * attempt, limit) if limit else minutes * attempt
-
-
 def get_caption_mem_mb(wildcards, attempt):
-    gb = captioner_host_gb(get_captioner(wildcards))
-    return int(gb * 1024 * memory_factor("caption", wildcards, attempt))
+    factor = memory_factor("caption", wildcards, attempt)
+    return resources.caption_host_mb(get_captioner(wildcards), factor)
 
 
 def get_cache_threads(wildcards):
-    """Stand-ins are tiny: one thread each lets two run side by side on a small CPU."""
-    return 1 if backbone_entry(config, wildcards.backbone)["source"] == "demo" else 4
+    return resources.cache_threads(config, wildcards.backbone)
 
 
 def get_train_mem_mb(name):
-    """Host memory for one run of rule `name` (train or profile), the caches it loads (items of
-    the budget's `dataset_size` x states x width x 4 bytes, float32 in memory on a CPU, for every tower, full caches when asked)
-    plus 4 GB (more on a retry that was not a time-out)."""
+    """Host memory of a run of rule `name`, train or profile (iisan.pipeline.resources)."""
 
     def mem_mb(wildcards, attempt):
-        items = dataset_size(config, wildcards.dataset)[1]
-        total = 0
-        for t in plan.parse_towers(config, wildcards.towers):
-            stored = output_layer(t.spec["family"], t.spec["layers"]) + 1
-            states = stored if wildcards.cache == "full" else min(stored, 25)
-            total += items * states * t.spec["hidden"] * 4
-        factor = memory_factor(name, wildcards, attempt)
-        return int((4096 + 2 * total / 2**20) * factor)
+        w, factor = wildcards, memory_factor(name, wildcards, attempt)
+        return resources.train_host_mb(config, w.dataset, w.towers, w.cache, factor)
 
     return mem_mb
