@@ -462,3 +462,21 @@ def test_item_slots_real_and_all_give_the_same_backbone_gradients(method):
     tol = 1e-6 * max(float(g.abs().max()) for g in real.values())
     for n in real:
         torch.testing.assert_close(every[n], real[n], rtol=1e-5, atol=tol, msg=n)
+
+
+def test_a_baselines_compiled_layers_trace_whole():
+    """A tower that reads the output state only (the baselines) takes the backbone's
+    last_hidden_state, without the hooks transformers installs on every layer to collect the
+    hidden states: each compiled layer is one graph, with no graph break (Dynamo cannot trace the
+    hooks' ContextVar)."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    source = _slot_source("fft", "real")
+    for tower in source.towers:
+        compile_layers(tower.backbone, backend="eager")
+    feats = source.gather(torch.tensor([0, 3, 5, 0, 7, 7]))
+    sum(f.sum() for f in feats).backward()
+    assert counters["stats"]["calls_captured"] > 0
+    assert not counters["graph_break"], dict(counters["graph_break"])

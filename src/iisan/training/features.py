@@ -146,15 +146,21 @@ class BackboneTower(nn.Module):
         self.inputs = {k: v.to(device) for k, v in self.inputs.items()}
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (u,) item ids >= 1 -> (u, K, d)
+        # a tower that reads the output state only (the fine-tuning baselines) takes it as the
+        # backbone's last_hidden_state: no per-layer hooks collecting every hidden state (each
+        # one a graph break inside a compiled layer)
+        every = self.layers != [self.spec.output_layer]
         if self.spec.modality == "text":
             enc = {k: v[ids] for k, v in self.inputs.items()}
-            out = self.backbone(**enc, output_hidden_states=True)
+            out = self.backbone(**enc, output_hidden_states=every)
             mask = enc.get("attention_mask")
         else:
             dtype = next(self.backbone.parameters()).dtype
             px = (self.inputs["pixels"][ids].to(dtype) / 255 - self.mean.to(dtype)) / self.std.to(dtype)
-            out = self.backbone(pixel_values=px, output_hidden_states=True)
+            out = self.backbone(pixel_values=px, output_hidden_states=every)
             mask = None
+        if not every:
+            return pool_states((out.last_hidden_state,), self.spec.pooling, mask)
         hs = backbone_states(self.spec, out)
         return pool_states(tuple(hs[l] for l in self.layers), self.spec.pooling, mask)
 
