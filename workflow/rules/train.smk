@@ -2,7 +2,9 @@
 # profile (a few timed steps at one batch size, for Fig. 5). Speed settings (config key speed) and
 # keep_checkpoints are read by the job from the config: changing them reruns nothing. The tables
 # plan each run under the canonical name of the blocks its towers keep (iisan.pipeline.plan.run_scheme), and
-# the job runs that experiment whatever name its folder gives the scheme.
+# the job runs that experiment whatever name its folder gives the scheme. A run whose `gpu`
+# resource is k > 1 cards (the plan's choice, cluster.node_gpus) runs in k processes, one a card
+# (iisan.training.distributed; README, "One training run on several cards").
 
 
 rule train:
