@@ -844,5 +844,11 @@ def frames_minutes(config: dict, dataset: str, threads: int | None = None, rates
     attempt (iisan.data.frames keeps its finished videos), so the caller caps it at cluster.max_runtime_min."""
     if threads is None:
         threads = frames_threads(config, dataset, rates)
+    return asked_minutes(frames_seconds(config, dataset, threads, rates), config)
+
+
+def asked_minutes(seconds: float, config: dict) -> int:
+    """The minutes a job estimated at `seconds` asks for on its first attempt: x
+    cluster.runtime_margin, at least `FLOOR_MIN`."""
     margin = float((config.get("cluster") or {}).get("runtime_margin", 1.5))
-    return max(FLOOR_MIN, math.ceil(frames_seconds(config, dataset, threads, rates) * margin / 60))
+    return max(FLOOR_MIN, math.ceil(seconds * margin / 60))

@@ -10,13 +10,11 @@ themselves. A retry asks for `attempt` times the minutes (at most `cluster.max_r
 
 from __future__ import annotations
 
-import math
-
 from iisan.config import backbone_entry
 from iisan.encoders.backbones import output_layer
 from iisan.errors import NamedError
 from iisan.pipeline import plan
-from iisan.pipeline.budget import FLOOR_MIN, captioner_host_gb, dataset_size, usable_gib, weight_gb
+from iisan.pipeline.budget import asked_minutes, captioner_host_gb, dataset_size, usable_gib, weight_gb
 
 __all__ = ["CardError", "cards", "runtime_minutes", "capped_minutes", "train_host_mb", "cache_host_mb",
            "caption_host_mb", "cache_threads"]
@@ -63,9 +61,9 @@ def capped_minutes(minutes: int, config: dict, attempt: int) -> int:
 
 
 def runtime_minutes(seconds: float, config: dict, attempt: int) -> int:
-    """The minutes a GPU job of estimated `seconds` asks for: times cluster.runtime_margin, at
-    least FLOOR_MIN, then `capped_minutes`."""
-    return capped_minutes(max(FLOOR_MIN, math.ceil(seconds * config["cluster"]["runtime_margin"] / 60)), config, attempt)
+    """The minutes a GPU job of estimated `seconds` asks for: budget.asked_minutes, then
+    `capped_minutes`."""
+    return capped_minutes(asked_minutes(seconds, config), config, attempt)
 
 
 def train_host_mb(config: dict, dataset: str, towers: str, cache: str, factor: int = 1) -> int:

@@ -68,10 +68,10 @@ def shard_rows(batch: torch.Tensor) -> torch.Tensor:
     return batch.view(k, -1, *batch.shape[1:])[rank()]
 
 
-def share(n: int) -> tuple[int, int]:
-    """(start, end) of this process's consecutive share of n things (the first n % k processes
-    take one more)."""
-    k, r = world(), rank()
+def share(n: int, r: int | None = None) -> tuple[int, int]:
+    """(start, end) of process r's (default: this process's) consecutive share of n things (the
+    first n % k processes take one more)."""
+    k, r = world(), rank() if r is None else r
     base, extra = divmod(n, k)
     start = r * base + min(r, extra)
     return start, start + base + (r < extra)
@@ -92,17 +92,15 @@ def gather(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def gather_rows(x: torch.Tensor) -> torch.Tensor:
-    """Every process's rows `x` (counts may differ by process) concatenated in process order, no
+def gather_rows(x: torch.Tensor, n: int) -> torch.Tensor:
+    """Every process's `share` of n rows, `x` here, concatenated in process order (n rows), no
     gradient."""
-    n = torch.tensor([x.shape[0]], device=x.device)
-    counts = [torch.zeros_like(n) for _ in range(world())]
-    dist.all_gather(counts, n)
-    most = int(max(c.item() for c in counts))
+    counts = [end - start for start, end in (share(n, r) for r in range(world()))]
+    most = max(counts)
     padded = torch.cat([x, x.new_zeros(most - x.shape[0], *x.shape[1:])]) if x.shape[0] < most else x
     parts = [torch.empty_like(padded) for _ in counts]
     dist.all_gather(parts, padded.contiguous())
-    return torch.cat([p[: int(c.item())] for p, c in zip(parts, counts)])
+    return torch.cat([p[:c] for p, c in zip(parts, counts)])
 
 
 def all_sum(x: torch.Tensor) -> torch.Tensor:

@@ -171,7 +171,8 @@ class Trainer:
         if self.processes == 1:
             return self.model.item_table(self.source, chunk, self.step.evaluation)
         start, end = distributed.share(self.source.n_rows)
-        return distributed.gather_rows(self.model.item_table(self.source, chunk, self.step.evaluation, start, end))
+        rows = self.model.item_table(self.source, chunk, self.step.evaluation, start, end)
+        return distributed.gather_rows(rows, self.source.n_rows)
 
     @torch.no_grad()
     def evaluate(self, split: str = "valid") -> dict[str, float]:
